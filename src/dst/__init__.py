@@ -1,0 +1,3 @@
+"""dst: distributed block storage over NBD."""
+
+__version__ = "0.1.0"

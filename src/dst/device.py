@@ -1,0 +1,166 @@
+"""The BlockDevice interface every target implements.
+
+Theory of operation
+-------------------
+A block device is a fixed-size array of bytes with asynchronous operations.  The NBD
+server validates every request at the edge (range, flags, read-only), so
+implementations may *assume* valid arguments: ``0 <= offset``, ``offset + length <=
+size`` and ``length > 0``.
+
+Capabilities are declared up front (:class:`Capabilities`); the base class emulates
+what a target does not implement natively: FUA becomes write + flush, WRITE_ZEROES
+becomes writes of zero buffers, TRIM is a no-op (it is advisory), CACHE is a no-op
+and block status reports everything as allocated data.
+
+Lifecycle: construct (validate arguments, no I/O) -> ``await open()`` -> I/O ->
+``await close()``.  Composite targets open and close their children.
+
+Errors: operations raise :class:`dst.errors.BlockError` with an errno.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dst.errors import BlockError
+
+Buffer = bytes | bytearray | memoryview
+
+ZERO_CHUNK = 1 << 20  # largest zero buffer the WRITE_ZEROES emulation allocates
+_ZEROS = bytes(ZERO_CHUNK)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a device supports natively (the NBD server advertises from these)."""
+
+    read_only: bool = False
+    flush: bool = True
+    fua: bool = True
+    trim: bool = False
+    zeroes: bool = True
+    fast_zero: bool = False
+    cache: bool = False
+    multi_conn: bool = True
+    block_status: bool = False
+    min_block: int = 1
+    pref_block: int = 4096
+    max_block: int = 32 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of bytes with the same allocation state (NBD base:allocation)."""
+
+    length: int
+    hole: bool = False
+    zero: bool = False
+
+
+@dataclass(slots=True)
+class IOCounters:
+    """Per-device I/O statistics, reported in status."""
+
+    reads: int = 0
+    writes: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    flushes: int = 0
+    trims: int = 0
+    zeroes: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "reads": self.reads,
+            "writes": self.writes,
+            "read_bytes": self.read_bytes,
+            "write_bytes": self.write_bytes,
+            "flushes": self.flushes,
+            "trims": self.trims,
+            "zeroes": self.zeroes,
+            "errors": self.errors,
+        }
+
+
+@dataclass(slots=True)
+class Health:
+    """A device's state for status: ``state`` is one word (ok, degraded, failed...)."""
+
+    state: str = "ok"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class BlockDevice:
+    """Base class: subclasses set ``size``/``caps`` and override what they support."""
+
+    size: int
+    caps: Capabilities = Capabilities()
+    name: str = ""
+
+    async def open(self) -> None:
+        """Acquire resources (connect, open files).  Raises BlockError."""
+
+    async def close(self) -> None:
+        """Release resources; idempotent."""
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        """Return exactly ``length`` bytes at ``offset``."""
+        raise BlockError(errno.EOPNOTSUPP, f"{type(self).__name__} cannot read")
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; with ``fua`` durably before returning."""
+        raise BlockError(errno.EPERM, f"{type(self).__name__} is read-only")
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Advisory discard; the default does nothing (allowed by NBD)."""
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        fua: bool = False,
+        punch: bool = False,
+        fast: bool = False,
+    ) -> None:
+        """Zero a range.  ``punch`` allows deallocation (NBD: no NO_HOLE flag).
+
+        ``fast`` (NBD_CMD_FLAG_FAST_ZERO) asks to fail with ENOTSUP rather than
+        fall back to writing zero buffers; the emulation here is never fast.
+        """
+        if fast:
+            raise BlockError(errno.ENOTSUP, "fast zero not supported")
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = min(ZERO_CHUNK, end - pos)
+            await self.write(pos, memoryview(_ZEROS)[:n])
+            pos += n
+        if fua:
+            await self.flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Advisory prefetch; the default does nothing."""
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        """Allocation of ``[offset, offset+length)``; may cover less than asked."""
+        return [Extent(length)]
+
+    def spec(self) -> dict[str, Any]:
+        """Enough to rebuild this device (see dst.array.spec)."""
+        return {"type": type(self).__name__.lower()}
+
+    def health(self) -> Health:
+        """Current state for status."""
+        return Health()
+
+    def children(self) -> Sequence[BlockDevice]:
+        """Member devices of a composite target, in order."""
+        return ()
