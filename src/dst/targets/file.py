@@ -1,0 +1,327 @@
+"""A local regular file or block device as a BlockDevice.
+
+Theory of operation
+-------------------
+READ and WRITE call ``os.pread``/``os.pwrite`` directly on the event loop: a page-cache
+hit costs a few microseconds, far less than a hop to a worker thread, and writes only
+dirty the page cache.  Short transfers are looped.  Everything that may sleep on the
+disk (``fdatasync``, ``fallocate``, the zeroing ioctls) runs in the default executor so
+the loop keeps serving other requests.  FUA is write + ``fdatasync``.
+
+Sparse files: TRIM punches a hole (``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``);
+WRITE_ZEROES punches when the client allows holes, else uses ``FALLOC_FL_ZERO_RANGE``,
+else punch + allocate, else (not ``fast``) writes zero buffers.  BLOCK_STATUS walks the
+file with ``SEEK_DATA``/``SEEK_HOLE``.  What works is probed once in :meth:`open` and
+declared in ``caps``.  Block devices use ``BLKDISCARD``/``BLKZEROOUT``.
+
+Errors: every ``OSError`` becomes :class:`BlockError` with the same errno; sizing
+problems at open are :class:`ConfigError` naming ``size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dst.device import BlockDevice, Buffer, Capabilities, Extent, Health
+from dst.errors import BlockError, ConfigError
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+BLKDISCARD = 0x1277  # _IO(0x12, 119)
+BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+MAX_EXTENTS = 1024  # block_status answers at most this many extents per call
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)``; raises OSError."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _block_error(exc: OSError, what: str) -> BlockError:
+    err = exc.errno or errno.EIO
+    return BlockError(err, f"{what}: {os.strerror(err)}")
+
+
+def _unsupported(exc: OSError) -> bool:
+    return exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
+
+
+class FileDevice(BlockDevice):
+    """``path`` as a device.  ``size`` defaults to the file's size.
+
+    ``create`` creates the file and extends it (sparsely) to ``size``; an existing file
+    bigger than ``size`` is refused unless ``shrink`` (which truncates it).  A block
+    device bigger than ``size`` exports its first ``size`` bytes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        size: int | None = None,
+        create: bool = False,
+        read_only: bool = False,
+        shrink: bool = False,
+        name: str = "",
+    ) -> None:
+        if size is not None and size < 0:
+            raise ConfigError("size must be >= 0", where="size")
+        if create and read_only:
+            raise ConfigError("cannot create a read-only file", where="create")
+        self.path = os.fspath(path)
+        self.name = name or self.path
+        self.size = size if size is not None else 0
+        self._want_size = size
+        self._create = create
+        self._read_only = read_only
+        self._shrink = shrink
+        self._fd = -1
+        self._is_blk = False
+        self._zero_range = True  # cleared when FALLOC_FL_ZERO_RANGE proves unsupported
+        self.caps = Capabilities(read_only=read_only)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open and size the file, probe what works.  Raises BlockError, ConfigError."""
+        if self._fd >= 0:
+            return
+        flags = os.O_CLOEXEC | (os.O_RDONLY if self._read_only else os.O_RDWR)
+        if self._create:
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise _block_error(exc, self.path) from None
+        try:
+            self._size_up(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.caps = self._probe(fd)
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _size_up(self, fd: int) -> None:
+        try:
+            st = os.fstat(fd)
+            self._is_blk = stat.S_ISBLK(st.st_mode)
+            if not (self._is_blk or stat.S_ISREG(st.st_mode)):
+                raise BlockError(errno.EINVAL, f"{self.path}: not a regular file or block device")
+            have = os.lseek(fd, 0, os.SEEK_END) if self._is_blk else st.st_size
+            want = self._want_size
+            if want is None:
+                self.size = have
+            elif want > have:
+                if self._is_blk or not self._create:
+                    msg = f"{self.path} has {have} bytes, less than size {want}"
+                    raise ConfigError(msg + " (use create to extend)", where="size")
+                os.ftruncate(fd, want)
+            elif want < have and not self._is_blk:
+                if not self._shrink:
+                    msg = f"{self.path} has {have} bytes, more than size {want}"
+                    raise ConfigError(msg + "; refusing to truncate (use shrink)", where="size")
+                os.ftruncate(fd, want)
+            if want is not None:
+                self.size = want
+        except OSError as exc:
+            raise _block_error(exc, self.path) from None
+
+    def _probe(self, fd: int) -> Capabilities:
+        if self._read_only:
+            return Capabilities(read_only=True, cache=True, block_status=self._seek_works(fd))
+        if self._is_blk:
+            return Capabilities(trim=True, cache=True)
+        try:  # punching past EOF changes nothing but says whether the fs can punch
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, self.size, 1)
+            punch = True
+        except OSError:
+            punch = False
+        return Capabilities(
+            trim=punch, fast_zero=punch, cache=True, block_status=self._seek_works(fd)
+        )
+
+    def _seek_works(self, fd: int) -> bool:
+        if self._is_blk:
+            return False
+        try:
+            os.lseek(fd, 0, os.SEEK_DATA)
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # ENXIO: no data at all, which is fine
+        return True
+
+    # -- hot path --------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise _block_error(exc, "read") from None
+        if len(data) != length:
+            return self._read_rest(data, offset, length)
+        return data
+
+    def _read_rest(self, first: bytes, offset: int, length: int) -> bytes:
+        parts = [first]
+        got = len(first)
+        try:
+            while got < length:
+                more = os.pread(self._fd, length - got, offset + got)
+                if not more:
+                    raise BlockError(errno.EIO, f"read: unexpected end of file at {offset + got}")
+                parts.append(more)
+                got += len(more)
+        except OSError as exc:
+            raise _block_error(exc, "read") from None
+        return b"".join(parts)
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        try:
+            n = os.pwrite(self._fd, data, offset)
+            if n != len(data):
+                self._write_rest(data, offset, n)
+        except OSError as exc:
+            if self._read_only:
+                raise BlockError(errno.EPERM, f"{self.name} is read-only") from None
+            raise _block_error(exc, "write") from None
+        if fua:
+            await self.flush()
+
+    def _write_rest(self, data: Buffer, offset: int, done: int) -> None:
+        view = memoryview(data).cast("B")
+        while done < len(view):
+            n = os.pwrite(self._fd, view[done:], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "short write")
+            done += n
+
+    async def flush(self) -> None:
+        await self._in_thread(os.fdatasync, self._fd, what="flush")
+
+    # -- sparse operations -----------------------------------------------------------
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        if self._is_blk:
+            await self._blk_ioctl(BLKDISCARD, offset, length, advisory=True)
+        elif self.caps.trim:
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            await self._in_thread(fallocate, self._fd, mode, offset, length, what="trim")
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        fua: bool = False,
+        punch: bool = False,
+        fast: bool = False,
+    ) -> None:
+        if self._is_blk:
+            if fast:
+                raise BlockError(errno.ENOTSUP, "fast zero not supported on block devices")
+            await self._blk_ioctl(BLKZEROOUT, offset, length, advisory=False)
+        elif not await self._zero_natively(offset, length, punch):
+            await super().write_zeroes(offset, length, fast=fast)
+        if fua:
+            await self.flush()
+
+    async def _zero_natively(self, offset: int, length: int, punch: bool) -> bool:
+        """Zero with fallocate if the filesystem can; False if it cannot."""
+        keep, hole = FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+        if punch and self.caps.trim:
+            await self._in_thread(fallocate, self._fd, hole | keep, offset, length, what="zero")
+            return True
+        if self._zero_range:
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, fallocate, self._fd, FALLOC_FL_ZERO_RANGE | keep, offset, length
+                )
+                return True
+            except OSError as exc:
+                if not _unsupported(exc):
+                    raise _block_error(exc, "zero") from None
+                self._zero_range = False
+        if self.caps.trim:  # punch then allocate: zeroed, still allocated
+            await self._in_thread(fallocate, self._fd, hole | keep, offset, length, what="zero")
+            await self._in_thread(fallocate, self._fd, keep, offset, length, what="zero")
+            return True
+        return False
+
+    async def _blk_ioctl(self, request: int, offset: int, length: int, *, advisory: bool) -> None:
+        arg = struct.pack("=QQ", offset, length)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, fcntl.ioctl, self._fd, request, arg
+            )
+        except OSError as exc:
+            if not (advisory and _unsupported(exc)):
+                raise _block_error(exc, "ioctl") from None
+
+    async def cache(self, offset: int, length: int) -> None:
+        try:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError as exc:
+            raise _block_error(exc, "cache") from None
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        if not self.caps.block_status:
+            return [Extent(length)]
+        try:
+            return self._walk(offset, offset + length)
+        except OSError as exc:
+            raise _block_error(exc, "block_status") from None
+
+    def _walk(self, pos: int, end: int) -> list[Extent]:
+        out: list[Extent] = []
+        while pos < end and len(out) < MAX_EXTENTS:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = end  # only a hole up to end of file
+            if data > pos:
+                stop = min(data, end)
+                out.append(Extent(stop - pos, hole=True, zero=True))
+            else:
+                stop = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+                out.append(Extent(stop - pos))
+            pos = stop
+        return out
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any, what: str) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except OSError as exc:
+            raise _block_error(exc, what) from None
+
+    # -- status ----------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "file", "path": self.path, "size": self.size, "read_only": self._read_only}
+
+    def health(self) -> Health:
+        state = "ok" if self._fd >= 0 else "closed"
+        return Health(state, {"path": self.path, "block_device": self._is_blk})
