@@ -522,8 +522,9 @@ def _target(t: _Table) -> TargetSpec:
     elif kind == "memory":
         result = MemorySpec(name=name, size=t.size("size"))
     elif kind == "remote":
+        text = t.text("uri")
         try:
-            uri = parse_nbd_uri(t.text("uri"))
+            uri = parse_nbd_uri(text)
         except ConfigError as e:
             raise SpecError(t.key("uri"), str(e)) from None
         result = RemoteSpec(name=name, uri=uri)

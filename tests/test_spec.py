@@ -1,0 +1,580 @@
+"""Array spec: parsing, round trips, and errors naming file, line and key."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dst.array.spec import (
+    ArraySpec,
+    FileSpec,
+    LinearPart,
+    LinearSpec,
+    MemorySpec,
+    MirrorSpec,
+    NbdUri,
+    RemoteSpec,
+    SpecError,
+    StripeSpec,
+    TcpAddress,
+    UnixAddress,
+    find_node,
+    format_size,
+    linear_part_from_dict,
+    load_spec,
+    parse_duration,
+    parse_listen,
+    parse_nbd_uri,
+    parse_size,
+    spec_from_dict,
+    spec_from_toml,
+    spec_to_dict,
+    target_from_dict,
+    walk,
+)
+from dst.errors import ConfigError
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+
+BASE = """\
+[array]
+name = "demo"
+listen = ["127.0.0.1:10809", "unix:/tmp/dst/demo.sock"]
+io_timeout = "30s"
+
+[array.target]
+type = "mirror"
+region_size = "64KiB"
+
+[[array.target.members]]
+type = "remote"
+name = "node-a"
+uri = "nbd://127.0.0.1:10810/"
+
+[[array.target.members]]
+type = "stripe"
+chunk_size = "64KiB"
+  [[array.target.members.members]]
+  type = "file"
+  path = "/var/lib/dst/b.img"
+  size = "1GiB"
+  [[array.target.members.members]]
+  type = "memory"
+  size = "1GiB"
+"""
+
+
+# -- sizes and durations ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "n"),
+    [
+        (0, 0),
+        (4096, 4096),
+        ("4096", 4096),
+        ("4k", 4096),
+        ("4K", 4096),
+        ("64KiB", 65536),
+        ("512MiB", 512 << 20),
+        ("1GiB", 1 << 30),
+        ("1.5GiB", 3 << 29),
+        ("2t", 2 << 40),
+        ("10B", 10),
+        (" 8 MiB ", 8 << 20),
+    ],
+)
+def test_parse_size(text: str | int, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("bad", ["", "k", "-1", -1, "1.3k", "4KB", "1 GB", "12x", True, 1.5, "1e3"])
+def test_parse_size_rejects(bad: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(bad)  # type: ignore[arg-type]
+
+
+def test_parse_size_hints_binary_units() -> None:
+    with pytest.raises(ConfigError, match="use MiB"):
+        parse_size("4MB")
+
+
+@pytest.mark.parametrize(
+    "n", [0, 1, 1000, 4096, 65536, 3 << 29, 1 << 30, (1 << 40) + 4096, 1 << 62]
+)
+def test_format_size_round_trips(n: int) -> None:
+    assert parse_size(format_size(n)) == n
+
+
+def test_format_size_spelling() -> None:
+    assert [format_size(n) for n in (0, 1000, 65536, 1 << 30, 3 << 29)] == [
+        "0",
+        "1000",
+        "64KiB",
+        "1GiB",
+        "1536MiB",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "secs"),
+    [(30, 30.0), (1.5, 1.5), ("30s", 30.0), ("500ms", 0.5), ("2m", 120.0), ("1h", 3600.0)],
+)
+def test_parse_duration(text: str | float, secs: float) -> None:
+    assert parse_duration(text) == secs
+
+
+@pytest.mark.parametrize("bad", ["", "s", "-1s", -1, math.inf, math.nan, "3 days", True, "1e3"])
+def test_parse_duration_rejects(bad: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(bad)  # type: ignore[arg-type]
+
+
+# -- addresses --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "parsed"),
+    [
+        ("nbd://127.0.0.1:10810/", NbdUri(host="127.0.0.1", port=10810)),
+        ("nbd://host/disk0", NbdUri(host="host", export="disk0")),
+        ("nbd://host", NbdUri(host="host")),
+        ("nbds://[::1]:99/a%20b", NbdUri(host="::1", port=99, export="a b", tls=True)),
+        ("nbd+unix:///e?socket=/run/x.sock", NbdUri(export="e", socket="/run/x.sock")),
+        ("nbds+unix:///?socket=/s", NbdUri(socket="/s", tls=True)),
+    ],
+)
+def test_parse_nbd_uri(uri: str, parsed: NbdUri) -> None:
+    assert parse_nbd_uri(uri) == parsed
+    assert parse_nbd_uri(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "http://x",
+        "nbd:/x",
+        "nbd://",
+        "nbd://:10809/",
+        "nbd://h:0/",
+        "nbd://h:65536/",
+        "nbd://h:port/",
+        "nbd://::1/",
+        "nbd://[::1/",
+        "nbd://h/?socket=/x",
+        "nbd+unix:///e",
+        "nbd+unix://host/e?socket=/x",
+        "nbd+unix:///e?socket=/x&bogus=1",
+        "nbd://h/#frag",
+    ],
+)
+def test_parse_nbd_uri_rejects(bad: str) -> None:
+    with pytest.raises(ConfigError, match="not an NBD URI"):
+        parse_nbd_uri(bad)
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:0") == TcpAddress("127.0.0.1", 0)
+    assert parse_listen("[::1]:10809") == TcpAddress("::1", 10809)
+    assert parse_listen(":10809") == TcpAddress("", 10809)
+    assert parse_listen("unix:/tmp/x.sock") == UnixAddress("/tmp/x.sock")
+    for bad in ["localhost", "unix:", "h:70000", "::1:5"]:
+        with pytest.raises(ConfigError, match="bad address"):
+            parse_listen(bad)
+
+
+# -- parsing ----------------------------------------------------------------------
+
+
+def test_parse_base() -> None:
+    spec = spec_from_toml(BASE)
+    assert spec.name == "demo"
+    assert spec.listen == (TcpAddress("127.0.0.1", 10809), UnixAddress("/tmp/dst/demo.sock"))
+    assert spec.export is None
+    assert spec.io_timeout == 30.0
+    mirror = spec.target
+    assert isinstance(mirror, MirrorSpec)
+    assert mirror.region_size == 65536
+    remote, stripe = mirror.members
+    assert remote == RemoteSpec(name="node-a", uri=NbdUri(host="127.0.0.1", port=10810))
+    assert isinstance(stripe, StripeSpec)
+    assert stripe.chunk_size == 65536
+    assert stripe.members == (
+        FileSpec(name="node3", path="/var/lib/dst/b.img", size=1 << 30),
+        MemorySpec(name="node4", size=1 << 30),
+    )
+    # generated names follow pre-order positions
+    assert [t.name for t in walk(spec.target)] == ["node0", "node-a", "node2", "node3", "node4"]
+    assert find_node(spec, "node3") == stripe.members[0]
+    assert find_node(spec, "nope") is None
+
+
+def test_defaults() -> None:
+    spec = spec_from_dict(
+        {
+            "array": {
+                "name": "d",
+                "target": {
+                    "type": "stripe",
+                    "members": [{"type": "memory", "size": 4096}, {"type": "memory", "size": 4096}],
+                },
+            }
+        }
+    )
+    assert spec.listen == () and spec.export is None and spec.io_timeout == 30.0
+    assert isinstance(spec.target, StripeSpec) and spec.target.chunk_size == 64 << 10
+
+
+def test_generated_names_avoid_explicit_ones() -> None:
+    spec = spec_from_dict(
+        {
+            "array": {
+                "name": "d",
+                "target": {
+                    "type": "mirror",
+                    "members": [
+                        {"type": "memory", "size": 4096},
+                        {"type": "memory", "size": 4096, "name": "node1"},
+                    ],
+                },
+            }
+        }
+    )
+    assert [t.name for t in walk(spec.target)] == ["node0", "node2", "node1"]
+
+
+def test_linear_parts() -> None:
+    spec = spec_from_toml(
+        """
+[array]
+name = "l"
+[array.target]
+type = "linear"
+[[array.target.members]]
+type = "memory"
+size = "1MiB"
+start = "4k"
+length = "8k"
+[[array.target.members]]
+type = "file"
+path = "/x"
+"""
+    )
+    assert spec.target == LinearSpec(
+        name="node0",
+        members=(
+            LinearPart(target=MemorySpec(name="node1", size=1 << 20), start=4096, length=8192),
+            LinearPart(target=FileSpec(name="node2", path="/x")),
+        ),
+    )
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_parse_and_round_trip(path: Path) -> None:
+    spec = load_spec(path)
+    assert isinstance(spec, ArraySpec)
+    for human in (False, True):
+        doc = spec_to_dict(spec, human=human)
+        assert spec_from_dict(doc) == spec
+        assert spec_from_dict(json.loads(json.dumps(doc))) == spec
+
+
+def test_examples_exist() -> None:
+    assert {p.name for p in EXAMPLES} >= {
+        "mirror.toml",
+        "linear.toml",
+        "stripe.toml",
+        "nested.toml",
+    }
+
+
+def test_round_trip_base() -> None:
+    spec = spec_from_toml(BASE)
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+    assert spec_to_dict(spec_from_dict(spec_to_dict(spec))) == spec_to_dict(spec)
+
+
+def test_target_from_dict_for_add() -> None:
+    node = target_from_dict({"type": "memory", "size": "1MiB"}, taken={"node0", "node1", "x"})
+    assert node == MemorySpec(name="node3", size=1 << 20)
+    with pytest.raises(SpecError) as e:
+        target_from_dict({"type": "memory", "size": 1, "name": "x"}, taken={"x"})
+    assert e.value.key == "spec.name"
+    part = linear_part_from_dict({"type": "memory", "size": 8192, "start": 4096}, taken=())
+    assert part == LinearPart(target=MemorySpec(name="node0", size=8192), start=4096)
+
+
+# -- errors with key path and line ----------------------------------------------------
+
+
+def _error(text: str) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        spec_from_toml(text, filename="demo.toml")
+    return e.value
+
+
+def _line_of(text: str, needle: str, nth: int = 0) -> int:
+    lines = [i for i, line in enumerate(text.splitlines(), start=1) if needle in line]
+    return lines[nth]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "reason", "nth"),
+    [
+        (
+            'uri = "nbd://127.0.0.1:10810/"',
+            'uri = "http://x"',
+            "array.target.members[0].uri",
+            "not an NBD URI: 'http://x'",
+            0,
+        ),
+        (
+            'uri = "nbd://127.0.0.1:10810/"',
+            'uri = "nbd://h:99999/"',
+            "array.target.members[0].uri",
+            "port must be",
+            0,
+        ),
+        (
+            'uri = "nbd://127.0.0.1:10810/"',
+            "uri = 5",
+            "array.target.members[0].uri",
+            "expected a string, got integer 5",
+            0,
+        ),
+        (
+            'chunk_size = "64KiB"',
+            'chunk_sise = "64KiB"',
+            "array.target.members[1].chunk_sise",
+            "unknown key",
+            0,
+        ),
+        (
+            'chunk_size = "64KiB"',
+            'chunk_size = "3KiB"',
+            "array.target.members[1].chunk_size",
+            "power of two",
+            0,
+        ),
+        (
+            'chunk_size = "64KiB"',
+            'chunk_size = "96KiB"',
+            "array.target.members[1].chunk_size",
+            "power of two",
+            0,
+        ),
+        (
+            'size = "1GiB"',
+            'size = "1 gigabyte"',
+            "array.target.members[1].members[1].size",
+            "not a size",
+            1,
+        ),
+        (
+            'size = "1GiB"',
+            "size = true",
+            "array.target.members[1].members[0].size",
+            "not a size",
+            0,
+        ),
+        (
+            'region_size = "64KiB"',
+            "region_size = 1000",
+            "array.target.region_size",
+            "power of two",
+            0,
+        ),
+        ('io_timeout = "30s"', 'io_timeout = "soon"', "array.io_timeout", "not a duration", 0),
+        ('name = "demo"', 'name = "no spaces"', "array.name", "bad name", 0),
+        (
+            'name = "node-a"',
+            'name = "node-a"\nread_only = true',
+            "array.target.members[0].read_only",
+            "unknown key",
+            0,
+        ),
+        (
+            'type = "remote"',
+            'type = "raid5"',
+            "array.target.members[0].type",
+            "unknown type 'raid5'",
+            0,
+        ),
+        (
+            'listen = ["127.0.0.1:10809",',
+            'listen = ["127.0.0.1",',
+            "array.listen[0]",
+            "missing :port",
+            0,
+        ),
+        ('listen = ["127.0.0.1:10809",', "listen = [1,", "array.listen[0]", "expected a string", 0),
+    ],
+)
+def test_bad_value(old: str, new: str, key: str, reason: str, nth: int) -> None:
+    parts = BASE.split(old)
+    assert len(parts) >= 2, old
+    text = old.join(parts[: nth + 1]) + new + old.join(parts[nth + 1 :])
+    err = _error(text)
+    assert err.key == key
+    assert reason in err.reason
+    assert err.line == _line_of(text, new.splitlines()[-1])
+    assert str(err) == f"demo.toml:{err.line}: {key}: {err.reason}"
+
+
+def test_missing_key_reported_at_its_table() -> None:
+    text = BASE.replace('uri = "nbd://127.0.0.1:10810/"\n', "")
+    err = _error(text)
+    assert (err.key, err.reason) == ("array.target.members[0].uri", "missing required key")
+    assert err.line == _line_of(text, "[[array.target.members]]", 0)
+
+
+def test_missing_array_name() -> None:
+    err = _error(BASE.replace('name = "demo"\n', ""))
+    assert (err.key, err.line) == ("array.name", 1)
+
+
+def test_missing_target() -> None:
+    err = spec_from_dict_error({"array": {"name": "x"}})
+    assert err.key == "array.target"
+
+
+def spec_from_dict_error(doc: object) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(doc)  # type: ignore[arg-type]
+    return e.value
+
+
+def test_unknown_top_level_key() -> None:
+    text = BASE + "\n[arrray]\nname = 'x'\n"
+    err = _error(text)
+    assert err.key == "arrray"
+    assert err.line == _line_of(text, "[arrray]")
+
+
+def test_duplicate_names() -> None:
+    text = BASE.replace('type = "memory"', 'type = "memory"\n  name = "node-a"')
+    err = _error(text)
+    assert err.key == "array.target.members[1].members[1].name"
+    assert "duplicate node name 'node-a'" in err.reason
+    assert err.line == _line_of(text, 'name = "node-a"', 1)
+
+
+def test_too_few_mirror_legs() -> None:
+    text = """\
+[array]
+name = "m"
+
+[array.target]
+type = "mirror"
+
+[[array.target.members]]
+type = "memory"
+size = "1MiB"
+"""
+    err = _error(text)
+    assert err.key == "array.target.members"
+    assert "mirror needs at least 2 members, got 1" in err.reason
+    assert err.line == 7
+
+
+def test_too_few_stripe_members_inline() -> None:
+    text = """\
+[array]
+name = "s"
+[array.target]
+type = "stripe"
+members = [{ type = "memory", size = 4096 }]
+"""
+    err = _error(text)
+    assert (err.key, err.line) == ("array.target.members", 5)
+
+
+def test_error_inside_multiline_inline_array() -> None:
+    text = """\
+[array]
+name = "s"
+[array.target]
+type = "stripe"
+members = [
+  { type = "memory", size = 4096 },
+  { type = "memory", size = "lots" },
+]
+"""
+    err = _error(text)
+    assert (err.key, err.line) == ("array.target.members[1].size", 7)
+
+
+def test_linear_keys_only_in_linear() -> None:
+    text = BASE.replace('name = "node-a"', 'name = "node-a"\nstart = 0')
+    err = _error(text)
+    assert (err.key, err.reason) == ("array.target.members[0].start", "unknown key")
+
+
+def test_wrong_table_types() -> None:
+    assert spec_from_dict_error({"array": {"name": "x", "target": "memory"}}).key == "array.target"
+    err = spec_from_dict_error(
+        {"array": {"name": "x", "target": {"type": "mirror", "members": {}}}}
+    )
+    assert err.key == "array.target.members"
+    err = spec_from_dict_error(
+        {"array": {"name": "x", "target": {"type": "linear", "members": [3]}}}
+    )
+    assert (err.key, err.reason) == ("array.target.members[0]", "expected a table, got integer 3")
+    assert spec_from_dict_error([]).key == ""
+    assert (
+        spec_from_dict_error({"array": {"name": "x", "export": 1, "target": {}}}).key
+        == "array.export"
+    )
+
+
+def test_dict_errors_have_no_file() -> None:
+    err = spec_from_dict_error({"array": {"name": "x", "target": {"type": "memory"}}})
+    assert str(err) == "array.target.size: missing required key"
+    assert err.file == "" and err.line is None
+
+
+def test_syntax_error_has_line() -> None:
+    text = BASE.replace('type = "stripe"', 'type = "stripe')
+    with pytest.raises(ConfigError) as e:
+        spec_from_toml(text, filename="demo.toml")
+    assert not isinstance(e.value, SpecError)
+    assert e.value.where == f"demo.toml:{_line_of(text, 'type = ' + chr(34) + 'stripe')}"
+    assert "TOML syntax error" in str(e.value) and "line" in str(e.value)
+
+
+def test_locator_ignores_strings_and_comments() -> None:
+    text = """\
+[array]  # the array
+name = "x"   # a [fake] table in a comment
+export = "a = [b"
+[array.target]
+type = "memory"
+description = '''
+[array.target.bogus]
+size = 1
+'''
+size = 4096
+"""
+    err = _error(text)
+    assert (err.key, err.line) == ("array.target.description", 6)
+
+
+def test_quoted_keys_are_located() -> None:
+    text = '[array]\nname = "x"\n[array.target]\n"type" = "memory"\n"size" = "big"\n'
+    err = _error(text)
+    assert (err.key, err.line) == ("array.target.size", 5)
+
+
+def test_load_spec_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read spec"):
+        load_spec(tmp_path / "missing.toml")
+    p = tmp_path / "bad.toml"
+    p.write_text(BASE.replace('uri = "nbd://127.0.0.1:10810/"', 'uri = "http://x"'))
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert str(e.value).startswith(
+        f"{p}:13: array.target.members[0].uri: not an NBD URI: 'http://x'"
+    )
