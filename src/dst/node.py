@@ -247,10 +247,11 @@ async def serve(
     Raises ConfigError for bad options, OSError when a file or socket cannot be opened
     or bound, BlockError when the device cannot be opened.
     """
+    prepare_backing(opts)
+
     from dst.net.server import NBDServer
     from dst.targets.file import FileDevice
 
-    prepare_backing(opts)
     device = FileDevice(str(opts.path), read_only=opts.read_only)
     await device.open()
     try:

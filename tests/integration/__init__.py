@@ -1,0 +1,1 @@
+"""Integration tests: real dst processes and real third-party NBD clients."""

@@ -1,0 +1,149 @@
+"""The ``dst`` command as a user meets it: errors, lifecycle, listen addresses."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from dst import __version__
+
+from .conftest import NodeFactory
+from .helpers import DST, Node, nbdsh, require, run, start_node
+
+MiB = 1 << 20
+
+
+def assert_one_line_error(args: Sequence[str], *, cwd: Path | None = None) -> str:
+    """Run dst; it must fail with exactly one ``dst: error:`` line and no traceback."""
+    proc = subprocess.run([*DST, *args], capture_output=True, text=True, timeout=30, cwd=cwd)
+    assert proc.returncode not in (0, None), proc
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("dst: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_missing_file_without_size(tmp_path: Path) -> None:
+    line = assert_one_line_error(["serve", str(tmp_path / "nope.img")])
+    assert "nope.img" in line and "--size" in line
+    assert not (tmp_path / "nope.img").exists()
+
+
+@pytest.mark.parametrize("size", ["abc", "0", "10X", "1.5G", "", "-5"])
+def test_bad_size(tmp_path: Path, size: str) -> None:
+    assert_one_line_error(["serve", str(tmp_path / "d.img"), f"--size={size}"])
+    assert not (tmp_path / "d.img").exists()
+
+
+@pytest.mark.parametrize(
+    "addr", ["foo", "127.0.0.1", "127.0.0.1:99999", "unix:", ":80", "[::1]", "host:port"]
+)
+def test_bad_listen(tmp_path: Path, addr: str) -> None:
+    line = assert_one_line_error(["serve", str(tmp_path / "d.img"), "--size=1M", "--listen", addr])
+    assert "listen" in line
+
+
+def test_size_mismatch_on_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "d.img"
+    path.write_bytes(b"x" * 4096)
+    line = assert_one_line_error(["serve", str(path), "--size", "1M"])
+    assert "4096" in line
+    assert path.read_bytes() == b"x" * 4096  # untouched
+
+
+def test_not_a_file(tmp_path: Path) -> None:
+    assert_one_line_error(["serve", str(tmp_path)])
+
+
+def test_unknown_command_and_option() -> None:
+    assert_one_line_error(["frobnicate"])
+    assert_one_line_error(["serve", "--bogus", "x"])
+
+
+def test_version_and_help() -> None:
+    out = run([*DST, "--version"]).stdout
+    assert out.strip() == f"dst {__version__}"
+    top = run([*DST, "--help"]).stdout
+    assert "serve" in top and "examples:" in top
+    serve = run([*DST, "serve", "--help"]).stdout
+    for word in ("--size", "--read-only", "--name", "--listen", "unix:", "examples:"):
+        assert word in serve, word
+
+
+def test_port_in_use(tcp_node: Node, tmp_path: Path) -> None:
+    uri = tcp_node.uri
+    port = uri.split(":")[2].split("/")[0]
+    line = assert_one_line_error(
+        ["serve", str(tmp_path / "other.img"), "--size=1M", "--listen", f"127.0.0.1:{port}"]
+    )
+    assert "in use" in line.lower() or port in line
+
+
+def test_size_creates_sparse_and_extends_empty(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory(size="1G")
+    assert node.path.stat().st_size == 1 << 30
+    assert node.path.stat().st_blocks == 0
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    node2 = node_factory(size="8M", path=empty)
+    assert empty.stat().st_size == 8 * MiB
+    assert nbdsh(node2.uri, "print(h.get_size())").strip() == str(8 * MiB)
+
+
+def test_unix_and_tcp_at_once(node_factory: NodeFactory, sockdir: Path) -> None:
+    require("nbdinfo")
+    node = node_factory(listen=[f"unix:{sockdir}/a.sock", "tcp", "tcp"], args=["--name", "x"])
+    assert len(node.uris) == 3
+    assert node.uris[0] == f"nbd+unix:///x?socket={sockdir}/a.sock"
+    assert node.uris[1].startswith("nbd://127.0.0.1:") and node.uris[1].endswith("/x")
+    assert node.uris[1] != node.uris[2]
+    nbdsh(node.uris[1], "h.pwrite(b'\\x07' * 512, 512); h.flush()")
+    for uri in node.uris:
+        info = json.loads(run(["nbdinfo", "--json", uri]).stdout)
+        assert info["exports"][0]["export-size"] == 64 * MiB
+        assert "ok" in nbdsh(uri, "assert h.pread(512, 512) == b'\\x07' * 512; print('ok')")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly(node_factory: NodeFactory, sig: int) -> None:
+    node = node_factory()
+    nbdsh(node.uri, "h.pwrite(b'\\x01' * 4096, 0)")
+    assert node.stop(sig) == 0
+    assert "Traceback" not in node.stderr()
+    assert node.path.read_bytes()[:4096] == b"\x01" * 4096
+
+
+def test_dst_up_serves_default_disk(tmp_path: Path, sockdir: Path) -> None:
+    """``dst up`` creates ./dst-data/disk.img (sparse, 1 GiB) and serves it."""
+    cmd_dir = tmp_path / "work"
+    cmd_dir.mkdir()
+    proc = subprocess.Popen(
+        [*DST, "up", "--dir", str(cmd_dir / "dst-data"), "--listen", f"unix:{sockdir}/up.sock"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line == f"listening on nbd+unix:///?socket={sockdir}/up.sock", line
+        disk = cmd_dir / "dst-data" / "disk.img"
+        assert disk.stat().st_size == 1 << 30
+        assert nbdsh(line.split()[-1], "print(h.get_size())").strip() == str(1 << 30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+
+
+def test_start_node_reports_early_exit(tmp_path: Path) -> None:
+    """The fixture machinery itself: a node that cannot start is reported, not hung on."""
+    with pytest.raises(AssertionError, match="exited"):
+        start_node(tmp_path / "missing.img", listen=["tcp"], stderr_path=tmp_path / "e")
