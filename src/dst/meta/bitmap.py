@@ -1,0 +1,218 @@
+"""A sparse two-level bitmap with a conservative out-of-memory rule (pure).
+
+Theory of operation
+-------------------
+``nbits`` bits are split into pages of ``page_bits`` bits (default 32768: one page is
+one 4 KiB block of the on-disk bitmap, so "changed pages" are exactly the blocks to
+rewrite).  The first level is a dict from page index to page; a page is allocated on
+the first set bit in it and freed again when its last bit is cleared, so a mostly
+clean bitmap of a large device costs almost nothing.
+
+If a page cannot be allocated (``max_pages`` reached — the stand-in for an allocation
+failure), the whole page is recorded as *full*: every bit in it reads as set.  That
+is the conservative direction for write intent and out-of-sync tracking (more regions
+are resynced, none is missed).  Clearing a bit of a full page first retries the
+allocation (the page becomes all ones minus that bit); if that fails again the page
+stays full.
+
+Bit ``i`` is bit ``i % 8`` of byte ``i // 8`` of the on-disk array (:meth:`page_bytes`,
+:meth:`to_bytes`, :meth:`from_bytes`).  Every page whose content changed since the last
+:meth:`take_changed` is remembered, so only changed blocks are rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+PAGE_BITS = 4096 * 8
+
+
+class Bitmap:
+    """``nbits`` bits, all clear initially."""
+
+    def __init__(
+        self, nbits: int, *, page_bits: int = PAGE_BITS, max_pages: int | None = None
+    ) -> None:
+        if nbits < 0 or page_bits <= 0 or page_bits % 64:
+            raise ValueError("nbits must be >= 0 and page_bits a positive multiple of 64")
+        self.nbits = nbits
+        self.page_bits = page_bits
+        self.page_len = page_bits // 8
+        self.npages = -(-nbits // page_bits)
+        self.max_pages = max_pages
+        self._pages: dict[int, bytearray] = {}
+        self._pop: dict[int, int] = {}  # set bits per allocated page
+        self._full: set[int] = set()  # pages that could not be allocated: all set
+        self._changed: set[int] = set()
+
+    # --- pages ---------------------------------------------------------------------
+
+    def _alloc(self, p: int) -> bytearray | None:
+        if self.max_pages is not None and len(self._pages) >= self.max_pages:
+            return None
+        page = self._pages[p] = bytearray(self.page_len)
+        self._pop[p] = 0
+        return page
+
+    def _valid_bits(self, p: int) -> int:
+        return min(self.page_bits, self.nbits - p * self.page_bits)
+
+    def _ones(self, p: int) -> bytes:
+        n = self._valid_bits(p)
+        tail = bytes([(1 << (n % 8)) - 1]) if n % 8 else b""
+        return (b"\xff" * (n // 8) + tail).ljust(self.page_len, b"\0")
+
+    def is_full(self, page: int) -> bool:
+        """True if ``page`` could not be allocated and reads as all set."""
+        return page in self._full
+
+    def allocated_pages(self) -> int:
+        return len(self._pages)
+
+    # --- bits ----------------------------------------------------------------------
+
+    def test(self, i: int) -> bool:
+        assert 0 <= i < self.nbits, i
+        p, off = divmod(i, self.page_bits)
+        if p in self._full:
+            return True
+        page = self._pages.get(p)
+        return page is not None and bool(page[off >> 3] >> (off & 7) & 1)
+
+    def set(self, i: int) -> None:
+        """Set bit ``i``; if its page cannot be allocated the whole page reads as set."""
+        assert 0 <= i < self.nbits, i
+        p, off = divmod(i, self.page_bits)
+        if p in self._full:
+            return
+        page = self._pages.get(p) or self._alloc(p)
+        if page is None:
+            self._full.add(p)
+            self._changed.add(p)
+            return
+        if not page[off >> 3] >> (off & 7) & 1:
+            page[off >> 3] |= 1 << (off & 7)
+            self._pop[p] += 1
+            self._changed.add(p)
+
+    def clear(self, i: int) -> None:
+        """Clear bit ``i`` (a full page that still cannot be allocated stays full)."""
+        assert 0 <= i < self.nbits, i
+        p, off = divmod(i, self.page_bits)
+        if p in self._full:
+            page = self._alloc(p)
+            if page is None:
+                return
+            self._full.discard(p)
+            page[:] = self._ones(p)
+            self._pop[p] = self._valid_bits(p)
+        page = self._pages.get(p)
+        if page is None or not page[off >> 3] >> (off & 7) & 1:
+            return
+        page[off >> 3] &= ~(1 << (off & 7)) & 0xFF
+        self._pop[p] -= 1
+        self._changed.add(p)
+        if not self._pop[p]:
+            del self._pages[p], self._pop[p]
+
+    def set_range(self, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            self.set(i)
+
+    def clear_range(self, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            self.clear(i)
+
+    def count(self) -> int:
+        """Number of bits that read as set."""
+        return sum(self._pop.values()) + sum(self._valid_bits(p) for p in self._full)
+
+    def __iter__(self) -> Iterator[int]:
+        """Set bits in increasing order."""
+        for p in sorted(self._pages.keys() | self._full):
+            base = p * self.page_bits
+            if p in self._full:
+                yield from range(base, base + self._valid_bits(p))
+                continue
+            page = self._pages[p]
+            for w, native in enumerate(memoryview(page).cast("Q")):
+                if not native:
+                    continue
+                word = int.from_bytes(page[w * 8 : w * 8 + 8], "little")
+                while word:
+                    low = word & -word
+                    yield base + w * 64 + low.bit_length() - 1
+                    word ^= low
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        """Runs ``[start, stop)`` of set bits, in increasing order."""
+        start = stop = -1
+        for i in self:
+            if i != stop:
+                if start >= 0:
+                    yield (start, stop)
+                start = i
+            stop = i + 1
+        if start >= 0:
+            yield (start, stop)
+
+    # --- on-disk form --------------------------------------------------------------
+
+    def page_bytes(self, p: int) -> bytes:
+        """The on-disk bytes of page ``p`` (``page_len`` bytes)."""
+        if p in self._full:
+            return self._ones(p)
+        page = self._pages.get(p)
+        return bytes(page) if page is not None else bytes(self.page_len)
+
+    def to_bytes(self) -> bytes:
+        """The whole on-disk array: ``npages * page_len`` bytes."""
+        return b"".join(self.page_bytes(p) for p in range(self.npages))
+
+    def load_page(self, p: int, data: bytes | bytearray | memoryview) -> None:
+        """Replace page ``p`` with on-disk bytes (bits past ``nbits`` are ignored)."""
+        assert 0 <= p < self.npages and len(data) == self.page_len
+        ones = self._ones(p)
+        value = int.from_bytes(data, "little") & int.from_bytes(ones, "little")
+        self._full.discard(p)
+        self._pages.pop(p, None)
+        self._pop.pop(p, None)
+        self._changed.add(p)
+        if not value:
+            return
+        page = self._alloc(p)
+        if page is None:
+            self._full.add(p)
+            return
+        page[:] = value.to_bytes(self.page_len, "little")
+        self._pop[p] = value.bit_count()
+
+    @classmethod
+    def from_bytes(
+        cls,
+        nbits: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        page_bits: int = PAGE_BITS,
+        max_pages: int | None = None,
+    ) -> Bitmap:
+        """A bitmap from its on-disk array (at least ``npages * page_len`` bytes)."""
+        bm = cls(nbits, page_bits=page_bits, max_pages=max_pages)
+        view = memoryview(data)
+        if len(view) < bm.npages * bm.page_len:
+            raise ValueError("on-disk bitmap is shorter than nbits")
+        for p in range(bm.npages):
+            chunk = view[p * bm.page_len : (p + 1) * bm.page_len]
+            if any(chunk.cast("Q")):
+                bm.load_page(p, chunk)
+        bm._changed.clear()
+        return bm
+
+    def changed_pages(self) -> list[int]:
+        return sorted(self._changed)
+
+    def take_changed(self) -> dict[int, bytes]:
+        """Snapshot the on-disk bytes of every page changed since the last call."""
+        out = {p: self.page_bytes(p) for p in sorted(self._changed)}
+        self._changed.clear()
+        return out
