@@ -93,7 +93,7 @@ def test_stripe_example() -> None:
     assert lay.split(10, 30) == [Piece(0, 10, 6, 10), Piece(1, 0, 16, 16), Piece(2, 0, 8, 32)]
     assert lay.split(48, 16) == [Piece(0, 16, 16, 48)]
     assert lay.to_member(239) == (2, 79)
-    runs = lay.member_runs(8, 100)
+    runs = [r for r, _ in lay.member_runs(8, 100)]
     assert runs == [Piece(0, 8, 36, 8), Piece(1, 0, 32, 16), Piece(2, 0, 32, 32)]
 
 
@@ -124,11 +124,14 @@ def test_bad_stripe(members: int, chunk: int, rows: int) -> None:
 
 def check_runs(lay: StripeLayout, off: int, n: int) -> None:
     """Runs are the union of each member's pieces, contiguous on the member."""
-    runs = {r.member: r for r in lay.member_runs(off, n)}
     pieces = lay.split(off, n)
+    runs = {r.member: (r, ps) for r, ps in lay.member_runs(off, n)}
     assert set(runs) == {p.member for p in pieces}
-    for m, run in runs.items():
+    for m, (run, ps) in runs.items():
         mine = [p for p in pieces if p.member == m]
+        assert ps == mine
+        for a, b in itertools.pairwise(mine):
+            assert a.member_offset + a.length == b.member_offset  # contiguous on member
         assert run.member_offset == mine[0].member_offset
         assert run.array_offset == mine[0].array_offset
         assert run.length == sum(p.length for p in mine)

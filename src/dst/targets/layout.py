@@ -163,20 +163,17 @@ class StripeLayout:
             offset += n
         return pieces
 
-    def member_runs(self, offset: int, length: int) -> list[Piece]:
-        """One piece per member touched: its contiguous member range for the request.
+    def member_runs(self, offset: int, length: int) -> list[tuple[Piece, list[Piece]]]:
+        """Per member touched, in array order: (its run, the pieces the run is made of).
 
-        ``array_offset`` is where the run's first byte lives; the rest of the run is
-        scattered every ``members * chunk`` bytes (use :meth:`split` to place it).
+        The run is the member's contiguous range for the request; its ``array_offset``
+        is where its first byte lives, the rest is scattered as the pieces say.
         """
-        runs: dict[int, Piece] = {}
+        groups: dict[int, list[Piece]] = {}
         for p in self.split(offset, length):
-            run = runs.get(p.member)
-            if run is None:
-                runs[p.member] = p
-            else:
-                assert run.member_offset + run.length == p.member_offset
-                runs[p.member] = Piece(
-                    p.member, run.member_offset, run.length + p.length, run.array_offset
-                )
-        return sorted(runs.values(), key=lambda r: r.array_offset)
+            groups.setdefault(p.member, []).append(p)
+        out = []
+        for m, ps in groups.items():
+            run = Piece(m, ps[0].member_offset, sum(p.length for p in ps), ps[0].array_offset)
+            out.append((run, ps))
+        return out

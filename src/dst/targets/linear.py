@@ -1,0 +1,194 @@
+"""Linear concatenation of segments of child devices (dm-linear).
+
+Theory of operation
+-------------------
+The segment table is an immutable :class:`_Table` (a :class:`LinearLayout` plus the
+device behind each segment).  Every request takes one snapshot of the table, splits
+itself into pieces with the layout and runs the pieces concurrently on the children.
+Growing (:meth:`LinearDevice.append`) and shrinking (:meth:`LinearDevice.remove_last`)
+build a new table and swap the reference; the array daemon suspends I/O around the
+swap, so no request straddles two tables.
+
+Sizes are known only once children are open, so the table is built in :meth:`open`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dst.device import BlockDevice, Buffer, Extent, Health
+from dst.errors import BlockError, ConfigError
+from dst.targets.composite import (
+    combined_health,
+    intersect_caps,
+    run_all,
+    status_over,
+    unique,
+)
+from dst.targets.layout import LinearLayout, Segment
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    layout: LinearLayout
+    devs: tuple[BlockDevice, ...]
+
+
+class LinearDevice(BlockDevice):
+    """Segment ``i`` is ``sizes[i]`` bytes of ``children[i]`` from ``starts[i]``.
+
+    ``starts`` default to 0 and ``sizes`` (or a ``None`` entry) to the rest of the
+    child.  Raises ConfigError (at construction or open) for a bad table.
+    """
+
+    def __init__(
+        self,
+        children: Sequence[BlockDevice],
+        *,
+        starts: Sequence[int] | None = None,
+        sizes: Sequence[int | None] | None = None,
+        name: str = "linear",
+    ) -> None:
+        if not children:
+            raise ConfigError("a linear device needs at least one segment", where="children")
+        n = len(children)
+        self._starts = list(starts) if starts is not None else [0] * n
+        self._sizes = list(sizes) if sizes is not None else [None] * n
+        if len(self._starts) != n or len(self._sizes) != n:
+            raise ConfigError("starts/sizes must have one entry per child", where="segments")
+        self._pending = list(children)
+        self.name = name
+        self.size = 0
+        self._table = _Table(LinearLayout(()), ())
+
+    # -- lifecycle and reconfiguration ----------------------------------------------
+
+    async def open(self) -> None:
+        """Open the children and build the table.  Raises BlockError, ConfigError."""
+        for dev in unique(self._pending):
+            await dev.open()
+        segs = [
+            _segment(d, st, sz)
+            for d, st, sz in zip(self._pending, self._starts, self._sizes, strict=True)
+        ]
+        self._swap(_Table(LinearLayout(tuple(segs)), tuple(self._pending)))
+
+    async def close(self) -> None:
+        for dev in unique(self._table.devs or tuple(self._pending)):
+            await dev.close()
+
+    def append(self, child: BlockDevice, start: int = 0, size: int | None = None) -> None:
+        """Grow by ``size`` bytes of the already open ``child`` from ``start``.
+
+        Call with I/O suspended.  Raises ConfigError if the segment does not fit.
+        """
+        t = self._table
+        self._swap(_Table(t.layout.append(_segment(child, start, size)), (*t.devs, child)))
+
+    def remove_last(self) -> BlockDevice:
+        """Shrink by the last segment; return its device (still open, now the caller's).
+
+        Call with I/O suspended.  Raises ConfigError if it is the only segment.
+        """
+        t = self._table
+        self._swap(_Table(t.layout.drop_last(), t.devs[:-1]))
+        return t.devs[-1]
+
+    def _swap(self, table: _Table) -> None:
+        self._table = table
+        self.size = table.layout.size
+        self.caps = intersect_caps(table.devs)
+
+    # -- I/O -------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        t = self._table
+        pieces = t.layout.split(offset, length)
+        if len(pieces) == 1:
+            return await t.devs[pieces[0].member].read(pieces[0].member_offset, length)
+        parts = await run_all([t.devs[p.member].read(p.member_offset, p.length) for p in pieces])
+        return b"".join(parts)
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        t = self._table
+        pieces = t.layout.split(offset, len(data))
+        if len(pieces) == 1:
+            return await t.devs[pieces[0].member].write(pieces[0].member_offset, data, fua=fua)
+        view = memoryview(data)
+        writes = []
+        for p in pieces:
+            at = p.array_offset - offset
+            writes.append(
+                t.devs[p.member].write(p.member_offset, view[at : at + p.length], fua=fua)
+            )
+        await run_all(writes)
+
+    async def flush(self) -> None:
+        await run_all([d.flush() for d in unique(self._table.devs)])
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        t = self._table
+        pieces = t.layout.split(offset, length)
+        await run_all([t.devs[p.member].trim(p.member_offset, p.length, fua=fua) for p in pieces])
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        fua: bool = False,
+        punch: bool = False,
+        fast: bool = False,
+    ) -> None:
+        t = self._table
+        if fast and not self.caps.fast_zero:
+            raise BlockError(errno.ENOTSUP, "fast zero not supported by every segment")
+        await run_all(
+            [
+                t.devs[p.member].write_zeroes(
+                    p.member_offset, p.length, fua=fua, punch=punch, fast=fast
+                )
+                for p in t.layout.split(offset, length)
+            ]
+        )
+
+    async def cache(self, offset: int, length: int) -> None:
+        t = self._table
+        pieces = t.layout.split(offset, length)
+        await run_all([t.devs[p.member].cache(p.member_offset, p.length) for p in pieces])
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        t = self._table
+        return await status_over(t.layout.split(offset, length), t.devs)
+
+    # -- status ----------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        t = self._table
+        return {
+            "type": "linear",
+            "name": self.name,
+            "segments": [
+                {"start": s.start, "size": s.size, "device": d.spec()}
+                for s, d in zip(t.layout.segments, t.devs, strict=True)
+            ],
+        }
+
+    def health(self) -> Health:
+        return combined_health(self.children())
+
+    def children(self) -> Sequence[BlockDevice]:
+        return unique(self._table.devs or tuple(self._pending))
+
+
+def _segment(dev: BlockDevice, start: int, size: int | None) -> Segment:
+    """The segment of ``dev`` (open) from ``start``; raises ConfigError if out of range."""
+    if size is None:
+        size = dev.size - start
+    if start < 0 or size <= 0 or start + size > dev.size:
+        msg = f"segment [{start}, {start}+{size}) does not fit in {dev.name!r} ({dev.size} bytes)"
+        raise ConfigError(msg, where="segments")
+    return Segment(start, size)
