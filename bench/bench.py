@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""Benchmark ``dst serve`` against nbdkit's file plugin and qemu-nbd, in one run.
+
+Theory of operation
+-------------------
+Every *target* is an NBD server started on the same backing file (prefilled with
+random data so reads are not answered from holes) and reached over a unix socket.
+A target is a name plus a ``start`` function: a context manager that starts the
+server and yields its NBD URI, and stops it on exit.  Array targets (a dst array
+over nodes) are added the same way: append a :class:`Target` to :data:`TARGETS`.
+
+Every *workload* runs against every target, in rounds: each repetition starts each
+target once and runs all workloads on it, so slow drift of the machine is spread over
+all targets.  fio runs with its nbd engine, time-bound (``--runtime``); nbdcopy copies
+the whole file into the export and the export out to ``null:``.  The table shows the
+median of the repetitions per target and workload and the ratio of the subject
+(``dst``) to every other target; the raw results go to ``bench/results/*.json``.
+
+Run ``python bench/bench.py --help``.  This is not a test: it prints numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MiB = 1 << 20
+console = Console()
+
+
+# -- targets -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a target's start function gets: the backing file and a work directory."""
+
+    file: Path
+    workdir: Path
+    size: int
+
+
+StartFn = Callable[[Context], contextlib.AbstractContextManager[str]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """An NBD server to measure.  ``start(ctx)`` yields its URI while it runs."""
+
+    name: str
+    start: StartFn
+    tools: tuple[str, ...] = ()
+    description: str = ""
+
+
+def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Wait until ``path`` accepts connections (or the server died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args!r}: {path} not ready after {timeout}s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], sock: Path, uri: str, log: Path) -> Iterator[str]:
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        _wait_socket(sock, proc)
+        yield uri
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+
+
+def start_dst(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    sock = ctx.workdir / "dst.sock"
+    cmd = [sys.executable, "-m", "dst", "serve", str(ctx.file), "--listen", f"unix:{sock}"]
+    return _server(cmd, sock, f"nbd+unix:///?socket={sock}", ctx.workdir / "dst.log")
+
+
+def start_nbdkit(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    sock = ctx.workdir / "nbdkit.sock"
+    cmd = ["nbdkit", "--foreground", "-U", str(sock), "file", str(ctx.file)]
+    return _server(cmd, sock, f"nbd+unix:///?socket={sock}", ctx.workdir / "nbdkit.log")
+
+
+def start_qemu_nbd(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    # writeback + aio=threads: page cache like dst and nbdkit; -e 8 lets nbdcopy
+    # open its several connections; -t keeps serving after a client leaves.
+    sock = ctx.workdir / "qemu-nbd.sock"
+    cmd = [
+        "qemu-nbd",
+        "-k",
+        str(sock),
+        "-f",
+        "raw",
+        "--cache=writeback",
+        "--aio=threads",
+        "-e",
+        "8",
+        "-t",
+        str(ctx.file),
+    ]
+    return _server(cmd, sock, f"nbd+unix:///?socket={sock}", ctx.workdir / "qemu-nbd.log")
+
+
+TARGETS: list[Target] = [
+    Target("dst", start_dst, (), "dst serve (uvloop)"),
+    Target("nbdkit", start_nbdkit, ("nbdkit",), "nbdkit file plugin, default threads"),
+    Target("qemu-nbd", start_qemu_nbd, ("qemu-nbd",), "qemu-nbd cache=writeback aio=threads"),
+]
+
+
+# -- workloads -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    kind: str  # "fio" or "nbdcopy"
+    metric: str  # "iops" or "MB/s"
+    fio: dict[str, str] = field(default_factory=dict)
+    direction: str = ""  # nbdcopy: "to" (file -> export) or "from" (export -> null:)
+
+
+WORKLOADS: list[Workload] = [
+    Workload("randread-4k-qd1", "fio", "iops", {"rw": "randread", "bs": "4k", "iodepth": "1"}),
+    Workload("randread-4k-qd32", "fio", "iops", {"rw": "randread", "bs": "4k", "iodepth": "32"}),
+    Workload("randwrite-4k-qd1", "fio", "iops", {"rw": "randwrite", "bs": "4k", "iodepth": "1"}),
+    Workload("randwrite-4k-qd32", "fio", "iops", {"rw": "randwrite", "bs": "4k", "iodepth": "32"}),
+    Workload("seqread-1m-qd8", "fio", "MB/s", {"rw": "read", "bs": "1m", "iodepth": "8"}),
+    Workload("seqwrite-1m-qd8", "fio", "MB/s", {"rw": "write", "bs": "1m", "iodepth": "8"}),
+    Workload("nbdcopy-file-to-export", "nbdcopy", "MB/s", direction="to"),
+    Workload("nbdcopy-export-to-null", "nbdcopy", "MB/s", direction="from"),
+]
+
+
+def run_fio(uri: str, w: Workload, *, size: int, runtime: float) -> dict[str, float]:
+    cmd = [
+        "fio",
+        f"--name={w.name}",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--size={size}",
+        "--time_based",
+        f"--runtime={runtime:g}",
+        "--ramp_time=1",
+        "--norandommap",
+        "--randrepeat=0",
+        "--output-format=json",
+        *(f"--{k}={v}" for k, v in w.fio.items()),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 3 + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"fio {w.name} failed ({out.returncode}): {out.stderr.strip()}")
+    doc = json.loads(out.stdout[out.stdout.index("{") :])
+    job = doc["jobs"][0]
+    side = job["write" if "write" in w.fio["rw"] else "read"]
+    return {
+        "iops": float(side["iops"]),
+        "MB/s": float(side["bw_bytes"]) / 1e6,
+        "lat_mean_us": float(side["lat_ns"]["mean"]) / 1e3,
+    }
+
+
+def run_nbdcopy(uri: str, w: Workload, *, source: Path, size: int) -> dict[str, float]:
+    cmd = ["nbdcopy", str(source), uri] if w.direction == "to" else ["nbdcopy", uri, "null:"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"nbdcopy {w.name} failed ({out.returncode}): {out.stderr.strip()}")
+    return {"MB/s": size / elapsed / 1e6, "seconds": elapsed}
+
+
+# -- driver --------------------------------------------------------------------------
+
+
+def fill_random(path: Path, size: int) -> None:
+    """``size`` bytes of random data (generated once, repeated in 64 MiB chunks)."""
+    chunk = os.urandom(min(size, 64 * MiB))
+    with open(path, "wb") as f:
+        remaining = size
+        while remaining:
+            n = min(remaining, len(chunk))
+            f.write(chunk[:n])
+            remaining -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_tools(targets: list[Target], workloads: list[Workload]) -> None:
+    needed = {t for target in targets for t in target.tools}
+    needed |= {w.kind for w in workloads}
+    missing = sorted(t for t in needed if shutil.which(t) is None)
+    if missing:
+        raise SystemExit(f"bench: missing tools: {', '.join(missing)}")
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    targets = [t for t in TARGETS if t.name in args.targets]
+    workloads = [w for w in WORKLOADS if not args.workloads or w.name in args.workloads]
+    check_tools(targets, workloads)
+    results: dict[str, dict[str, list[dict[str, float]]]] = {
+        t.name: {w.name: [] for w in workloads} for t in targets
+    }
+    base = Path(args.dir) if args.dir else None
+    with tempfile.TemporaryDirectory(prefix="dst-bench-", dir=base) as tmp:
+        work = Path(tmp)
+        disk, source = work / "disk.img", work / "source.img"
+        console.print(f"preparing {args.size // MiB} MiB files in {work}")
+        fill_random(disk, args.size)
+        if any(w.kind == "nbdcopy" and w.direction == "to" for w in workloads):
+            fill_random(source, args.size)
+        ctx = Context(file=disk, workdir=work, size=args.size)
+        for rep in range(args.reps):
+            for target in targets:
+                with target.start(ctx) as uri:
+                    for w in workloads:
+                        if w.kind == "fio":
+                            r = run_fio(uri, w, size=args.size, runtime=args.runtime)
+                        else:
+                            r = run_nbdcopy(uri, w, source=source, size=args.size)
+                        results[target.name][w.name].append(r)
+                        console.print(
+                            f"rep {rep + 1}/{args.reps} {target.name:>9} {w.name:<24}"
+                            f" {r[w.metric]:>12,.1f} {w.metric}"
+                        )
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+        "params": {"size": args.size, "runtime": args.runtime, "reps": args.reps},
+        "targets": {t.name: t.description for t in targets},
+        "workloads": {w.name: asdict(w) for w in workloads},
+        "results": results,
+    }
+
+
+def medians(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for target, per in doc["results"].items():
+        out[target] = {}
+        for wname, runs in per.items():
+            metric = doc["workloads"][wname]["metric"]
+            if runs:
+                out[target][wname] = statistics.median(r[metric] for r in runs)
+    return out
+
+
+def print_table(doc: dict[str, Any], subject: str) -> None:
+    med = medians(doc)
+    names = list(med)
+    others = [n for n in names if n != subject] if subject in med else []
+    table = Table(title=f"median of {doc['params']['reps']} runs (higher is better)")
+    table.add_column("workload")
+    table.add_column("unit")
+    for n in names:
+        table.add_column(n, justify="right")
+    for o in others:
+        table.add_column(f"{subject}/{o}", justify="right")
+    for wname, w in doc["workloads"].items():
+        row = [wname, w["metric"]]
+        row += [f"{med[n].get(wname, float('nan')):,.0f}" for n in names]
+        for o in others:
+            ref = med[o].get(wname)
+            val = med[subject].get(wname)
+            row.append(f"{val / ref:.2f}x" if ref and val is not None else "-")
+        table.add_row(*row)
+    console.print(table)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Benchmark dst serve against nbdkit and qemu-nbd (fio nbd engine, nbdcopy).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python bench/bench.py                     # 1 GiB, 10 s per fio run, 3 reps\n"
+        "  python bench/bench.py --quick             # sanity run, ~1 minute\n"
+        "  python bench/bench.py --targets dst nbdkit --workloads seqread-1m-qd8\n",
+    )
+    p.add_argument("--size", type=parse_size, default=1 << 30, help="file size (default 1G)")
+    p.add_argument("--runtime", type=float, default=10.0, help="seconds per fio run")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    names = [t.name for t in TARGETS]
+    p.add_argument("--targets", nargs="+", default=names, choices=names, metavar="TARGET")
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        default=[],
+        choices=[w.name for w in WORKLOADS],
+        metavar="WORKLOAD",
+        help="subset of: " + ", ".join(w.name for w in WORKLOADS),
+    )
+    p.add_argument("--subject", default="dst", help="target compared to the others")
+    p.add_argument("--dir", help="where to put the backing files (default: $TMPDIR)")
+    p.add_argument("--quick", action="store_true", help="256M, 2 s runs, 1 repetition")
+    p.add_argument("--output", help="JSON results file (default bench/results/<date>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.runtime, args.reps = 256 * MiB, 2.0, 1
+    doc = run_all(args)
+    print_table(doc, args.subject)
+    out = Path(args.output) if args.output else RESULTS / f"{doc['date'].replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    console.print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
