@@ -205,7 +205,9 @@ class Bitmap:
             chunk = view[p * bm.page_len : (p + 1) * bm.page_len]
             if any(chunk.cast("Q")):
                 bm.load_page(p, chunk)
-        bm._changed.clear()
+        # Pages that could not be allocated read as full, which is not what the disk
+        # holds: they stay "changed" so they are written (as all ones) before use.
+        bm._changed = set(bm._full)
         return bm
 
     def changed_pages(self) -> list[int]:

@@ -1,0 +1,273 @@
+"""Write intent, out-of-sync tracking and resync locks per region (pure).
+
+Theory of operation
+-------------------
+The data area is cut into regions of ``region_size`` bytes.  ``bitmap`` is the image
+the members' on-disk bitmap must converge to: a bit is set while its region may differ
+between legs — a write is or was recently in flight (write intent), or some leg missed
+it (out of sync).  The tracker never does I/O; every call returns an :class:`Out`
+saying which writes and resyncs may now proceed and, at most one at a time, a
+:class:`MetaWrite` for the shell to persist on every live member before it calls
+:meth:`RegionTracker.persisted`.
+
+A region's life::
+
+    CLEAN --first write--> MARKING --batch persisted--> DIRTY --idle >= clear_delay,
+      ^                    (writes wait)                (writes     no leg out of sync-+
+      |                                                  proceed)                       |
+      +--------------------- bit cleared in the next batch <----------------------------+
+
+* Batching (DRBD's activity log in spirit): only one MetaWrite is in flight.  Marks
+  made while it is persisted join the next one, so a burst of writes costs one
+  metadata write, not one per data write; a MetaWrite carries a snapshot of the
+  changed 4 KiB bitmap pages, so later changes never leak into it and batches reach
+  the disk in order.  Lazy clearing keeps hot regions dirty: steady writes to them
+  need no metadata I/O at all.
+* A write may proceed only when the mark of each of its regions is on disk and none
+  of them is resynced (or waiting to be).  A write holds its regions from
+  :meth:`begin_write` to :meth:`end_write`; held regions are never cleared.
+* Per-leg out-of-sync bitmaps record what a failed leg misses: every region written
+  while the leg is down, and those of writes in flight when it failed or that failed
+  on it.  A region stays set in ``bitmap`` while any leg misses it.  On disk only the
+  union is kept; which leg misses what is recovered from the generations of
+  :mod:`dst.meta.superblock` (a BEHIND leg misses every set bit).
+* Resync of a region takes its lock: it waits until no write is active there, and
+  new writes to the region wait until :meth:`end_resync`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from dst.meta.bitmap import PAGE_BITS, Bitmap
+
+
+@dataclass(frozen=True, slots=True)
+class MetaWrite:
+    """Write these bitmap pages (index -> 4 KiB) on every live member, then flush."""
+
+    batch: int
+    pages: Mapping[int, bytes]
+
+
+@dataclass(slots=True)
+class Out:
+    """What the shell may do now: resume ``writes`` (ids), resyncs (regions), persist."""
+
+    writes: list[int] = field(default_factory=list)
+    resyncs: list[int] = field(default_factory=list)
+    meta: MetaWrite | None = None
+
+
+@dataclass(slots=True)
+class _Write:
+    regions: range
+    active: bool = False
+
+
+class RegionTracker:
+    """Region state of one array with ``legs`` legs.
+
+    ``bitmap`` is the on-disk bitmap as loaded (its set bits are taken as persisted);
+    ``clear_delay`` is how long a region stays idle before its bit is cleared.
+    """
+
+    def __init__(
+        self,
+        data_size: int,
+        region_size: int,
+        legs: int,
+        *,
+        clear_delay: float = 5.0,
+        bitmap: Bitmap | None = None,
+        page_bits: int = PAGE_BITS,
+        max_pages: int | None = None,
+    ) -> None:
+        self.region_size = region_size
+        self.nregions = -(-data_size // region_size)
+        self.clear_delay = clear_delay
+        self.bitmap = bitmap or Bitmap(self.nregions, page_bits=page_bits, max_pages=max_pages)
+        assert self.bitmap.nbits == self.nregions
+        self.oos = [
+            Bitmap(self.nregions, page_bits=self.bitmap.page_bits, max_pages=max_pages)
+            for _ in range(legs)
+        ]
+        self.down: set[int] = set()
+        self._marking: dict[int, int] = {}  # region -> batch persisting its mark
+        self._page_marking: dict[int, int] = {}  # page went full -> batch persisting it
+        self._next = 1  # id of the batch being gathered
+        self._inflight: int | None = None
+        self._writes: dict[int, _Write] = {}
+        self._waiting: dict[int, None] = {}  # write ids in arrival order
+        self._active: dict[int, int] = {}  # region -> proceeding writes
+        self._held: dict[int, int] = {}  # region -> waiting + proceeding writes
+        self._resync: set[int] = set()
+        self._resync_wait: dict[int, None] = {}
+        self._idle: dict[int, float] = {}  # region -> idle since (clear candidates)
+        for p in self.bitmap.changed_pages():  # loaded pages that went full in memory
+            if self.bitmap.is_full(p):
+                self._page_marking[p] = self._next
+
+    # --- queries -------------------------------------------------------------------
+
+    def regions(self, offset: int, length: int) -> range:
+        """Regions touched by ``[offset, offset + length)`` (length > 0)."""
+        return range(offset // self.region_size, (offset + length - 1) // self.region_size + 1)
+
+    def durable(self, region: int) -> bool:
+        """True if the region's bit is set and that is persisted."""
+        page = region // self.bitmap.page_bits
+        return (
+            self.bitmap.test(region)
+            and region not in self._marking
+            and page not in self._page_marking
+        )
+
+    def in_sync(self, leg: int, region: int) -> bool:
+        """May ``leg`` serve reads of ``region``?"""
+        return leg not in self.down and not self.oos[leg].test(region)
+
+    def out_of_sync(self, leg: int) -> Iterator[int]:
+        """Regions ``leg`` misses, in increasing order (what a resync must copy)."""
+        return iter(self.oos[leg])
+
+    def busy(self) -> bool:
+        """True while a MetaWrite is being persisted."""
+        return self._inflight is not None
+
+    # --- writes --------------------------------------------------------------------
+
+    def begin_write(self, wid: int, offset: int, length: int) -> Out:
+        """Register write ``wid``; it may proceed once its id is in some ``Out.writes``."""
+        assert wid not in self._writes
+        w = self._writes[wid] = _Write(self.regions(offset, length))
+        for r in w.regions:
+            self._held[r] = self._held.get(r, 0) + 1
+            self._idle.pop(r, None)
+            self._mark(r)
+            for leg in self.down:
+                self.oos[leg].set(r)
+        self._waiting[wid] = None
+        return self._progress()
+
+    def end_write(self, wid: int, now: float, *, missed: Iterable[int] = ()) -> Out:
+        """Write ``wid`` completed; ``missed`` are legs it did not reach."""
+        w = self._writes.pop(wid)
+        assert w.active, "end_write of a write that never proceeded"
+        missed = tuple(missed)
+        for r in w.regions:
+            for leg in missed:
+                self.oos[leg].set(r)
+            self._active[r] -= 1
+            if not self._active[r]:
+                del self._active[r]
+            self._held[r] -= 1
+            if not self._held[r]:
+                del self._held[r]
+                if r not in self._resync and r not in self._resync_wait:
+                    self._idle[r] = now
+        return self._progress()
+
+    # --- legs ----------------------------------------------------------------------
+
+    def leg_failed(self, leg: int) -> Out:
+        """``leg`` gets no more writes; it misses everything in flight and to come."""
+        self.down.add(leg)
+        for w in self._writes.values():
+            for r in w.regions:
+                self.oos[leg].set(r)
+        return self._progress()
+
+    def leg_attached(self, leg: int) -> None:
+        """``leg`` gets writes again; what it missed stays out of sync until resynced."""
+        self.down.discard(leg)
+
+    def leg_missed(self, leg: int, regions: Iterable[int]) -> Out:
+        """``leg`` misses ``regions`` (e.g. every set bit of a BEHIND member)."""
+        for r in regions:
+            self._idle.pop(r, None)
+            self._mark(r)
+            self.oos[leg].set(r)
+        return self._progress()
+
+    # --- resync --------------------------------------------------------------------
+
+    def begin_resync(self, region: int) -> Out:
+        """Ask for the resync lock of ``region``: granted when it is in ``Out.resyncs``."""
+        assert region not in self._resync and region not in self._resync_wait
+        self._resync_wait[region] = None
+        self._idle.pop(region, None)
+        return self._progress()
+
+    def end_resync(self, region: int, now: float, *, synced: Iterable[int] = ()) -> Out:
+        """Release the lock; ``synced`` legs now hold ``region``."""
+        self._resync.remove(region)
+        for leg in synced:
+            self.oos[leg].clear(region)
+        if region not in self._held:
+            self._idle[region] = now
+        return self._progress()
+
+    # --- metadata ------------------------------------------------------------------
+
+    def persisted(self, batch: int) -> Out:
+        """MetaWrite ``batch`` is durable on every live member."""
+        assert batch == self._inflight
+        self._inflight = None
+        self._marking = {r: b for r, b in self._marking.items() if b != batch}
+        self._page_marking = {p: b for p, b in self._page_marking.items() if b != batch}
+        return self._progress()
+
+    def due_clears(self, now: float) -> Out:
+        """Clear the bits of regions idle for ``clear_delay`` that every leg holds."""
+        for r, since in list(self._idle.items()):
+            if now - since < self.clear_delay:
+                continue
+            if any(o.test(r) for o in self.oos):
+                del self._idle[r]  # back when a resync ends
+                continue
+            self.bitmap.clear(r)
+            if not self.bitmap.test(r):  # a full page that stays full: retry later
+                del self._idle[r]
+        return self._progress()
+
+    # --- internals -----------------------------------------------------------------
+
+    def _mark(self, r: int) -> None:
+        if self.bitmap.test(r):
+            return
+        page = r // self.bitmap.page_bits
+        self.bitmap.set(r)
+        if self.bitmap.is_full(page):
+            self._page_marking[page] = self._next
+        else:
+            self._marking[r] = self._next
+
+    def _may_write(self, w: _Write) -> bool:
+        return all(
+            r not in self._resync and r not in self._resync_wait and self.durable(r)
+            for r in w.regions
+        )
+
+    def _progress(self) -> Out:
+        out = Out()
+        if self._inflight is None:
+            pages = self.bitmap.take_changed()
+            if pages:
+                self._inflight, self._next = self._next, self._next + 1
+                out.meta = MetaWrite(self._inflight, pages)
+        for r in list(self._resync_wait):
+            if r not in self._active:
+                del self._resync_wait[r]
+                self._resync.add(r)
+                out.resyncs.append(r)
+        for wid in list(self._waiting):
+            w = self._writes[wid]
+            if self._may_write(w):
+                del self._waiting[wid]
+                w.active = True
+                for r in w.regions:
+                    self._active[r] = self._active.get(r, 0) + 1
+                out.writes.append(wid)
+        return out

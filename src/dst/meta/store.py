@@ -1,0 +1,153 @@
+"""Reading and writing one member's metadata area (the async shell).
+
+Theory of operation
+-------------------
+A :class:`MetaStore` owns the metadata area of one member :class:`BlockDevice` (see
+:mod:`dst.meta.layout`).  Superblock writes alternate between the two slots, each with
+the serial of the last one plus one, and are followed by a flush, so at every moment
+one slot holds a complete, durable copy; :meth:`load` takes the newest valid one (a
+corrupt or unreadable slot falls back to the other).  Bitmap pages are written as the
+4 KiB blocks a :class:`dst.meta.regions.MetaWrite` carries (contiguous pages in one
+request), then flushed.  Superblock writes are serialised by a lock; bitmap writes are
+serialised by the tracker (one batch in flight).
+
+Errors: device failures propagate as :class:`dst.errors.BlockError` (the member is
+then faulty); missing or inconsistent metadata raises :class:`MetadataError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from dst.device import BlockDevice
+from dst.errors import BlockError
+from dst.meta.bitmap import PAGE_BITS, Bitmap
+from dst.meta.layout import BLOCK, DEFAULT_REGION_SIZE, MetaLayout, layout_for, sb_offsets
+from dst.meta.superblock import MetadataError, Superblock, encode, pick
+
+_PAGE_LEN = PAGE_BITS // 8
+assert _PAGE_LEN == BLOCK
+
+
+class MetaStore:
+    """The metadata of one member; ``sb`` is the last superblock loaded or written."""
+
+    def __init__(self, device: BlockDevice) -> None:
+        self.device = device
+        self.layout: MetaLayout | None = None
+        self.sb: Superblock | None = None
+        self._slot = 1  # slot holding ``sb``; the next write goes to the other one
+        self._lock = asyncio.Lock()
+
+    async def format(
+        self,
+        *,
+        array_uuid: uuid.UUID,
+        member_uuid: uuid.UUID,
+        role: int,
+        member_count: int,
+        generation: int,
+        region_size: int = DEFAULT_REGION_SIZE,
+        array_name: str = "",
+        spec: Mapping[str, Any] | None = None,
+    ) -> Superblock:
+        """Write fresh metadata (clean bitmap, both slots).  Data is not touched.
+
+        Raises ValueError if the member is too small, MetadataError if name/spec do
+        not fit, BlockError on I/O failure.
+        """
+        lay = layout_for(self.device.size, region_size)
+        sb = Superblock(
+            array_uuid=array_uuid,
+            member_uuid=member_uuid,
+            role=role,
+            member_count=member_count,
+            data_size=lay.data_size,
+            region_size=region_size,
+            array_name=array_name,
+            spec=dict(spec or {}),
+            current=generation,
+        )
+        encode(sb)  # fail before touching the device
+        await self.device.write_zeroes(lay.bitmap_offset, lay.bitmap_size)
+        self.layout, self._slot = lay, 1
+        async with self._lock:
+            for slot, serial in ((0, 1), (1, 2)):
+                await self.device.write(lay.sb_offsets[slot], encode(replace(sb, serial=serial)))
+            await self.device.flush()
+        self.sb = replace(sb, serial=2)
+        return self.sb
+
+    async def load(self) -> Superblock:
+        """Read both slots and take the newest valid copy.
+
+        Raises MetadataError if neither slot is valid or the superblock does not match
+        the member's size; BlockError only if neither slot could be read.
+        """
+        raws: list[bytes | None] = []
+        errors: list[BlockError] = []
+        for off in sb_offsets(self.device.size):
+            try:
+                raws.append(bytes(await self.device.read(off, BLOCK)))
+            except BlockError as e:
+                raws.append(None)
+                errors.append(e)
+        if len(errors) == 2:
+            raise errors[0]
+        sb, slot = pick(raws[0], raws[1])
+        try:
+            lay = layout_for(self.device.size, sb.region_size)
+        except ValueError as e:
+            raise MetadataError(f"superblock does not fit this member: {e}") from e
+        if lay.data_size != sb.data_size:
+            raise MetadataError(
+                f"superblock data size {sb.data_size} does not match member layout "
+                f"({lay.data_size}): member resized?"
+            )
+        self.layout, self.sb, self._slot = lay, sb, slot
+        return sb
+
+    async def write_superblock(self, sb: Superblock) -> Superblock:
+        """Durably write ``sb`` (serial set to last + 1) to the older slot; returns it."""
+        lay = self._need_layout()
+        async with self._lock:
+            assert self.sb is not None
+            new = replace(sb, serial=self.sb.serial + 1)
+            slot = 1 - self._slot
+            await self.device.write(lay.sb_offsets[slot], encode(new))
+            await self.device.flush()
+            self.sb, self._slot = new, slot
+        return new
+
+    async def read_bitmap(self, *, max_pages: int | None = None) -> Bitmap:
+        """The on-disk bitmap (one bit per region)."""
+        lay = self._need_layout()
+        data = await self.device.read(lay.bitmap_offset, lay.bitmap_size)
+        return Bitmap.from_bytes(lay.nregions, data, max_pages=max_pages)
+
+    async def write_bitmap_pages(self, pages: Mapping[int, bytes]) -> None:
+        """Write bitmap pages (index -> 4 KiB), contiguous runs in one request; flush."""
+        lay = self._need_layout()
+        run: list[bytes] = []
+        start = -1
+        for p in sorted(pages):
+            assert 0 <= (p + 1) * BLOCK <= lay.bitmap_size and len(pages[p]) == BLOCK
+            if run and p != start + len(run):
+                await self.device.write(lay.bitmap_offset + start * BLOCK, b"".join(run))
+                run = []
+            if not run:
+                start = p
+            run.append(pages[p])
+        if run:
+            await self.device.write(lay.bitmap_offset + start * BLOCK, b"".join(run))
+        if pages:
+            await self.device.flush()
+
+    def _need_layout(self) -> MetaLayout:
+        if self.layout is None or self.sb is None:
+            raise MetadataError("metadata not loaded or formatted")
+        return self.layout
