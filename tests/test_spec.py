@@ -179,9 +179,9 @@ def test_parse_nbd_uri_rejects(bad: str) -> None:
 def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:0") == TcpAddress("127.0.0.1", 0)
     assert parse_listen("[::1]:10809") == TcpAddress("::1", 10809)
-    assert parse_listen(":10809") == TcpAddress("", 10809)
+    assert parse_listen("0.0.0.0:10809") == TcpAddress("0.0.0.0", 10809)
     assert parse_listen("unix:/tmp/x.sock") == UnixAddress("/tmp/x.sock")
-    for bad in ["localhost", "unix:", "h:70000", "::1:5"]:
+    for bad in ["localhost", "unix:", "h:70000", "::1:5", ":10809", "[]:1"]:
         with pytest.raises(ConfigError, match="bad address"):
             parse_listen(bad)
 
@@ -452,6 +452,16 @@ def test_unknown_top_level_key() -> None:
     err = _error(text)
     assert err.key == "arrray"
     assert err.line == _line_of(text, "[arrray]")
+
+
+def test_typo_is_unknown_not_missing() -> None:
+    text = BASE.replace("uri = ", "uir = ")
+    err = _error(text)
+    assert err.key == "array.target.members[0].uir"
+    assert err.reason == "unknown key (did you mean 'uri'?)"
+    assert err.line == _line_of(text, "uir = ")
+    err = _error(BASE.replace("[array]", "[arrray]"))
+    assert (err.key, err.line, err.reason) == ("arrray", 1, "unknown key (did you mean 'array'?)")
 
 
 def test_duplicate_names() -> None:

@@ -39,6 +39,7 @@ reported at the line of its nearest enclosing table or key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -67,16 +68,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SIZE_UNITS = {"": 1, "b": 1}
 for _i, _u in enumerate("kmgtpe", start=1):
     _SIZE_UNITS[_u] = _SIZE_UNITS[_u + "ib"] = 1 << (10 * _i)
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+_NUMBER_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")  # "1.5 GiB", "500ms"
 _DURATION_UNITS: dict[str, int | Fraction] = {
-    "": 1,
-    "s": 1,
-    "ms": Fraction(1, 1000),
-    "us": Fraction(1, 10**6),
-    "m": 60,
+    **{"": 1, "s": 1, "m": 60, "h": 3600},
+    **{"ms": Fraction(1, 1000), "us": Fraction(1, 10**6)},
 }
-_DURATION_UNITS["h"] = 3600
-_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 
 
 def parse_size(value: str | int) -> int:
@@ -92,7 +88,7 @@ def parse_size(value: str | int) -> int:
         if value < 0:
             raise ConfigError(f"size must not be negative: {value}")
         return value
-    m = _SIZE_RE.fullmatch(value)
+    m = _NUMBER_RE.fullmatch(value)
     unit = m.group(2).lower() if m else ""
     if m is None or unit not in _SIZE_UNITS:
         hint = f" (use {unit[0].upper()}iB)" if m and unit in ("kb", "mb", "gb", "tb") else ""
@@ -125,7 +121,7 @@ def parse_duration(value: str | int | float) -> float:
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"duration must be finite and >= 0: {value!r}")
         return float(value)
-    m = _DURATION_RE.fullmatch(value)
+    m = _NUMBER_RE.fullmatch(value)
     if m is None or m.group(2).lower() not in _DURATION_UNITS:
         raise ConfigError(f"not a duration: {value!r} (use e.g. 30s, 500ms, 2m)")
     return float(Fraction(m.group(1)) * _DURATION_UNITS[m.group(2).lower()])
@@ -217,7 +213,7 @@ def _split_host_port(text: str, *, default_port: int | None, min_port: int) -> t
 
 @dataclass(frozen=True, slots=True)
 class TcpAddress:
-    """``host:port`` to listen on; an empty host means every interface, port 0 any port."""
+    """``host:port`` to listen on; port 0 picks a free port."""
 
     host: str
     port: int
@@ -240,13 +236,18 @@ ListenAddress: TypeAlias = TcpAddress | UnixAddress
 
 
 def parse_listen(text: str) -> ListenAddress:
-    """``"127.0.0.1:10809"``, ``"[::1]:0"``, ``":10809"`` or ``"unix:/run/x.sock"``."""
+    """``"127.0.0.1:10809"``, ``"[::1]:0"``, ``"0.0.0.0:10809"`` or ``"unix:/run/x.sock"``.
+
+    Raises :class:`ConfigError`.
+    """
     if text.startswith("unix:"):
         if not text[5:]:
             raise ConfigError(f"bad address {text!r}: empty socket path")
         return UnixAddress(text[5:])
     try:
         host, port = _split_host_port(text, default_port=None, min_port=0)
+        if not host:  # explicit, so nothing is exported on every interface by accident
+            raise ValueError("missing host (0.0.0.0 or [::] for every interface)")
     except ValueError as e:
         raise ConfigError(f"bad address {text!r}: {e}") from None
     return TcpAddress(host, port)
@@ -398,13 +399,19 @@ class _Table:
             raise SpecError(path, f"expected a table, got {_describe(data)}")
         self.data: Mapping[str, object] = data
         self.path = path
-        self.used: set[str] = set()
+
+    def allow(self, *keys: str) -> None:
+        """Reject keys not in ``keys`` (first, so a typo is not reported as missing)."""
+        for k in self.data:
+            if k not in keys:
+                close = difflib.get_close_matches(str(k), keys, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SpecError(self.key(str(k)), f"unknown key{hint}")
 
     def key(self, k: str) -> str:
         return f"{self.path}.{k}" if self.path else k
 
     def raw(self, k: str, default: Any = _MISSING) -> Any:
-        self.used.add(k)
         value = self.data.get(k)
         if value is None:
             if default is _MISSING:
@@ -439,11 +446,6 @@ class _Table:
             raise SpecError(self.key(k), f"expected an array, got {_describe(value)}")
         return list(value)
 
-    def done(self) -> None:
-        for k in self.data:
-            if k not in self.used:
-                raise SpecError(self.key(str(k)), "unknown key")
-
 
 # ---------------------------------------------------------------------------
 # dict -> spec
@@ -452,8 +454,9 @@ class _Table:
 def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
     """Validate a document ``{"array": {...}}``; raises :class:`SpecError`."""
     doc = _Table(data, "")
+    doc.allow("array")
     t = _Table(doc.raw("array"), "array")
-    doc.done()
+    t.allow("name", "listen", "export", "io_timeout", "target")
     name = _name(t, "name", required=True)
     listen = []
     for i, item in enumerate(t.array("listen")):
@@ -470,7 +473,6 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
     except ConfigError as e:
         raise SpecError("array.io_timeout", str(e)) from None
     target = _target(_Table(t.raw("target"), "array.target"))
-    t.done()
     return ArraySpec(
         name=name,
         target=_assign_names(target, "array.target"),
@@ -506,10 +508,21 @@ def _name(t: _Table, k: str, *, required: bool = False) -> str:
     return value
 
 
-def _target(t: _Table) -> TargetSpec:
+_KEYS = {
+    "file": ("path", "size", "read_only"),
+    "memory": ("size",),
+    "remote": ("uri",),
+    "linear": ("members",),
+    "stripe": ("members", "chunk_size"),
+    "mirror": ("members", "region_size"),
+}
+
+
+def _target(t: _Table, *extra: str) -> TargetSpec:
     kind = t.text("type")
     if kind not in KINDS:
         raise SpecError(t.key("type"), f"unknown type {kind!r}: use one of {', '.join(KINDS)}")
+    t.allow("type", "name", *_KEYS[kind], *extra)
     name = _name(t, "name")
     result: TargetSpec
     if kind == "file":
@@ -541,7 +554,6 @@ def _target(t: _Table) -> TargetSpec:
         result = MirrorSpec(
             name=name, members=tuple(_target(m) for m in _members(t, 2)), region_size=region
         )
-    t.done()
     return result
 
 
@@ -560,7 +572,7 @@ def _linear_part(m: _Table) -> LinearPart:
     length = m.size("length", None)
     if length == 0:
         raise SpecError(m.key("length"), "length must be > 0")
-    return LinearPart(target=_target(m), start=start, length=length)
+    return LinearPart(target=_target(m, "start", "length"), start=start, length=length)
 
 
 def _grain(t: _Table, k: str, default: int) -> int:
