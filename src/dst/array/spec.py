@@ -777,7 +777,8 @@ def _resolve(parts: list[str], aot: dict[str, int], *, array: bool) -> str:
 
 
 def _code(line: str, in_string: str) -> tuple[str, str]:
-    """The line with string contents and comments removed; tracks multi-line strings."""
+    """The line with comments dropped and string contents neutralised (no brackets,
+    quotes or ``#`` left in them); ``in_string`` carries a multi-line string over."""
     out = []
     i = 0
     while i < len(line):
