@@ -1,0 +1,465 @@
+"""asyncio NBD client: the array's way to its members.
+
+Theory of operation
+-------------------
+:meth:`NbdClient.connect` opens a TCP or unix connection and negotiates with the
+sans-IO :class:`~dst.nbd.client.ClientHandshake`: fixed newstyle + NO_ZEROES,
+STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, then GO asking for block sizes
+(EXPORT_NAME when the server does not know GO).  A refusal raises
+:class:`dst.errors.ServerRefused` naming the export and the server's reply.
+
+In transmission every call registers a request with the
+:class:`~dst.nbd.replies.ReplyParser` (unique handle), queues its bytes -- requests
+issued in one loop iteration go out in one ``writelines`` -- and awaits a future that
+``data_received`` resolves when the reply is complete.  Any number of requests may be
+in flight; replies come back in any order.  Errors become :class:`BlockError` with the
+mapped errno; a per-request ``timeout`` gives ETIMEDOUT; losing the connection (or a
+server breaking the protocol) fails every in-flight request with
+:class:`ConnectionLost`.  Reads and writes longer than the server's maximum block size
+are split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Sequence
+from typing import Any, cast
+
+from dst.device import Buffer, Capabilities, Extent
+from dst.errors import BlockError, ProtocolError, ServerRefused
+from dst.nbd import client as hsc
+from dst.nbd.constants import (
+    BASE_ALLOCATION,
+    Cmd,
+    CmdFlags,
+    Info,
+    Opt,
+    Rep,
+    StateFlags,
+    TransmissionFlags,
+    nbd_to_errno,
+)
+from dst.nbd.events import ExportNameReply, OptionReply, Reply
+from dst.nbd.replies import ReplyParser
+from dst.net.address import Address, parse_address
+
+log = logging.getLogger(__name__)
+
+_TF = TransmissionFlags
+
+
+class ConnectionLost(BlockError):
+    """The connection to the server is gone; in-flight requests failed with EIO."""
+
+    def __init__(self, message: str = "connection to NBD server lost") -> None:
+        super().__init__(errno.EIO, message)
+
+
+class _Protocol(asyncio.Protocol):
+    """Byte pump between the transport and the codec of one client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.hs = hsc.ClientHandshake()
+        self.parser: ReplyParser | None = None
+        self.waiters: dict[int, asyncio.Future[Reply]] = {}
+        self.wakeup: asyncio.Future[None] | None = None
+        self.lost: BlockError | None = None
+        self.closed = self.loop.create_future()
+        self.out: list[Any] = []
+        self.flush_scheduled = False
+        self.drain: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            self.hs.receive_data(data)
+            self._wake()
+            return
+        try:
+            replies = self.parser.feed(data)
+        except ProtocolError as exc:
+            log.error("NBD server broke the protocol: %s; disconnecting", exc)
+            self.lost = ConnectionLost(f"NBD server broke the protocol: {exc}")
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        waiters = self.waiters
+        for reply in replies:
+            fut = waiters.pop(reply.handle, None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            self.lost = ConnectionLost(f"connection to NBD server lost: {exc or 'closed'}")
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_exception(self.lost)
+        self.waiters.clear()
+        self._wake()
+        if self.drain is not None and not self.drain.done():
+            self.drain.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self.drain is None or self.drain.done():
+            self.drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.drain is not None and not self.drain.done():
+            self.drain.set_result(None)
+
+    def _wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    async def wait_data(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+        self.wakeup = self.loop.create_future()
+        await self.wakeup
+
+    def send(self, *bufs: Any) -> None:
+        self.out.extend(bufs)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(self.out)
+        self.out = []
+
+
+async def _open(address: str | Address) -> tuple[Address, _Protocol]:
+    addr = parse_address(address, where="NBD server address")
+    loop = asyncio.get_running_loop()
+    try:
+        if addr.is_unix:
+            _, proto = await loop.create_unix_connection(_Protocol, addr.path)
+        else:
+            _, proto = await loop.create_connection(_Protocol, addr.host, addr.port)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to {addr}: {exc}") from exc
+    return addr, proto
+
+
+async def _event(proto: _Protocol) -> Any:
+    while (event := proto.hs.next_event()) is None:
+        await proto.wait_data()
+    out = proto.hs.data_to_send()
+    if out:
+        assert proto.transport is not None
+        proto.transport.write(out)
+    return event
+
+
+async def _option(proto: _Protocol, option: int, payload: bytes = b"") -> list[OptionReply]:
+    """Send one option and collect its replies up to the final one."""
+    proto.hs.send_option(option, payload)
+    assert proto.transport is not None
+    proto.transport.write(proto.hs.data_to_send())
+    replies: list[OptionReply] = []
+    while True:
+        reply = await _event(proto)
+        assert isinstance(reply, OptionReply)
+        replies.append(reply)
+        if reply.final:
+            return replies
+
+
+class NbdClient:
+    """A connected NBD export (see module docstring).  Create with :meth:`connect`."""
+
+    def __init__(self, proto: _Protocol, address: Address, export_name: str) -> None:
+        self._proto = proto
+        self.address = address
+        self.export_name = export_name
+        self.size = 0
+        self.flags = 0
+        self.structured = False
+        self.context_id = 0
+        self.min_block, self.pref_block, self.max_block = 1, 4096, 32 << 20
+        self.timeout: float | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str | Address,
+        export_name: str | None = None,
+        *,
+        timeout: float | None = 30.0,  # noqa: ASYNC109
+        request_timeout: float | None = None,
+    ) -> NbdClient:
+        """Connect and negotiate.  ``export_name`` defaults to the address's export.
+
+        Raises ConnectionLost (a BlockError) when the server cannot be reached or hangs
+        up, ServerRefused when it refuses the export, ProtocolError when it breaks
+        the protocol, TimeoutError when negotiation takes longer than ``timeout``.
+        """
+        addr = parse_address(address, where="NBD server address")
+        name = addr.export if export_name is None else export_name
+        async with asyncio.timeout(timeout):
+            _, proto = await _open(addr)
+            self = cls(proto, addr, name)
+            try:
+                await self._negotiate()
+            except BaseException:
+                assert proto.transport is not None
+                proto.transport.abort()
+                raise
+        self.timeout = request_timeout
+        return self
+
+    async def _negotiate(self) -> None:
+        proto, name = self._proto, self.export_name
+        await _event(proto)  # greeting
+        reply = (await _option(proto, Opt.STRUCTURED_REPLY))[-1]
+        self.structured = reply.reply == Rep.ACK
+        if self.structured:
+            payload = hsc.encode_meta_context(name, (BASE_ALLOCATION,))
+            for r in await _option(proto, Opt.SET_META_CONTEXT, payload):
+                if r.reply == Rep.META_CONTEXT:
+                    ctx, ctx_name = hsc.parse_meta_context(r.payload)
+                    if ctx_name == BASE_ALLOCATION:
+                        self.context_id = ctx
+        try:
+            replies = await _option(proto, Opt.GO, hsc.encode_go(name, (Info.BLOCK_SIZE,)))
+        except ConnectionLost:
+            raise ServerRefused(f"NBD server {self.address} hung up on export {name!r}") from None
+        final = replies[-1]
+        if final.reply == Rep.ERR_UNSUP:
+            await self._export_name()
+        elif final.reply != Rep.ACK:
+            raise ServerRefused(
+                f"NBD server {self.address} refused export {name!r}: {hsc.error_text(final)}",
+                reply=final.reply,
+            )
+        else:
+            for r in replies[:-1]:
+                self._info(r)
+        proto.parser = proto.hs.finish(self.structured)
+        proto.parser.context_id = self.context_id
+
+    def _info(self, reply: OptionReply) -> None:
+        if reply.reply != Rep.INFO:
+            return
+        kind, values = hsc.parse_info(reply.payload)
+        if kind == Info.EXPORT and isinstance(values, tuple):
+            self.size, self.flags = values
+        elif kind == Info.BLOCK_SIZE and isinstance(values, tuple):
+            self.min_block, self.pref_block, self.max_block = values
+
+    async def _export_name(self) -> None:
+        proto = self._proto
+        proto.hs.send_option(Opt.EXPORT_NAME, self.export_name.encode("utf-8"))
+        assert proto.transport is not None
+        proto.transport.write(proto.hs.data_to_send())
+        try:
+            event = await _event(proto)
+        except ConnectionLost:
+            raise ServerRefused(
+                f"NBD server {self.address} refused export {self.export_name!r} (EXPORT_NAME)"
+            ) from None
+        assert isinstance(event, ExportNameReply)
+        self.size, self.flags = event.size, event.flags
+
+    # --- properties -------------------------------------------------------------------
+
+    @property
+    def caps(self) -> Capabilities:
+        """Capabilities derived from the transmission flags and block sizes."""
+        f = self.flags
+        return Capabilities(
+            read_only=bool(f & _TF.READ_ONLY),
+            flush=bool(f & _TF.SEND_FLUSH),
+            fua=bool(f & _TF.SEND_FUA),
+            trim=bool(f & _TF.SEND_TRIM),
+            zeroes=bool(f & _TF.SEND_WRITE_ZEROES),
+            fast_zero=bool(f & _TF.SEND_FAST_ZERO),
+            cache=bool(f & _TF.SEND_CACHE),
+            multi_conn=bool(f & _TF.CAN_MULTI_CONN),
+            block_status=self.context_id != 0,
+            min_block=self.min_block,
+            pref_block=self.pref_block,
+            max_block=self.max_block,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._proto.lost is None
+
+    # --- requests -----------------------------------------------------------------
+
+    async def _request(
+        self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0, data: Buffer | None = None
+    ) -> Reply:
+        proto = self._proto
+        if proto.lost is not None:
+            raise proto.lost
+        assert proto.parser is not None
+        handle, header = proto.parser.request(cmd, offset, length, flags)
+        fut: asyncio.Future[Reply] = proto.loop.create_future()
+        proto.waiters[handle] = fut
+        if data is None:
+            proto.send(header)
+        else:
+            proto.send(header, data)
+        if proto.drain is not None and not proto.drain.done():
+            await proto.drain
+        try:
+            if self.timeout is None:
+                reply = await fut
+            else:
+                async with asyncio.timeout(self.timeout):
+                    reply = await fut
+        except TimeoutError:
+            proto.waiters.pop(handle, None)
+            raise BlockError(errno.ETIMEDOUT, f"NBD command {cmd} timed out") from None
+        if reply.error:
+            raise BlockError(nbd_to_errno(reply.error), reply.message or "")
+        return reply
+
+    def _fua(self, fua: bool) -> int:
+        return int(CmdFlags.FUA) if fua and self.flags & _TF.SEND_FUA else 0
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Read ``length`` bytes.  Raises BlockError."""
+        if length > self.max_block:
+            parts = await asyncio.gather(
+                *(
+                    self.read(o, min(self.max_block, offset + length - o))
+                    for o in range(offset, offset + length, self.max_block)
+                )
+            )
+            return b"".join(parts)
+        reply = await self._request(Cmd.READ, offset, length)
+        assert reply.data is not None
+        return reply.data
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        """Write ``data``; with ``fua`` durably.  Raises BlockError."""
+        n = len(data)
+        if n > self.max_block:
+            mv = memoryview(data)
+            step = self.max_block
+            await asyncio.gather(
+                *(self.write(offset + i, mv[i : i + step], fua=fua) for i in range(0, n, step))
+            )
+            return
+        await self._request(Cmd.WRITE, offset, n, self._fua(fua), data)
+        if fua and not self.flags & _TF.SEND_FUA:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.flags & _TF.SEND_FLUSH:
+            await self._request(Cmd.FLUSH)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        if self.flags & _TF.SEND_TRIM:
+            await self._request(Cmd.TRIM, offset, length, self._fua(fua))
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        fua: bool = False,
+        punch: bool = False,
+        fast: bool = False,
+    ) -> None:
+        """Zero a range.  Raises BlockError (ENOTSUP when ``fast`` cannot be honoured)."""
+        if not self.flags & _TF.SEND_WRITE_ZEROES:
+            raise BlockError(errno.ENOTSUP, "server does not support WRITE_ZEROES")
+        flags = self._fua(fua)
+        if not punch:
+            flags |= CmdFlags.NO_HOLE
+        if fast:
+            if not self.flags & _TF.SEND_FAST_ZERO:
+                raise BlockError(errno.ENOTSUP, "server does not support fast zero")
+            flags |= CmdFlags.FAST_ZERO
+        await self._request(Cmd.WRITE_ZEROES, offset, length, flags)
+
+    async def cache(self, offset: int, length: int) -> None:
+        if self.flags & _TF.SEND_CACHE:
+            await self._request(Cmd.CACHE, offset, length)
+
+    async def block_status(
+        self, offset: int, length: int, *, req_one: bool = False
+    ) -> Sequence[Extent]:
+        """base:allocation extents from ``offset``, clipped to ``length`` (may cover less)."""
+        if not self.context_id:
+            return [Extent(length)]
+        flags = int(CmdFlags.REQ_ONE) if req_one else 0
+        reply = await self._request(Cmd.BLOCK_STATUS, offset, length, flags)
+        out: list[Extent] = []
+        left = length
+        for n, f in reply.extents or ():
+            n = min(n, left)
+            if n <= 0:
+                break
+            out.append(Extent(n, hole=bool(f & StateFlags.HOLE), zero=bool(f & StateFlags.ZERO)))
+            left -= n
+        return out
+
+    async def close(self) -> None:
+        """Wait for in-flight requests, send DISC and close.  Idempotent."""
+        proto = self._proto
+        if proto.lost is None and proto.parser is not None:
+            pending = [f for f in proto.waiters.values() if not f.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=self.timeout or 30.0)
+            if proto.lost is None:
+                _, header = proto.parser.request(Cmd.DISC)
+                proto.send(header)
+                proto.flush()
+        if proto.transport is not None:
+            proto.transport.close()
+        await asyncio.wait([proto.closed], timeout=5.0)
+
+    async def __aenter__(self) -> NbdClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def list_exports(
+    address: str | Address,
+    *,
+    timeout: float = 30.0,  # noqa: ASYNC109
+) -> list[tuple[str, str]]:
+    """(name, description) of every export the server lists (NBD_OPT_LIST).
+
+    Raises ConnectionLost, ServerRefused (the server refused to list), ProtocolError.
+    """
+    async with asyncio.timeout(timeout):
+        addr, proto = await _open(address)
+        try:
+            await _event(proto)
+            replies = await _option(proto, Opt.LIST)
+            if replies[-1].reply != Rep.ACK:
+                raise ServerRefused(
+                    f"NBD server {addr} refused to list exports: {hsc.error_text(replies[-1])}",
+                    reply=replies[-1].reply,
+                )
+            exports = [hsc.parse_server(r.payload) for r in replies if r.reply == Rep.SERVER]
+            proto.hs.send_option(Opt.ABORT)
+            assert proto.transport is not None
+            proto.transport.write(proto.hs.data_to_send())
+            return exports
+        finally:
+            assert proto.transport is not None
+            proto.transport.close()

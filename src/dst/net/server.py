@@ -1,0 +1,173 @@
+"""asyncio NBD server: serves BlockDevices by export name on TCP and unix sockets.
+
+Theory of operation
+-------------------
+:class:`NbdServer` owns an export table (name -> device; ``""`` is the default export)
+and any number of listeners.  Each accepted connection is a
+:class:`~dst.net.connection.ServerConnection` protocol; the server only keeps the set
+of live connections for shutdown.  The table may change while serving
+(:meth:`set_export`); a connection binds its device at GO time.
+
+``await close()``: stop accepting, tell every connection to finish its in-flight
+requests (new ones get ESHUTDOWN), wait for them to close -- aborting the stragglers
+after ``timeout`` -- and remove unix socket files we created.
+
+Usage::
+
+    server = NbdServer({"disk": device})
+    addresses = await server.start("127.0.0.1:0", "unix:/run/dst.sock")
+    ...
+    await server.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections.abc import Mapping
+from types import TracebackType
+
+from dst.device import BlockDevice
+from dst.net.address import Address, parse_address
+from dst.net.connection import ServerConnection
+
+log = logging.getLogger(__name__)
+
+
+class NbdServer:
+    """An NBD server for one or more exports (see module docstring)."""
+
+    def __init__(
+        self,
+        exports: Mapping[str, BlockDevice] | BlockDevice,
+        *,
+        default: str | None = None,
+        max_inflight: int = 128,
+        max_payload: int = 32 << 20,
+    ) -> None:
+        if isinstance(exports, BlockDevice):
+            exports = {"": exports}
+        self.exports: dict[str, BlockDevice] = dict(exports)
+        self.default = default
+        self.max_inflight = max_inflight
+        self.max_payload = max_payload
+        self.connections: set[ServerConnection] = set()
+        self.closing = False
+        self._servers: list[asyncio.Server] = []
+        self._addresses: list[Address] = []
+        self._unix_paths: list[str] = []
+
+    # --- exports ----------------------------------------------------------------------
+
+    def set_export(self, name: str, device: BlockDevice) -> None:
+        """Add or replace an export; existing connections keep their device."""
+        self.exports[name] = device
+
+    def remove_export(self, name: str) -> None:
+        self.exports.pop(name, None)
+
+    def lookup(self, name: str) -> BlockDevice | None:
+        """The device for ``name``; ``""`` falls back to the ``default`` export."""
+        device = self.exports.get(name)
+        if device is None and name == "" and self.default is not None:
+            device = self.exports.get(self.default)
+        return device
+
+    def export_list(self) -> list[tuple[str, str]]:
+        return [(name, dev.name) for name, dev in sorted(self.exports.items())]
+
+    # --- listening --------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound addresses (real ports when 0 was asked)."""
+        return list(self._addresses)
+
+    async def start(self, *addresses: str | Address) -> list[Address]:
+        """Listen on each address ("host:port", "unix:/path", ...).  Returns the bound
+        addresses.  Raises ConfigError for bad addresses, OSError when binding fails."""
+        loop = asyncio.get_running_loop()
+        bound: list[Address] = []
+        for spec in addresses:
+            addr = parse_address(spec, where="listen address")
+            if addr.is_unix:
+                _remove_stale_socket(addr.path)
+                srv = await loop.create_unix_server(self._factory, addr.path)
+                self._unix_paths.append(addr.path)
+                bound.append(Address(path=addr.path))
+            else:
+                srv = await loop.create_server(
+                    self._factory, addr.host, addr.port, reuse_address=True
+                )
+                for sock in srv.sockets:
+                    host, port = sock.getsockname()[:2]
+                    bound.append(Address(host=host, port=port))
+            self._servers.append(srv)
+        self._addresses += bound
+        log.info("NBD server listening on %s", ", ".join(map(str, bound)))
+        return bound
+
+    def _factory(self) -> ServerConnection:
+        return ServerConnection(self)
+
+    async def serve_forever(self) -> None:
+        """Wait until :meth:`close` is called."""
+        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+
+    async def close(self, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Graceful shutdown (see module docstring).  Idempotent."""
+        self.closing = True
+        for srv in self._servers:
+            srv.close()
+        conns = list(self.connections)
+        for conn in conns:
+            conn.shutdown()
+        if conns:
+            waits = [c.closed for c in conns]
+            await asyncio.wait(waits, timeout=timeout)
+            for conn in conns:
+                if not conn.closed.done():
+                    log.warning("%s: did not finish in %.0fs; aborting", conn.peer, timeout)
+                    conn.abort()
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await srv.wait_closed()
+        self._servers.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+    async def __aenter__(self) -> NbdServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a leftover socket file nobody listens on (refuse to touch other files)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise OSError(f"{path}: another server is listening there")
+    finally:
+        probe.close()
