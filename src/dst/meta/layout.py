@@ -97,6 +97,8 @@ def layout_for(member_size: int, region_size: int = DEFAULT_REGION_SIZE) -> Meta
         lo, hi = (lo, mid) if fits(mid * BLOCK) else (mid + 1, hi)
     bm = lo * BLOCK  # may exceed what the regions need by a block; it is reserved
     data = room - bm
+    if data < BLOCK:
+        raise ValueError(f"member of {member_size} bytes is too small for dst metadata")
     sb0 = end - SB_SLOTS * SB_SLOT
     return MetaLayout(
         member_size=member_size,

@@ -51,7 +51,8 @@ regions of the local bitmap (delta resync); a peer whose ``current`` is older bu
 covered is BEHIND_FULL (full resync); two members that share an ancestor but where
 neither ``current`` is known to the other have both written on their own: DIVERGED
 (split brain, refused until the operator picks one).  No common generation (or another
-array UUID): UNRELATED.
+array UUID): UNRELATED — also a member more than ``HISTORY_LEN`` generations old once
+the bitmap generation is cleared (its ancestry is forgotten).
 """
 
 from __future__ import annotations
