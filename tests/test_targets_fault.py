@@ -36,7 +36,7 @@ async def test_pass_through() -> None:
     assert sum(e.length for e in await f.block_status(0, 4096)) == 4096
     assert await f.read(0, 3) == b"\0\0c"
     assert f.counters.as_dict()["writes"] == 1
-    assert f.spec() == {"type": "fault", "name": "f", "device": f.child.spec()}
+    assert f.spec() == {"type": "fault", "name": "f", "members": [f.child.spec()]}
     assert list(f.children()) == [f.child]
 
 

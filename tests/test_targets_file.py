@@ -96,6 +96,7 @@ async def test_cache_and_spec(dev: FileDevice, tmp_path: Path) -> None:
     spec = dev.spec()
     assert spec == {
         "type": "file",
+        "name": "file",
         "path": str(tmp_path / "disk.img"),
         "size": 8 * MiB,
         "read_only": False,

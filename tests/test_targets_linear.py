@@ -93,8 +93,9 @@ async def test_grow_and_shrink_live() -> None:
     await lin.write(1550, b"z" * 50)
     assert d.data[60:110] == b"z" * 50
     spec = lin.spec()
-    assert [s["size"] for s in spec["segments"]] == [300, 500, 700, 100]
-    assert spec["segments"][3] == {"start": 10, "size": 100, "device": d.spec()}
+    assert [s["length"] for s in spec["members"]] == [300, 500, 700, 100]
+    assert spec["members"][3] == {**d.spec(), "start": 10, "length": 100}
+    assert "start" not in spec["members"][1]
     assert lin.remove_last() is d
     assert lin.size == 1500
     with pytest.raises(ConfigError):

@@ -189,7 +189,7 @@ async def test_spec_health_caps() -> None:
     m = MirrorDevice([a, b], name="m0")
     await m.open()
     assert m.size == SIZE and m.caps.read_only
-    assert m.spec() == {"type": "mirror", "name": "m0", "legs": [a.spec(), b.spec()]}
+    assert m.spec() == {"type": "mirror", "name": "m0", "members": [a.spec(), b.spec()]}
     h = m.health()
     assert h.state == "ok" and [leg["state"] for leg in h.detail["legs"]] == ["in_sync"] * 2
     assert list(m.children()) == [a, b]

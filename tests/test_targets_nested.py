@@ -55,7 +55,7 @@ async def test_mirror_of_stripes() -> None:
     assert await s1.read(0, m.size) == model
     assert await s2.read(0, m.size) == model
     assert await m.read(0, m.size) == model
-    assert m.spec()["legs"][1]["type"] == "stripe"
+    assert m.spec()["members"][1]["type"] == "stripe"
     assert m.health().state == "ok"
 
 
@@ -95,3 +95,21 @@ async def test_stripe_of_files_mirrored_with_memory(tmp_path: Path) -> None:
         assert m.caps.trim and m.caps.block_status
     finally:
         await m.close()
+
+
+async def test_spec_is_an_array_spec_document(tmp_path: Path) -> None:
+    """spec() speaks the array spec's document shape (dst.array.spec)."""
+    from dst.array.spec import target_from_dict, target_to_dict
+
+    f = FileDevice(tmp_path / "f", size=8 * CHUNK, create=True, name="f")
+    s = StripeDevice([mem(8 * CHUNK, "a"), mem(8 * CHUNK, "b")], chunk=CHUNK, name="s")
+    m = MirrorDevice([s, mem(16 * CHUNK, "c")], name="m")
+    lin = LinearDevice([m, f], starts=[0, CHUNK], sizes=[None, 4 * CHUNK], name="l")
+    await lin.open()
+    try:
+        spec = lin.spec()
+        canonical = target_to_dict(target_from_dict(spec))
+        del canonical["members"][0]["region_size"]  # the mirror has no regions (yet)
+        assert canonical == spec
+    finally:
+        await lin.close()

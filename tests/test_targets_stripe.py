@@ -144,8 +144,8 @@ async def test_spec() -> None:
     assert dev.spec() == {
         "type": "stripe",
         "name": "stripe",
-        "chunk": CHUNK,
-        "devices": [k.spec() for k in kids],
+        "chunk_size": CHUNK,
+        "members": [k.spec() for k in kids],
     }
     assert list(dev.children()) == kids
 

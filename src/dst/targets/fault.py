@@ -181,7 +181,7 @@ class FaultDevice(BlockDevice):
         return await self.child.block_status(offset, length)
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "fault", "name": self.name, "device": self.child.spec()}
+        return {"type": "fault", "name": self.name, "members": [self.child.spec()]}
 
     def health(self) -> Health:
         state = "failed" if self._dead else "ok" if self._running.is_set() else "hung"

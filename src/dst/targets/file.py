@@ -77,14 +77,14 @@ class FileDevice(BlockDevice):
         create: bool = False,
         read_only: bool = False,
         shrink: bool = False,
-        name: str = "",
+        name: str = "file",
     ) -> None:
         if size is not None and size < 0:
             raise ConfigError("size must be >= 0", where="size")
         if create and read_only:
             raise ConfigError("cannot create a read-only file", where="create")
         self.path = os.fspath(path)
-        self.name = name or self.path
+        self.name = name
         self.size = size if size is not None else 0
         self._want_size = size
         self._create = create
@@ -319,7 +319,13 @@ class FileDevice(BlockDevice):
     # -- status ----------------------------------------------------------------------
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "file", "path": self.path, "size": self.size, "read_only": self._read_only}
+        return {
+            "type": "file",
+            "name": self.name,
+            "path": self.path,
+            "size": self.size,
+            "read_only": self._read_only,
+        }
 
     def health(self) -> Health:
         state = "ok" if self._fd >= 0 else "closed"

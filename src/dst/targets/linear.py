@@ -171,10 +171,7 @@ class LinearDevice(BlockDevice):
         return {
             "type": "linear",
             "name": self.name,
-            "segments": [
-                {"start": s.start, "size": s.size, "device": d.spec()}
-                for s, d in zip(t.layout.segments, t.devs, strict=True)
-            ],
+            "members": [_part(s, d) for s, d in zip(t.layout.segments, t.devs, strict=True)],
         }
 
     def health(self) -> Health:
@@ -182,6 +179,15 @@ class LinearDevice(BlockDevice):
 
     def children(self) -> Sequence[BlockDevice]:
         return unique(self._table.devs or tuple(self._pending))
+
+
+def _part(seg: Segment, dev: BlockDevice) -> dict[str, Any]:
+    """A member in the array spec's shape: the device's spec plus start/length."""
+    part = dev.spec()
+    if seg.start:
+        part["start"] = seg.start
+    part["length"] = seg.size
+    return part
 
 
 def _segment(dev: BlockDevice, start: int, size: int | None) -> Segment:

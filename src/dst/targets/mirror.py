@@ -243,7 +243,11 @@ class MirrorDevice(BlockDevice):
     # -- status ----------------------------------------------------------------------
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "mirror", "name": self.name, "legs": [leg.dev.spec() for leg in self.legs]}
+        return {
+            "type": "mirror",
+            "name": self.name,
+            "members": [leg.dev.spec() for leg in self.legs],
+        }
 
     def health(self) -> Health:
         ok = sum(leg.readable for leg in self.legs)

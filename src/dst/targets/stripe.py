@@ -131,8 +131,8 @@ class StripeDevice(BlockDevice):
         return {
             "type": "stripe",
             "name": self.name,
-            "chunk": self.chunk,
-            "devices": [d.spec() for d in self._devs],
+            "chunk_size": self.chunk,
+            "members": [d.spec() for d in self._devs],
         }
 
     def health(self) -> Health:
