@@ -34,6 +34,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from dst.errors import ConfigError
+from dst.net.loop import run as loop_run
 
 log = logging.getLogger(__name__)
 
@@ -249,22 +250,21 @@ async def serve(
     """
     prepare_backing(opts)
 
-    from dst.net.server import NBDServer
+    from dst.net.server import NbdServer
     from dst.targets.file import FileDevice
 
-    device = FileDevice(str(opts.path), read_only=opts.read_only)
+    device = FileDevice(opts.path, read_only=opts.read_only, name=opts.description)
     await device.open()
     try:
-        server = NBDServer()
-        server.add_export(opts.name, device, description=opts.description)
+        # "" (the default export) also reaches a named export: qemu's nbd:HOST:PORT.
+        server = NbdServer({opts.name: device}, default=opts.name)
         try:
             for addr in opts.listen:
-                if addr.is_unix:
-                    await server.listen_unix(addr.path)
-                    on_listen(addr.uri(opts.name))
-                else:
-                    _, port = await server.listen_tcp(addr.host, addr.port)
-                    on_listen(addr.uri(opts.name, port=port))
+                for bound in await server.start(str(addr)):
+                    if bound.is_unix:
+                        on_listen(addr.uri(opts.name))
+                    else:
+                        on_listen(ListenAddr(host=bound.host, port=bound.port).uri(opts.name))
             log.info("serving %s (%d bytes)", opts.path, device.size)
             await stop.wait()
             log.info("shutting down")
@@ -272,14 +272,6 @@ async def serve(
             await server.close()
     finally:
         await device.close()
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def run(opts: ServeOptions) -> int:
@@ -300,7 +292,6 @@ def run(opts: ServeOptions) -> int:
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
 
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(main())
+    loop_run(main())
     sys.stdout.flush()
     return 0

@@ -59,6 +59,7 @@ def run(
     check: bool = True,
     input: bytes | None = None,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``cmd``; with ``check`` an AssertionError carries everything on failure."""
     args = [os.fspath(c) for c in cmd]
@@ -69,6 +70,7 @@ def run(
         text=True,
         timeout=timeout,
         env=env,
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
