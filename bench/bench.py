@@ -46,7 +46,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MiB = 1 << 20
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 # -- targets -------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def print_table(doc: dict[str, Any], subject: str) -> None:
     names = list(med)
     others = [n for n in names if n != subject] if subject in med else []
     table = Table(title=f"median of {doc['params']['reps']} runs (higher is better)")
-    table.add_column("workload")
+    table.add_column("workload", no_wrap=True)
     table.add_column("unit")
     for n in names:
         table.add_column(n, justify="right")

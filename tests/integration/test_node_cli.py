@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,3 +148,38 @@ def test_start_node_reports_early_exit(tmp_path: Path) -> None:
     """The fixture machinery itself: a node that cannot start is reported, not hung on."""
     with pytest.raises(AssertionError, match="exited"):
         start_node(tmp_path / "missing.img", listen=["tcp"], stderr_path=tmp_path / "e")
+
+
+def test_sigterm_under_load_exits_cleanly(node_factory: NodeFactory) -> None:
+    """SIGTERM while a client is writing: in-flight requests finish, exit status 0."""
+    require("fio")
+    node = node_factory()
+    fio = subprocess.Popen(
+        [
+            "fio",
+            "--name=load",
+            "--ioengine=nbd",
+            f"--uri={node.uri}",
+            "--rw=randwrite",
+            "--bs=64k",
+            "--iodepth=16",
+            "--size=64M",
+            "--time_based",
+            "--runtime=60",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while node.path.stat().st_blocks == 0:  # wait until writes arrive
+            assert fio.poll() is None, "fio exited early"
+            assert time.monotonic() < deadline, "no writes reached the node"
+            time.sleep(0.02)
+        assert node.stop(signal.SIGTERM) == 0
+        assert "Traceback" not in node.stderr()
+        assert fio.wait(timeout=30) is not None  # the client sees the server go away
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
