@@ -31,10 +31,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from dst.errors import ConfigError
+from dst.errors import ConfigError, DstError
 from dst.net.loop import run as loop_run
+
+if TYPE_CHECKING:
+    from dst.net.address import Address
+    from dst.net.server import NbdServer
 
 log = logging.getLogger(__name__)
 
@@ -253,14 +258,17 @@ async def serve(
     from dst.net.server import NbdServer
     from dst.targets.file import FileDevice
 
-    device = FileDevice(opts.path, read_only=opts.read_only, name=opts.description)
+    # The device name is the export description (NBD_INFO_DESCRIPTION, LIST).
+    device = FileDevice(
+        opts.path, read_only=opts.read_only, name=opts.description or opts.path.name
+    )
     await device.open()
     try:
         # "" (the default export) also reaches a named export: qemu's nbd:HOST:PORT.
         server = NbdServer({opts.name: device}, default=opts.name)
         try:
             for addr in opts.listen:
-                for bound in await server.start(str(addr)):
+                for bound in await _listen(server, addr):
                     if bound.is_unix:
                         on_listen(addr.uri(opts.name))
                     else:
@@ -272,6 +280,15 @@ async def serve(
             await server.close()
     finally:
         await device.close()
+
+
+async def _listen(server: NbdServer, addr: ListenAddr) -> list[Address]:
+    """Bind ``addr``; a failure names the address.  Raises DstError."""
+    try:
+        return await server.start(str(addr))
+    except (OSError, ValueError) as e:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DstError(f"cannot listen on {addr}: {detail}") from e
 
 
 def run(opts: ServeOptions) -> int:

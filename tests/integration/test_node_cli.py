@@ -14,7 +14,7 @@ import pytest
 from dst import __version__
 
 from .conftest import NodeFactory
-from .helpers import DST, Node, nbdsh, require, run, start_node
+from .helpers import DST, Node, nbdsh, require, require_root_dev, run, start_node
 
 MiB = 1 << 20
 
@@ -183,3 +183,33 @@ def test_sigterm_under_load_exits_cleanly(node_factory: NodeFactory) -> None:
         if fio.poll() is None:
             fio.kill()
             fio.wait()
+
+
+def test_serves_a_block_device(node_factory: NodeFactory, tmp_path: Path) -> None:
+    """A loop device as the backing store: size from the device, data lands on it."""
+    require("losetup", "nbdsh")
+    require_root_dev("/dev/loop-control")
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(16 * MiB)
+    dev = run(["losetup", "-f", "--show", backing]).stdout.strip()
+    try:
+        node = node_factory(size=None, path=Path(dev))
+        script = "h.pwrite(b'\\xee' * 8192, 4096, nbd.CMD_FLAG_FUA)\nprint(h.get_size())"
+        out = nbdsh(node.uri, script)
+        assert out.strip() == str(16 * MiB)
+        node.stop()
+        with open(backing, "rb") as f:
+            f.seek(4096)
+            assert f.read(8192) == b"\xee" * 8192
+    finally:
+        run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.parametrize(
+    "addr",
+    ["unix:/nonexistent-dir/x.sock", "unix:/tmp/" + "a" * 150 + ".sock", "192.0.2.1:0"],
+)
+def test_unbindable_listen_address(tmp_path: Path, addr: str) -> None:
+    line = assert_one_line_error(["serve", str(tmp_path / "d.img"), "--size=1M", "--listen", addr])
+    assert f"cannot listen on {addr}" in line
