@@ -1,0 +1,347 @@
+"""Region tracker: write intent, batching, lazy clear, out-of-sync legs, resync locks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from dst.meta.bitmap import Bitmap
+from dst.meta.regions import MetaWrite, Out, RegionTracker
+
+R = 65536  # region size
+
+
+def tracker(nregions: int = 64, legs: int = 2, **kw: object) -> RegionTracker:
+    return RegionTracker(nregions * R, R, legs, clear_delay=5.0, **kw)  # type: ignore[arg-type]
+
+
+def meta(out: Out) -> MetaWrite:
+    assert out.meta is not None
+    return out.meta
+
+
+def test_regions_of_a_request() -> None:
+    t = tracker()
+    assert t.regions(0, 1) == range(0, 1)
+    assert t.regions(R - 1, 2) == range(0, 2)
+    assert t.regions(3 * R, R) == range(3, 4)
+    assert t.regions(R // 2, 3 * R) == range(0, 4)
+
+
+def test_partial_last_region() -> None:
+    t = RegionTracker(10 * R + 4096, R, 2)
+    assert t.nregions == 11 and t.regions(10 * R, 4096) == range(10, 11)
+
+
+def test_first_write_waits_for_its_mark() -> None:
+    t = tracker()
+    out = t.begin_write(1, 0, 4096)
+    assert out.writes == [] and meta(out).batch == 1
+    assert meta(out).pages[0][0] == 1  # bit 0 set in the snapshot
+    assert not t.durable(0)
+    assert t.persisted(1).writes == [1]
+    assert t.durable(0)
+    # a second write to the now dirty region needs no metadata write
+    out = t.begin_write(2, 100, 10)
+    assert out.writes == [2] and out.meta is None
+
+
+def test_writes_during_a_batch_join_the_next_one() -> None:
+    t = tracker()
+    first = meta(t.begin_write(1, 0, 1))
+    for wid in range(2, 12):
+        out = t.begin_write(wid, wid * R, 1)
+        assert out.meta is None and out.writes == []  # one batch at a time
+    out = t.persisted(first.batch)
+    assert out.writes == [1]
+    second = meta(out)
+    assert second.batch == 2
+    assert t.persisted(2).writes == list(range(2, 12))  # ten writes, one metadata write
+
+
+def test_lazy_clear() -> None:
+    t = tracker()
+    t.persisted(meta(t.begin_write(1, 0, 1)).batch)
+    t.end_write(1, now=100.0)
+    assert t.due_clears(104.0).meta is None  # not idle long enough
+    clear = meta(t.due_clears(105.0))
+    assert clear.pages[0][0] == 0
+    # a write arriving while the clear is persisted is marked again in the next batch
+    out = t.begin_write(2, 0, 1)
+    assert out.writes == [] and out.meta is None
+    out = t.persisted(clear.batch)
+    assert out.writes == [] and meta(out).pages[0][0] == 1
+    assert t.persisted(meta(out).batch).writes == [2]
+
+
+def test_busy_region_is_not_cleared() -> None:
+    t = tracker()
+    t.persisted(meta(t.begin_write(1, 0, 1)).batch)
+    t.begin_write(2, 0, 1)
+    t.end_write(1, now=0.0)
+    assert t.due_clears(1000.0).meta is None and t.bitmap.test(0)
+    t.end_write(2, now=10.0)
+    assert t.due_clears(14.0).meta is None  # idle since the last write ended
+    assert t.due_clears(15.0).meta is not None
+
+
+def test_failed_leg_keeps_regions_dirty_until_resynced() -> None:
+    t = tracker(legs=3)
+    t.persisted(meta(t.begin_write(1, 0, 1)).batch)
+    t.leg_failed(2)  # write 1 is in flight: leg 2 misses region 0
+    out = t.begin_write(2, 5 * R, 1)
+    t.persisted(meta(out).batch)
+    t.end_write(1, now=0.0)
+    t.end_write(2, now=0.0)
+    assert list(t.out_of_sync(2)) == [0, 5]
+    assert not t.in_sync(2, 0) and not t.in_sync(2, 1)  # a down leg serves nothing
+    assert t.in_sync(0, 0) and t.in_sync(1, 5)
+    assert t.due_clears(1000.0).meta is None
+    t.leg_attached(2)
+    assert t.in_sync(2, 1) and not t.in_sync(2, 5)
+    assert t.begin_resync(5).resyncs == [5]
+    t.end_resync(5, now=1000.0, synced=[2])
+    assert t.in_sync(2, 5)
+    clear = meta(t.due_clears(2000.0))
+    assert clear.pages[0][0] == 1  # region 0 still missed by leg 2, region 5 cleared
+
+
+def test_write_missed_by_one_leg() -> None:
+    t = tracker()
+    t.persisted(meta(t.begin_write(1, 2 * R, 1)).batch)
+    t.end_write(1, now=0.0, missed=[1])
+    assert not t.in_sync(1, 2) and t.in_sync(0, 2)
+    assert t.due_clears(100.0).meta is None
+
+
+def test_leg_missed_marks_regions() -> None:
+    t = tracker()
+    out = t.leg_missed(1, [3, 4])
+    assert meta(out).pages[0][0] == 0b11000
+    assert list(t.out_of_sync(1)) == [3, 4]
+
+
+def test_resync_excludes_writes() -> None:
+    t = tracker()
+    t.persisted(meta(t.leg_missed(1, [0, 1])).batch)
+    t.begin_write(1, 0, 1)  # region 0 is durable: proceeds ...
+    out = t.begin_resync(0)
+    assert out.resyncs == []  # ... so the resync waits for it
+    assert t.begin_write(2, 0, 1).writes == []  # new writes wait behind the resync
+    assert t.begin_write(3, R, 1).writes == [3]  # other regions are not affected
+    out = t.end_write(1, now=0.0)
+    assert out.resyncs == [0] and out.writes == []
+    out = t.end_resync(0, now=1.0, synced=[1])
+    assert out.writes == [2]
+
+
+def test_write_spanning_a_resyncing_region_waits() -> None:
+    t = tracker()
+    t.persisted(meta(t.leg_missed(1, [0, 1])).batch)
+    assert t.begin_resync(1).resyncs == [1]
+    assert t.begin_write(1, R - 10, 20).writes == []
+    assert t.end_resync(1, now=0.0).writes == [1]
+
+
+def test_loaded_bitmap_is_durable() -> None:
+    bm = Bitmap(64)
+    bm.set(7)
+    t = tracker(bitmap=bm)
+    assert t.durable(7)
+    assert t.begin_write(1, 7 * R, 1).writes == [1]
+
+
+def test_unallocatable_page_waits_for_its_all_ones_write() -> None:
+    t = tracker(nregions=256, page_bits=64, max_pages=1)
+    t.persisted(meta(t.begin_write(1, 0, 1)).batch)
+    out = t.begin_write(2, 64 * R, 1)  # page 1 cannot be allocated: goes full
+    assert out.writes == [] and meta(out).pages[1] == b"\xff" * 8
+    assert t.begin_write(3, 70 * R, 1).writes == []  # reads set, but not yet on disk
+    assert t.persisted(meta(out).batch).writes == [2, 3]
+    assert t.begin_write(4, 100 * R, 1).writes == [4]
+
+
+def test_loaded_full_page_is_rewritten_before_use() -> None:
+    raw = bytes([1]) + bytes(7) + bytes([2]) + bytes(7)
+    bm = Bitmap.from_bytes(128, raw, page_bits=64, max_pages=1)
+    t = RegionTracker(128 * R, R, 2, bitmap=bm, max_pages=1)
+    out = t.begin_write(1, 80 * R, 1)
+    assert out.writes == [] and meta(out).pages == {1: b"\xff" * 8}
+    assert t.persisted(meta(out).batch).writes == [1]
+
+
+# --- model-based property test -----------------------------------------------------
+
+NREG, LEGS, PAGE = 200, 3, 64
+
+
+class TrackerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t: RegionTracker | None = None
+        self.now = 0.0
+        self.disk = Bitmap(NREG, page_bits=PAGE)  # what the members hold
+        self.pending: MetaWrite | None = None
+        self.waiting: dict[int, range] = {}
+        self.active: dict[int, range] = {}
+        self.rs_wait: set[int] = set()
+        self.rs_held: set[int] = set()
+        self.rs_set: set[int] = set()  # resync regions whose bit was set at begin
+        self.missed: list[set[int]] = [set() for _ in range(LEGS)]
+        self.down: set[int] = set()
+        self.next_id = 0
+
+    @property
+    def tr(self) -> RegionTracker:
+        assert self.t is not None
+        return self.t
+
+    @precondition(lambda self: self.t is None)
+    @rule(max_pages=st.sampled_from([None, 1, 2]))
+    def start(self, max_pages: int | None) -> None:
+        self.t = RegionTracker(NREG * R, R, LEGS, clear_delay=3.0, page_bits=PAGE,
+                               max_pages=max_pages)  # fmt: skip
+
+    def apply(self, out: Out) -> None:
+        for wid in out.writes:
+            self.active[wid] = self.waiting.pop(wid)
+        for r in out.resyncs:
+            self.rs_wait.remove(r)
+            self.rs_held.add(r)
+        if out.meta is not None:
+            assert self.pending is None, "two metadata batches in flight"
+            self.pending = out.meta
+
+    @precondition(lambda self: self.t is not None)
+    @rule(first=st.integers(0, NREG - 1), n=st.integers(1, 3))
+    def begin_write(self, first: int, n: int) -> None:
+        wid, self.next_id = self.next_id, self.next_id + 1
+        length = min(n * R, (NREG - first) * R) - 7
+        self.waiting[wid] = self.tr.regions(first * R + 3, length)
+        for leg in self.down:
+            self.missed[leg].update(self.waiting[wid])
+        self.apply(self.tr.begin_write(wid, first * R + 3, length))
+
+    @precondition(lambda self: self.active)
+    @rule(data=st.data())
+    def end_write(self, data: st.DataObject) -> None:
+        wid = data.draw(st.sampled_from(sorted(self.active)))
+        missed = data.draw(st.sets(st.integers(0, LEGS - 1), max_size=1))
+        for leg in missed:
+            self.missed[leg].update(self.active[wid])
+        del self.active[wid]
+        self.apply(self.tr.end_write(wid, self.now, missed=missed))
+
+    @precondition(lambda self: self.pending is not None)
+    @rule()
+    def persist(self) -> None:
+        assert self.pending is not None
+        for p, data in self.pending.pages.items():
+            self.disk.load_page(p, data)
+        batch, self.pending = self.pending.batch, None
+        self.apply(self.tr.persisted(batch))
+
+    @precondition(lambda self: self.t is not None)
+    @rule(leg=st.integers(0, LEGS - 1))
+    def fail_leg(self, leg: int) -> None:
+        self.down.add(leg)
+        for rs in (*self.waiting.values(), *self.active.values()):
+            self.missed[leg].update(rs)
+        self.apply(self.tr.leg_failed(leg))
+
+    @precondition(lambda self: self.down)
+    @rule(data=st.data())
+    def attach_leg(self, data: st.DataObject) -> None:
+        leg = data.draw(st.sampled_from(sorted(self.down)))
+        self.down.discard(leg)
+        self.tr.leg_attached(leg)
+
+    @precondition(lambda self: self.t is not None)
+    @rule(r=st.integers(0, NREG - 1))
+    def begin_resync(self, r: int) -> None:
+        if r in self.rs_wait or r in self.rs_held:
+            return
+        self.rs_wait.add(r)
+        if self.tr.bitmap.test(r):
+            self.rs_set.add(r)
+        self.apply(self.tr.begin_resync(r))
+
+    @precondition(lambda self: self.rs_held)
+    @rule(data=st.data())
+    def end_resync(self, data: st.DataObject) -> None:
+        r = data.draw(st.sampled_from(sorted(self.rs_held)))
+        synced = [leg for leg in range(LEGS) if leg not in self.down]
+        for leg in synced:
+            self.missed[leg].discard(r)
+        self.rs_held.remove(r)
+        self.rs_set.discard(r)
+        self.apply(self.tr.end_resync(r, self.now, synced=synced))
+
+    @precondition(lambda self: self.t is not None)
+    @rule(dt=st.sampled_from([0.0, 1.0, 5.0]))
+    def clear(self, dt: float) -> None:
+        self.now += dt
+        self.apply(self.tr.due_clears(self.now))
+
+    # --- invariants ----------------------------------------------------------------
+
+    @invariant()
+    def writes_only_on_persisted_marks(self) -> None:
+        for rs in self.active.values():
+            for r in rs:
+                assert self.disk.test(r), f"write proceeds on region {r} not marked on disk"
+
+    @invariant()
+    def durable_means_on_disk(self) -> None:
+        if self.t is not None:
+            assert all(self.disk.test(r) for r in range(NREG) if self.tr.durable(r))
+
+    @invariant()
+    def held_regions_stay_set(self) -> None:
+        if self.t is None:
+            return
+        for rs in (*self.waiting.values(), *self.active.values()):
+            assert all(self.tr.bitmap.test(r) for r in rs)
+        assert all(self.tr.bitmap.test(r) for r in self.rs_set)
+
+    @invariant()
+    def resync_excludes_writes(self) -> None:
+        for rs in self.active.values():
+            assert not (set(rs) & self.rs_held)
+
+    @invariant()
+    def missed_regions_are_never_clean(self) -> None:
+        if self.t is None:
+            return
+        for leg in range(LEGS):
+            for r in self.missed[leg]:
+                assert not self.tr.in_sync(leg, r)
+                assert self.tr.bitmap.test(r)
+                assert not self.tr.durable(r) or self.disk.test(r)
+            for r in range(NREG):
+                if leg not in self.down and r not in self.missed[leg]:
+                    # only a page that could not be allocated may over-report
+                    assert self.tr.in_sync(leg, r) or self.tr.oos[leg].is_full(r // PAGE)
+
+    @invariant()
+    def no_stall(self) -> None:
+        """With no batch in flight, a write waits only behind a resync."""
+        if self.t is None or self.tr.busy():
+            return
+        assert self.pending is None
+        blocked = self.rs_wait | self.rs_held
+        for rs in self.waiting.values():
+            assert set(rs) & blocked
+        for r in self.rs_wait:
+            assert any(r in rs for rs in self.active.values())
+
+
+TrackerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60)
+test_tracker_machine = TrackerMachine.TestCase
+
+
+def test_construct_requires_matching_bitmap() -> None:
+    with pytest.raises(AssertionError):
+        RegionTracker(10 * R, R, 2, bitmap=Bitmap(11))
