@@ -146,11 +146,31 @@ def test_write_spanning_a_resyncing_region_waits() -> None:
 
 
 def test_loaded_bitmap_is_durable() -> None:
-    bm = Bitmap(64)
-    bm.set(7)
+    bm = Bitmap.from_bytes(64, bytes([0x80]) + bytes(4095))
     t = tracker(bitmap=bm)
     assert t.durable(7)
     assert t.begin_write(1, 7 * R, 1).writes == [1]
+
+
+def test_unwritten_changes_of_a_given_bitmap_are_not_durable() -> None:
+    bm = Bitmap(64)
+    bm.set(7)  # set in memory, never written
+    t = tracker(bitmap=bm)
+    assert not t.durable(7)
+    out = t.begin_write(1, 7 * R, 1)
+    assert out.writes == [] and meta(out).pages[0][0] == 0x80
+    assert t.persisted(meta(out).batch).writes == [1]
+
+
+def test_settled_loaded_bits_are_cleared() -> None:
+    bm = Bitmap.from_bytes(64, bytes([0b111000]) + bytes(4095))
+    t = tracker(bitmap=bm)
+    assert t.due_clears(100.0).meta is None  # loaded bits are kept until told
+    t.persisted(meta(t.begin_write(1, 20 * R, 1)).batch)
+    t.settled([3, 4, 20], now=100.0)  # 20 is busy: ignored
+    out = t.due_clears(105.0)
+    assert meta(out).pages[0][0] == 0b100000
+    assert list(t.bitmap) == [5, 20]
 
 
 def test_unallocatable_page_waits_for_its_all_ones_write() -> None:

@@ -69,7 +69,8 @@ class _Write:
 class RegionTracker:
     """Region state of one array with ``legs`` legs.
 
-    ``bitmap`` is the on-disk bitmap as loaded (its set bits are taken as persisted);
+    ``bitmap`` is the on-disk bitmap as loaded: its set bits are taken as persisted,
+    except in pages changed since (:meth:`Bitmap.changed_pages`), written first;
     ``clear_delay`` is how long a region stays idle before its bit is cleared.
     """
 
@@ -105,9 +106,10 @@ class RegionTracker:
         self._resync: set[int] = set()
         self._resync_wait: dict[int, None] = {}
         self._idle: dict[int, float] = {}  # region -> idle since (clear candidates)
-        for p in self.bitmap.changed_pages():  # loaded pages that went full in memory
-            if self.bitmap.is_full(p):
-                self._page_marking[p] = self._next
+        # Pages of ``bitmap`` changed since it was read (e.g. pages that went full in
+        # memory when loaded) are not on disk yet: they go out with the first batch.
+        for p in self.bitmap.changed_pages():
+            self._page_marking[p] = self._next
 
     # --- queries -------------------------------------------------------------------
 
@@ -190,6 +192,13 @@ class RegionTracker:
             self._mark(r)
             self.oos[leg].set(r)
         return self._progress()
+
+    def settled(self, regions: Iterable[int], now: float) -> None:
+        """``regions`` hold the same data on every leg (e.g. bits loaded after a clean
+        shutdown, or checked by a resync): let their bits be cleared lazily."""
+        for r in regions:
+            if r not in self._held and r not in self._resync and r not in self._resync_wait:
+                self._idle[r] = now
 
     # --- resync --------------------------------------------------------------------
 
