@@ -2,13 +2,16 @@
 
 Theory of operation
 -------------------
-This is the hot path.  :meth:`RequestParser.feed` keeps a reference to the received
-chunk (no copy); :meth:`RequestParser.requests` walks it with one precompiled
+This is the hot path.  The parser owns its receive buffer and speaks the
+``BufferedProtocol`` interface: :meth:`RequestParser.get_buffer` says where the socket
+should put the next bytes, :meth:`RequestParser.buffer_updated` how many came.
+:meth:`RequestParser.requests` walks the buffer with one precompiled
 :class:`struct.Struct`, producing many :class:`~dst.nbd.events.Request` objects per
-call.  A WRITE payload that lies wholly inside the chunk is handed out as a
-``memoryview`` slice of it (zero copy); one that spans chunks is assembled into a
-``bytearray`` of exactly its announced length -- allocated only after the length was
-checked against ``max_payload``.  A larger payload is drained (counted, never
+call.  A WRITE payload wholly inside the buffer is copied out as ``bytes`` (the buffer
+is reused); one that is not is assembled in a ``bytearray`` of exactly its announced
+length -- allocated only after the length was checked against ``max_payload`` -- and
+``get_buffer`` then returns the rest of that payload, so the kernel copies it straight
+into place.  A larger payload is drained (counted, never
 buffered) and its request is reported with ``data=None`` so the server can answer
 EINVAL without losing framing.  Only a bad request magic breaks framing; it raises
 :class:`dst.errors.ProtocolError`.
@@ -40,63 +43,89 @@ _REQ_SIZE = wire.REQUEST_SIZE
 _unpack_request = wire.REQUEST.unpack_from
 _pack_simple = wire.SIMPLE_REPLY.pack
 _pack_data = wire.CHUNK_DATA.pack
+RECV_BUFFER = 256 << 10  # receive buffer size; large WRITE payloads bypass it
 
 
 class RequestParser:
     """Incremental parser of client requests (see module docstring)."""
 
-    __slots__ = ("_buf", "_fill", "_pos", "_skip", "_wbuf", "_wreq", "max_payload")
+    __slots__ = ("_end", "_fill", "_pos", "_ready", "_rx", "_skip", "_wbuf", "_wreq", "max_payload")
 
-    def __init__(self, *, max_payload: int = 32 << 20) -> None:
+    def __init__(self, *, max_payload: int = 32 << 20, bufsize: int = RECV_BUFFER) -> None:
         self.max_payload = max_payload
-        self._buf: bytes = b""
+        self._rx = bytearray(bufsize)  # receive buffer; [_pos, _end) is unparsed
         self._pos = 0
-        self._wbuf: bytearray | None = None  # a WRITE payload being assembled
+        self._end = 0
+        self._wbuf: bytearray | None = None  # a WRITE payload being received
         self._wreq: Request | None = None
         self._fill = 0
         self._skip = 0  # bytes of an oversized WRITE payload still to drain
+        self._ready: Request | None = None  # a WRITE whose payload just completed
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet parsed."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
-    def feed(self, data: bytes) -> None:
-        """Append received bytes (kept by reference; do not mutate them)."""
-        if self._pos >= len(self._buf):
-            self._buf = data
-        else:
-            self._buf = self._buf[self._pos :] + data
-        self._pos = 0
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes should go (``BufferedProtocol.get_buffer``).
+
+        While a large WRITE payload is arriving this is the rest of the payload
+        buffer itself, so the socket fills it without an intermediate copy.
+        """
+        if self._wbuf is not None:
+            return memoryview(self._wbuf)[self._fill :]
+        rx = self._rx
+        if self._end == len(rx):
+            if self._pos:
+                n = self._end - self._pos
+                rx[:n] = rx[self._pos : self._end]
+                self._pos, self._end = 0, n
+            else:
+                rx.extend(bytes(len(rx)))
+        return memoryview(rx)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last :meth:`get_buffer`."""
+        wbuf = self._wbuf
+        if wbuf is None:
+            self._end += nbytes
+            return
+        self._fill += nbytes
+        if self._fill == len(wbuf):
+            req = self._wreq
+            assert req is not None
+            req.data = wbuf
+            self._ready = req
+            self._wbuf = self._wreq = None
+
+    def feed(self, data: Payload) -> None:
+        """Append received bytes (copying them); convenient for tests and handshakes."""
+        mv = memoryview(data).cast("B")
+        while mv:
+            buf = self.get_buffer()
+            n = min(len(buf), len(mv))
+            buf[:n] = mv[:n]
+            self.buffer_updated(n)
+            mv = mv[n:]
 
     def requests(self, limit: int = 1 << 30) -> list[Request]:
         """Parse up to ``limit`` complete requests.  Raises ProtocolError on bad magic."""
         out: list[Request] = []
-        buf = self._buf
+        if self._ready is not None:
+            out.append(self._ready)
+            self._ready = None
+        if self._wbuf is not None:
+            return out
+        rx = self._rx
         pos = self._pos
-        end = len(buf)
-        mv = memoryview(buf)
+        end = self._end
         if self._skip:
             n = min(self._skip, end - pos)
             self._skip -= n
             pos += n
-        elif self._wbuf is not None:
-            wbuf = self._wbuf
-            n = min(len(wbuf) - self._fill, end - pos)
-            wbuf[self._fill : self._fill + n] = mv[pos : pos + n]
-            self._fill += n
-            pos += n
-            if self._fill == len(wbuf):
-                req = self._wreq
-                assert req is not None
-                req.data = wbuf
-                out.append(req)
-                self._wbuf = self._wreq = None
-        if self._skip or self._wbuf is not None:
-            self._pos = pos
-            return out
         while pos + _REQ_SIZE <= end and len(out) < limit:
-            magic, flags, typ, handle, offset, length = _unpack_request(buf, pos)
+            magic, flags, typ, handle, offset, length = _unpack_request(rx, pos)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic 0x{magic:08x}")
             pos += _REQ_SIZE
@@ -112,17 +141,19 @@ class RequestParser:
                     break
                 continue
             if pos + length <= end:
-                out.append(Request(flags, typ, handle, offset, length, mv[pos : pos + length]))
+                out.append(Request(flags, typ, handle, offset, length, rx[pos : pos + length]))
                 pos += length
                 continue
             wbuf = bytearray(length)
             n = end - pos
-            wbuf[:n] = mv[pos:end]
+            wbuf[:n] = memoryview(rx)[pos:end]
             pos = end
             self._wbuf, self._fill = wbuf, n
             self._wreq = Request(flags, typ, handle, offset, length, None)
             break
-        self._pos = pos
+        if pos == end:
+            pos = end = 0
+        self._pos, self._end = pos, end
         return out
 
 

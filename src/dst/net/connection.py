@@ -6,13 +6,13 @@ During the handshake, received bytes go to :class:`~dst.nbd.server.ServerHandsha
 and its events are answered from the server's export table (the device's ``size`` is
 read at GO time, so a grown export is seen by new connections).
 
-In transmission, ``data_received`` feeds the :class:`~dst.nbd.requests.RequestParser`
+In transmission, received bytes land in the :class:`~dst.nbd.requests.RequestParser`
 and dispatches every complete request: validate at the edge (command, flags, range,
 read-only, lengths) and call the device.  The device coroutine is stepped once
 eagerly; if it completes without suspending -- the common case -- its reply is built
 at once, otherwise a Task finishes it (:class:`~dst.net.eager.Continuation`) and the
 reply goes out whenever it completes, out of order.  Replies produced while handling
-one ``data_received`` (or one loop iteration of completions) are written with a
+one receive (or one loop iteration of completions) are written with a
 single ``writelines``; READ replies are a small header followed by the device's buffer.
 
 Backpressure: at most ``max_inflight`` suspended requests per connection, and nothing
@@ -26,6 +26,7 @@ the transport closes.  Any error on one connection is logged and closes only it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -72,6 +73,7 @@ _TRIM, _CACHE, _ZERO, _BS = (
 )
 _FUA = int(CmdFlags.FUA)
 _WRITES = frozenset((_WRITE, _TRIM, _ZERO))
+SOCKET_BUFFER = 4 << 20  # SO_SNDBUF/SO_RCVBUF asked for (the kernel caps it)
 _OUT_HIGH = 1 << 20  # flush queued replies once this many bytes are pending
 _EINVAL, _ESHUTDOWN = int(NbdErr.EINVAL), int(NbdErr.ESHUTDOWN)
 
@@ -94,6 +96,15 @@ def transmission_flags(device: BlockDevice, *, structured: bool) -> int:
         if cond:
             f |= flag
     return int(f)
+
+
+def _tune_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY, and socket buffers big enough for a few 1 MiB replies in flight."""
+    with contextlib.suppress(OSError):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
 
 def _allowed_flags(flags: int) -> dict[int, int]:
@@ -133,7 +144,7 @@ def clip_extents(raw: Sequence[Extent], length: int, *, req_one: bool) -> list[t
     return out[:1] if req_one else out
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(asyncio.BufferedProtocol):
     """Serves one client (see module docstring)."""
 
     def __init__(self, server: NbdServer) -> None:
@@ -160,18 +171,19 @@ class ServerConnection(asyncio.Protocol):
         self.closing = False  # shutting down: ESHUTDOWN to new requests
         self.disconnected = False  # client sent DISC
         self.closed = self.loop.create_future()
+        self.scratch = bytearray(4096)  # receive buffer during the handshake
 
-    # --- asyncio.Protocol ------------------------------------------------------------
+    # --- asyncio.BufferedProtocol ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peer = str(transport.get_extra_info("peername") or "unix")
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            _tune_socket(sock)
         self.server.connections.add(self)
         assert self.hs is not None
-        transport.write(self.hs.data_to_send())
+        self.transport.write(self.hs.data_to_send())
         if self.server.closing:
             self.shutdown()
 
@@ -190,13 +202,18 @@ class ServerConnection(asyncio.Protocol):
         self.write_paused = False
         self._pump()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.parser is not None:
+            return self.parser.get_buffer()
+        return memoryview(self.scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
             if self.parser is not None:
-                self.parser.feed(data)
+                self.parser.buffer_updated(nbytes)
                 self._pump()
             else:
-                self._handshake(data)
+                self._handshake(bytes(self.scratch[:nbytes]))
         except ProtocolError as exc:
             log.warning("%s: protocol error: %s; closing", self.peer, exc)
             self.abort()
