@@ -231,3 +231,32 @@ def test_too_old_is_unrelated() -> None:
         s = rotate(s, g)
     assert compare(s, sb(current=1)) is Relation.BEHIND  # the bitmap still covers it
     assert compare(synced(s), sb(current=1)) is Relation.UNRELATED  # forgotten
+
+
+def _sealed(body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    raw = (body + bytes(SB_SLOT))[: SB_SLOT - 4]
+    return raw + struct.pack("<I", zlib.crc32(raw))
+
+
+@given(st.binary(min_size=0, max_size=SB_SLOT))
+def test_decode_garbage_with_valid_checksum(tail: bytes) -> None:
+    """Random content behind a valid magic, version and CRC decodes or is refused."""
+    head = encode(sb())[:12]
+    try:
+        decode(_sealed(head + tail))
+    except MetadataError:
+        pass
+
+
+@pytest.mark.parametrize("spec", [b"[1]", b"[" * 3000, b'"x"', b"\xff"])
+def test_decode_rejects_bad_spec(spec: bytes) -> None:
+    import struct
+
+    raw = encode(sb(array_name="", spec={}))
+    pos = 152 + 2  # fixed header, empty name
+    body = raw[:pos] + struct.pack("<H", len(spec)) + spec
+    with pytest.raises(MetadataError, match="malformed"):
+        decode(_sealed(body))

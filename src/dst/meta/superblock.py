@@ -159,7 +159,9 @@ def decode(slot: bytes | bytearray | memoryview) -> Superblock:
         pos += 2 + n
         (j,) = struct.unpack_from("<H", b, pos)
         spec = json.loads(b[pos + 2 : pos + 2 + j])
-    except (struct.error, UnicodeDecodeError, ValueError) as e:
+        if not isinstance(spec, dict):
+            raise ValueError("spec is not a JSON object")
+    except (struct.error, ValueError, RecursionError) as e:
         raise MetadataError(f"superblock content is malformed: {e}") from e
     hist = f[13 : 13 + HISTORY_LEN]
     flags, resync = f[13 + HISTORY_LEN], f[15 + HISTORY_LEN]
