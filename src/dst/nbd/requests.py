@@ -81,8 +81,10 @@ class RequestParser:
                 n = self._end - self._pos
                 rx[:n] = rx[self._pos : self._end]
                 self._pos, self._end = 0, n
-            else:
-                rx.extend(bytes(len(rx)))
+            else:  # full of unparsed bytes (a reader ignored backpressure): grow
+                rx = bytearray(2 * len(rx))
+                rx[: self._end] = self._rx
+                self._rx = rx
         return memoryview(rx)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -103,9 +105,9 @@ class RequestParser:
         """Append received bytes (copying them); convenient for tests and handshakes."""
         mv = memoryview(data).cast("B")
         while mv:
-            buf = self.get_buffer()
-            n = min(len(buf), len(mv))
-            buf[:n] = mv[:n]
+            with self.get_buffer() as buf:
+                n = min(len(buf), len(mv))
+                buf[:n] = mv[:n]
             self.buffer_updated(n)
             mv = mv[n:]
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: short temporary unix-socket paths and an in-process NBD server."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from dst.net.address import Address
+from dst.net.server import NbdServer
+from dst.targets.memory import MemoryDevice
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for unix sockets (sun_path is limited to ~107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="dst-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def nbd_memory(sock_dir: Path) -> AsyncIterator[tuple[NbdServer, Address, MemoryDevice]]:
+    """An NbdServer serving a 16 MiB MemoryDevice as the default export, on a unix socket."""
+    device = MemoryDevice(16 << 20)
+    server = NbdServer({"": device})
+    (address,) = await server.start(f"unix:{sock_dir / 'nbd.sock'}")
+    try:
+        yield server, address, device
+    finally:
+        await server.close(timeout=5)
