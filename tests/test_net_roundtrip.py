@@ -234,3 +234,19 @@ async def test_tcp_port_zero() -> None:
             assert await c.read(0, 3) == b"tcp"
     finally:
         await server.close()
+
+
+def test_under_uvloop(sock_dir: Path) -> None:
+    from dst.net.loop import run
+
+    async def main() -> bytes:
+        device = MemoryDevice(1 << 20)
+        server = await serve(sock_dir, {"": device})
+        try:
+            async with await NbdClient.connect(server.addresses[0]) as c:
+                await asyncio.gather(*(c.write(i * 4096, bytes([i]) * 4096) for i in range(64)))
+                return await c.read(0, 64 * 4096)
+        finally:
+            await server.close()
+
+    assert run(main()) == b"".join(bytes([i]) * 4096 for i in range(64))

@@ -1,0 +1,243 @@
+"""A hostile client on raw sockets while a good client keeps working and verifying data."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from dst.nbd import wire
+from dst.nbd.client import encode_go
+from dst.nbd.constants import (
+    IHAVEOPT,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    Cmd,
+    NbdErr,
+    Opt,
+    Rep,
+)
+from dst.net.address import Address
+from dst.net.client import NbdClient
+from dst.net.server import NbdServer
+from dst.targets.memory import MemoryDevice
+
+pytestmark = pytest.mark.timeout(60)
+
+Raw = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def raw(address: Address) -> AsyncIterator[Raw]:
+    reader, writer = await asyncio.open_unix_connection(address.path)
+    try:
+        yield reader, writer
+    finally:
+        writer.transport.abort()
+
+
+async def greet(r: asyncio.StreamReader, w: asyncio.StreamWriter, flags: int = 3) -> None:
+    await r.readexactly(18)
+    w.write(struct.pack(">I", flags))
+
+
+def opt(option: int, payload: bytes = b"") -> bytes:
+    return wire.OPTION.pack(IHAVEOPT, option, len(payload)) + payload
+
+
+async def option_reply(r: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    _, option, rep, n = wire.OPTION_REPLY.unpack(await r.readexactly(20))
+    return option, rep, await r.readexactly(n)
+
+
+async def go(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    await greet(r, w)
+    w.write(opt(Opt.GO, encode_go("")))
+    while (await option_reply(r))[1] != Rep.ACK:
+        pass
+
+
+def request(typ: int, handle: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return wire.REQUEST.pack(REQUEST_MAGIC, flags, typ, handle, offset, length)
+
+
+async def simple_reply(r: asyncio.StreamReader) -> tuple[int, int]:
+    magic, error, handle = wire.SIMPLE_REPLY.unpack(await r.readexactly(16))
+    assert magic == SIMPLE_REPLY_MAGIC
+    return handle, error
+
+
+async def closed(r: asyncio.StreamReader) -> bool:
+    """True when the server closed the connection (EOF before any byte)."""
+    return await r.read(1) == b""
+
+
+# --- the attacks -------------------------------------------------------------------
+
+
+async def unknown_client_flags(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await greet(r, w, flags=0xFFFF)
+        assert await closed(r)
+
+
+async def bad_option_magic(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await greet(r, w)
+        w.write(b"BADMAGIC" + bytes(8))
+        assert await closed(r)
+
+
+async def unknown_options_then_go(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await greet(r, w)
+        for o in (0, 4, 11, 12, 999, 0xFFFFFFFF):
+            w.write(opt(o, b"some data"))
+            assert (await option_reply(r))[:2] == (o, Rep.ERR_UNSUP)
+        w.write(opt(Opt.INFO, b"\xff" * 7))
+        assert (await option_reply(r))[1] == Rep.ERR_INVALID
+        w.write(wire.OPTION.pack(IHAVEOPT, Opt.GO, 1 << 30))  # too big: skipped
+        assert (await option_reply(r))[1] == Rep.ERR_TOO_BIG
+        w.write(bytes(1 << 16))
+        w.transport.abort()
+
+
+async def bad_requests(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await go(r, w)
+        size = 16 << 20
+        w.write(
+            request(42, 1, 0, 512)  # unknown command
+            + request(Cmd.READ, 2, 0, 0xFFFFFFFF)  # 4 GiB read
+            + request(Cmd.READ, 3, size - 1, 2)  # past the end
+            + request(Cmd.READ, 4, 0xFFFFFFFFFFFFFFFF, 512)  # offset overflow
+            + request(Cmd.READ, 5, 0, 512, flags=0x8000)  # unknown flag
+            + request(Cmd.BLOCK_STATUS, 6, 0, 512)  # no meta context
+            + request(Cmd.WRITE, 7, size, 4)  # past the end, payload follows
+            + b"junk"
+            + request(Cmd.WRITE, 8, 0, 64 << 20)  # past the end and over max block: drained
+        )
+        w.write(bytes(64 << 20))
+        w.write(request(Cmd.FLUSH, 9, 0, 0))
+        replies = dict([await simple_reply(r) for _ in range(9)])
+        assert replies == {
+            1: NbdErr.EINVAL,
+            2: NbdErr.EINVAL,
+            3: NbdErr.EINVAL,
+            4: NbdErr.EINVAL,
+            5: NbdErr.EINVAL,
+            6: NbdErr.EINVAL,
+            7: NbdErr.ENOSPC,
+            8: NbdErr.ENOSPC,
+            9: 0,
+        }
+        w.write(request(Cmd.WRITE, 10, 0, 1 << 31))  # claims 2 GiB, then hangs up
+        w.write(bytes(1000))
+        await w.drain()
+
+
+async def bad_request_magic(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await go(r, w)
+        w.write(b"\x00" * 28)
+        assert await closed(r)
+
+
+async def cut_mid_handshake(a: Address) -> None:
+    async with raw(a) as (r, _w):
+        await r.readexactly(5)
+    async with raw(a) as (r, w):
+        await r.readexactly(18)
+        w.write(b"\x00\x00")
+        await w.drain()
+
+
+async def cut_mid_option(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await greet(r, w)
+        w.write(opt(Opt.GO, encode_go("a long export name"))[:25])
+        await w.drain()
+
+
+async def cut_mid_write(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await go(r, w)
+        w.write(request(Cmd.WRITE, 1, 0, 1 << 20) + bytes(300_000))
+        w.write(request(Cmd.READ, 2, 0, 1 << 20))  # pipelined read, never collected
+        await w.drain()
+
+
+async def cut_with_reads_in_flight(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await go(r, w)
+        w.write(b"".join(request(Cmd.READ, i, 0, 1 << 20) for i in range(64)))
+        await w.drain()
+
+
+async def disc_then_garbage(a: Address) -> None:
+    async with raw(a) as (r, w):
+        await go(r, w)
+        w.write(request(Cmd.DISC, 1, 0, 0) + os.urandom(100))
+        assert await closed(r)
+
+
+async def random_garbage(a: Address) -> None:
+    for n in (1, 17, 100, 5000):
+        async with raw(a) as (r, w):
+            await r.readexactly(18)
+            w.write(os.urandom(n))
+            await w.drain()
+
+
+ATTACKS: list[Callable[[Address], Awaitable[None]]] = [
+    unknown_client_flags,
+    bad_option_magic,
+    unknown_options_then_go,
+    bad_requests,
+    bad_request_magic,
+    cut_mid_handshake,
+    cut_mid_option,
+    cut_mid_write,
+    cut_with_reads_in_flight,
+    disc_then_garbage,
+    random_garbage,
+]
+
+
+async def good_client(address: Address, stop: asyncio.Event) -> int:
+    """Writes and verifies data until told to stop; returns rounds completed."""
+    rounds = 0
+    async with await NbdClient.connect(address) as c:
+        while not stop.is_set() or rounds < 3:
+            offset = (rounds % 64) * 65536 + (8 << 20)
+            data = os.urandom(65536)
+            await c.write(offset, data)
+            got = await asyncio.gather(*(c.read(offset + i, 4096) for i in range(0, 65536, 4096)))
+            assert b"".join(got) == data
+            rounds += 1
+    return rounds
+
+
+async def test_hostile_clients_cannot_hurt_the_server(
+    nbd_memory: tuple[NbdServer, Address, MemoryDevice], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, address, _ = nbd_memory
+    caplog.set_level(logging.WARNING)
+    stop = asyncio.Event()
+    good = asyncio.ensure_future(good_client(address, stop))
+    for attack in ATTACKS:
+        await attack(address)
+        assert not good.done(), f"good client failed during {attack.__name__}"
+    stop.set()
+    assert await good >= 3
+    # the server still answers new clients
+    async with await NbdClient.connect(address) as c:
+        await c.write(0, b"still alive")
+        assert await c.read(0, 11) == b"still alive"
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
