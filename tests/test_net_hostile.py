@@ -8,6 +8,7 @@ import logging
 import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +242,14 @@ async def test_hostile_clients_cannot_hurt_the_server(
         assert await c.read(0, 11) == b"still alive"
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not bad, [r.getMessage() for r in bad]
+
+
+async def test_idle_handshake_is_dropped(sock_dir: Path) -> None:
+    server = NbdServer(MemoryDevice(1 << 20), handshake_timeout=0.2)
+    (address,) = await server.start(f"unix:{sock_dir / 's.sock'}")
+    try:
+        async with raw(address) as (r, _):
+            await r.readexactly(18)
+            assert await closed(r)  # never sent client flags
+    finally:
+        await server.close()

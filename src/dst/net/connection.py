@@ -172,6 +172,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.disconnected = False  # client sent DISC
         self.closed = self.loop.create_future()
         self.scratch = bytearray(4096)  # receive buffer during the handshake
+        self.hs_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.BufferedProtocol ------------------------------------------------
 
@@ -182,13 +183,21 @@ class ServerConnection(asyncio.BufferedProtocol):
         if sock is not None:
             _tune_socket(sock)
         self.server.connections.add(self)
+        self.hs_timer = self.loop.call_later(self.server.handshake_timeout, self._hs_timeout)
         assert self.hs is not None
         self.transport.write(self.hs.data_to_send())
         if self.server.closing:
             self.shutdown()
 
+    def _hs_timeout(self) -> None:
+        if self.parser is None:
+            log.warning("%s: handshake not finished in time; closing", self.peer)
+            self.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
         for task in self.tasks:
             task.cancel()
         if not self.closed.done():
@@ -258,6 +267,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.transport.close()
         elif hs.in_transmission:
             self.hs = None
+            if self.hs_timer is not None:
+                self.hs_timer.cancel()
             self.parser = hs.start_transmission(max_payload=self.max_block)
             self._pump()
 

@@ -48,6 +48,7 @@ class NbdServer:
         default: str | None = None,
         max_inflight: int = 128,
         max_payload: int = 32 << 20,
+        handshake_timeout: float = 30.0,
     ) -> None:
         if isinstance(exports, BlockDevice):
             exports = {"": exports}
@@ -55,6 +56,7 @@ class NbdServer:
         self.default = default
         self.max_inflight = max_inflight
         self.max_payload = max_payload
+        self.handshake_timeout = handshake_timeout  # idle negotiations are dropped
         self.connections: set[ServerConnection] = set()
         self.closing = False
         self._servers: list[asyncio.Server] = []
