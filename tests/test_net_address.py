@@ -60,3 +60,80 @@ def test_str_and_uri_roundtrip() -> None:
     ):
         assert parse_address(addr.uri()) == addr
         assert parse_address(str(addr)) == Address(addr.host, addr.port, addr.path)
+
+
+def test_uri_quotes_export_and_socket() -> None:
+    addr = Address(path="/tmp/a b/s", export="disk a/1")
+    assert addr.uri() == "nbd+unix:///disk%20a%2F1?socket=/tmp/a%20b/s"
+    assert parse_address(addr.uri()) == addr
+
+
+@pytest.mark.parametrize(
+    ("uri", "parsed"),
+    [
+        ("nbd://127.0.0.1:10810/", Address("127.0.0.1", 10810)),
+        ("nbd://host/disk0", Address("host", 10809, export="disk0")),
+        ("nbd://host", Address("host", 10809)),
+        ("nbd://[::1]:99/a%20b", Address("::1", 99, export="a b")),
+        ("nbd+unix:///e?socket=/run/x.sock", Address(path="/run/x.sock", export="e")),
+        ("nbd+unix:///?socket=/s", Address(path="/s")),
+    ],
+)
+def test_uri_form(uri: str, parsed: Address) -> None:
+    assert parse_address(uri, form="uri") == parsed
+    assert parse_address(parsed.uri(), form="uri") == parsed
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "http://x",
+        "nbds://h/",
+        "nbd:/x",
+        "h:10809",
+        "unix:/s",
+        "nbd://",
+        "nbd://:10809/",
+        "nbd://h:0/",
+        "nbd://h:65536/",
+        "nbd://h:port/",
+        "nbd://::1/",
+        "nbd://[::1/",
+        "nbd://h/?socket=/x",
+        "nbd+unix:///e",
+        "nbd+unix://host/e?socket=/x",
+        "nbd+unix:///e?socket=/x&bogus=1",
+        "nbd+unix:///e?socket=/x&socket=/y",
+        "nbd://h/#frag",
+    ],
+)
+def test_uri_form_rejects(bad: str) -> None:
+    with pytest.raises(ConfigError, match="NBD URI"):
+        parse_address(bad, form="uri")
+
+
+def test_listen_form() -> None:
+    assert parse_address("127.0.0.1:0", form="listen") == Address("127.0.0.1", 0)
+    assert parse_address("[::1]:10809", form="listen") == Address("::1", 10809)
+    assert parse_address("0.0.0.0:10809", form="listen") == Address("0.0.0.0", 10809)
+    assert parse_address("unix:/tmp/x.sock", form="listen") == Address(path="/tmp/x.sock")
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("localhost", "missing :port"),
+        ("[::1]", "missing :port"),
+        (":10809", "missing host"),
+        ("[]:1", "IPv6"),
+        ("unix:", "empty unix socket path"),
+        ("h:70000", "port must be 0..65535"),
+        ("::1:5", "[ADDR]:PORT"),
+        ("nbd://h:1/", "expected HOST:PORT"),
+    ],
+)
+def test_listen_form_rejects(bad: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match="bad address") as e:
+        parse_address(bad, form="listen", where="--listen")
+    assert str(e.value).startswith("--listen: ")
+    assert reason in str(e.value)

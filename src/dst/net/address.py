@@ -1,24 +1,43 @@
-"""Listen/connect addresses and NBD URIs.
+"""Listen/connect addresses and NBD URIs: one parser for all of dst.
 
 Accepted forms::
 
     host:port  [::1]:port  :port  host      TCP (default host 127.0.0.1, port 10809)
     unix:/path                                unix socket
     nbd://host[:port][/export]                TCP with an export name
-    nbd+unix:///export?socket=/path           unix socket with an export name
+    nbd+unix:///[export]?socket=/path         unix socket with an export name
 
-Bad input raises :class:`dst.errors.ConfigError` naming what was wrong.
+``form`` narrows this for callers that need more than "something to connect to":
+
+* ``"listen"`` -- ``host:port``, ``[v6]:port`` or ``unix:/path`` with host and port
+  written out, so nothing is exported on every interface, or on a default port, by
+  accident (0.0.0.0 or [::] for every interface, port 0 for a free one);
+* ``"uri"`` -- an NBD URI (``nbd://`` with a host and a port 1-65535, or
+  ``nbd+unix://``), e.g. an array member.
+
+URIs follow the NBD URI standard as far as dst goes: no fragment, and only the
+``socket`` query parameter (on ``nbd+unix``); export names and socket paths are
+percent-decoded, and :meth:`Address.uri` encodes them again.
+
+Bad input raises :class:`dst.errors.ConfigError` naming the text and what is wrong,
+prefixed with ``where`` when given (e.g. ``"listen address"``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Literal
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from dst.errors import ConfigError
 from dst.nbd.constants import DEFAULT_PORT
 
 DEFAULT_HOST = "127.0.0.1"
+
+Form = Literal["any", "listen", "uri"]
+
+_LISTEN_FORMS = "expected HOST:PORT, [IPV6]:PORT or unix:PATH"
+_URI_FORMS = "use nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,70 +61,99 @@ class Address:
 
     def uri(self) -> str:
         """The NBD URI for this address (``nbd://`` or ``nbd+unix://``)."""
+        export = quote(self.export, safe="")
         if self.path:
-            return f"nbd+unix:///{self.export}?socket={self.path}"
+            return f"nbd+unix:///{export}?socket={quote(self.path, safe='/')}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{self.export}"
+        return f"nbd://{host}:{self.port}/{export}"
 
 
-def _port(text: str, where: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise ConfigError(f"bad port {text!r} (expected 0-65535)", where=where)
-    return int(text)
+class _Bad(ValueError):
+    """What is wrong, before it is worded as a ConfigError."""
 
 
-def _host_port(text: str, where: str) -> tuple[str, int]:
+def parse_address(text: str | Address, *, form: Form = "any", where: str = "") -> Address:
+    """Parse an address or NBD URI accepted by ``form``.  Raises ConfigError.
+
+    An :class:`Address` is returned as it is.
+    """
+    if isinstance(text, Address):
+        return text
+    is_uri = "://" in text and not (text.startswith("unix:") and text[5:7] != "//")
+    try:
+        if not text or text != text.strip():
+            raise _Bad("empty or surrounded by blanks")
+        if form == "uri" and not is_uri:
+            raise _Bad(_URI_FORMS)
+        if is_uri:
+            if form == "listen":
+                raise _Bad(_LISTEN_FORMS)
+            return _parse_uri(text)
+        if text.startswith("unix:"):
+            if not text[5:]:
+                raise _Bad("empty unix socket path")
+            return Address(path=text[5:])
+        explicit = form == "listen"
+        host, port = _host_port(text, default_host=not explicit, default_port=not explicit)
+        return Address(host=host, port=port)
+    except _Bad as e:
+        if form == "uri" or (form == "any" and is_uri):
+            message = f"not an NBD URI: {text!r} ({e})"
+        else:
+            message = f"bad address {text!r}: {e}"
+        raise ConfigError(message, where=where) from None
+
+
+def _host_port(
+    text: str, *, default_host: bool, default_port: bool, min_port: int = 0
+) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6][:port]``; raises _Bad."""
+    port: str | None
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not host:
-            raise ConfigError(f"bad IPv6 address {text!r} (expected [addr]:port)", where=where)
-        if not rest:
-            return host, DEFAULT_PORT
-        if not rest.startswith(":"):
-            raise ConfigError(f"junk after IPv6 address in {text!r}", where=where)
-        return host, _port(rest[1:], where)
-    if text.count(":") > 1:
-        raise ConfigError(f"IPv6 address {text!r} must be written [addr]:port", where=where)
-    host, sep, port = text.partition(":")
-    return host or DEFAULT_HOST, _port(port, where) if sep else DEFAULT_PORT
+            raise _Bad("bad IPv6 address (expected [ADDR]:PORT)")
+        if rest and not rest.startswith(":"):
+            raise _Bad("junk after IPv6 address")
+        port = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise _Bad("write IPv6 addresses as [ADDR]:PORT")
+    else:
+        host, sep, port_text = text.partition(":")
+        port = port_text if sep else None
+    if not host and not default_host:
+        raise _Bad("missing host (0.0.0.0 or [::] for every interface)")
+    if port is None:
+        if not default_port:
+            raise _Bad(f"missing :port ({_LISTEN_FORMS})")
+        return host or DEFAULT_HOST, DEFAULT_PORT
+    if not port.isdigit() or not min_port <= int(port) <= 65535:
+        raise _Bad(f"port must be {min_port}..65535, got {port!r}")
+    return host or DEFAULT_HOST, int(port)
 
 
-def parse_address(text: str | Address, *, where: str = "") -> Address:
-    """Parse an address or NBD URI.  Raises ConfigError."""
-    if isinstance(text, Address):
-        return text
-    where = where or "address"
-    if not text or text != text.strip():
-        raise ConfigError(f"bad address {text!r}", where=where)
-    if text.startswith("unix:") and not text.startswith("unix://"):
-        path = text[5:]
-        if not path:
-            raise ConfigError("unix: address needs a path", where=where)
-        return Address(path=path)
-    if "://" in text:
-        return _parse_uri(text, where)
-    host, port = _host_port(text, where)
-    return Address(host=host, port=port)
-
-
-def _parse_uri(text: str, where: str) -> Address:
+def _parse_uri(text: str) -> Address:
     try:
         url = urlsplit(text)
-    except ValueError as exc:
-        raise ConfigError(f"bad URI {text!r}: {exc}", where=where) from None
-    export = unquote(url.path[1:]) if url.path.startswith("/") else unquote(url.path)
+        params = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    if url.fragment or "#" in text:
+        raise _Bad("fragments are not allowed")
+    export = unquote(url.path.removeprefix("/"))
+    allowed = {"socket"} if url.scheme == "nbd+unix" else set()
+    if set(params) - allowed:
+        raise _Bad(f"unknown parameter {sorted(set(params) - allowed)[0]!r}")
     if url.scheme == "nbd":
         if not url.netloc:
-            raise ConfigError(f"nbd:// URI {text!r} needs a host", where=where)
-        host, port = _host_port(url.netloc, where)
+            raise _Bad("missing host")
+        host, port = _host_port(url.netloc, default_host=False, default_port=True, min_port=1)
         return Address(host=host, port=port, export=export)
     if url.scheme == "nbd+unix":
         if url.netloc:
-            raise ConfigError(f"nbd+unix URI {text!r} must not name a host", where=where)
-        sockets = parse_qs(url.query).get("socket", [])
+            raise _Bad("no host in a unix-socket URI: nbd+unix:///EXPORT?socket=PATH")
+        sockets = params.get("socket", [])
         if len(sockets) != 1 or not sockets[0]:
-            raise ConfigError(f"nbd+unix URI {text!r} needs one ?socket=/path", where=where)
+            raise _Bad("one socket=PATH is required")
         return Address(path=sockets[0], export=export)
-    raise ConfigError(
-        f"unsupported scheme {url.scheme!r} in {text!r} (nbd://, nbd+unix://)", where=where
-    )
+    raise _Bad(_URI_FORMS)
