@@ -10,7 +10,7 @@ arrays nest (DST's "tree-like storages").  Every node has a ``name`` unique in t
 array; unnamed nodes get ``node<i>``, ``i`` being the node's position in pre-order
 (the root is ``node0``), or the next free number if that is taken.
 
-Two sources, one validator: a TOML file (:func:`load_spec`, :func:`spec_from_toml`)
+Two sources, one validator: a TOML file (:mod:`dst.array.specfile`)
 and a plain dict with the same shape (:func:`spec_from_dict`; this is how the spec
 travels as JSON over the control socket).  Unknown keys, wrong types and missing
 required keys are errors.  :func:`spec_to_dict` gives the canonical dict -- every
@@ -27,231 +27,36 @@ A member of a linear target may carry ``start`` and ``length``: the part of that
 member that is used (default: from 0 to its end).  (``length``, not ``size``,
 because ``size`` already means the size of a file or memory leaf.)
 
+Values use the shared grammars: sizes and durations of :mod:`dst.units`
+(``"64KiB"``, ``"30s"``), addresses of :mod:`dst.net.address` -- ``listen``
+entries in its ``listen`` form (host and port written out, or ``unix:PATH``), a
+remote member's ``uri`` in its ``uri`` form (``nbd://`` or ``nbd+unix://``).
+
 Errors are :class:`SpecError` (a :class:`~dst.errors.ConfigError`) naming the key
-path, e.g. ``array.target.members[1].uri``; from a file also ``file:line``.
-``tomllib`` reports no positions, so :func:`_locate` scans the source text
-(best effort): it follows ``[table]`` and ``[[array-of-tables]]`` headers, counting
-array indices, ``key =`` lines and one-element-per-line inline tables in multi-line
-arrays.  A key it cannot find (missing, or inside a one-line inline table) is
-reported at the line of its nearest enclosing table or key.
+path, e.g. ``array.target.members[1].uri``; :mod:`dst.array.specfile` adds
+``file:line`` for specs read from TOML.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import os
 import re
-import tomllib
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, ClassVar, TypeAlias
-from urllib.parse import quote, unquote
 
 from dst.errors import ConfigError
+from dst.net.address import Address, parse_address
+from dst.units import format_size, parse_duration, parse_size
 
 KiB = 1 << 10
-NBD_PORT = 10809
 DEFAULT_CHUNK_SIZE = 64 * KiB
 DEFAULT_REGION_SIZE = 64 * KiB
 MIN_CHUNK_SIZE = 4 * KiB
 DEFAULT_IO_TIMEOUT = 30.0
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-# ---------------------------------------------------------------------------
-# sizes and durations
-
-
-_SIZE_UNITS = {"": 1, "b": 1}
-for _i, _u in enumerate("kmgtpe", start=1):
-    _SIZE_UNITS[_u] = _SIZE_UNITS[_u + "ib"] = 1 << (10 * _i)
-_NUMBER_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")  # "1.5 GiB", "500ms"
-_DURATION_UNITS: dict[str, int | Fraction] = {
-    **{"": 1, "s": 1, "m": 60, "h": 3600},
-    **{"ms": Fraction(1, 1000), "us": Fraction(1, 10**6)},
-}
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from an int or a string: ``4096``, ``"4k"``, ``"64KiB"``, ``"1.5GiB"``.
-
-    Units are binary (k = KiB = 1024); ``"KB"``-style units are refused as
-    ambiguous.  Raises :class:`ConfigError` for anything else or a negative or
-    fractional number of bytes.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ConfigError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"size must not be negative: {value}")
-        return value
-    m = _NUMBER_RE.fullmatch(value)
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _SIZE_UNITS:
-        hint = f" (use {unit[0].upper()}iB)" if m and unit in ("kb", "mb", "gb", "tb") else ""
-        raise ConfigError(f"not a size: {value!r}{hint}")
-    n = Fraction(m.group(1)) * _SIZE_UNITS[unit]
-    if n.denominator != 1:
-        raise ConfigError(f"not a whole number of bytes: {value!r}")
-    return int(n)
-
-
-def format_size(n: int) -> str:
-    """The shortest exact spelling of ``n`` bytes: ``65536 -> "64KiB"``, ``1000 -> "1000"``."""
-    if n < 0:
-        raise ValueError("size must not be negative")
-    for i, u in reversed(list(enumerate("KMGTPE", start=1))):
-        unit = 1 << (10 * i)
-        if n and n % unit == 0:
-            return f"{n // unit}{u}iB"
-    return str(n)
-
-
-def parse_duration(value: str | int | float) -> float:
-    """Seconds from a number (seconds) or ``"30s"``, ``"500ms"``, ``"2m"``, ``"1h"``, ``"100us"``.
-
-    Raises :class:`ConfigError` for anything else, negative or non-finite values.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ConfigError(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"duration must be finite and >= 0: {value!r}")
-        return float(value)
-    m = _NUMBER_RE.fullmatch(value)
-    if m is None or m.group(2).lower() not in _DURATION_UNITS:
-        raise ConfigError(f"not a duration: {value!r} (use e.g. 30s, 500ms, 2m)")
-    return float(Fraction(m.group(1)) * _DURATION_UNITS[m.group(2).lower()])
-
-
-# ---------------------------------------------------------------------------
-# addresses
-
-
-@dataclass(frozen=True, slots=True)
-class NbdUri:
-    """A parsed NBD URI (the NBD project's URI standard, the subset dst uses).
-
-    ``nbd://host[:port]/[export]``, ``nbds://...`` (TLS) and
-    ``nbd+unix:///[export]?socket=PATH`` (``nbds+unix`` with TLS).
-    """
-
-    host: str = ""  # empty for unix sockets
-    port: int = NBD_PORT
-    export: str = ""
-    socket: str = ""  # non-empty exactly for unix sockets
-    tls: bool = False
-
-    def __str__(self) -> str:
-        scheme = ("nbds" if self.tls else "nbd") + ("+unix" if self.socket else "")
-        path = "/" + quote(self.export, safe="")
-        if self.socket:
-            return f"{scheme}://{path}?socket={quote(self.socket, safe='/')}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}{path}"
-
-
-def parse_nbd_uri(uri: str) -> NbdUri:
-    """Parse and check an NBD URI; raises :class:`ConfigError` saying what is wrong."""
-    try:
-        return _parse_nbd_uri(uri)
-    except ValueError as e:
-        raise ConfigError(f"not an NBD URI: {uri!r} ({e})") from None
-
-
-def _parse_nbd_uri(uri: str) -> NbdUri:
-    scheme, sep, rest = uri.partition("://")
-    if not sep or scheme not in ("nbd", "nbds", "nbd+unix", "nbds+unix"):
-        raise ValueError("scheme must be nbd, nbds, nbd+unix or nbds+unix")
-    if "#" in rest:
-        raise ValueError("fragments are not allowed")
-    rest, _, query = rest.partition("?")
-    authority, _, path = rest.partition("/")
-    params = dict(p.partition("=")[::2] for p in query.split("&") if p)
-    params = {unquote(k): unquote(v) for k, v in params.items()}
-    allowed = {"socket"} if scheme.endswith("+unix") else set()
-    if set(params) - allowed:
-        raise ValueError(f"unknown parameter {sorted(set(params) - allowed)[0]!r}")
-    tls = scheme.startswith("nbds")
-    if scheme.endswith("+unix"):
-        if authority:
-            raise ValueError("no host in a unix-socket URI: nbd+unix:///export?socket=PATH")
-        if not params.get("socket"):
-            raise ValueError("socket=PATH is required")
-        return NbdUri(export=unquote(path), socket=params["socket"], tls=tls)
-    host, port = _split_host_port(authority, default_port=NBD_PORT, min_port=1)
-    if not host:
-        raise ValueError("missing host")
-    return NbdUri(host=host, port=port, export=unquote(path), tls=tls)
-
-
-def _split_host_port(text: str, *, default_port: int | None, min_port: int) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port``; raises ValueError."""
-    port_text: str | None
-    if text.startswith("["):
-        host, close, tail = text[1:].partition("]")
-        if not close or (tail and not tail.startswith(":")):
-            raise ValueError("unbalanced [ ]")
-        port_text = tail[1:] if tail else None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" in text:
-        raise ValueError("write IPv6 addresses as [addr]:port")
-    else:
-        host, port_text = text, None
-    if port_text is None:
-        if default_port is None:
-            raise ValueError("missing :port")
-        return host, default_port
-    if not port_text.isdigit() or not min_port <= int(port_text) <= 65535:
-        raise ValueError(f"port must be {min_port}..65535")
-    return host, int(port_text)
-
-
-@dataclass(frozen=True, slots=True)
-class TcpAddress:
-    """``host:port`` to listen on; port 0 picks a free port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class UnixAddress:
-    """``unix:/path`` to listen on."""
-
-    path: str
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}"
-
-
-ListenAddress: TypeAlias = TcpAddress | UnixAddress
-
-
-def parse_listen(text: str) -> ListenAddress:
-    """``"127.0.0.1:10809"``, ``"[::1]:0"``, ``"0.0.0.0:10809"`` or ``"unix:/run/x.sock"``.
-
-    Raises :class:`ConfigError`.
-    """
-    if text.startswith("unix:"):
-        if not text[5:]:
-            raise ConfigError(f"bad address {text!r}: empty socket path")
-        return UnixAddress(text[5:])
-    try:
-        host, port = _split_host_port(text, default_port=None, min_port=0)
-        if not host:  # explicit, so nothing is exported on every interface by accident
-            raise ValueError("missing host (0.0.0.0 or [::] for every interface)")
-    except ValueError as e:
-        raise ConfigError(f"bad address {text!r}: {e}") from None
-    return TcpAddress(host, port)
-
 
 # ---------------------------------------------------------------------------
 # the spec tree
@@ -283,7 +88,7 @@ class RemoteSpec:
 
     KIND: ClassVar[str] = "remote"
     name: str
-    uri: NbdUri
+    uri: Address
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -336,7 +141,7 @@ class ArraySpec:
 
     name: str
     target: TargetSpec
-    listen: tuple[ListenAddress, ...] = ()
+    listen: tuple[Address, ...] = ()
     export: str | None = None  # None: serve both "" and ``name``
     io_timeout: float = DEFAULT_IO_TIMEOUT
 
@@ -463,7 +268,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
         if not isinstance(item, str):
             raise SpecError(f"array.listen[{i}]", f"expected a string, got {_describe(item)}")
         try:
-            listen.append(parse_listen(item))
+            listen.append(parse_address(item, form="listen"))
         except ConfigError as e:
             raise SpecError(f"array.listen[{i}]", str(e)) from None
     export = t.text("export", None)
@@ -537,7 +342,7 @@ def _target(t: _Table, *extra: str) -> TargetSpec:
     elif kind == "remote":
         text = t.text("uri")
         try:
-            uri = parse_nbd_uri(text)
+            uri = parse_address(text, form="uri")
         except ConfigError as e:
             raise SpecError(t.key("uri"), str(e)) from None
         result = RemoteSpec(name=name, uri=uri)
@@ -647,7 +452,7 @@ def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
     elif isinstance(t, MemorySpec):
         d["size"] = size(t.size)
     elif isinstance(t, RemoteSpec):
-        d["uri"] = str(t.uri)
+        d["uri"] = t.uri.uri()
     elif isinstance(t, LinearSpec):
         d["members"] = [_part_to_dict(p, human=human) for p in t.members]
     elif isinstance(t, StripeSpec):
@@ -666,142 +471,3 @@ def _part_to_dict(p: LinearPart, *, human: bool) -> dict[str, Any]:
     if p.length is not None:
         d["length"] = format_size(p.length) if human else p.length
     return d
-
-
-# ---------------------------------------------------------------------------
-# TOML -> spec, with line numbers
-
-
-def load_spec(path: str | os.PathLike[str]) -> ArraySpec:
-    """Read and validate a TOML spec file; raises :class:`ConfigError`."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read spec: {e}", where=os.fspath(path)) from None
-    return spec_from_toml(text, filename=os.fspath(path))
-
-
-def spec_from_toml(text: str, *, filename: str = "<spec>") -> ArraySpec:
-    """Parse and validate TOML text; errors name ``filename:line: key``."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        m = re.search(r"at line (\d+)", str(e))
-        where = f"{filename}:{m.group(1)}" if m else filename
-        raise ConfigError(f"TOML syntax error: {e}", where=where) from None
-    try:
-        return spec_from_dict(data)
-    except SpecError as e:
-        raise SpecError(e.key, e.reason, file=filename, line=_line_of(text, e.key)) from None
-
-
-def _line_of(text: str, key: str) -> int | None:
-    lines = _locate(text)
-    while key:
-        if key in lines:
-            return lines[key]
-        key = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", key) if re.search(r"[.\[]", key) else ""
-    return None
-
-
-_KEY_RE = re.compile(
-    r"""\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
-)
-_HEADER_RE = re.compile(r"\s*(\[\[?)([^\[\]]+)(\]\]?)\s*$")
-_PART_RE = re.compile(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""")
-
-
-def _parts(dotted: str) -> list[str]:
-    return [p.strip("\"'") for p in _PART_RE.findall(dotted)]
-
-
-def _locate(text: str) -> dict[str, int]:
-    """Map key paths (``array.target.members[1].uri``) to 1-based line numbers."""
-    found: dict[str, int] = {}
-    aot: dict[str, int] = {}  # array-of-tables path -> elements seen
-    table = ""
-    open_array = ""  # key path of a multi-line array being read
-    element = depth = 0
-    in_string = ""
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        code, in_string = _code(line, in_string)
-        if open_array:
-            stripped = code.strip()
-            if depth == 1 and stripped and stripped[0] not in "],":
-                found.setdefault(f"{open_array}[{element}]", lineno)
-            depth, commas = _brackets(code, depth)
-            element += commas
-            open_array = open_array if depth > 0 else ""
-            continue
-        header = _HEADER_RE.match(code)
-        if header:
-            table = _resolve(_parts(header.group(2)), aot, array=header.group(1) == "[[")
-            found.setdefault(table, lineno)
-            if header.group(1) == "[[":
-                found.setdefault(table.rsplit("[", 1)[0], lineno)
-            continue
-        key = _KEY_RE.match(code)
-        if key:
-            path = ".".join([table, *_parts(key.group(1))]).lstrip(".")
-            found.setdefault(path, lineno)
-            value = code[key.end() :].lstrip()
-            if value.startswith("["):
-                depth, element = _brackets(value, 0)
-                open_array = path if depth > 0 else ""
-    return found
-
-
-def _brackets(code: str, depth: int) -> tuple[int, int]:
-    """Bracket depth after ``code`` and the commas directly inside the outer array."""
-    commas = 0
-    for c in code:
-        if c in "[{":
-            depth += 1
-        elif c in "]}":
-            depth -= 1
-        elif c == "," and depth == 1:
-            commas += 1
-    return depth, commas
-
-
-def _resolve(parts: list[str], aot: dict[str, int], *, array: bool) -> str:
-    path = ""
-    for i, part in enumerate(parts):
-        path = f"{path}.{part}" if path else part
-        if array and i == len(parts) - 1:
-            aot[path] = aot.get(path, 0) + 1
-        if path in aot:
-            path = f"{path}[{aot[path] - 1}]"
-    return path
-
-
-def _code(line: str, in_string: str) -> tuple[str, str]:
-    """The line with comments dropped and string contents neutralised (no brackets,
-    quotes or ``#`` left in them); ``in_string`` carries a multi-line string over."""
-    out = []
-    i = 0
-    while i < len(line):
-        if in_string:
-            if line.startswith(in_string, i):
-                i += len(in_string)
-                out.append('"')
-                in_string = ""
-            else:
-                if len(in_string) == 1:  # keep a harmless copy: quoted keys stay findable
-                    out.append(line[i] if line[i].isalnum() or line[i] in "_-." else "_")
-                i += 2 if in_string == '"' and line[i] == "\\" else 1
-            continue
-        c = line[i]
-        if c == "#":
-            break
-        if c in "\"'":
-            in_string = c * 3 if line.startswith(c * 3, i) else c
-            i += len(in_string)
-            out.append('"')
-            continue
-        out.append(c)
-        i += 1
-    if in_string in ('"', "'"):
-        in_string = ""  # a one-line string never continues (it was a syntax error)
-    return "".join(out), in_string
