@@ -24,21 +24,21 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
+from dst import units
 from dst.errors import ConfigError, DstError
+from dst.nbd.constants import DEFAULT_PORT
+from dst.net.address import DEFAULT_HOST, Address, parse_address
 from dst.net.loop import run as loop_run
 
 if TYPE_CHECKING:
-    from dst.net.address import Address
     from dst.net.server import NbdServer
 
 log = logging.getLogger(__name__)
@@ -46,74 +46,24 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "127.0.0.1:10809"
 UP_IMAGE = "disk.img"
 
-_SUFFIXES = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGTPE]?)(?:I?B)?", re.IGNORECASE)
-_PORT_MAX = 65535
-
-
-@dataclass(frozen=True, slots=True)
-class ListenAddr:
-    """One address to serve on: TCP ``host``/``port`` or a unix socket ``path``."""
-
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @property
-    def is_unix(self) -> bool:
-        return bool(self.path)
-
-    def uri(self, export: str, *, port: int | None = None) -> str:
-        """The NBD URI of ``export`` on this address (``port`` overrides 0)."""
-        name = quote(export, safe="")
-        if self.is_unix:
-            return f"nbd+unix:///{name}?socket={quote(self.path, safe='/')}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port if port is None else port}/{name}"
-
-    def __str__(self) -> str:
-        if self.is_unix:
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
 
 def parse_size(text: str) -> int:
-    """``"10G"`` -> 10737418240.  Binary suffixes K..E, optional ``B``/``iB``.
+    """``--size``: a :func:`dst.units.parse_size` size greater than zero.
 
-    Raises ConfigError for anything else, zero included.
+    Raises ConfigError naming the value.
     """
-    m = _SIZE_RE.fullmatch(text.strip())
-    if m is None:
-        raise ConfigError(
-            f"bad size {text!r}: expected a number of bytes with an optional suffix "
-            "K, M, G, T (e.g. 512M, 10G)"
-        )
-    size = int(m.group(1)) << _SUFFIXES[m.group(2).upper()]
-    if size <= 0:
-        raise ConfigError(f"bad size {text!r}: must be greater than zero")
-    if size > (1 << 63) - 1:
-        raise ConfigError(f"bad size {text!r}: larger than 2**63-1 bytes")
+    try:
+        size = units.parse_size(text)
+    except ConfigError as e:
+        raise ConfigError(str(e), where="--size") from None
+    if size == 0:
+        raise ConfigError(f"not a size: {text!r} (must be greater than zero)", where="--size")
     return size
 
 
-def parse_listen(text: str) -> ListenAddr:
-    """``host:port``, ``[v6]:port`` or ``unix:PATH`` -> ListenAddr.  Raises ConfigError."""
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path:
-            raise ConfigError(f"bad listen address {text!r}: empty unix socket path")
-        return ListenAddr(path=path)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
-    if m is None:
-        raise ConfigError(
-            f"bad listen address {text!r}: expected HOST:PORT, [IPV6]:PORT or unix:PATH"
-        )
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if port > _PORT_MAX:
-        raise ConfigError(f"bad listen address {text!r}: port must be 0..{_PORT_MAX}")
-    return ListenAddr(host=host, port=port)
+def parse_listen(text: str) -> Address:
+    """``--listen``: ``host:port``, ``[v6]:port`` or ``unix:PATH``.  Raises ConfigError."""
+    return parse_address(text, form="listen", where="--listen")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +75,7 @@ class ServeOptions:
     read_only: bool = False
     name: str = ""
     description: str = ""
-    listen: tuple[ListenAddr, ...] = (ListenAddr(host="127.0.0.1", port=10809),)
+    listen: tuple[Address, ...] = (Address(host=DEFAULT_HOST, port=DEFAULT_PORT),)
 
     @classmethod
     def from_strings(
@@ -147,7 +97,7 @@ class ServeOptions:
             if len(value.encode()) > 4096:
                 raise ConfigError(f"{what} is longer than 4096 bytes")
         addrs = tuple(parse_listen(a) for a in (listen or (DEFAULT_LISTEN,)))
-        seen: set[ListenAddr] = set()
+        seen: set[Address] = set()
         for a in addrs:
             if a in seen and (a.is_unix or a.port != 0):
                 raise ConfigError(f"listen address {a} given twice")
@@ -269,10 +219,7 @@ async def serve(
         try:
             for addr in opts.listen:
                 for bound in await _listen(server, addr):
-                    if bound.is_unix:
-                        on_listen(addr.uri(opts.name))
-                    else:
-                        on_listen(ListenAddr(host=bound.host, port=bound.port).uri(opts.name))
+                    on_listen(replace(bound, export=opts.name).uri())  # real port if 0
             log.info("serving %s (%d bytes)", opts.path, device.size)
             await stop.wait()
             log.info("shutting down")
@@ -282,10 +229,10 @@ async def serve(
         await device.close()
 
 
-async def _listen(server: NbdServer, addr: ListenAddr) -> list[Address]:
+async def _listen(server: NbdServer, addr: Address) -> list[Address]:
     """Bind ``addr``; a failure names the address.  Raises DstError."""
     try:
-        return await server.start(str(addr))
+        return await server.start(addr)
     except (OSError, ValueError) as e:
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise DstError(f"cannot listen on {addr}: {detail}") from e
