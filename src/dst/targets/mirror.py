@@ -1,45 +1,54 @@
-"""Mirroring over two or more legs (dm-raid1, RAID 1).
+"""Mirroring over two or more legs (dm-raid1, RAID 1), degraded mode and resync primitives.
 
 Theory of operation
 -------------------
 Each child is wrapped in a :class:`Leg` carrying its state, its in-flight count and
 its I/O counters.  Mutations (WRITE, WRITE_ZEROES, TRIM) hold a :class:`RangeLock` on
 their range while they fan out to every writable leg, so overlapping mutations reach
-all legs in the same order and the legs never diverge.  A mutation then completes
-only when every writable leg acknowledged it; what happens when some did not is decided
-in one place, :meth:`MirrorDevice._settle` (today: the failing leg is marked failed
-and the request fails with EIO, never a silent success).  FLUSH and FUA go to every
-writable leg.
+all legs in the same order and the legs never diverge.  FLUSH and FUA go to every
+writable leg.  ``leg_timeout`` bounds every leg request: a leg that does not answer in
+time is treated as failed (ETIMEDOUT).
 
-Reads go to the readable leg with the fewest requests in flight (ties rotate) and are
-retried on the other readable legs if that leg fails.  BLOCK_STATUS asks one leg.
+Two modes:
 
-Extension points for degraded mode and the write-intent bitmap: :class:`LegState`,
-:meth:`MirrorDevice.before_write` (awaited before a mutation reaches the legs) and
-:meth:`MirrorDevice.leg_missed` (called for every range a leg did not get).
+* **Plain** (``MirrorDevice(legs)``): every writable leg must acknowledge a mutation; a
+  leg that fails is marked failed and the request fails with EIO (:meth:`_settle`).
+* **Tracked** (``region_size=`` and/or ``metadata=True``): an
+  :class:`dst.targets.intent.IntentLog` keeps per-region write intent and per-leg
+  out-of-sync sets (persisted on the members with ``metadata=True``).  A failing leg is
+  marked FAILED and the mutation succeeds when at least one leg holding all its
+  regions acknowledged (EIO otherwise, never a silent success); the regions the leg
+  misses are recorded and, with metadata, made durable (generation rotation) before
+  the write is acknowledged.
+
+Reads go to the least busy leg that holds every region of the request (ties rotate);
+a failed read is retried on the next leg *under the range lock* and the good data is
+written back to the legs that failed (read repair), so no write can slip between the
+good read and the repair.  Resync and verify work region by region under the range
+lock (:meth:`resync_region`, :meth:`verify_region`); the engine that drives them, with
+rate limits and progress, is :mod:`dst.array.resync`.  :meth:`readd` brings a failed leg
+back after checking its generation (delta or full resync, split brain refused).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dst.device import BlockDevice, Buffer, Extent, Health, IOCounters
 from dst.errors import BlockError, ConfigError
+from dst.meta.layout import DEFAULT_REGION_SIZE, check_region_size
 from dst.targets.composite import intersect_caps
+from dst.targets.intent import IntentLog, LegState, ReaddPlan, TaskSet, timed
 from dst.targets.rangelock import RangeLock
 
+__all__ = ["Leg", "LegState", "MirrorDevice"]
 log = logging.getLogger(__name__)
-
-
-class LegState(enum.StrEnum):
-    IN_SYNC = "in_sync"
-    FAILED = "failed"
 
 
 @dataclass(eq=False, slots=True)
@@ -51,19 +60,22 @@ class Leg:
     state: LegState = LegState.IN_SYNC
     inflight: int = 0
     counters: IOCounters = field(default_factory=IOCounters)
+    timeout: float | None = None
+    reason: str = ""
+    opened: bool = False
 
     @property
     def readable(self) -> bool:
-        return self.state is LegState.IN_SYNC
+        return self.state is not LegState.FAILED
 
     @property
     def writable(self) -> bool:
-        return self.state is LegState.IN_SYNC
+        return self.state is not LegState.FAILED
 
     async def run(self, op: Awaitable[Any]) -> Any:
         self.inflight += 1
         try:
-            return await op
+            return await timed(op, self.timeout)
         except BlockError:
             self.counters.errors += 1
             raise
@@ -74,6 +86,7 @@ class Leg:
         return {
             "name": self.dev.name,
             "state": str(self.state),
+            "reason": self.reason,
             "inflight": self.inflight,
             "counters": self.counters.as_dict(),
             "health": self.dev.health().state,
@@ -81,50 +94,133 @@ class Leg:
 
 
 class MirrorDevice(BlockDevice):
-    """``legs`` mirrored (2 or more).  The size is the smallest leg's."""
+    """``legs`` mirrored (2 or more).
 
-    def __init__(self, legs: Sequence[BlockDevice], *, name: str = "mirror") -> None:
+    The size is the smallest leg's; with ``metadata`` the smallest leg's data size
+    (metadata sits at the end of each leg).  ``region_size`` (or ``metadata``) turns on
+    region tracking and degraded mode; ``clear_delay`` is how long a region stays idle
+    before its write-intent bit is cleared; ``leg_timeout`` bounds each leg request.
+    """
+
+    def __init__(
+        self,
+        legs: Sequence[BlockDevice],
+        *,
+        name: str = "mirror",
+        region_size: int | None = None,
+        metadata: bool = False,
+        clear_delay: float = 5.0,
+        leg_timeout: float | None = None,
+        array_uuid: uuid.UUID | None = None,
+    ) -> None:
         if len(legs) < 2:
             raise ConfigError("a mirror needs at least two legs", where="legs")
         if len({id(d) for d in legs}) != len(legs):
             raise ConfigError("a device may appear only once in a mirror", where="legs")
-        self.legs = [Leg(d, i) for i, d in enumerate(legs)]
+        if leg_timeout is not None and leg_timeout <= 0:
+            raise ConfigError("must be positive", where="leg_timeout")
+        self.legs = [Leg(d, i, timeout=leg_timeout) for i, d in enumerate(legs)]
         self.locks = RangeLock()
         self.name = name
         self.size = 0
+        self.tasks = TaskSet(name)
+        self.io_ops = 0  # foreground requests so far (resync throttles on activity)
+        self.resync_wanted = asyncio.Event()  # some attached leg misses regions
+        self.resync_status: Callable[[], dict[str, Any]] | None = None
+        self.intent: IntentLog | None = None
+        if metadata or region_size is not None:
+            rs = region_size or DEFAULT_REGION_SIZE
+            try:
+                check_region_size(rs)
+            except ValueError as e:
+                raise ConfigError(str(e), where="region_size") from e
+            self.intent = IntentLog(
+                legs, tasks=self.tasks, on_fail=self._on_intent_fail, region_size=rs,
+                metadata=metadata, clear_delay=clear_delay, leg_timeout=leg_timeout,
+                array_uuid=array_uuid, name=name,
+            )  # fmt: skip
         self._next = 0  # rotates the read tie-break
 
+    # -- lifecycle -------------------------------------------------------------------
+
     async def open(self) -> None:
+        """Open the legs (and load, check or create their metadata).
+
+        Raises BlockError if a leg (plain mode) or every leg (tracked) cannot be
+        opened; MetadataError for foreign, inconsistent or diverged members.
+        """
+        if self.intent is None:
+            for leg in self.legs:
+                await leg.dev.open()
+                leg.opened = True
+            self.size = min(leg.dev.size for leg in self.legs)
+            self.caps = intersect_caps([leg.dev for leg in self.legs])
+            return
         for leg in self.legs:
-            await leg.dev.open()
-        self.size = min(leg.dev.size for leg in self.legs)
-        self.caps = intersect_caps([leg.dev for leg in self.legs])
+            try:
+                await leg.dev.open()
+                leg.opened = True
+            except BlockError as e:
+                log.warning("%s: leg %d (%s) did not open: %r", self.name, leg.index,
+                            leg.dev.name, e)  # fmt: skip
+        states = await self.intent.open([leg.opened for leg in self.legs])
+        for leg, (state, why) in zip(self.legs, states, strict=True):
+            leg.state, leg.reason = state, why
+        self.size = self.intent.size
+        self.caps = intersect_caps([leg.dev for leg in self.legs if leg.opened])
+        self._want_resync()
 
     async def close(self) -> None:
+        """Clean shutdown: background work stops, metadata is marked clean."""
+        if self.intent is not None:
+            await self.intent.close()
+        await self.tasks.close()
         for leg in self.legs:
-            await leg.dev.close()
+            if leg.opened:
+                await leg.dev.close()
 
     # -- policy and hooks ------------------------------------------------------------
 
     async def before_write(self, offset: int, length: int) -> None:
-        """Hook awaited before a mutation reaches the legs (write-intent goes here)."""
+        """Hook awaited before a mutation reaches the legs (after the range lock)."""
 
     def leg_missed(self, leg: Leg, offset: int, length: int) -> None:
-        """Hook: ``leg`` did not get the mutation of ``[offset, offset + length)``."""
+        """Hook (plain mode): ``leg`` did not get the mutation of ``[offset, +length)``."""
 
     def mark_failed(self, leg: Leg, exc: BaseException) -> None:
         if leg.state is not LegState.FAILED:
             log.warning("%s: leg %d (%s) failed: %r", self.name, leg.index, leg.dev.name, exc)
+            leg.reason = repr(exc)
         leg.state = LegState.FAILED
+
+    def _fail(self, leg: Leg, exc: BaseException) -> None:
+        """Mark ``leg`` failed; with tracking, it stops getting writes (see settle)."""
+        self.mark_failed(leg, exc)
+        if self.intent is not None:
+            self.intent.leg_down(leg.index)
+
+    def _on_intent_fail(self, index: int, exc: BaseException) -> None:
+        self.mark_failed(self.legs[index], exc)
+
+    async def fail_leg(self, index: int) -> None:
+        """Operator: take leg ``index`` out (maintenance).  Its misses are recorded.
+
+        Raises ConfigError if it is the last leg in sync.
+        """
+        leg = self.legs[index]
+        others = [x for x in self.legs if x is not leg and x.state is LegState.IN_SYNC]
+        if leg.state is not LegState.FAILED and not others:
+            raise ConfigError(f"leg {index} is the last leg in sync", where="node")
+        self._fail(leg, BlockError(errno.ECANCELED, "failed by the operator"))
+        if self.intent is not None:
+            await self.intent.settle()
 
     def _settle(
         self, what: str, outcomes: list[tuple[Leg, BaseException | None]], offset: int, length: int
     ) -> None:
-        """THE write policy: decide a mutation's result from its per-leg outcomes.
+        """Plain-mode write policy: every writable leg must acknowledge.
 
-        Today every writable leg must acknowledge: a leg that failed is marked failed
-        and the request fails with EIO.  (Degraded mode will instead succeed when at
-        least one leg acknowledged, recording the missed range for the failed legs.)
+        A leg that failed is marked failed and the request fails with EIO.
         """
         failed = [(leg, exc) for leg, exc in outcomes if exc is not None]
         if not outcomes:
@@ -142,7 +238,7 @@ class MirrorDevice(BlockDevice):
     async def _fan_out(
         self, what: str, offset: int, length: int, op: Callable[[Leg], Awaitable[None]]
     ) -> None:
-        """Run ``op`` on every writable leg, then :meth:`_settle` the outcomes."""
+        """Plain mode: run ``op`` on every writable leg, then :meth:`_settle`."""
         legs = []
         for leg in self.legs:
             if leg.writable:
@@ -151,6 +247,66 @@ class MirrorDevice(BlockDevice):
                 self.leg_missed(leg, offset, length)
         results = await asyncio.gather(*(_outcome(leg, op(leg)) for leg in legs))
         self._settle(what, list(zip(legs, results, strict=True)), offset, length)
+
+    async def _fan_out_degraded(
+        self,
+        what: str,
+        regions: range | None,
+        op: Callable[[Leg], Awaitable[None]],
+        missed: set[int],
+    ) -> None:
+        """Tracked mode: run ``op`` on every attached leg; succeed if a leg holding
+        ``regions`` (all current legs for a flush) acknowledged, else EIO."""
+        intent = self.intent
+        assert intent is not None
+        legs = [leg for leg in self.legs if leg.writable]
+        if regions is None:
+            holders = {leg.index for leg in legs if leg.index in intent.current}
+        else:
+            holders = {leg.index for leg in legs if intent.holds(leg.index, regions)}
+        results = await asyncio.gather(*(_outcome(leg, op(leg)) for leg in legs))
+        failed = [(leg, exc) for leg, exc in zip(legs, results, strict=True) if exc is not None]
+        if failed and what == "zero" and all(_is_enotsup(exc) for _, exc in failed):
+            if len(failed) < len(legs):  # some legs zeroed: the others must get it
+                missed.update(leg.index for leg, _ in failed)
+                self.resync_wanted.set()
+            raise BlockError(errno.ENOTSUP, "fast zero not supported")
+        for leg, exc in failed:
+            missed.add(leg.index)
+            self._fail(leg, exc)
+        if intent.unsettled:
+            await intent.settle()  # a leg this request skipped or lost is recorded
+        acked = {leg.index for leg, exc in zip(legs, results, strict=True) if exc is None}
+        if not acked & holders:
+            raise BlockError(errno.EIO, f"{self.name}: {what} reached no leg in sync")
+
+    async def _mutate(
+        self, what: str, offset: int, length: int, op: Callable[[Leg], Awaitable[None]]
+    ) -> None:
+        self.io_ops += 1
+        async with self.locks.hold(offset, length):
+            await self.before_write(offset, length)
+            intent = self.intent
+            if intent is None:
+                await self._fan_out(what, offset, length, op)
+                return
+            wid = await intent.begin_write(offset, length)
+            missed: set[int] = set()
+            done = False
+            try:
+                await self._fan_out_degraded(
+                    what, intent.tracker.regions(offset, length), op, missed
+                )
+                done = True
+            except BlockError:
+                done = True
+                raise
+            finally:
+                if not done:  # cancelled mid-way: legs may differ; keep the first
+                    legs = sorted(intent.attached)
+                    missed.update(legs[1:])
+                    self.resync_wanted.set()
+                intent.end_write(wid, missed)
 
     # -- mutations -------------------------------------------------------------------
 
@@ -162,9 +318,7 @@ class MirrorDevice(BlockDevice):
             leg.counters.writes += 1
             leg.counters.write_bytes += n
 
-        async with self.locks.hold(offset, n):
-            await self.before_write(offset, n)
-            await self._fan_out("write", offset, n, one)
+        await self._mutate("write", offset, n, one)
 
     async def write_zeroes(
         self,
@@ -182,57 +336,122 @@ class MirrorDevice(BlockDevice):
             await leg.dev.write_zeroes(offset, length, fua=fua, punch=punch, fast=fast)
             leg.counters.zeroes += 1
 
-        async with self.locks.hold(offset, length):
-            await self.before_write(offset, length)
-            await self._fan_out("zero", offset, length, one)
+        await self._mutate("zero", offset, length, one)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         async def one(leg: Leg) -> None:
             await leg.dev.trim(offset, length, fua=fua)
             leg.counters.trims += 1
 
-        async with self.locks.hold(offset, length):
-            await self.before_write(offset, length)
-            await self._fan_out("trim", offset, length, one)
+        await self._mutate("trim", offset, length, one)
 
     async def flush(self) -> None:
         async def one(leg: Leg) -> None:
             await leg.dev.flush()
             leg.counters.flushes += 1
 
-        await self._fan_out("flush", 0, 0, one)
+        self.io_ops += 1
+        if self.intent is None:
+            await self._fan_out("flush", 0, 0, one)
+        else:
+            await self._fan_out_degraded("flush", None, one, set())
 
     # -- reads -----------------------------------------------------------------------
 
-    def _read_order(self) -> list[Leg]:
-        """Readable legs, least busy first; ties rotate so idle legs share the load."""
+    def _read_order(self, regions: range | None = None) -> list[Leg]:
+        """Legs that hold ``regions``, least busy first; ties rotate."""
         n = len(self.legs)
         start = self._next
         self._next = (start + 1) % n
         rotated = [self.legs[(start + i) % n] for i in range(n)]
-        return sorted((leg for leg in rotated if leg.readable), key=lambda leg: leg.inflight)
+        ok = [leg for leg in rotated if self._holds(leg, regions)]
+        return sorted(ok, key=lambda leg: leg.inflight)
+
+    def _holds(self, leg: Leg, regions: range | None) -> bool:
+        if not leg.readable:
+            return False
+        return regions is None or self.intent is None or self.intent.holds(leg.index, regions)
+
+    def _regions(self, offset: int, length: int) -> range | None:
+        return self.intent.tracker.regions(offset, length) if self.intent else None
+
+    async def _leg_read(self, leg: Leg, offset: int, length: int) -> Buffer:
+        try:
+            data: Buffer = await leg.run(leg.dev.read(offset, length))
+        except BlockError as exc:
+            log.info("%s: read failed on leg %d: %r", self.name, leg.index, exc)
+            if exc.errno == errno.ETIMEDOUT:
+                self._fail(leg, exc)  # hung: it gets nothing more
+            raise
+        leg.counters.reads += 1
+        leg.counters.read_bytes += length
+        return data
 
     async def read(self, offset: int, length: int) -> Buffer:
-        last: BlockError | None = None
-        for leg in self._read_order():
-            try:
-                data: Buffer = await leg.run(leg.dev.read(offset, length))
-            except BlockError as exc:
-                log.info("%s: read failed on leg %d, retrying: %r", self.name, leg.index, exc)
-                last = exc
+        self.io_ops += 1
+        regions = self._regions(offset, length)
+        order = self._read_order(regions)
+        if not order and regions is not None and len(regions) > 1:
+            return await self._read_split(offset, length)
+        if not order:
+            raise BlockError(errno.EIO, f"{self.name}: no leg holds this range")
+        try:
+            return await self._leg_read(order[0], offset, length)
+        except BlockError as exc:
+            return await self._read_repair(order[1:], [order[0]], offset, length, exc)
+
+    async def _read_repair(
+        self, rest: list[Leg], bad: list[Leg], offset: int, length: int, last: BlockError
+    ) -> Buffer:
+        """Retry on ``rest`` under the range lock; write the good data to ``bad``."""
+        async with self.locks.hold(offset, length):
+            regions = self._regions(offset, length)
+            for leg in rest:
+                if not self._holds(leg, regions):
+                    continue
+                try:
+                    data = await self._leg_read(leg, offset, length)
+                except BlockError as exc:
+                    bad.append(leg)
+                    last = exc
+                    continue
+                await self._repair(bad, offset, data)
+                return data
+        raise last
+
+    async def _repair(self, bad: list[Leg], offset: int, data: Buffer) -> None:
+        for leg in bad:
+            if not leg.writable:
                 continue
-            leg.counters.reads += 1
-            leg.counters.read_bytes += length
-            return data
-        raise last or BlockError(errno.EIO, f"{self.name}: no readable leg")
+            try:
+                await leg.run(leg.dev.write(offset, data))
+            except BlockError as exc:
+                self._fail(leg, exc)
+                continue
+            leg.counters.writes += 1
+            leg.counters.write_bytes += len(data)
+            log.info("%s: repaired %d bytes at %d on leg %d", self.name, len(data), offset,
+                     leg.index)  # fmt: skip
+
+    async def _read_split(self, offset: int, length: int) -> Buffer:
+        """No leg holds the whole range: read it region by region."""
+        assert self.intent is not None
+        rs = self.intent.region_size
+        out = bytearray()
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(end, (pos // rs + 1) * rs) - pos
+            out += await self.read(pos, n)
+            pos += n
+        return out
 
     async def cache(self, offset: int, length: int) -> None:
-        for leg in self._read_order()[:1]:
+        for leg in self._read_order(self._regions(offset, length))[:1]:
             await leg.run(leg.dev.cache(offset, length))
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         last: BlockError | None = None
-        for leg in self._read_order():
+        for leg in self._read_order(self._regions(offset, length)):
             try:
                 extents: Sequence[Extent] = await leg.run(leg.dev.block_status(offset, length))
                 return extents
@@ -240,19 +459,148 @@ class MirrorDevice(BlockDevice):
                 last = exc
         raise last or BlockError(errno.EIO, f"{self.name}: no readable leg")
 
+    # -- resync primitives -----------------------------------------------------------
+
+    def region_range(self, region: int, region_size: int | None = None) -> tuple[int, int]:
+        """``(offset, length)`` of ``region`` (the last one may be short)."""
+        rs = region_size or (self.intent.region_size if self.intent else DEFAULT_REGION_SIZE)
+        off = region * rs
+        return off, min(rs, self.size - off)
+
+    def _want_resync(self) -> None:
+        intent = self.intent
+        if intent is not None and any(intent.missing(i) for i in intent.attached):
+            self.resync_wanted.set()
+
+    async def resync_region(self, region: int, targets: Sequence[int]) -> int:
+        """Copy ``region`` from a leg holding it to the attached ``targets`` missing it.
+
+        Holds the range lock and the region's resync lock, so writes to the region
+        wait; returns the bytes written (per target summed).  Raises BlockError if no
+        leg holding the region can be read.
+        """
+        intent = self._need_intent()
+        off, n = self.region_range(region)
+        async with self.locks.hold(off, n), intent.resync_lock(region) as synced:
+            want = [self.legs[t] for t in targets
+                    if t in intent.attached and not intent.in_sync(t, region)]  # fmt: skip
+            if not want:
+                return 0
+            src = [x for x in self._read_order(range(region, region + 1)) if x not in want]
+            data = await self._read_any(src, off, n)
+            results = await asyncio.gather(*(_outcome(x, x.dev.write(off, data)) for x in want))
+            for leg, exc in zip(want, results, strict=True):
+                if exc is None:
+                    synced.append(leg.index)
+                else:
+                    self._fail(leg, exc)
+        if intent.unsettled:
+            await intent.settle()
+        return n * len(synced)
+
+    async def _read_any(self, legs: list[Leg], offset: int, length: int) -> Buffer:
+        last: BlockError = BlockError(errno.EIO, f"{self.name}: no leg holds this region")
+        for leg in legs:
+            try:
+                return await self._leg_read(leg, offset, length)
+            except BlockError as exc:
+                last = exc
+        raise last
+
+    async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None:
+        """Persist that ``targets`` hold every region below ``region`` (resumable)."""
+        await self._need_intent().set_resync_pos(region, targets)
+
+    async def resync_done(self, index: int) -> bool:
+        """``index`` holds every region: make it a full member.  False if it does not."""
+        intent = self._need_intent()
+        leg = self.legs[index]
+        if index not in intent.attached or intent.missing(index):
+            return False
+        if index not in intent.current:
+            await intent.leg_synced(index)
+        if index in intent.current:
+            leg.state, leg.reason = LegState.IN_SYNC, ""
+            log.info("%s: leg %d (%s) is in sync", self.name, index, leg.dev.name)
+        return leg.state is LegState.IN_SYNC
+
+    async def readd(self, index: int, *, full: bool = False) -> ReaddPlan:
+        """Bring failed leg ``index`` back: delta resync if its generation allows,
+        full resync otherwise (or with ``full``).  The resync itself is run by
+        :mod:`dst.array.resync` (``resync_wanted`` is set).
+
+        Raises ConfigError (untracked mirror, leg not failed), BlockError (the leg
+        cannot be opened) or MetadataError (foreign member, split brain).
+        """
+        intent = self._need_intent()
+        leg = self.legs[index]
+        if leg.state is not LegState.FAILED:
+            raise ConfigError(f"leg {index} is {leg.state}, not failed", where="node")
+        if intent.unsettled:
+            await intent.settle()
+        if not leg.opened:
+            await leg.dev.open()
+            leg.opened = True
+        plan = await intent.readd(index, full=full)
+        leg.state, leg.reason = LegState.RESYNCING, f"re-added: {plan.relation}"
+        if not intent.missing(index):
+            await self.resync_done(index)
+        self._want_resync()
+        return plan
+
+    async def verify_region(
+        self, region: int, *, region_size: int | None = None, repair_from: int | None = None
+    ) -> bool:
+        """Compare ``region`` on the legs that hold it; True if they differ.
+
+        With ``repair_from`` (a leg index) the others are rewritten from that leg.
+        """
+        off, n = self.region_range(region, region_size)
+        async with self.locks.hold(off, n):
+            regions = self._regions(off, n)
+            legs = [x for x in self.legs if self._holds(x, regions)]
+            datas = [bytes(await self._leg_read(x, off, n)) for x in legs]
+            if all(d == datas[0] for d in datas[1:]):
+                return False
+            log.warning("%s: legs differ in region %d", self.name, region)
+            if repair_from is not None:
+                src = datas[legs.index(self.legs[repair_from])]
+                await self._repair([x for x, d in zip(legs, datas, strict=True) if d != src],
+                                   off, src)  # fmt: skip
+            return True
+
+    def _need_intent(self) -> IntentLog:
+        if self.intent is None:
+            raise ConfigError("the mirror has no region tracking", where="region_size")
+        return self.intent
+
     # -- status ----------------------------------------------------------------------
 
     def spec(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "type": "mirror",
             "name": self.name,
             "members": [leg.dev.spec() for leg in self.legs],
         }
+        if self.intent is not None:
+            out["region_size"] = self.intent.region_size
+        return out
 
     def health(self) -> Health:
-        ok = sum(leg.readable for leg in self.legs)
-        state = "ok" if ok == len(self.legs) else "degraded" if ok else "failed"
-        return Health(state, {"legs": [leg.status() for leg in self.legs]})
+        ok = sum(leg.state is LegState.IN_SYNC for leg in self.legs)
+        live = sum(leg.readable for leg in self.legs)
+        state = "ok" if ok == len(self.legs) else "degraded" if live else "failed"
+        legs = [leg.status() for leg in self.legs]
+        detail: dict[str, Any] = {"legs": legs}
+        intent = self.intent
+        if intent is not None and intent._tracker is not None:
+            for leg, d in zip(self.legs, legs, strict=True):
+                d["missing_regions"] = intent.missing(leg.index)
+            detail["region_size"] = intent.region_size
+            detail["dirty_regions"] = intent.tracker.bitmap.count()
+        if self.resync_status is not None:
+            detail["resync"] = self.resync_status()
+        return Health(state, detail)
 
     def children(self) -> Sequence[BlockDevice]:
         return [leg.dev for leg in self.legs]
