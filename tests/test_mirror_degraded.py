@@ -3,7 +3,6 @@ reads only from legs that hold the region (tracked mirrors, with and without met
 
 from __future__ import annotations
 
-import asyncio
 import errno
 
 import pytest

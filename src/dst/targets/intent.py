@@ -61,7 +61,7 @@ from typing import Any, TypeVar
 from dst.device import BlockDevice
 from dst.errors import BlockError
 from dst.meta.bitmap import PAGE_BITS, Bitmap
-from dst.meta.layout import BLOCK, DEFAULT_REGION_SIZE, layout_for, sb_offsets
+from dst.meta.layout import BLOCK, DEFAULT_REGION_SIZE, MetaLayout, layout_for, sb_offsets
 from dst.meta.regions import Out, RegionTracker
 from dst.meta.store import MetaStore
 from dst.meta.superblock import (
@@ -541,6 +541,7 @@ class IntentLog:
     async def _blank(self, leg: int) -> bool:
         """True if neither superblock slot of ``leg`` has the dst magic (a new member)."""
         dev = self.devices[leg]
+        _layout(dev.size, BLOCK)  # too small for any metadata: MetadataError
         for off in sb_offsets(dev.size):
             raw = await timed(dev.read(off, BLOCK), self.leg_timeout)
             if bytes(raw[: len(MAGIC)]) == MAGIC:
@@ -608,6 +609,13 @@ class IntentLog:
             raise
 
 
+def _layout(member_size: int, region_size: int) -> MetaLayout:
+    try:
+        return layout_for(member_size, region_size)
+    except ValueError as e:
+        raise MetadataError(str(e)) from e
+
+
 def _shared(sb: Superblock, ref: Superblock) -> Superblock:
     """``sb`` (one member's identity) with the array-wide fields of ``ref``."""
     return replace(
@@ -666,7 +674,7 @@ class _Opener:
         ref = sbs[ref_i]
         il.size = int(ref.spec.get("size") or min(sb.data_size for sb in sbs.values()))
         for i in range(self.n):
-            lay = layout_for(il.devices[i].size, il.region_size)
+            lay = _layout(il.devices[i].size, il.region_size)
             if self.opened[i] and lay.data_size < il.size:
                 raise MetadataError(f"{il.name}: leg {i} is too small for the array")
         il.ref = ref
@@ -678,7 +686,7 @@ class _Opener:
             bad = [f"leg {i}: {why}" for i, (s, why) in enumerate(self.states) if why]
             raise MetadataError(f"{il.name}: no leg has valid metadata ({'; '.join(bad)})")
         il.array_uuid = il.array_uuid or uuid.uuid4()
-        il.size = min(layout_for(d.size, il.region_size).data_size for d in il.devices)
+        il.size = min(_layout(d.size, il.region_size).data_size for d in il.devices)
         gen = new_generation()
         for i in blank:
             il.ref = await il._format(i, gen)
