@@ -134,6 +134,7 @@ class Resync:
         self.started = 0.0
         self.finished = 0.0
         self._meter = _Meter()
+        self.advanced = asyncio.Event()  # set after every region (status watchers)
 
     def _targets(self) -> list[int]:
         il = self.intent
@@ -191,6 +192,7 @@ class Resync:
                     self.done += 1
                     self.bytes += copied
                     self._meter.add(copied)
+                    self.advanced.set()
                 if self.errors > errors:
                     break  # unreadable regions: do not spin; a later resync retries
             for t in self.targets:
@@ -244,6 +246,7 @@ class Resyncer:
         self.runs = 0
         self._idle = False
         self._changed = asyncio.Event()
+        self.started = asyncio.Event()  # set when a resync starts (status, tests)
 
     def start(self) -> None:
         self.mirror.resync_status = self.progress
@@ -277,6 +280,7 @@ class Resyncer:
             self.current = Resync(
                 self.mirror, limit=self.limit, checkpoint_interval=self.checkpoint_interval
             )
+            self.started.set()
             try:
                 await self.current.run()
             finally:

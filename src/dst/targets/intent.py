@@ -373,7 +373,6 @@ class IntentLog:
         assert self.stores is not None and self.ref is not None
         t, ref = self.tracker, self.ref
         store = self.stores[leg] = MetaStore(self.devices[leg])
-        bits = set(t.bitmap)
         if await self._blank(leg):
             await self._format(leg, new_generation(self._known()))
             return ReaddPlan(leg, "new", True, t.nregions), set(range(t.nregions))
@@ -395,7 +394,9 @@ class IntentLog:
             )
         if full or rel not in (Relation.SAME, Relation.BEHIND):
             return ReaddPlan(leg, rel.value, True, t.nregions), set(range(t.nregions))
-        regions = bits | set(t.out_of_sync(leg)) | await self._own_bits(leg)
+        # What it missed is known exactly: since it failed (or, if it was absent when
+        # the array started, since every bit then set) no region it misses was cleared.
+        regions = set(t.out_of_sync(leg))
         return ReaddPlan(leg, rel.value, False, len(regions)), regions
 
     async def leg_synced(self, leg: int) -> None:
@@ -591,13 +592,6 @@ class IntentLog:
         raw = await timed(self.devices[leg].read(lay.bitmap_offset, length), self.leg_timeout)
         return int.from_bytes(raw, "little") & ((1 << n) - 1)
 
-    async def _own_bits(self, leg: int) -> set[int]:
-        try:
-            value = await self._raw_bitmap(leg)
-        except BlockError:
-            return set(range(self.tracker.nregions))
-        return _bits(value)
-
     async def _write_whole_bitmap(self, leg: int) -> None:
         assert self.stores is not None
         bm = self.tracker.bitmap
@@ -628,15 +622,6 @@ def _shared(sb: Superblock, ref: Superblock) -> Superblock:
         resync_pos=ref.resync_pos,
         spec=ref.spec,
     )
-
-
-def _bits(value: int) -> set[int]:
-    out: set[int] = set()
-    while value:
-        low = value & -value
-        out.add(low.bit_length() - 1)
-        value ^= low
-    return out
 
 
 class _Opener:
@@ -748,9 +733,8 @@ class _Opener:
             rel = compare(ref, sb)
             if i in current:
                 continue
-            if rel is Relation.BEHIND:
-                own = await il._own_bits(i)
-                self._target(i, set(bits) | own, f"behind: {len(own | set(bits))} regions")
+            if rel is Relation.BEHIND:  # it misses at most what the bitmap holds
+                self._target(i, set(bits), f"behind: {len(bits)} regions")
             elif rel in (Relation.BEHIND_FULL, Relation.UNRELATED):
                 pos = ref.resync_pos if sb.resync_pos == ref.resync_pos else None
                 start = min(pos or 0, t.nregions)
