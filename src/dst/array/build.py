@@ -1,0 +1,94 @@
+"""Build a device tree from an array spec (the "table").
+
+Theory of operation
+-------------------
+:func:`construct` maps each spec node to a target: leaves (file, memory, remote)
+are wrapped in a :class:`~dst.array.member.Member` that counts their I/O; composites
+(linear, stripe, mirror) are built over their built members.  Nothing is opened
+here.  :func:`build` constructs and opens the whole tree (composites open their
+members, since their size comes from them); if anything fails, whatever was opened
+is closed again and the error propagates, naming the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+from dst.array.member import Member
+from dst.array.spec import (
+    FileSpec,
+    LinearSpec,
+    MemorySpec,
+    MirrorSpec,
+    RemoteSpec,
+    StripeSpec,
+    TargetSpec,
+)
+from dst.device import BlockDevice
+from dst.errors import BlockError, ConfigError
+from dst.targets.file import FileDevice
+from dst.targets.linear import LinearDevice
+from dst.targets.memory import MemoryDevice
+from dst.targets.mirror import MirrorDevice
+from dst.targets.remote import RemoteDevice
+from dst.targets.stripe import StripeDevice
+
+
+def construct(
+    target: TargetSpec, *, io_timeout: float, array_uuid: uuid.UUID | None = None
+) -> BlockDevice:
+    """The unopened device for ``target``.  Raises ConfigError."""
+    if isinstance(target, FileSpec):
+        dev: BlockDevice = FileDevice(
+            target.path,
+            size=target.size,
+            create=target.size is not None,
+            read_only=target.read_only,
+            name=target.name,
+        )
+        return Member(dev, name=target.name, kind="file", where=target.path)
+    if isinstance(target, MemorySpec):
+        mem = MemoryDevice(target.size, name=target.name)
+        return Member(mem, name=target.name, kind="memory", where="")
+    if isinstance(target, RemoteSpec):
+        remote = RemoteDevice(target.uri, name=target.name, timeout=io_timeout)
+        return Member(remote, name=target.name, kind="remote", where=target.uri.uri())
+    if isinstance(target, LinearSpec):
+        kids = [construct(p.target, io_timeout=io_timeout) for p in target.members]
+        return LinearDevice(
+            kids,
+            starts=[p.start for p in target.members],
+            sizes=[p.length for p in target.members],
+            name=target.name,
+        )
+    if isinstance(target, StripeSpec):
+        kids = [construct(m, io_timeout=io_timeout) for m in target.members]
+        return StripeDevice(kids, chunk=target.chunk_size, name=target.name)
+    if isinstance(target, MirrorSpec):
+        kids = [construct(m, io_timeout=io_timeout) for m in target.members]
+        return MirrorDevice(kids, name=target.name, region_size=target.region_size)
+    raise ConfigError(f"unknown target type {type(target).__name__}")
+
+
+async def build(target: TargetSpec, *, io_timeout: float) -> BlockDevice:
+    """Construct and open the tree for ``target``.  Raises BlockError, ConfigError."""
+    dev = construct(target, io_timeout=io_timeout)
+    try:
+        await dev.open()
+    except BaseException:
+        with contextlib.suppress(BlockError, OSError):
+            await dev.close()
+        raise
+    return dev
+
+
+def index(root: BlockDevice) -> dict[str, BlockDevice]:
+    """Every device of the tree by name."""
+    found: dict[str, BlockDevice] = {}
+    stack = [root]
+    while stack:
+        dev = stack.pop()
+        found.setdefault(dev.name, dev)
+        stack.extend(dev.children())
+    return found

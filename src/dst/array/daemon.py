@@ -1,0 +1,357 @@
+"""The array daemon: arrays built from specs, exported over NBD, run over a control socket.
+
+Theory of operation
+-------------------
+An :class:`Array` owns one spec, the device tree built from it (under a
+:class:`~dst.array.switch.SwitchDevice`, the gate that makes live reconfiguration
+possible) and the :class:`~dst.net.server.NbdServer` exporting it.  Its life is
+created -> running -> stopped (and running again on ``start``).  Growing a linear
+array is build-new -> suspend -> swap -> resume: the new member is connected and
+opened first, so the only pause I/O sees is the swap of a table.
+
+The :class:`Daemon` holds the arrays and answers control requests
+(:mod:`dst.control.messages`); every failure is a :class:`ControlError` with a stable
+code (``no-such-array``, ``exists``, ``bad-spec``, ``not-linear``, ``not-last``,
+``not-running``, ``node-unreachable``, ``busy``).
+
+Status shape (``status`` op), JSON-able::
+
+    {"arrays": [{"name", "state", "algorithm", "size", "exports": [uri, ...],
+                 "suspended", "held", "root": NODE}]}
+    NODE = {"name", "type", "where", "start", "size", "state",
+            "counters": {...} | None, "detail": {...}, "members": [NODE, ...]}
+
+``type`` is linear|stripe|mirror|file|memory|remote; ``where`` the path or URI of a
+leaf; ``start`` a linear member's offset in its parent (else null); ``state`` one
+word: connected / in_sync / failed / resyncing / disconnected / ok / degraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from dst.array.build import build, construct, index
+from dst.array.member import Member
+from dst.array.spec import (
+    ArraySpec,
+    LinearPart,
+    LinearSpec,
+    SpecError,
+    TargetSpec,
+    children,
+    linear_part_from_dict,
+    spec_from_dict,
+    spec_to_dict,
+    walk,
+)
+from dst.array.switch import SwitchDevice
+from dst.control import messages as m
+from dst.control.server import ControlServer
+from dst.device import BlockDevice
+from dst.errors import BlockError, ConfigError, ControlError
+from dst.net.server import NbdServer
+from dst.targets.linear import LinearDevice
+from dst.targets.mirror import MirrorDevice
+
+log = logging.getLogger(__name__)
+
+
+def _bad_spec(exc: ConfigError) -> ControlError:
+    key = exc.key if isinstance(exc, SpecError) else ""
+    return ControlError("bad-spec", str(exc), field=f"spec.{key}" if key else "spec")
+
+
+class Array:
+    """One array: spec, device tree, NBD export."""
+
+    def __init__(self, spec: ArraySpec) -> None:
+        self.spec = spec
+        self.state = "created"
+        self.root: SwitchDevice | None = None
+        self.server: NbdServer | None = None
+        self.exports: list[str] = []
+        self._lock = asyncio.Lock()  # one reconfiguration at a time
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def start(self) -> None:
+        """Build, open and export.  Raises ControlError."""
+        async with self._lock:
+            if self.state == "running":
+                return
+            try:
+                tree = await build(self.spec.target, io_timeout=self.spec.io_timeout)
+            except BlockError as exc:
+                raise ControlError("node-unreachable", f"{self.name}: {exc}") from None
+            except ConfigError as exc:
+                raise _bad_spec(exc) from None
+            root = SwitchDevice(tree, name=self.name)
+            names = [self.spec.export] if self.spec.export is not None else ["", self.name]
+            server = NbdServer(dict.fromkeys(names, root), default=names[0])
+            try:
+                bound = await server.start(*self.spec.listen)
+            except (OSError, ConfigError) as exc:
+                await server.close()
+                await tree.close()
+                raise ControlError("listen-failed", f"{self.name}: cannot listen: {exc}") from None
+            self.root, self.server, self.state = root, server, "running"
+            self.exports = [
+                a.uri() if not names[0] else _with_export(a.uri(), names[0]) for a in bound
+            ]
+            log.info("array %s running, exported at %s", self.name, ", ".join(self.exports))
+
+    async def stop(self) -> None:
+        """Stop exporting (in-flight requests finish), flush and close the tree."""
+        async with self._lock:
+            server, root = self.server, self.root
+            self.server = self.root = None
+            self.exports = []
+            self.state = "stopped"
+            if server is not None:
+                await server.close()
+            if root is not None:
+                with contextlib.suppress(BlockError):
+                    await root.flush()
+                await root.close()
+
+    def _running_root(self) -> SwitchDevice:
+        if self.root is None:
+            raise ControlError("not-running", f"array {self.name!r} is not running")
+        return self.root
+
+    async def add(self, node: dict[str, Any]) -> None:
+        """Append a member to a linear array (it grows), live."""
+        async with self._lock:
+            root = self._running_root()
+            linear, target = root.inner, self.spec.target
+            if not isinstance(linear, LinearDevice) or not isinstance(target, LinearSpec):
+                raise ControlError(
+                    "not-linear", f"array {self.name!r} is not linear", field="array"
+                )
+            taken = [t.name for t in walk(target)]
+            try:
+                part = linear_part_from_dict(node, taken=taken)
+                dev = construct(part.target, io_timeout=self.spec.io_timeout)
+            except ConfigError as exc:
+                raise _bad_spec(exc) from None
+            try:
+                await dev.open()
+            except BlockError as exc:
+                await dev.close()
+                raise ControlError("node-unreachable", str(exc), field="spec") from None
+            try:
+                await root.reconfigure(lambda: linear.append(dev, part.start, part.length))
+            except ConfigError as exc:
+                await dev.close()
+                raise ControlError("bad-spec", str(exc), field="spec") from None
+            members = (*target.members, part)
+            self.spec = dataclasses.replace(
+                self.spec, target=dataclasses.replace(target, members=members)
+            )
+
+    async def remove(self, node: str) -> None:
+        """Remove the last member of a linear array (it shrinks), live."""
+        async with self._lock:
+            root = self._running_root()
+            linear, target = root.inner, self.spec.target
+            if not isinstance(linear, LinearDevice) or not isinstance(target, LinearSpec):
+                raise ControlError(
+                    "not-linear", f"array {self.name!r} is not linear", field="array"
+                )
+            if target.members[-1].target.name != node:
+                if all(p.target.name != node for p in target.members):
+                    raise ControlError(
+                        "no-such-node", f"no node {node!r} in {self.name!r}", field="node"
+                    )
+                raise ControlError(
+                    "not-last",
+                    f"only the last node ({target.members[-1].target.name!r}) can be removed",
+                    field="node",
+                )
+            if len(target.members) == 1:
+                raise ControlError(
+                    "not-last", "cannot remove the only node of an array", field="node"
+                )
+            removed: list[BlockDevice] = []
+            await root.reconfigure(lambda: removed.append(linear.remove_last()))
+            for dev in removed:
+                await dev.close()
+            self.spec = dataclasses.replace(
+                self.spec, target=dataclasses.replace(target, members=target.members[:-1])
+            )
+
+    def status(self) -> dict[str, Any]:
+        root = self.root
+        devices = index(root.inner) if root is not None else {}
+        return {
+            "name": self.name,
+            "state": self.state,
+            "algorithm": self.spec.target.KIND,
+            "size": root.size if root is not None else 0,
+            "exports": list(self.exports),
+            "suspended": root.suspended if root is not None else False,
+            "held": root.held if root is not None else 0,
+            "root": _node_status(self.spec.target, devices, start=None, leg_state=None),
+            "spec": spec_to_dict(self.spec),
+        }
+
+
+def _with_export(uri: str, export: str) -> str:
+    # Address.uri() of a listen address carries no export; put the name in.
+    if uri.startswith("nbd+unix:///"):
+        return uri.replace("nbd+unix:///", f"nbd+unix:///{export}", 1)
+    return uri.rstrip("/") + "/" + export
+
+
+def _node_status(
+    t: TargetSpec, devices: dict[str, BlockDevice], *, start: int | None, leg_state: str | None
+) -> dict[str, Any]:
+    dev = devices.get(t.name)
+    health = dev.health() if dev is not None else None
+    state = leg_state or (health.state if health is not None else "stopped")
+    node: dict[str, Any] = {
+        "name": t.name,
+        "type": t.KIND,
+        "where": dev.where if isinstance(dev, Member) else "",
+        "start": start,
+        "size": dev.size if dev is not None else 0,
+        "state": state,
+        "counters": dev.counters.as_dict() if isinstance(dev, Member) else None,
+        "detail": _jsonable(health.detail) if health is not None else {},
+        "members": [],
+    }
+    kids = children(t)
+    starts: list[int | None] = [None] * len(kids)
+    legs: list[str | None] = [None] * len(kids)
+    if isinstance(t, LinearSpec) and isinstance(dev, LinearDevice):
+        pos = 0
+        for i, part in enumerate(t.members):
+            starts[i] = pos
+            kid = devices.get(part.target.name)
+            pos += _part_size(part, kid)
+    if isinstance(dev, MirrorDevice):
+        legs = [leg.state.name.lower() for leg in dev.legs]
+    node["members"] = [
+        _node_status(k, devices, start=s, leg_state=ls)
+        for k, s, ls in zip(kids, starts, legs, strict=True)
+    ]
+    return node
+
+
+def _part_size(part: LinearPart, dev: BlockDevice | None) -> int:
+    if part.length is not None:
+        return part.length
+    return (dev.size - part.start) if dev is not None else 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+class Daemon:
+    """All arrays of this process, and the control socket that manages them."""
+
+    def __init__(self, control_path: str | None = None) -> None:
+        self.control_path = control_path
+        self.arrays: dict[str, Array] = {}
+        self._control: ControlServer | None = None
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        if self.control_path is not None:
+            self._control = ControlServer(self.control_path, self.handle)
+            await self._control.start()
+
+    async def close(self) -> None:
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        for array in list(self.arrays.values()):
+            await array.stop()
+
+    def _array(self, name: str) -> Array:
+        try:
+            return self.arrays[name]
+        except KeyError:
+            raise ControlError("no-such-array", f"no array named {name!r}", field="array") from None
+
+    async def create(self, spec: ArraySpec, *, start: bool = True) -> Array:
+        if spec.name in self.arrays:
+            raise ControlError(
+                "exists", f"an array named {spec.name!r} exists", field="spec.array.name"
+            )
+        array = Array(spec)
+        self.arrays[spec.name] = array
+        if start:
+            try:
+                await array.start()
+            except ControlError:
+                del self.arrays[spec.name]
+                raise
+        return array
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        arrays: Iterable[Array] = [self._array(name)] if name is not None else self.arrays.values()
+        return {"arrays": [a.status() for a in arrays]}
+
+    async def handle(self, req: m.Request) -> Any:
+        """Answer one control request.  Raises ControlError."""
+        if isinstance(req, m.Status):
+            return self.status(req.array)
+        if isinstance(req, m.Create):
+            try:
+                spec = spec_from_dict(req.spec)
+            except ConfigError as exc:
+                raise _bad_spec(exc) from None
+            array = await self.create(spec)
+            return array.status()
+        if isinstance(req, m.Start):
+            await self._array(req.array).start()
+            return self._array(req.array).status()
+        if isinstance(req, m.Stop):
+            await self._array(req.array).stop()
+            return self._array(req.array).status()
+        if isinstance(req, m.Add):
+            await self._array(req.array).add(req.spec)
+            return self._array(req.array).status()
+        if isinstance(req, m.Remove):
+            await self._array(req.array).remove(req.node)
+            return self._array(req.array).status()
+        if isinstance(req, m.Shutdown):
+            self.stopping.set()
+            return {}
+        raise ControlError("not-implemented", f"operation {req.OP!r} is not implemented yet")
+
+
+async def run_daemon(
+    control_path: str | None, *, specs: Iterable[ArraySpec] = (), stop: asyncio.Event | None = None
+) -> None:
+    """Run a daemon with ``specs`` started until ``stop`` (or a shutdown request) is set."""
+    daemon = Daemon(control_path)
+    await daemon.start()
+    try:
+        for spec in specs:
+            await daemon.create(spec)
+        waiters = [asyncio.ensure_future(daemon.stopping.wait())]
+        if stop is not None:
+            waiters.append(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+    finally:
+        await daemon.close()
