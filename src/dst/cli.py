@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from dst import __version__
 from dst.errors import ConfigError, DstError
@@ -20,20 +21,29 @@ PROG = "dst"
 DESCRIPTION = """\
 dst: distributed block storage over NBD.
 
-Storage nodes export a file or disk over NBD; any NBD client (nbdinfo, nbdcopy,
-qemu, nbdfuse, fio, Linux nbd-client) can use them.
+Storage nodes export a file or disk over NBD; an array daemon combines them
+(linear, stripe, mirror) into one block device exported over NBD, which any NBD
+client (nbdinfo, nbdcopy, qemu, nbdfuse, fio, Linux nbd-client) can use.
 """
 
 EPILOG = """\
 commands:
-  up      start dst on its embedded default (a sparse disk in ./dst-data)
+  up      a local demo cluster: two nodes, a mirror over them, live status
   serve   export a file or block device over NBD (a storage node)
+  daemon  run the array daemon (control socket) in the foreground
+  create  create and start an array from a spec file (TOML)
+  start, stop      start or stop an array
+  add, remove      grow or shrink a linear array live
+  status  show arrays and their nodes (--json, --watch)
+
+The array commands talk to the daemon's control socket: --control PATH, else
+$DST_CONTROL, else /tmp/dst-<uid>/control.sock (where dst up and dst daemon put it).
 
 examples:
   dst up
   dst serve disk.img --size 10G
-  dst serve /dev/sdb --listen 0.0.0.0:10809 --name sdb
-  dst serve disk.img --read-only --listen unix:/run/dst/disk.sock
+  dst daemon &  dst create examples/mirror.toml  &&  dst status
+  dst add big --uri nbd://10.0.0.3:10809/  &&  dst remove big node3
 
 Run "dst COMMAND --help" for the options of one command.
 """
@@ -63,12 +73,28 @@ examples:
 """
 
 UP_EPILOG = """\
-Creates DIR/disk.img (sparse, --size, default 1G) if it does not exist and serves
-it as "dst serve" does, on 127.0.0.1:10809 unless --listen says otherwise.
+With no arguments: creates DIR (default ./dst-data) with two sparse member files
+(--size each, default 1G), starts two "dst serve" nodes on loopback as separate
+processes, and runs the array daemon here with a mirror over them, exported on
+unix:DIR/dst.sock and 127.0.0.1:10809 (--listen replaces both).  Prints how to use
+it, shows live status until Ctrl-C, then stops the array and the nodes cleanly.
+With --config FILE it runs that spec instead (no nodes started).
 
 examples:
   dst up
   dst up --dir /var/lib/dst --size 20G --listen 127.0.0.1:0
+  dst up --config examples/linear.toml
+"""
+
+ARRAY_EPILOG = """\
+examples:
+  dst create examples/mirror.toml
+  dst status
+  dst status demo --json
+  dst stop demo && dst start demo
+  dst add big --uri nbd://127.0.0.1:10812/ --name n3
+  dst add big --path /var/lib/dst/extra.img --size 10G
+  dst remove big n3
 """
 
 
@@ -137,8 +163,57 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
     )
     up.add_argument("--dir", default="dst-data", help="data directory (default ./dst-data)")
-    _add_serve_options(up, default_size="1G")
+    up.add_argument("--size", default="1G", help="size of each member file (default 1G)")
+    up.add_argument("--config", metavar="FILE", help="run this array spec (TOML) instead")
+    up.add_argument("--listen", metavar="ADDR", action="append", help="export address; repeatable")
+    _add_control(up)
+    _add_array_commands(sub)
     return parser
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--control",
+        metavar="PATH",
+        default=None,
+        help="control socket (default $DST_CONTROL or /tmp/dst-<uid>/control.sock)",
+    )
+
+
+def _add_array_commands(sub: Any) -> None:
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=ARRAY_EPILOG,
+            formatter_class=_formatter,
+        )
+        _add_control(p)
+        return p
+
+    p = add("daemon", "run the array daemon", "Run the array daemon in the foreground.")
+    p.add_argument("specs", metavar="SPEC", nargs="*", help="array specs to start at once")
+    p = add("create", "create and start an array", "Create an array from a TOML spec and start it.")
+    p.add_argument("spec", metavar="SPEC", help="array spec file (TOML; see examples/)")
+    for verb in ("start", "stop"):
+        p = add(verb, f"{verb} an array", f"{verb.capitalize()} the array NAME.")
+        p.add_argument("array", metavar="NAME")
+    p = add("add", "append a node to a linear array", "Append a node to a linear array, live.")
+    p.add_argument("array", metavar="ARRAY")
+    p.add_argument("--uri", help="a remote node: nbd://HOST:PORT/EXPORT or nbd+unix:///?socket=P")
+    p.add_argument("--path", help="a local file or disk")
+    p.add_argument("--size", help="with --path: create a sparse file of SIZE")
+    p.add_argument("--name", help="node name (default: generated)")
+    p.add_argument("--start", help="use the node from this offset (default 0)")
+    p.add_argument("--length", help="use this many bytes of the node (default: to its end)")
+    p = add("remove", "remove the last node of a linear array", "Remove NODE, the last node.")
+    p.add_argument("array", metavar="ARRAY")
+    p.add_argument("node", metavar="NODE")
+    p = add("status", "show arrays and nodes", "Show arrays, their nodes, states and counters.")
+    p.add_argument("array", metavar="NAME", nargs="?")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -153,6 +228,8 @@ def _setup_logging(verbose: int) -> None:
 def _run(args: argparse.Namespace) -> int:
     from dst import node  # imported late: "dst --help" stays fast
 
+    if args.command != "serve":
+        return _run_array(args)
     listen = args.listen or [node.DEFAULT_LISTEN]
     if args.command == "serve":
         options = node.ServeOptions.from_strings(
@@ -163,16 +240,45 @@ def _run(args: argparse.Namespace) -> int:
             description=args.description,
             listen=listen,
         )
-    else:  # up
-        options = node.up_options(
-            directory=args.dir,
-            size=args.size,
-            read_only=args.read_only,
-            name=args.name,
-            description=args.description,
-            listen=listen,
-        )
     return node.run(options)
+
+
+def _run_array(args: argparse.Namespace) -> int:
+    from dst import admin
+
+    control = args.control or admin.default_control()
+    cmd = args.command
+    if cmd == "up":
+        from dst import up
+
+        opts = up.options(
+            data_dir=args.dir,
+            size=args.size,
+            listen=args.listen,
+            control=control,
+            config=args.config,
+        )
+        return up.run(opts)
+    if cmd == "daemon":
+        return admin.cmd_daemon(control, args.specs)
+    if cmd == "create":
+        return admin.cmd_create(control, args.spec)
+    if cmd in ("start", "stop"):
+        return admin.cmd_simple(control, cmd, {"array": args.array})
+    if cmd == "remove":
+        return admin.cmd_simple(control, "remove", {"array": args.array, "node": args.node})
+    if cmd == "add":
+        return admin.cmd_add(
+            control,
+            args.array,
+            uri=args.uri,
+            path=args.path,
+            size=args.size,
+            name=args.name,
+            start=args.start,
+            length=args.length,
+        )
+    return admin.cmd_status(control, args.array, as_json=args.json, watch=args.watch)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
-UP_IMAGE = "disk.img"
 
 
 def parse_size(text: str) -> int:
@@ -110,34 +109,6 @@ class ServeOptions:
             description=description,
             listen=addrs,
         )
-
-
-def up_options(
-    *,
-    directory: str,
-    size: str,
-    read_only: bool = False,
-    name: str | None = None,
-    description: str | None = None,
-    listen: Sequence[str] = (DEFAULT_LISTEN,),
-) -> ServeOptions:
-    """Options of ``dst up``: serve DIR/disk.img, created sparse if missing."""
-    d = Path(directory)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create data directory {directory}: {e.strerror}") from e
-    image = d / UP_IMAGE
-    # An existing disk is served as it is, whatever --size says.
-    size_arg = None if image.exists() and image.stat().st_size > 0 else size
-    return ServeOptions.from_strings(
-        path=str(image),
-        size=size_arg,
-        read_only=read_only,
-        name=name,
-        description=description or "dst default disk",
-        listen=listen,
-    )
 
 
 def prepare_backing(opts: ServeOptions) -> int:

@@ -1,0 +1,229 @@
+"""The array commands of the CLI: talk to the daemon's control socket, render status.
+
+Each ``cmd_*`` function takes plain values from argparse, does one control request
+and prints the result; errors are :class:`~dst.errors.DstError` for the CLI's edge
+to turn into one line.  :func:`render_status` draws the status tree
+(:mod:`dst.array.daemon` documents its shape) with rich.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from dst.control.client import call
+from dst.errors import ControlError, DstError
+from dst.units import format_size
+
+STATE_STYLE = {
+    "running": "green",
+    "connected": "green",
+    "in_sync": "green",
+    "ok": "green",
+    "degraded": "yellow",
+    "resyncing": "yellow",
+    "stale": "yellow",
+    "stopped": "dim",
+    "created": "dim",
+    "failed": "red",
+    "disconnected": "red",
+}
+
+
+def default_control() -> str:
+    """``$DST_CONTROL``, else ``/tmp/dst-<uid>/control.sock`` (shared by dst up and dst status)."""
+    env = os.environ.get("DST_CONTROL")
+    if env:
+        return env
+    return f"/tmp/dst-{os.getuid()}/control.sock"
+
+
+def request(control: str, op: str, args: dict[str, Any] | None = None) -> Any:
+    """One control request; an unreachable daemon gets a message saying what to do."""
+    try:
+        return call(control, op, args or {})
+    except ControlError as exc:
+        if exc.code == "unreachable":
+            raise DstError(
+                f"no array daemon at {control} (start one with 'dst daemon' or 'dst up', "
+                "or point --control / $DST_CONTROL at it)"
+            ) from None
+        raise
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_daemon(control: str, spec_files: list[str]) -> int:
+    """Run the array daemon in the foreground until SIGTERM/SIGINT."""
+    from dst.array.daemon import run_daemon
+    from dst.array.specfile import load_spec
+    from dst.net.loop import run
+
+    specs = [load_spec(f) for f in spec_files]
+    Path(control).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"control socket {control}", flush=True)
+        await run_daemon(control, specs=specs, stop=stop)
+
+    run(main())
+    return 0
+
+
+def cmd_create(control: str, spec_file: str) -> int:
+    from dst.array.spec import spec_to_dict
+    from dst.array.specfile import load_spec
+
+    spec = load_spec(spec_file)
+    result = request(control, "create", {"spec": spec_to_dict(spec)})
+    _print_summary(result)
+    return 0
+
+
+def cmd_simple(control: str, op: str, args: dict[str, Any]) -> int:
+    result = request(control, op, args)
+    _print_summary(result)
+    return 0
+
+
+def cmd_add(
+    control: str,
+    array: str,
+    *,
+    uri: str | None,
+    path: str | None,
+    size: str | None,
+    name: str | None,
+    start: str | None,
+    length: str | None,
+) -> int:
+    node: dict[str, Any]
+    if uri is not None:
+        node = {"type": "remote", "uri": uri}
+    elif path is not None:
+        node = {"type": "file", "path": path}
+        if size is not None:
+            node["size"] = size
+    else:
+        raise DstError("say which node to add: --uri URI or --path PATH")
+    if name is not None:
+        node["name"] = name
+    if start is not None:
+        node["start"] = start
+    if length is not None:
+        node["length"] = length
+    return cmd_simple(control, "add", {"array": array, "spec": node})
+
+
+def cmd_status(control: str, name: str | None, *, as_json: bool, watch: bool) -> int:
+    args = {"array": name} if name else {}
+    if as_json:
+        print(json.dumps(request(control, "status", args), indent=2))
+        return 0
+    console = Console()
+    if not watch:
+        console.print(render_status(request(control, "status", args)))
+        return 0
+    from rich.live import Live
+
+    with contextlib.suppress(KeyboardInterrupt), Live(console=console, auto_refresh=False) as live:
+        while True:
+            live.update(render_status(request(control, "status", args)), refresh=True)
+            asyncio.run(asyncio.sleep(1.0))
+    return 0
+
+
+def _print_summary(result: Any) -> None:
+    if isinstance(result, dict) and "name" in result:
+        size = format_size(int(result.get("size", 0)))
+        line = f"{result['name']}: {result.get('state')}, {result.get('algorithm')}, {size}"
+        exports = result.get("exports") or []
+        if exports:
+            line += ", exported at " + " ".join(exports)
+        print(line)
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def render_status(status: dict[str, Any]) -> Any:
+    """A rich renderable of the status tree: one table per array."""
+    arrays = status.get("arrays", [])
+    if not arrays:
+        return Text("no arrays")
+    return Group(*(_array_table(a) for a in arrays))
+
+
+def _array_table(a: dict[str, Any]) -> Any:
+    title = Text.assemble(
+        (a["name"], "bold"),
+        f"  {a['algorithm']}  {format_size(int(a['size']))}  ",
+        (a["state"], STATE_STYLE.get(a["state"], "")),
+    )
+    if a.get("suspended"):
+        title.append(f"  suspended ({a.get('held', 0)} held)", style="yellow")
+    table = Table(title=title, title_justify="left", expand=False)
+    for col in ("node", "type", "where", "start", "size", "state", "reads", "writes", "errors"):
+        table.add_column(
+            col,
+            justify="right" if col in ("start", "size", "reads", "writes", "errors") else "left",
+        )
+    extras: list[Any] = []
+    _rows(table, a["root"], 0, extras)
+    parts: list[Any] = [table]
+    if a.get("exports"):
+        parts.append(Text("exports: " + "  ".join(a["exports"]), style="cyan"))
+    parts.extend(extras)
+    return Group(*parts)
+
+
+def _rows(table: Table, node: dict[str, Any], depth: int, extras: list[Any]) -> None:
+    c = node.get("counters") or {}
+    start = node.get("start")
+    state = node["state"]
+    table.add_row(
+        "  " * depth + node["name"],
+        node["type"],
+        node.get("where", ""),
+        "" if start is None else format_size(int(start)),
+        format_size(int(node["size"])),
+        Text(state, style=STATE_STYLE.get(state, "")),
+        f"{c.get('reads', '')}" + (f" ({format_size(c['read_bytes'])})" if c else ""),
+        f"{c.get('writes', '')}" + (f" ({format_size(c['write_bytes'])})" if c else ""),
+        str(c.get("errors", "")),
+    )
+    resync = (node.get("detail") or {}).get("resync")
+    if isinstance(resync, dict) and resync.get("regions_total"):
+        extras.append(_progress(node["name"], resync))
+    for kid in node.get("members", []):
+        _rows(table, kid, depth + 1, extras)
+
+
+def _progress(name: str, r: dict[str, Any]) -> Any:
+    done, total = int(r.get("regions_done", 0)), int(r.get("regions_total", 1))
+    bar = ProgressBar(total=total, completed=done, width=30)
+    label = Text(f"{name} resync {done}/{total} regions ")
+    rate = r.get("rate")
+    if rate:
+        label.append(f"{format_size(int(rate))}/s ")
+    eta = r.get("eta")
+    if eta is not None:
+        label.append(f"ETA {float(eta):.0f}s")
+    grid = Table.grid(padding=1)
+    grid.add_row(label, bar)
+    return grid

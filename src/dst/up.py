@@ -1,0 +1,180 @@
+"""``dst up``: the embedded default — a local demo cluster in one command.
+
+Theory of operation
+-------------------
+With no spec, :func:`up` makes a data directory with two sparse member files, starts
+two ``dst serve`` storage nodes as separate processes on loopback (port 0; each
+prints its URI), and runs the array daemon in this process with a mirror over the
+two nodes, exported on ``DATA/dst.sock`` and ``127.0.0.1:10809``.  With ``--config``
+it runs that spec instead and starts no nodes.  It prints how to use the device,
+then shows live status until SIGINT/SIGTERM, and stops in order: array (in-flight
+requests finish, legs flushed), then nodes (SIGTERM, which they answer with a clean
+shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dst.array.daemon import Daemon
+from dst.array.spec import ArraySpec, MirrorSpec, RemoteSpec
+from dst.errors import DstError
+from dst.net.address import Address, parse_address
+from dst.units import format_size, parse_size
+
+NODE_START_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpOptions:
+    data_dir: Path
+    size: int
+    listen: tuple[Address, ...]
+    control: str
+    config: str | None = None
+    live: bool = True
+
+
+def options(
+    *, data_dir: str, size: str, listen: list[str] | None, control: str, config: str | None
+) -> UpOptions:
+    addrs = listen or [f"unix:{Path(data_dir).absolute() / 'dst.sock'}", "127.0.0.1:10809"]
+    return UpOptions(
+        data_dir=Path(data_dir).absolute(),
+        size=parse_size(size),
+        listen=tuple(parse_address(a, form="listen", where="--listen") for a in addrs),
+        control=control,
+        config=config,
+        live=sys.stdout.isatty(),
+    )
+
+
+class Node:
+    """A ``dst serve`` child process."""
+
+    def __init__(self, name: str, path: Path, size: int) -> None:
+        self.name, self.path, self.size = name, path, size
+        self.proc: asyncio.subprocess.Process | None = None
+        self.uri = ""
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dst", "serve", str(self.path),
+            "--size", str(self.size), "--name", self.name, "--listen", "127.0.0.1:0",
+            stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), NODE_START_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        text = line.decode(errors="replace").strip()
+        if not text.startswith("listening on "):
+            await self.stop()
+            raise DstError(f"node {self.name} ({self.path}) did not start")
+        self.uri = text.removeprefix("listening on ")
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def demo_spec(nodes: list[Node], listen: tuple[Address, ...]) -> ArraySpec:
+    legs = tuple(
+        RemoteSpec(name=n.name, uri=parse_address(n.uri, form="uri", where=n.name)) for n in nodes
+    )
+    return ArraySpec(
+        name="demo", target=MirrorSpec(name="mirror", members=legs), listen=listen, export=None
+    )
+
+
+def usage(exports: list[str], control: str) -> str:
+    tcp = next((e for e in exports if e.startswith("nbd://")), exports[0] if exports else "")
+    unix = next((e for e in exports if e.startswith("nbd+unix")), tcp)
+    where = "\n  ".join(exports)
+    return f"""\
+dst is up: the array is exported at
+  {where}
+
+Use it:
+  nbdinfo '{unix}'
+  nbdcopy disk.raw '{tcp}'                # write an image onto it
+  mkdir -p /mnt/dst && nbdfuse /mnt/dst '{unix}' &
+      mkfs.ext4 /mnt/dst/nbd && mount -o loop /mnt/dst/nbd /mnt/disk
+  qemu-system-x86_64 -drive file={tcp},format=raw ...
+  nbd-client 127.0.0.1 10809 /dev/nbd0     # with the kernel's nbd module
+  DST_CONTROL={control} dst status
+Ctrl-C stops the array, then the nodes.
+"""
+
+
+async def up(opts: UpOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    opts.data_dir.mkdir(parents=True, exist_ok=True)
+    Path(opts.control).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    nodes: list[Node] = []
+    daemon = Daemon(opts.control)
+    try:
+        if opts.config is not None:
+            from dst.array.specfile import load_spec
+
+            spec = load_spec(opts.config)
+        else:
+            nodes = [Node(f"node-{c}", opts.data_dir / f"node-{c}.img", opts.size) for c in "ab"]
+            for n in nodes:
+                await n.start()
+            spec = demo_spec(nodes, opts.listen)
+        await daemon.start()
+        array = await daemon.create(spec)
+        print(usage(array.exports, opts.control), flush=True)
+        await _show(daemon, stop, live=opts.live)
+    finally:
+        await daemon.close()
+        for n in nodes:
+            await n.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+    print("dst stopped", flush=True)
+    return 0
+
+
+async def _show(daemon: Daemon, stop: asyncio.Event, *, live: bool) -> None:
+    from rich.console import Console
+
+    from dst.admin import render_status
+
+    console = Console()
+    if not live:
+        console.print(render_status(daemon.status()))
+        await stop.wait()
+        return
+    from rich.live import Live
+
+    with Live(render_status(daemon.status()), console=console, auto_refresh=False) as view:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            view.update(render_status(daemon.status()), refresh=True)
+
+
+def run(opts: UpOptions) -> int:
+    from dst.net.loop import run as loop_run
+
+    print(f"data in {opts.data_dir} ({format_size(opts.size)} per node)", flush=True)
+    return loop_run(up(opts))
