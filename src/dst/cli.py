@@ -83,7 +83,7 @@ With --config FILE it runs that spec instead (no nodes started).
 examples:
   dst up
   dst up --dir /var/lib/dst --size 20G --listen 127.0.0.1:0
-  dst up --config examples/linear.toml
+  dst up --config my-array.toml
 """
 
 ARRAY_EPILOG = """\
