@@ -78,8 +78,12 @@ def cmd_daemon(control: str, spec_files: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        print(f"control socket {control}", flush=True)
-        await run_daemon(control, specs=specs, stop=stop)
+        await run_daemon(
+            control,
+            specs=specs,
+            stop=stop,
+            on_ready=lambda _: print(f"control socket {control}", flush=True),
+        )
 
     run(main())
     return 0

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from dst.array.build import build, construct, index
@@ -337,14 +337,23 @@ class Daemon:
 
 
 async def run_daemon(
-    control_path: str | None, *, specs: Iterable[ArraySpec] = (), stop: asyncio.Event | None = None
+    control_path: str | None,
+    *,
+    specs: Iterable[ArraySpec] = (),
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[Daemon], None] | None = None,
 ) -> None:
-    """Run a daemon with ``specs`` started until ``stop`` (or a shutdown request) is set."""
+    """Run a daemon with ``specs`` started until ``stop`` (or a shutdown request) is set.
+
+    ``on_ready`` is called once the control socket accepts and ``specs`` run.
+    """
     daemon = Daemon(control_path)
     await daemon.start()
     try:
         for spec in specs:
             await daemon.create(spec)
+        if on_ready is not None:
+            on_ready(daemon)
         waiters = [asyncio.ensure_future(daemon.stopping.wait())]
         if stop is not None:
             waiters.append(asyncio.ensure_future(stop.wait()))
