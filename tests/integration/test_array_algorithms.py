@@ -7,12 +7,13 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .arrays import (
-    MiB,
     Daemon,
+    MiB,
     accepts,
     check_ext4_image,
     copy_in_out,
@@ -40,7 +41,7 @@ def daemon(tmp_path: Path, sockdir: Path) -> Iterator[Daemon]:
     assert rc == 0 and "Traceback" not in d.stderr(), d.stderr()
 
 
-def create(daemon: Daemon, tmp: Path, sockdir: Path, name: str, target: dict[str, object]) -> str:
+def create(daemon: Daemon, tmp: Path, sockdir: Path, name: str, target: dict[str, Any]) -> str:
     """Write the spec, ``dst create`` it; return the array's unix URI."""
     sock = sockdir / f"{name}.sock"
     spec = write_spec(tmp / f"{name}.toml", name, [f"unix:{sock}"], target)
