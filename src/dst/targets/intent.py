@@ -215,11 +215,12 @@ class IntentLog:
 
     def holds(self, leg: int, regions: range) -> bool:
         """May ``leg`` serve every region of ``regions``?"""
-        t = self.tracker
+        t = self._tracker
+        assert t is not None
         if leg in t.down:
             return False
-        oos = t.oos[leg]
-        return not oos.count() or not any(oos.test(r) for r in regions)
+        oos = t.oos[leg]  # no page allocated: empty (the tracker has no page limit)
+        return not oos.allocated_pages() or not any(oos.test(r) for r in regions)
 
     def missing(self, leg: int) -> int:
         return self.tracker.oos[leg].count()
@@ -283,8 +284,15 @@ class IntentLog:
             await self._mark_dirty()
         self._wid += 1
         wid = self._wid
+        t = self._tracker
+        assert t is not None
+        out = t.begin_write(wid, offset, length)
+        if wid in out.writes:  # marks already durable: the common case, no future
+            out.writes.remove(wid)
+            self._apply(out)
+            return wid
         fut = self._waiters[wid] = asyncio.get_running_loop().create_future()
-        self._apply(self.tracker.begin_write(wid, offset, length))
+        self._apply(out)
         try:
             await fut
         except asyncio.CancelledError:
@@ -294,7 +302,9 @@ class IntentLog:
         return wid
 
     def end_write(self, wid: int, missed: Iterable[int] = ()) -> None:
-        self._apply(self.tracker.end_write(wid, self.now(), missed=missed))
+        t = self._tracker
+        assert t is not None and self._loop is not None
+        self._apply(t.end_write(wid, self._loop.time(), missed=missed))
 
     @asynccontextmanager
     async def resync_lock(self, region: int) -> AsyncIterator[list[int]]:
@@ -447,6 +457,8 @@ class IntentLog:
 
     def _apply(self, out: Out) -> None:
         """Wake what ``out`` releases; run its metadata batch (chained)."""
+        if not (out.writes or out.resyncs or out.meta or self._late):
+            return  # the common case: nothing released, nothing to persist
         while True:
             for wid in out.writes:
                 self._grant(self._waiters.pop(wid), ("write", wid))
@@ -489,6 +501,8 @@ class IntentLog:
             elif isinstance(res, BaseException):
                 raise res
         self._apply(self.tracker.persisted(batch))
+        if not self.tracker.busy():
+            self._idle.set()
 
     async def _clear_loop(self) -> None:
         interval = max(0.01, min(1.0, self.clear_delay / 2))

@@ -261,24 +261,37 @@ class MirrorDevice(BlockDevice):
         assert intent is not None
         legs = [leg for leg in self.legs if leg.writable]
         if regions is None:
-            holders = {leg.index for leg in legs if leg.index in intent.current}
+            holders = [leg.index in intent.current for leg in legs]
         else:
-            holders = {leg.index for leg in legs if intent.holds(leg.index, regions)}
+            holders = [intent.holds(leg.index, regions) for leg in legs]
         results = await asyncio.gather(*(_outcome(leg, op(leg)) for leg in legs))
-        failed = [(leg, exc) for leg, exc in zip(legs, results, strict=True) if exc is not None]
-        if failed and what == "zero" and all(_is_enotsup(exc) for _, exc in failed):
-            if len(failed) < len(legs):  # some legs zeroed: the others must get it
+        held = False
+        failed: list[tuple[Leg, BaseException]] = []
+        for leg, exc, holder in zip(legs, results, holders, strict=True):
+            if exc is not None:
+                failed.append((leg, exc))
+            elif holder:
+                held = True
+        if failed:
+            self._degrade(what, len(legs), failed, missed)
+        if intent.unsettled:
+            await intent.settle()  # a leg this request skipped or lost is recorded
+        if not held:
+            raise BlockError(errno.EIO, f"{self.name}: {what} reached no leg in sync")
+
+    def _degrade(
+        self, what: str, nlegs: int, failed: list[tuple[Leg, BaseException]], missed: set[int]
+    ) -> None:
+        """Legs failed a mutation: fail them (recording what they miss), except for a
+        fast zero that some legs cannot do (ENOTSUP, nothing failed)."""
+        if what == "zero" and all(_is_enotsup(exc) for _, exc in failed):
+            if len(failed) < nlegs:  # some legs zeroed: the others must get it
                 missed.update(leg.index for leg, _ in failed)
                 self.resync_wanted.set()
             raise BlockError(errno.ENOTSUP, "fast zero not supported")
         for leg, exc in failed:
             missed.add(leg.index)
             self._fail(leg, exc)
-        if intent.unsettled:
-            await intent.settle()  # a leg this request skipped or lost is recorded
-        acked = {leg.index for leg, exc in zip(legs, results, strict=True) if exc is None}
-        if not acked & holders:
-            raise BlockError(errno.EIO, f"{self.name}: {what} reached no leg in sync")
 
     async def _mutate(
         self, what: str, offset: int, length: int, op: Callable[[Leg], Awaitable[None]]
