@@ -67,6 +67,7 @@ class Node:
             sys.executable, "-m", "dst", "serve", str(self.path),
             "--size", str(self.size), "--name", self.name, "--listen", "127.0.0.1:0",
             stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches only us: we stop the array, then nodes
         )  # fmt: skip
         assert self.proc.stdout is not None
         try:
