@@ -50,7 +50,7 @@ def test_dst_up_demo_mirror(tmp_path: Path, sockdir: Path) -> None:
     )
     assert proc.stdout is not None and proc.stderr is not None
     lines: queue.Queue[str | None] = queue.Queue()
-    stdout, out = proc.stdout, []
+    stdout, out = proc.stdout, list[str]()
 
     def reader() -> None:
         for line in stdout:
