@@ -122,27 +122,34 @@ def test_signal_stops_cleanly(node_factory: NodeFactory, sig: int) -> None:
     assert node.path.read_bytes()[:4096] == b"\x01" * 4096
 
 
-def test_dst_up_serves_default_disk(tmp_path: Path, sockdir: Path) -> None:
-    """``dst up`` creates ./dst-data/disk.img (sparse, 1 GiB) and serves it."""
-    cmd_dir = tmp_path / "work"
-    cmd_dir.mkdir()
+def test_dst_up_default_demo_cluster(tmp_path: Path, sockdir: Path) -> None:
+    """``dst up`` makes two sparse 1 GiB node files, serves a mirror over them, stops on
+    SIGTERM.  (tests/integration/test_up.py drives it end to end.)"""
+    data = tmp_path / "work" / "dst-data"
+    sock, control = sockdir / "up.sock", sockdir / "control.sock"
     proc = subprocess.Popen(
-        [*DST, "up", "--dir", str(cmd_dir / "dst-data"), "--listen", f"unix:{sockdir}/up.sock"],
+        [*DST, "up", "--dir", str(data), "--listen", f"unix:{sock}", "--control", str(control)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line == f"listening on nbd+unix:///?socket={sockdir}/up.sock", line
-        disk = cmd_dir / "dst-data" / "disk.img"
-        assert disk.stat().st_size == 1 << 30
-        assert nbdsh(line.split()[-1], "print(h.get_size())").strip() == str(1 << 30)
+        for line in proc.stdout:
+            if line.startswith("dst is up"):
+                break
+        else:
+            raise AssertionError(f"dst up exited {proc.wait()} before it was up")
+        for leg in ("node-a.img", "node-b.img"):
+            assert (data / leg).stat().st_size == 1 << 30
+            assert (data / leg).stat().st_blocks == 0
+        uri = f"nbd+unix:///?socket={sock}"
+        assert nbdsh(uri, "print(h.get_size())").strip() == str(1 << 30)
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+    assert out.strip().endswith("dst stopped")
 
 
 def test_start_node_reports_early_exit(tmp_path: Path) -> None:
