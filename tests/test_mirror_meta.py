@@ -7,6 +7,7 @@ import asyncio
 import errno
 import random
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from dst.meta.layout import BLOCK, layout_for
 from dst.meta.store import MetaStore
 from dst.meta.superblock import MetadataError, State
 from dst.targets.fault import FaultDevice
+from dst.targets.file import FileDevice
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import LegState, MirrorDevice
 
@@ -331,3 +333,39 @@ def test_uuid_argument_is_kept() -> None:
     assert m.intent is not None and m.intent.array_uuid == u
     assert BLOCK == 4096
     assert errno.EIO
+
+
+async def test_file_legs_failure_crash_and_delta_resync(tmp_path: Path) -> None:
+    size = 8 << 20
+    paths = [tmp_path / f"leg{i}.img" for i in range(2)]
+
+    def files() -> list[FaultDevice]:
+        return [FaultDevice(FileDevice(p, size=size, create=True), name=p.name) for p in paths]
+
+    legs = files()
+    m = MirrorDevice(legs, region_size=R, metadata=True)
+    await m.open()
+    rng = random.Random(7)
+    for _ in range(20):
+        await m.write(rng.randrange(0, m.size - 4096), rng.randbytes(4096))
+    legs[1].fail_writes(errno.EIO, count=1)
+    outage: set[int] = set()
+    for _ in range(10):
+        off = rng.randrange(0, m.size - 4096)
+        await m.write(off, rng.randbytes(4096))
+        outage.update(range(off // R, (off + 4095) // R + 1))
+    assert m.legs[1].state is LegState.FAILED
+    await crash(m)  # the daemon dies degraded; nothing is closed
+    for leg in legs:
+        await leg.close()
+    m2 = MirrorDevice(files(), region_size=R, metadata=True)
+    await m2.open()
+    assert m2.legs[1].state is LegState.RESYNCING
+    assert m2.intent is not None
+    assert outage <= set(m2.intent.tracker.out_of_sync(1))
+    r = Resync(m2)
+    await r.run()
+    assert r.bytes < m2.size // 4
+    await m2.close()
+    a, b = (p.read_bytes()[: m2.size] for p in paths)
+    assert a == b

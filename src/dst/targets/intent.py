@@ -198,6 +198,11 @@ class IntentLog:
         return self._tracker
 
     @property
+    def ready(self) -> bool:
+        """Opened: the tracker exists."""
+        return self._tracker is not None
+
+    @property
     def nregions(self) -> int:
         return self.tracker.nregions
 
@@ -411,24 +416,30 @@ class IntentLog:
 
     async def leg_synced(self, leg: int) -> None:
         """``leg`` holds every region: it takes the current generation; if every leg
-        is now in sync, the bitmap generation is cleared (write intent only again)."""
-        assert leg in self.attached and not self.tracker.oos[leg].count()
+        is now in sync, the bitmap generation is cleared (write intent only again).
+
+        The leg counts as current *before* its superblock says so, so that a failure
+        racing the adoption rotates the survivors' generation (see :meth:`settle`)."""
         if self.stores is None or self.ref is None:
-            self.current.add(leg)
+            if leg in self.attached and not self.tracker.oos[leg].count():
+                self.current.add(leg)
             return
         async with self._sb_lock:
             store = self.stores[leg]
+            if leg not in self.attached or self.tracker.oos[leg].count():
+                return
             assert store.sb is not None
+            self.current.add(leg)
             try:
                 await timed(store.device.flush(), self.leg_timeout)
                 await timed(store.write_superblock(adopt(store.sb, self.ref)), self.leg_timeout)
             except BlockError as e:
                 self._fail(leg, e)
-                return
-            self.current.add(leg)
             everyone = len(self.current) == len(self.devices)
             if everyone and not any(o.count() for o in self.tracker.oos):
                 await self._write_current_locked(synced(self.ref))
+        if self._stale_gen:
+            await self.settle()
 
     async def set_resync_pos(self, pos: int | None, targets: Sequence[int]) -> None:
         """Persist a resync checkpoint: ``targets`` hold every region below ``pos`` but

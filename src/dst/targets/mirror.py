@@ -576,7 +576,7 @@ class MirrorDevice(BlockDevice):
             if all(d == datas[0] for d in datas[1:]):
                 return False
             log.warning("%s: legs differ in region %d", self.name, region)
-            if repair_from is not None:
+            if repair_from is not None and self.legs[repair_from] in legs:
                 src = datas[legs.index(self.legs[repair_from])]
                 await self._repair([x for x, d in zip(legs, datas, strict=True) if d != src],
                                    off, src)  # fmt: skip
@@ -606,7 +606,7 @@ class MirrorDevice(BlockDevice):
         legs = [leg.status() for leg in self.legs]
         detail: dict[str, Any] = {"legs": legs}
         intent = self.intent
-        if intent is not None and intent._tracker is not None:
+        if intent is not None and intent.ready:
             for leg, d in zip(self.legs, legs, strict=True):
                 d["missing_regions"] = intent.missing(leg.index)
             detail["region_size"] = intent.region_size
