@@ -27,10 +27,18 @@ class Continuation(Generic[T]):
     def __init__(self, coro: Coroutine[Any, Any, T], first: Any) -> None:
         self.coro = coro
         self.first = first
+        # A future yielded by ``await`` is marked "blocking" until a Task takes it; while
+        # marked, another await on it raises "await wasn't used with future".  Several
+        # coroutines stepped eagerly in one callback may wait on one future (a shared
+        # drain or lock), so unmark it now and mark it again when handing it to the Task.
+        if getattr(first, "_asyncio_future_blocking", False):
+            first._asyncio_future_blocking = False
 
     def __await__(self) -> Generator[Any, Any, T]:
         coro = self.coro
         pending = self.first
+        if getattr(pending, "_asyncio_future_blocking", None) is False:
+            pending._asyncio_future_blocking = True
         while True:
             try:
                 value = yield pending
