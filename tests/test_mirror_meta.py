@@ -51,6 +51,8 @@ async def process(disks: list[Disk], **kw: object) -> tuple[MirrorDevice, list[F
 async def crash(m: MirrorDevice) -> None:
     """The process dies: background tasks stop, nothing is written any more."""
     await m.tasks.close()
+    assert m.intent is not None
+    await m.intent.abort()
 
 
 async def sb_of(d: Disk) -> object:

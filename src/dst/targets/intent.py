@@ -188,6 +188,7 @@ class IntentLog:
         self._settled = asyncio.Event()
         self._settled.set()
         self._clear_task: asyncio.Task[None] | None = None
+        self._meta_tasks = TaskSet(f"{name}:meta")  # batches: drained, not cancelled
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- queries -------------------------------------------------------------------
@@ -280,6 +281,13 @@ class IntentLog:
         await self._idle.wait()
         if self.ref is not None and self.ref.state is State.DIRTY and self.current:
             await self._write_current(replace(self.ref, state=State.CLEAN))
+        await self._meta_tasks.close()
+
+    async def abort(self) -> None:
+        """Stop without writing anything more (a simulated crash, for tests)."""
+        await self._meta_tasks.close()
+        if self._clear_task is not None:
+            self._clear_task.cancel()
 
     # --- writes --------------------------------------------------------------------
 
@@ -477,7 +485,7 @@ class IntentLog:
                 self._grant(self._rs_waiters.pop(r), ("resync", r))
             if out.meta is not None and self.stores is not None and self.attached:
                 self._idle.clear()
-                self.tasks.spawn(self._persist(out.meta.batch, out.meta.pages), name="bitmap")
+                self._meta_tasks.spawn(self._persist(out.meta.batch, out.meta.pages), name="bitmap")
                 out = Out()
             elif out.meta is not None:
                 out = self.tracker.persisted(out.meta.batch)

@@ -171,10 +171,11 @@ class MirrorDevice(BlockDevice):
         self._want_resync()
 
     async def close(self) -> None:
-        """Clean shutdown: background work stops, metadata is marked clean."""
+        """Clean shutdown: background work (resync, lazy clear) stops, then the
+        metadata is drained and marked clean.  I/O must have stopped."""
+        await self.tasks.close()
         if self.intent is not None:
             await self.intent.close()
-        await self.tasks.close()
         for leg in self.legs:
             if leg.opened:
                 await leg.dev.close()
