@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import json
 import os
 import shutil
@@ -127,7 +128,15 @@ async def _exercise(client: NbdClient) -> None:
 
 
 def _listening(path: Path) -> bool:
-    return path.is_socket()
+    """True once a connection to the unix socket succeeds (the file appears earlier)."""
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 async def _wait_for_socket(path: Path, proc: asyncio.subprocess.Process) -> None:
