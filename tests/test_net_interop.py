@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
