@@ -6,8 +6,10 @@ Theory of operation
 Every *target* is an NBD server started on the same backing file (prefilled with
 random data so reads are not answered from holes) and reached over a unix socket.
 A target is a name plus a ``start`` function: a context manager that starts the
-server and yields its NBD URI, and stops it on exit.  Array targets (a dst array
-over nodes) are added the same way: append a :class:`Target` to :data:`TARGETS`.
+server and yields its NBD URI, and stops it on exit; an optional ``prepare(ctx)``
+creates extra files (the members of an array) once, before the first repetition.
+Array targets (a dst array over nodes, qemu's quorum) live in ``bench/arrays.py``,
+which reuses this module's driver with its own target list.
 
 Every *workload* runs against every target, in rounds: each repetition starts each
 target once and runs all workloads on it, so slow drift of the machine is spread over
@@ -72,6 +74,7 @@ class Target:
     start: StartFn
     tools: tuple[str, ...] = ()
     description: str = ""
+    prepare: Callable[[Context], None] | None = None
 
 
 def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -231,8 +234,9 @@ def check_tools(targets: list[Target], workloads: list[Workload]) -> None:
         raise SystemExit(f"bench: missing tools: {', '.join(missing)}")
 
 
-def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    targets = [t for t in TARGETS if t.name in args.targets]
+def run_all(args: argparse.Namespace, all_targets: list[Target] | None = None) -> dict[str, Any]:
+    by_name = {t.name: t for t in (TARGETS if all_targets is None else all_targets)}
+    targets = [by_name[n] for n in args.targets]
     workloads = [w for w in WORKLOADS if not args.workloads or w.name in args.workloads]
     check_tools(targets, workloads)
     results: dict[str, dict[str, list[dict[str, float]]]] = {
@@ -247,6 +251,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if any(w.kind == "nbdcopy" and w.direction == "to" for w in workloads):
             fill_random(source, args.size)
         ctx = Context(file=disk, workdir=work, size=args.size)
+        for target in targets:
+            if target.prepare is not None:
+                target.prepare(ctx)
         for rep in range(args.reps):
             for target in targets:
                 with target.start(ctx) as uri:
@@ -257,7 +264,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                             r = run_nbdcopy(uri, w, source=source, size=args.size)
                         results[target.name][w.name].append(r)
                         console.print(
-                            f"rep {rep + 1}/{args.reps} {target.name:>9} {w.name:<24}"
+                            f"rep {rep + 1}/{args.reps} {target.name:>12} {w.name:<24}"
                             f" {r[w.metric]:>12,.1f} {w.metric}"
                         )
     return {
@@ -285,26 +292,53 @@ def medians(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def print_table(doc: dict[str, Any], subject: str) -> None:
+def ratio_pairs(
+    doc: dict[str, Any], subject: str, ratios: list[str] | None = None
+) -> list[tuple[str, str]]:
+    """The ratio columns: ``A/B`` strings if given, else the subject to every other target."""
+    names = list(doc["results"])
+    if ratios:
+        pairs = [r.partition("/")[::2] for r in ratios]
+        return [(a, b) for a, b in pairs if a in names and b in names]
+    return [(subject, o) for o in names if o != subject] if subject in names else []
+
+
+def print_table(doc: dict[str, Any], subject: str, ratios: list[str] | None = None) -> None:
     med = medians(doc)
     names = list(med)
-    others = [n for n in names if n != subject] if subject in med else []
+    pairs = ratio_pairs(doc, subject, ratios)
     table = Table(title=f"median of {doc['params']['reps']} runs (higher is better)")
     table.add_column("workload", no_wrap=True)
     table.add_column("unit")
     for n in names:
         table.add_column(n, justify="right")
-    for o in others:
-        table.add_column(f"{subject}/{o}", justify="right")
+    for a, b in pairs:
+        table.add_column(f"{a}/{b}", justify="right")
     for wname, w in doc["workloads"].items():
         row = [wname, w["metric"]]
         row += [f"{med[n].get(wname, float('nan')):,.0f}" for n in names]
-        for o in others:
-            ref = med[o].get(wname)
-            val = med[subject].get(wname)
+        for a, b in pairs:
+            ref = med[b].get(wname)
+            val = med[a].get(wname)
             row.append(f"{val / ref:.2f}x" if ref and val is not None else "-")
         table.add_row(*row)
     console.print(table)
+
+
+def markdown_table(doc: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
+    """The medians and ratios as a GitHub markdown table (for docs/benchmarks.md)."""
+    med = medians(doc)
+    names = list(med)
+    head = ["workload", "unit", *names, *(f"{a}/{b}" for a, b in pairs)]
+    lines = ["| " + " | ".join(head) + " |"]
+    lines.append("|" + "|".join(["---", "---", *["---:"] * (len(head) - 2)]) + "|")
+    for wname, w in doc["workloads"].items():
+        row = [wname, w["metric"], *(f"{med[n].get(wname, float('nan')):,.0f}" for n in names)]
+        for a, b in pairs:
+            ref, val = med[b].get(wname), med[a].get(wname)
+            row.append(f"{val / ref:.2f}x" if ref and val is not None else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_size(text: str) -> int:
@@ -315,38 +349,74 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+EPILOG = (
+    "examples:\n"
+    "  python bench/bench.py                     # 1 GiB, 10 s per fio run, 3 reps\n"
+    "  python bench/bench.py --quick             # sanity run, ~1 minute\n"
+    "  python bench/bench.py --targets dst nbdkit --workloads seqread-1m-qd8\n"
+)
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    targets: list[Target] | None = None,
+    default_targets: list[str] | None = None,
+    default_workloads: list[str] | None = None,
+    subject: str = "dst",
+    ratios: list[str] | None = None,
+    description: str = "Benchmark dst serve against nbdkit and qemu-nbd (fio nbd engine, nbdcopy).",
+    epilog: str = EPILOG,
+    prefix: str = "",
+) -> int:
+    """Parse ``argv``, run, print the table, write the JSON.  Reused by ``arrays.py``."""
+    all_targets = TARGETS if targets is None else targets
     p = argparse.ArgumentParser(
-        description="Benchmark dst serve against nbdkit and qemu-nbd (fio nbd engine, nbdcopy).",
+        description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  python bench/bench.py                     # 1 GiB, 10 s per fio run, 3 reps\n"
-        "  python bench/bench.py --quick             # sanity run, ~1 minute\n"
-        "  python bench/bench.py --targets dst nbdkit --workloads seqread-1m-qd8\n",
+        epilog=epilog,
     )
     p.add_argument("--size", type=parse_size, default=1 << 30, help="file size (default 1G)")
     p.add_argument("--runtime", type=float, default=10.0, help="seconds per fio run")
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
-    names = [t.name for t in TARGETS]
-    p.add_argument("--targets", nargs="+", default=names, choices=names, metavar="TARGET")
+    names = [t.name for t in all_targets]
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=default_targets or names,
+        choices=names,
+        metavar="TARGET",
+        help="subset of: " + ", ".join(names),
+    )
     p.add_argument(
         "--workloads",
         nargs="+",
-        default=[],
+        default=default_workloads or [],
         choices=[w.name for w in WORKLOADS],
         metavar="WORKLOAD",
         help="subset of: " + ", ".join(w.name for w in WORKLOADS),
     )
-    p.add_argument("--subject", default="dst", help="target compared to the others")
+    p.add_argument("--subject", default=subject, help="target compared to the others")
+    p.add_argument(
+        "--ratio",
+        action="append",
+        metavar="A/B",
+        help="ratio column A/B (repeatable; default: the subject to every other target)",
+    )
+    p.add_argument("--markdown", action="store_true", help="also print a markdown table")
     p.add_argument("--dir", help="where to put the backing files (default: $TMPDIR)")
     p.add_argument("--quick", action="store_true", help="256M, 2 s runs, 1 repetition")
     p.add_argument("--output", help="JSON results file (default bench/results/<date>.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.runtime, args.reps = 256 * MiB, 2.0, 1
-    doc = run_all(args)
-    print_table(doc, args.subject)
-    out = Path(args.output) if args.output else RESULTS / f"{doc['date'].replace(':', '')}.json"
+    doc = run_all(args, all_targets)
+    doc["ratios"] = [f"{a}/{b}" for a, b in ratio_pairs(doc, args.subject, args.ratio or ratios)]
+    print_table(doc, args.subject, doc["ratios"])
+    if args.markdown:
+        print(markdown_table(doc, ratio_pairs(doc, args.subject, doc["ratios"])))
+    stamp = doc["date"].replace(":", "")
+    out = Path(args.output) if args.output else RESULTS / f"{prefix}{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     console.print(f"results written to {out}")
