@@ -13,7 +13,6 @@ is closed again and the error propagates, naming the node.
 from __future__ import annotations
 
 import contextlib
-import uuid
 
 from dst.array.member import Member
 from dst.array.spec import (
@@ -35,10 +34,14 @@ from dst.targets.remote import RemoteDevice
 from dst.targets.stripe import StripeDevice
 
 
-def construct(
-    target: TargetSpec, *, io_timeout: float, array_uuid: uuid.UUID | None = None
-) -> BlockDevice:
-    """The unopened device for ``target``.  Raises ConfigError."""
+def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> BlockDevice:
+    """The unopened device for ``target``.  Raises ConfigError.
+
+    Remote leaves reconnect in the background.  With ``replay`` (members of linear and
+    stripe targets) a request caught by an outage waits up to ``io_timeout`` for the
+    reconnect and is replayed; under a mirror (``replay=False``) it fails at once so the
+    mirror degrades instead of stalling, and the leg is re-added once it is back.
+    """
     if isinstance(target, FileSpec):
         dev: BlockDevice = FileDevice(
             target.path,
@@ -52,10 +55,16 @@ def construct(
         mem = MemoryDevice(target.size, name=target.name)
         return Member(mem, name=target.name, kind="memory", where="")
     if isinstance(target, RemoteSpec):
-        remote = RemoteDevice(target.uri, name=target.name, timeout=io_timeout)
+        remote = RemoteDevice(
+            target.uri,
+            name=target.name,
+            timeout=io_timeout,
+            reconnect=True,
+            io_timeout=io_timeout if replay else 0.0,
+        )
         return Member(remote, name=target.name, kind="remote", where=target.uri.uri())
     if isinstance(target, LinearSpec):
-        kids = [construct(p.target, io_timeout=io_timeout) for p in target.members]
+        kids = [construct(p.target, io_timeout=io_timeout, replay=replay) for p in target.members]
         return LinearDevice(
             kids,
             starts=[p.start for p in target.members],
@@ -63,10 +72,10 @@ def construct(
             name=target.name,
         )
     if isinstance(target, StripeSpec):
-        kids = [construct(m, io_timeout=io_timeout) for m in target.members]
+        kids = [construct(m, io_timeout=io_timeout, replay=replay) for m in target.members]
         return StripeDevice(kids, chunk=target.chunk_size, name=target.name)
     if isinstance(target, MirrorSpec):
-        kids = [construct(m, io_timeout=io_timeout) for m in target.members]
+        kids = [construct(m, io_timeout=io_timeout, replay=False) for m in target.members]
         return MirrorDevice(kids, name=target.name, region_size=target.region_size)
     raise ConfigError(f"unknown target type {type(target).__name__}")
 

@@ -31,8 +31,12 @@ class RemoteDevice(BlockDevice):
         name: str = "remote",
         timeout: float = 10.0,
         request_timeout: float | None = None,
+        reconnect: bool = False,
+        io_timeout: float | None = None,
     ) -> None:
         self.address = address
+        self._reconnect = reconnect  # keep reconnecting in the background after a loss
+        self._io_timeout = io_timeout  # how long a request waits for a reconnect (None/0: not)
         self.name = name
         self.size = 0
         self.caps = Capabilities()
