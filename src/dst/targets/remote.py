@@ -3,26 +3,65 @@
 Theory of operation
 -------------------
 :class:`RemoteDevice` wraps one :class:`dst.net.client.NbdClient`.  ``open()``
-connects and negotiates; every operation goes through :meth:`_client`, the single
-place that yields the current connection (reconnection hooks in there).  Failures to
-connect become a :class:`BlockError` whose message names the node and its URI, so
-the operator sees which member is unreachable.
+connects and negotiates once; a first connect that fails is a :class:`BlockError`
+naming the node and its URI (it is not retried: the operator sees at once which
+member is unreachable).
+
+Every operation runs through :meth:`RemoteDevice._run`, which takes the current
+connection and, when that connection is gone -- a request failed with
+:class:`~dst.net.client.ConnectionLost`, or the client is found disconnected --
+records the loss once (subscribers hear ``False``) and, with ``reconnect``, starts
+one background reconnect loop.  The loop retries with exponential backoff and full
+jitter (a uniform delay in ``[0, min(backoff_max, backoff_min * 2**n))``).  A new
+connection is used only if its export has the size the device had when opened;
+otherwise it is not the same device: it is closed, health says why and the loop
+keeps retrying at the slowest pace.  On success subscribers hear ``True``.
+
+A request caught by the outage -- before it was sent or while in flight -- waits,
+when ``io_timeout`` is positive, until the device is reconnected or ``io_timeout``
+seconds after the request started (then ETIMEDOUT), and is replayed on the new
+connection.  Every NBD command is idempotent at the block level, so replaying reads,
+writes, flush, trim, zeroes, cache and block status is safe.  With ``io_timeout``
+None or 0 the request fails at once with EIO (a mirror degrades the leg instead of
+stalling).  An error *reply* from the server is a real answer and is never
+replayed.  ``close()`` stops the loop and fails waiting requests with ESHUTDOWN.
+
+Durability: a write acknowledged before the loss but not yet flushed may be lost if
+the server itself went down.  Replaying the writes that were in flight, and the
+flush that was in flight, is all a client can do; callers that need durability
+flush (or use FUA), and such a flush is replayed until it succeeds or times out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
-from collections.abc import Sequence
-from typing import Any
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from dst.device import BlockDevice, Buffer, Capabilities, Extent, Health
 from dst.errors import BlockError, ProtocolError, ServerRefused
 from dst.net.address import Address
-from dst.net.client import NbdClient
+from dst.net.client import ConnectionLost, NbdClient
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Listener = Callable[[bool], None]
+
+
+def backoff_delay(attempt: int, *, low: float, high: float, rng: random.Random) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (0-based): full jitter."""
+    bound = min(high, low * 2.0 ** min(attempt, 60))
+    return rng.uniform(0.0, bound)
 
 
 class RemoteDevice(BlockDevice):
-    """The NBD export at ``address`` as a device."""
+    """The NBD export at ``address`` as a device (see the module docstring)."""
 
     def __init__(
         self,
@@ -33,24 +72,40 @@ class RemoteDevice(BlockDevice):
         request_timeout: float | None = None,
         reconnect: bool = False,
         io_timeout: float | None = None,
+        backoff_min: float = 0.05,
+        backoff_max: float = 2.0,
+        rng: random.Random | None = None,
     ) -> None:
+        assert 0 < backoff_min <= backoff_max
         self.address = address
-        self._reconnect = reconnect  # keep reconnecting in the background after a loss
-        self._io_timeout = io_timeout  # how long a request waits for a reconnect (None/0: not)
         self.name = name
         self.size = 0
         self.caps = Capabilities()
         self._timeout = timeout
         self._request_timeout = request_timeout
+        self._reconnect = reconnect  # keep reconnecting in the background after a loss
+        self._io_timeout = io_timeout  # how long a request waits for a reconnect (None/0: not)
+        self._backoff = (backoff_min, backoff_max)
+        self._rng = rng or random.Random()
         self._conn: NbdClient | None = None
+        self._closed = True  # not open (never opened, or closed)
+        self._up = asyncio.Event()  # set while connected, and on close (wakes waiters)
+        self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
+        self._attempts = 0
+        self._last_error = ""
+        self._refused = ""  # why the last connection was not used (size changed)
+        self._down_since = 0.0
 
     @property
     def uri(self) -> str:
         return self.address.uri()
 
+    # --- lifecycle --------------------------------------------------------------------
+
     async def open(self) -> None:
         """Connect.  Raises BlockError naming the node and URI when it cannot."""
-        if self._conn is not None:
+        if self._conn is not None or not self._closed:
             return
         try:
             conn = await NbdClient.connect(
@@ -66,30 +121,158 @@ class RemoteDevice(BlockDevice):
         self._conn = conn
         self.size = conn.size
         self.caps = conn.caps
+        self._closed = False
+        self._up = asyncio.Event()
+        self._up.set()
 
     async def close(self) -> None:
+        """Stop reconnecting, fail waiting requests (ESHUTDOWN), disconnect.  Idempotent."""
+        self._closed = True
+        self._up.set()  # waiters wake, see closed
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
 
-    def _client(self) -> NbdClient:
-        conn = self._conn
-        if conn is None or not conn.connected:
-            raise BlockError(errno.EIO, f"{self.name}: not connected to {self.uri}")
+    def subscribe(self, callback: Listener) -> Callable[[], None]:
+        """Call ``callback(False)`` on each loss and ``callback(True)`` on each reconnect.
+
+        Returns the function that unsubscribes.  A callback that raises is logged.
+        """
+        self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, up: bool) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(up)
+            except Exception:
+                log.exception("%s: connection listener failed", self.name)
+
+    # --- losing and finding the connection --------------------------------------------
+
+    def _lost(self, conn: NbdClient, exc: BaseException | None) -> None:
+        """Record that ``conn`` is gone (once per connection) and start reconnecting."""
+        if self._conn is not conn:
+            return  # already known (or a request of an old connection)
+        self._conn = None
+        self._up.clear()
+        self._down_since = time.monotonic()
+        self._attempts = 0
+        self._last_error = str(exc) if exc is not None else "connection closed"
+        self._refused = ""
+        log.warning("%s: lost connection to %s: %s", self.name, self.uri, self._last_error)
+        if self._reconnect and not self._closed:
+            self._task = asyncio.create_task(self._reconnect_loop(conn), name=f"{self.name}-rc")
+        self._notify(False)
+
+    async def _reconnect_loop(self, old: NbdClient) -> None:
+        await old.close()  # the transport is gone already; this just releases it
+        low, high = self._backoff
+        while True:
+            conn = await self._attempt()
+            if conn is not None:
+                break
+            failed = self._attempts - 1 if not self._refused else 60  # refused: slowest
+            await asyncio.sleep(backoff_delay(failed, low=low, high=high, rng=self._rng))
+        down = time.monotonic() - self._down_since
+        log.warning(
+            "%s: reconnected to %s after %d attempts (%.2fs down)",
+            self.name,
+            self.uri,
+            self._attempts,
+            down,
+        )
+        self._conn, self._task = conn, None
+        self._refused = ""
+        self._up.set()
+        self._notify(True)
+
+    async def _attempt(self) -> NbdClient | None:
+        """One connect attempt: the new connection if it is usable, else None."""
+        self._attempts += 1
+        try:
+            conn = await NbdClient.connect(
+                self.address, timeout=self._timeout, request_timeout=self._request_timeout
+            )
+        except (BlockError, ServerRefused, ProtocolError, OSError, TimeoutError) as exc:
+            self._last_error = str(exc) or type(exc).__name__
+            log.debug("%s: reconnect attempt %d: %s", self.name, self._attempts, exc)
+            return None
+        if conn.size != self.size:
+            await conn.close()
+            why = (
+                f"export size changed from {self.size} to {conn.size} bytes: "
+                "not the same device, not using it"
+            )
+            if why != self._refused:
+                log.error("%s: %s: %s", self.name, self.uri, why)
+            self._last_error = self._refused = why
+            return None
+        if conn.caps != self.caps:
+            log.warning("%s: %s came back with other capabilities", self.name, self.uri)
         return conn
 
+    async def _connection(self, started: float) -> NbdClient:
+        """The live connection, waiting for a reconnect until ``io_timeout`` after start.
+
+        Raises BlockError: ESHUTDOWN when closed, EIO when not waiting, ETIMEDOUT.
+        """
+        while True:
+            if self._closed:
+                raise BlockError(errno.ESHUTDOWN, f"{self.name}: {self.uri} is closed")
+            conn = self._conn
+            if conn is not None:
+                if conn.connected:
+                    return conn
+                self._lost(conn, None)
+            if not self._reconnect or not self._io_timeout:
+                why = " (reconnecting)" if self._reconnect else ""
+                raise BlockError(errno.EIO, f"{self.name}: not connected to {self.uri}{why}")
+            try:
+                async with asyncio.timeout_at(started + self._io_timeout):
+                    await self._up.wait()
+            except TimeoutError:
+                waited = asyncio.get_running_loop().time() - started
+                raise BlockError(
+                    errno.ETIMEDOUT,
+                    f"{self.name}: {self.uri} did not come back: waited {waited:.1f}s "
+                    f"for a reconnect (io_timeout {self._io_timeout:g}s; {self._last_error})",
+                ) from None
+
+    async def _run(self, op: Callable[[NbdClient], Awaitable[T]]) -> T:
+        """Run ``op`` on the live connection; replay it when the connection is lost."""
+        started = asyncio.get_running_loop().time()
+        while True:
+            conn = await self._connection(started)
+            try:
+                return await op(conn)
+            except ConnectionLost as exc:
+                self._lost(conn, exc)
+
+    # --- I/O --------------------------------------------------------------------------
+
     async def read(self, offset: int, length: int) -> Buffer:
-        return await self._client().read(offset, length)
+        return await self._run(lambda c: c.read(offset, length))
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        await self._client().write(offset, data, fua=fua)
+        await self._run(lambda c: c.write(offset, data, fua=fua))
 
     async def flush(self) -> None:
-        await self._client().flush()
+        await self._run(lambda c: c.flush())
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         if self.caps.trim:
-            await self._client().trim(offset, length, fua=fua)
+            await self._run(lambda c: c.trim(offset, length, fua=fua))
 
     async def write_zeroes(
         self,
@@ -103,20 +286,36 @@ class RemoteDevice(BlockDevice):
         if not self.caps.zeroes:
             await super().write_zeroes(offset, length, fua=fua, punch=punch, fast=fast)
             return
-        await self._client().write_zeroes(offset, length, fua=fua, punch=punch, fast=fast)
+        await self._run(lambda c: c.write_zeroes(offset, length, fua=fua, punch=punch, fast=fast))
 
     async def cache(self, offset: int, length: int) -> None:
         if self.caps.cache:
-            await self._client().cache(offset, length)
+            await self._run(lambda c: c.cache(offset, length))
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         if not self.caps.block_status:
             return [Extent(length)]
-        return await self._client().block_status(offset, length)
+        return await self._run(lambda c: c.block_status(offset, length))
+
+    # --- status -----------------------------------------------------------------------
 
     def spec(self) -> dict[str, Any]:
         return {"type": "remote", "name": self.name, "uri": self.uri}
 
     def health(self) -> Health:
+        """connected; reconnecting {attempts, last_error, down_since}; disconnected."""
         conn = self._conn
-        return Health("connected" if conn is not None and conn.connected else "disconnected")
+        if self._closed:
+            return Health("disconnected")
+        if conn is not None and conn.connected:
+            return Health("connected")
+        if self._task is None:
+            return Health("disconnected", {"last_error": self._last_error or "connection lost"})
+        detail: dict[str, Any] = {
+            "attempts": self._attempts,
+            "last_error": self._last_error,
+            "down_since": round(time.monotonic() - self._down_since, 3),
+        }
+        if self._refused:
+            detail["refused"] = self._refused
+        return Health("reconnecting", detail)
