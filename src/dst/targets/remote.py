@@ -60,6 +60,11 @@ def backoff_delay(attempt: int, *, low: float, high: float, rng: random.Random) 
     return rng.uniform(0.0, bound)
 
 
+def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
+
+
 class RemoteDevice(BlockDevice):
     """The NBD export at ``address`` as a device (see the module docstring)."""
 
@@ -89,7 +94,7 @@ class RemoteDevice(BlockDevice):
         self._rng = rng or random.Random()
         self._conn: NbdClient | None = None
         self._closed = True  # not open (never opened, or closed)
-        self._up = asyncio.Event()  # set while connected, and on close (wakes waiters)
+        self._waiters: set[asyncio.Future[bool]] = set()  # requests waiting for a reconnect
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
         self._attempts = 0
@@ -122,13 +127,11 @@ class RemoteDevice(BlockDevice):
         self.size = conn.size
         self.caps = conn.caps
         self._closed = False
-        self._up = asyncio.Event()
-        self._up.set()
 
     async def close(self) -> None:
         """Stop reconnecting, fail waiting requests (ESHUTDOWN), disconnect.  Idempotent."""
         self._closed = True
-        self._up.set()  # waiters wake, see closed
+        self._wake()  # waiters see closed
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -151,6 +154,10 @@ class RemoteDevice(BlockDevice):
 
         return unsubscribe
 
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            _settle(waiter, True)
+
     def _notify(self, up: bool) -> None:
         for callback in list(self._listeners):
             try:
@@ -165,10 +172,9 @@ class RemoteDevice(BlockDevice):
         if self._conn is not conn:
             return  # already known (or a request of an old connection)
         self._conn = None
-        self._up.clear()
         self._down_since = time.monotonic()
         self._attempts = 0
-        self._last_error = str(exc) if exc is not None else "connection closed"
+        self._last_error = str(exc) if exc is not None else "connection found closed"
         self._refused = ""
         log.warning("%s: lost connection to %s: %s", self.name, self.uri, self._last_error)
         if self._reconnect and not self._closed:
@@ -194,7 +200,7 @@ class RemoteDevice(BlockDevice):
         )
         self._conn, self._task = conn, None
         self._refused = ""
-        self._up.set()
+        self._wake()
         self._notify(True)
 
     async def _attempt(self) -> NbdClient | None:
@@ -238,16 +244,29 @@ class RemoteDevice(BlockDevice):
             if not self._reconnect or not self._io_timeout:
                 why = " (reconnecting)" if self._reconnect else ""
                 raise BlockError(errno.EIO, f"{self.name}: not connected to {self.uri}{why}")
-            try:
-                async with asyncio.timeout_at(started + self._io_timeout):
-                    await self._up.wait()
-            except TimeoutError:
+            if not await self._wait_up(started + self._io_timeout):
                 waited = asyncio.get_running_loop().time() - started
                 raise BlockError(
                     errno.ETIMEDOUT,
                     f"{self.name}: {self.uri} did not come back: waited {waited:.1f}s "
                     f"for a reconnect (io_timeout {self._io_timeout:g}s; {self._last_error})",
                 ) from None
+
+    async def _wait_up(self, deadline: float) -> bool:
+        """Wait for a reconnect (or close) until loop time ``deadline``; False: expired.
+
+        A bare future and a timer, not ``asyncio.timeout``: the NBD server runs the
+        first step of a request eagerly, outside any task.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiters.add(waiter)
+        timer = loop.call_at(deadline, _settle, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiters.discard(waiter)
 
     async def _run(self, op: Callable[[NbdClient], Awaitable[T]]) -> T:
         """Run ``op`` on the live connection; replay it when the connection is lost."""
