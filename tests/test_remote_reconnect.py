@@ -20,6 +20,7 @@ from tests.support.proxy import CuttableProxy
 
 from dst.errors import BlockError
 from dst.net.address import Address, parse_address
+from dst.net.client import NbdClient
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
 from dst.targets.remote import RemoteDevice, backoff_delay
@@ -287,3 +288,27 @@ async def test_without_reconnect_a_loss_is_eio(rig: Rig) -> None:
     assert info.value.errno == errno.EIO
     assert dev.health().state == "disconnected"
     await dev.close()
+
+
+async def test_replay_when_served_over_nbd(rig: Rig, sock_dir: Path) -> None:
+    """Served by an NbdServer (which starts requests outside any task) the wait works too."""
+    dev = remote(rig.address, io_timeout=5.0)
+    await dev.open()
+    front = NbdServer(dev)
+    (address,) = await front.start(parse_address(f"unix:{sock_dir}/front.sock"))
+    client = await NbdClient.connect(address, "")
+    try:
+        rig.proxy.cut()
+        probe = asyncio.create_task(dev.read(0, 1))  # finds the loss
+        await until(lambda: dev.health().state == "reconnecting", "the loss to be seen")
+        pending = asyncio.create_task(client.write(8192, b"through two hops"))
+        await until(lambda: dev.health().detail["waiting"] == 2, "the served write to wait")
+        rig.proxy.restore()
+        async with asyncio.timeout(10):
+            await asyncio.gather(probe, pending)
+        assert rig.memory.data[8192:8208] == b"through two hops"
+        assert await client.read(8192, 16) == b"through two hops"
+    finally:
+        await client.close()
+        await front.close(timeout=5)
+        await dev.close()

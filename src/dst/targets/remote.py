@@ -322,7 +322,11 @@ class RemoteDevice(BlockDevice):
         return {"type": "remote", "name": self.name, "uri": self.uri}
 
     def health(self) -> Health:
-        """connected; reconnecting {attempts, last_error, down_since}; disconnected."""
+        """connected; reconnecting; or disconnected (closed, never opened, or lost
+        without ``reconnect``).  While reconnecting the detail has ``attempts``,
+        ``last_error``, ``down_since`` (seconds since the loss), ``waiting`` (requests
+        held for the reconnect) and, when a server answered with another export,
+        ``refused`` (why it was not used)."""
         conn = self._conn
         if self._closed:
             return Health("disconnected")
@@ -334,6 +338,7 @@ class RemoteDevice(BlockDevice):
             "attempts": self._attempts,
             "last_error": self._last_error,
             "down_since": round(time.monotonic() - self._down_since, 3),
+            "waiting": len(self._waiters),
         }
         if self._refused:
             detail["refused"] = self._refused
