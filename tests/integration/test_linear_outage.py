@@ -130,8 +130,10 @@ def test_linear_array_hides_a_two_second_cut(
         if writer is not None and writer.poll() is None:
             writer.kill()
             writer.communicate()
-        proxy.stop()
         rc = daemon.stop()
-    assert rc == 0 and "Traceback" not in daemon.stderr(), daemon.stderr()
+        proxy.stop()
+    log = daemon.stderr()
+    assert rc == 0 and "Traceback" not in log, log
+    assert "n1: lost connection" in log and "n1: reconnected" in log, log
     assert n0.path.read_bytes() == expected[:NODE_SIZE]
     assert n1.path.read_bytes() == expected[NODE_SIZE:]
