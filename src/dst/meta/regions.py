@@ -153,22 +153,63 @@ class RegionTracker:
         self._waiting[wid] = None
         return self._progress()
 
+    def try_begin_write(self, wid: int, offset: int, length: int) -> bool:
+        """The fast path of :meth:`begin_write`: if write ``wid`` needs nothing -- every
+        region's mark durable, none resynced or waiting to be -- register it as already
+        proceeding and return True.  Otherwise register nothing and return False (call
+        :meth:`begin_write`).  Nothing else can change: no bit is set, so no batch."""
+        regions = self.regions(offset, length)
+        resync, resync_wait = self._resync, self._resync_wait
+        marking, page_marking = self._marking, self._page_marking
+        bm = self.bitmap
+        pb = bm.page_bits
+        for r in regions:
+            if (
+                r in marking
+                or r in resync
+                or r in resync_wait
+                or r // pb in page_marking
+                or not bm.test(r)
+            ):
+                return False
+        assert wid not in self._writes
+        self._writes[wid] = _Write(regions, True)
+        held, active, idle = self._held, self._active, self._idle
+        for r in regions:
+            held[r] = held.get(r, 0) + 1
+            active[r] = active.get(r, 0) + 1
+            if idle:
+                idle.pop(r, None)
+            for leg in self.down:
+                self.oos[leg].set(r)
+        return True
+
     def end_write(self, wid: int, now: float, *, missed: Iterable[int] = ()) -> Out:
         """Write ``wid`` completed; ``missed`` are legs it did not reach."""
         w = self._writes.pop(wid)
         assert w.active, "end_write of a write that never proceeded"
         missed = tuple(missed)
+        held, active = self._held, self._active
+        resync, resync_wait = self._resync, self._resync_wait
         for r in w.regions:
             for leg in missed:
                 self.oos[leg].set(r)
-            self._active[r] -= 1
-            if not self._active[r]:
-                del self._active[r]
-            self._held[r] -= 1
-            if not self._held[r]:
-                del self._held[r]
-                if r not in self._resync and r not in self._resync_wait:
+            n = active[r] - 1
+            if n:
+                active[r] = n
+            else:
+                del active[r]
+            n = held[r] - 1
+            if n:
+                held[r] = n
+            else:
+                del held[r]
+                if r not in resync and r not in resync_wait:
                     self._idle[r] = now
+        if not resync_wait:
+            # Nothing to release: no bit or mark changed, and waiting writes wait on
+            # marks and resyncs, not on other writes; only a resync waits for writes.
+            return Out()
         return self._progress()
 
     # --- legs ----------------------------------------------------------------------

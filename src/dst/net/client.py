@@ -120,6 +120,12 @@ class _Protocol(asyncio.Protocol):
         if self.drain is not None and not self.drain.done():
             self.drain.set_result(None)
 
+    def expire(self, handle: int, cmd: int) -> None:
+        """Request ``handle`` timed out: fail it with ETIMEDOUT (a late reply is dropped)."""
+        fut = self.waiters.pop(handle, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(BlockError(errno.ETIMEDOUT, f"NBD command {cmd} timed out"))
+
     def _wake(self) -> None:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
@@ -319,15 +325,14 @@ class NbdClient:
             proto.send(header, data)
         if proto.drain is not None and not proto.drain.done():
             await proto.drain
+        timer = None
+        if self.timeout is not None:  # a timer, not asyncio.timeout: works without a Task
+            timer = proto.loop.call_later(self.timeout, proto.expire, handle, cmd)
         try:
-            if self.timeout is None:
-                reply = await fut
-            else:
-                async with asyncio.timeout(self.timeout):
-                    reply = await fut
-        except TimeoutError:
-            proto.waiters.pop(handle, None)
-            raise BlockError(errno.ETIMEDOUT, f"NBD command {cmd} timed out") from None
+            reply = await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
         if reply.error:
             raise BlockError(nbd_to_errno(reply.error), reply.message or "")
         return reply

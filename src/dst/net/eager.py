@@ -9,11 +9,19 @@ allocations per request.  :func:`start` steps the coroutine once with ``send(Non
 coroutine yielded the future it waits on; :class:`Continuation` is an awaitable that
 hands that very future to the Task driving it and then keeps forwarding values and
 exceptions to the coroutine, so a Task can take over a half-run coroutine.
+
+:func:`run_all` is the same idea for a fan-out (a mirror write to every leg): instead of
+a Task per coroutine (``asyncio.gather``), one caller steps all of them at once -- so
+every request is issued before anything is awaited -- and then resumes each one when
+the future it parked on is done, waiting on a single future of its own in between.
+A deadline is one timer for the whole fan-out, not a Task or a timeout per coroutine;
+nothing else is ever cancelled (the futures the coroutines wait on are not ours).
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Generator
+import asyncio
+from collections.abc import Coroutine, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -52,3 +60,107 @@ class Continuation(Generic[T]):
                 pending = coro.send(value)
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
+
+
+Outcome = BaseException | None
+
+
+def _step(coro: Coroutine[Any, Any, Any], exc: BaseException | None) -> tuple[bool, Any]:
+    """Resume ``coro`` (throwing ``exc`` in); ``(True, outcome)`` once it finished,
+    ``(False, awaited)`` while it waits on ``awaited``."""
+    try:
+        awaited = coro.send(None) if exc is None else coro.throw(exc)
+    except StopIteration:
+        return True, None
+    except BaseException as err:  # its outcome, whatever it is: the caller decides
+        return True, err
+    if getattr(awaited, "_asyncio_future_blocking", False):
+        awaited._asyncio_future_blocking = False  # taken, as a Task takes it
+    return False, awaited
+
+
+def _stop(coro: Coroutine[Any, Any, Any], exc: BaseException) -> Outcome:
+    """Throw ``exc`` into a parked ``coro``; close it if it still does not finish."""
+    done, outcome = _step(coro, exc)
+    if not done:
+        coro.close()
+        return exc
+    return outcome  # type: ignore[no-any-return]
+
+
+async def run_all(
+    coros: Sequence[Coroutine[Any, Any, Any]], *, limit: float | None = None
+) -> list[Outcome]:
+    """Run ``coros`` concurrently without a Task each; per coroutine, the exception it
+    raised, or None if it returned (its value is dropped).
+
+    Every coroutine takes its first step before this returns or awaits anything.  With
+    ``limit`` (seconds), the coroutines still running then get ``CancelledError``
+    thrown in and their outcome is :class:`TimeoutError`.  If the caller is cancelled,
+    the running coroutines are cancelled the same way and CancelledError propagates.
+    """
+    out: list[Outcome] = [None] * len(coros)
+    parked: dict[int, Any] = {}  # index -> the future (or None: a bare yield) it awaits
+    for i, coro in enumerate(coros):
+        done, value = _step(coro, None)
+        if done:
+            out[i] = value
+        else:
+            parked[i] = value
+    if not parked:
+        return out
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
+    expired = False
+    join: asyncio.Future[None] | None = None
+
+    def wake(_: object = None) -> None:
+        if join is not None and not join.done():
+            join.set_result(None)
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        wake()
+
+    if limit is not None:
+        timer = loop.call_later(limit, expire)
+    try:
+        while parked:
+            if expired:
+                for i in parked:
+                    stopped = _stop(coros[i], asyncio.CancelledError())
+                    out[i] = (
+                        TimeoutError() if isinstance(stopped, asyncio.CancelledError) else stopped
+                    )
+                break
+            ready = [i for i, f in parked.items() if f is None or f.done()]
+            if not ready:
+                join = loop.create_future()
+                futs = list(parked.values())
+                for f in futs:
+                    f.add_done_callback(wake)
+                try:
+                    await join
+                finally:
+                    for f in futs:
+                        f.remove_done_callback(wake)
+                continue
+            if any(parked[i] is None for i in ready):
+                await asyncio.sleep(0)  # a bare yield: let the loop run once first
+            for i in ready:
+                done, value = _step(coros[i], None)
+                if done:
+                    del parked[i]
+                    out[i] = value
+                else:
+                    parked[i] = value
+    except asyncio.CancelledError as exc:
+        for i in parked:
+            _stop(coros[i], asyncio.CancelledError())
+        parked.clear()
+        raise exc
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return out

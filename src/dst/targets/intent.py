@@ -293,12 +293,15 @@ class IntentLog:
 
     async def begin_write(self, offset: int, length: int) -> int:
         """Register a mutation; returns once its regions' marks are durable."""
-        if self.ref is not None and self.ref.state is State.CLEAN:
+        ref = self.ref
+        if ref is not None and ref.state is State.CLEAN:
             await self._mark_dirty()
         self._wid += 1
         wid = self._wid
         t = self._tracker
         assert t is not None
+        if not self._late and t.try_begin_write(wid, offset, length):
+            return wid  # the hot path: every region already durably marked
         out = t.begin_write(wid, offset, length)
         if wid in out.writes:  # marks already durable: the common case, no future
             out.writes.remove(wid)

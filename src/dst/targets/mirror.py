@@ -36,13 +36,14 @@ import asyncio
 import errno
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dst.device import BlockDevice, Buffer, Extent, Health, IOCounters
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_REGION_SIZE, check_region_size
+from dst.net.eager import run_all
 from dst.targets.composite import intersect_caps
 from dst.targets.intent import IntentLog, LegState, ReaddPlan, TaskSet, timed
 from dst.targets.rangelock import RangeLock
@@ -93,6 +94,9 @@ class Leg:
         }
 
 
+LegOp = Callable[[Leg], Coroutine[Any, Any, None]]  # one leg's part of a mutation
+
+
 class MirrorDevice(BlockDevice):
     """``legs`` mirrored (2 or more).
 
@@ -120,6 +124,7 @@ class MirrorDevice(BlockDevice):
         if leg_timeout is not None and leg_timeout <= 0:
             raise ConfigError("must be positive", where="leg_timeout")
         self.legs = [Leg(d, i, timeout=leg_timeout) for i, d in enumerate(legs)]
+        self.leg_timeout = leg_timeout
         self.locks = RangeLock()
         self.name = name
         self.size = 0
@@ -236,9 +241,31 @@ class MirrorDevice(BlockDevice):
                 self.leg_missed(leg, offset, length)
         raise BlockError(errno.EIO, f"{self.name}: {what} failed on {len(failed)} leg(s)")
 
-    async def _fan_out(
-        self, what: str, offset: int, length: int, op: Callable[[Leg], Awaitable[None]]
-    ) -> None:
+    async def _run_legs(self, legs: list[Leg], op: LegOp) -> list[BaseException | None]:
+        """Run ``op`` on every leg of ``legs`` at once, without a Task per leg
+        (:func:`dst.net.eager.run_all`: every leg's request is issued before anything
+        is awaited; one timer bounds them all by ``leg_timeout``).  Per leg, its
+        BlockError or None; any other exception is a bug and propagates."""
+        for leg in legs:
+            leg.inflight += 1
+        try:
+            results = await run_all([op(leg) for leg in legs], limit=self.leg_timeout)
+        finally:
+            for leg in legs:
+                leg.inflight -= 1
+        for i, exc in enumerate(results):
+            if exc is None:
+                continue
+            if isinstance(exc, TimeoutError):
+                exc = results[i] = BlockError(
+                    errno.ETIMEDOUT, f"no answer within {self.leg_timeout} s"
+                )
+            if not isinstance(exc, BlockError):
+                raise exc
+            legs[i].counters.errors += 1
+        return results
+
+    async def _fan_out(self, what: str, offset: int, length: int, op: LegOp) -> None:
         """Plain mode: run ``op`` on every writable leg, then :meth:`_settle`."""
         legs = []
         for leg in self.legs:
@@ -246,15 +273,11 @@ class MirrorDevice(BlockDevice):
                 legs.append(leg)
             elif length:
                 self.leg_missed(leg, offset, length)
-        results = await asyncio.gather(*(_outcome(leg, op(leg)) for leg in legs))
+        results = await self._run_legs(legs, op)
         self._settle(what, list(zip(legs, results, strict=True)), offset, length)
 
     async def _fan_out_degraded(
-        self,
-        what: str,
-        regions: range | None,
-        op: Callable[[Leg], Awaitable[None]],
-        missed: set[int],
+        self, what: str, regions: range | None, op: LegOp, missed: set[int]
     ) -> None:
         """Tracked mode: run ``op`` on every attached leg; succeed if a leg holding
         ``regions`` (all current legs for a flush) acknowledged, else EIO."""
@@ -265,7 +288,7 @@ class MirrorDevice(BlockDevice):
             holders = [leg.index in intent.current for leg in legs]
         else:
             holders = [intent.holds(leg.index, regions) for leg in legs]
-        results = await asyncio.gather(*(_outcome(leg, op(leg)) for leg in legs))
+        results = await self._run_legs(legs, op)
         held = False
         failed: list[tuple[Leg, BaseException]] = []
         for leg, exc, holder in zip(legs, results, holders, strict=True):
@@ -294,11 +317,13 @@ class MirrorDevice(BlockDevice):
             missed.add(leg.index)
             self._fail(leg, exc)
 
-    async def _mutate(
-        self, what: str, offset: int, length: int, op: Callable[[Leg], Awaitable[None]]
-    ) -> None:
+    async def _mutate(self, what: str, offset: int, length: int, op: LegOp) -> None:
         self.io_ops += 1
-        async with self.locks.hold(offset, length):
+        locks = self.locks
+        hold = locks.register(offset, length)  # arrival order, before any await
+        try:
+            if hold.earlier:
+                await locks.wait(hold)
             await self.before_write(offset, length)
             intent = self.intent
             if intent is None:
@@ -321,6 +346,8 @@ class MirrorDevice(BlockDevice):
                     missed.update(legs[1:])
                     self.resync_wanted.set()
                 intent.end_write(wid, missed)
+        finally:
+            locks.release(hold)
 
     # -- mutations -------------------------------------------------------------------
 
