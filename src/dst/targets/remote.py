@@ -179,6 +179,7 @@ class RemoteDevice(BlockDevice):
         log.warning("%s: lost connection to %s: %s", self.name, self.uri, self._last_error)
         if self._reconnect and not self._closed:
             self._task = asyncio.create_task(self._reconnect_loop(conn), name=f"{self.name}-rc")
+            self._task.add_done_callback(self._loop_ended)
         self._notify(False)
 
     async def _reconnect_loop(self, old: NbdClient) -> None:
@@ -202,6 +203,13 @@ class RemoteDevice(BlockDevice):
         self._refused = ""
         self._wake()
         self._notify(True)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s: reconnect loop failed", self.name, exc_info=exc)
+            self._last_error = f"reconnect loop failed: {exc!r}"
+            if self._task is task:
+                self._task = None  # health: disconnected, saying why
 
     async def _attempt(self) -> NbdClient | None:
         """One connect attempt: the new connection if it is usable, else None."""
