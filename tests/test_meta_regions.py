@@ -192,6 +192,34 @@ def test_loaded_full_page_is_rewritten_before_use() -> None:
     assert t.persisted(meta(out).batch).writes == [1]
 
 
+def test_fast_path_only_on_durable_marks() -> None:
+    t = tracker()
+    assert not t.try_begin_write(1, 0, 4096)  # not marked: nothing registered
+    out = t.begin_write(1, 0, 4096)
+    assert out.writes == [] and not t.try_begin_write(2, 0, 4096)  # mark not yet on disk
+    assert t.persisted(meta(out).batch).writes == [1]
+    assert t.try_begin_write(3, 0, 4096)  # marked and durable: proceeds, no batch
+    assert not t.try_begin_write(4, R - 1, 2)  # region 1 is not marked
+    assert t.end_write(3, 1.0).writes == [] and t.end_write(1, 1.0).writes == []
+    out = t.begin_resync(0)
+    assert out.resyncs == [0] and not t.try_begin_write(5, 0, 4096)  # resync lock
+    t.end_resync(0, 2.0)
+    assert t.try_begin_write(6, 0, 4096)
+    assert t.begin_resync(0).resyncs == []  # waits for write 6...
+    assert t.end_write(6, 3.0).resyncs == [0]  # ...which releases it on end
+
+
+def test_fast_path_write_is_missed_by_a_failing_leg() -> None:
+    t = tracker()
+    t.persisted(meta(t.begin_write(1, 0, 4096)).batch)
+    t.end_write(1, 1.0)
+    assert t.try_begin_write(2, 0, 4096)
+    t.leg_failed(1)  # fails while write 2 is in flight: it misses region 0
+    assert not t.in_sync(1, 0) and t.bitmap.test(0)
+    t.end_write(2, 2.0)
+    assert t.due_clears(100.0).meta is None and t.bitmap.test(0)  # never cleared
+
+
 # --- model-based property test -----------------------------------------------------
 
 NREG, LEGS, PAGE = 200, 3, 64
@@ -235,13 +263,16 @@ class TrackerMachine(RuleBasedStateMachine):
             self.pending = out.meta
 
     @precondition(lambda self: self.t is not None)
-    @rule(first=st.integers(0, NREG - 1), n=st.integers(1, 3))
-    def begin_write(self, first: int, n: int) -> None:
+    @rule(first=st.integers(0, NREG - 1), n=st.integers(1, 3), fast=st.booleans())
+    def begin_write(self, first: int, n: int, fast: bool) -> None:
         wid, self.next_id = self.next_id, self.next_id + 1
         length = min(n * R, (NREG - first) * R) - 7
         self.waiting[wid] = self.tr.regions(first * R + 3, length)
         for leg in self.down:
             self.missed[leg].update(self.waiting[wid])
+        if fast and self.tr.try_begin_write(wid, first * R + 3, length):
+            self.active[wid] = self.waiting.pop(wid)  # the hot path: granted at once
+            return
         self.apply(self.tr.begin_write(wid, first * R + 3, length))
 
     @precondition(lambda self: self.active)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+from typing import Any
 
 import pytest
 
@@ -246,3 +247,56 @@ async def test_range_lock_cancelled_waiter_releases() -> None:
     gate.set()
     await h
     assert len(lock) == 0
+
+
+class Parked(MemoryDevice):
+    """Writes park on a future that resolves on the next loop iteration (like a reply)."""
+
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(fut.set_result, None)
+        await fut
+        await super().write(offset, data, fua=fua)
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+async def test_write_fan_out_creates_no_task(tracked: bool) -> None:
+    """The fan-out steps the legs itself: no Task per leg (nor per write) and it can
+    start outside any Task, as the NBD server steps a request from a callback."""
+    legs = [Parked(SIZE), Parked(SIZE)]
+    m = MirrorDevice(legs, region_size=4096 if tracked else None, leg_timeout=5.0)
+    await m.open()
+    await m.write(0, b"w" * 8192)  # marks the regions (tracked): the hot path follows
+    loop = asyncio.get_running_loop()
+    created: list[object] = []
+
+    def counting(lp: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        created.append(coro)
+        return asyncio.Task(coro, loop=lp, **kw)
+
+    factory = loop.get_task_factory()
+    loop.set_task_factory(counting)
+    try:
+        done: asyncio.Future[None] = loop.create_future()
+        coro = m.write(4096, b"x" * 4096)
+
+        def step(value: object = None) -> None:
+            try:
+                fut = coro.send(None)
+            except StopIteration:
+                done.set_result(None)
+                return
+            fut._asyncio_future_blocking = False
+            fut.add_done_callback(step)
+
+        loop.call_soon(step)  # outside any Task
+        await asyncio.wait_for(done, 5)
+    finally:
+        loop.set_task_factory(factory)
+    assert created == []
+    assert (
+        legs[0].data[:SIZE] == legs[1].data[:SIZE] == b"w" * 4096 + b"x" * 4096 + bytes(SIZE - 8192)
+    )
+    await m.close()

@@ -1,0 +1,64 @@
+"""RangeLock's plain API (register/wait/release): the mirror's hot path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dst.targets.rangelock import RangeLock
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def test_uncontended_needs_no_wait() -> None:
+    lock = RangeLock()
+    a = lock.register(0, 10)
+    b = lock.register(10, 10)  # adjacent: no overlap
+    assert a.earlier is None and b.earlier is None and len(lock) == 2
+    lock.release(a)
+    lock.release(a)  # idempotent
+    lock.release(b)
+    assert len(lock) == 0
+
+
+async def test_overlaps_run_in_arrival_order() -> None:
+    lock = RangeLock()
+    order: list[str] = []
+    first = lock.register(0, 100)
+
+    async def later(name: str, off: int, n: int) -> None:
+        h = lock.register(off, n)
+        try:
+            await lock.wait(h)
+            order.append(name)
+            await asyncio.sleep(0)
+        finally:
+            lock.release(h)
+
+    tasks = [asyncio.ensure_future(later("b", 50, 100)), asyncio.ensure_future(later("c", 120, 10))]
+    await asyncio.sleep(0)
+    assert order == []  # b waits for first; c for b (registered before it)
+    lock.release(first)
+    await asyncio.gather(*tasks)
+    assert order == ["b", "c"] and len(lock) == 0
+
+
+async def test_cancelled_waiter_does_not_disturb_others() -> None:
+    lock = RangeLock()
+    first = lock.register(0, 10)
+    w1 = lock.register(0, 10)
+    w2 = lock.register(5, 10)  # waits for first and w1
+    t1 = asyncio.ensure_future(lock.wait(w1))
+    t2 = asyncio.ensure_future(lock.wait(w2))
+    await asyncio.sleep(0)
+    t1.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t1
+    lock.release(w1)
+    await asyncio.sleep(0)
+    assert not t2.done()  # still behind first
+    lock.release(first)
+    await t2
+    lock.release(w2)
+    assert len(lock) == 0
