@@ -24,7 +24,13 @@ connection.  Every NBD command is idempotent at the block level, so replaying re
 writes, flush, trim, zeroes, cache and block status is safe.  With ``io_timeout``
 None or 0 the request fails at once with EIO (a mirror degrades the leg instead of
 stalling).  An error *reply* from the server is a real answer and is never
-replayed.  ``close()`` stops the loop and fails waiting requests with ESHUTDOWN.
+replayed, nor is a per-request timeout (the connection is still there).  Waiting
+uses a future and a timer, not ``asyncio.timeout``, because the NBD server runs the
+first step of a request outside any task.  ``close()`` stops the loop and fails
+waiting requests with ESHUTDOWN.
+
+A loss is noticed by the next request (or the one in flight): an idle device whose
+connection dropped reports ``disconnected`` in health until then.
 
 Durability: a write acknowledged before the loss but not yet flushed may be lost if
 the server itself went down.  Replaying the writes that were in flight, and the
