@@ -12,6 +12,7 @@ from dst.array.daemon import Daemon
 from dst.control import messages as m
 from dst.control.client import ControlClient
 from dst.errors import ControlError
+from dst.meta.layout import layout_for
 from dst.net.client import NbdClient
 
 pytestmark = pytest.mark.timeout(30)
@@ -71,7 +72,8 @@ async def test_status_tree_shape(tmp_path: Path, sock_dir: Path) -> None:
         assert kids[1]["where"] == str(tmp_path / "f1.img")
         assert kids[0]["counters"]["writes"] == 0
         assert lin["root"]["counters"] is None  # composites have no counters of their own
-        assert mir["algorithm"] == "mirror" and mir["size"] == MiB
+        # the mirror's metadata (superblocks, bitmap) sits at the end of each member
+        assert mir["algorithm"] == "mirror" and mir["size"] == layout_for(MiB).data_size
         assert [k["name"] for k in walk(mir["root"])] == ["node0", "node1", "node2"]
         assert [k["state"] for k in mir["root"]["members"]] == ["in_sync", "in_sync"]
         assert daemon.status("mir") == {"arrays": [mir]}

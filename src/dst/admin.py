@@ -134,6 +134,85 @@ def cmd_add(
     return cmd_simple(control, "add", {"array": array, "spec": node})
 
 
+def cmd_readd(control: str, array: str, node: str, *, full: bool) -> int:
+    r = request(control, "readd", {"array": array, "node": node, "full": full})
+    what = "everything" if r.get("full") else f"{r.get('regions')} regions"
+    print(f"{node}: re-added ({r.get('relation')}), resyncing {what}")
+    return 0
+
+
+def cmd_resync_rate(
+    control: str, array: str, rate: str, *, min_rate: str | None, mirror: str | None
+) -> int:
+    from dst.units import parse_size
+
+    args: dict[str, Any] = {"array": array, "rate": parse_size(rate)}
+    if min_rate is not None:
+        args["min_rate"] = parse_size(min_rate)
+    if mirror is not None:
+        args["mirror"] = mirror
+    return cmd_simple(control, "resync-rate", args)
+
+
+def cmd_verify(
+    control: str,
+    array: str,
+    *,
+    repair: bool,
+    source: str | None,
+    mirror: str | None,
+    wait: bool,
+) -> int:
+    """Start a verify; with ``wait`` follow it and exit 1 if legs differ unrepaired."""
+    args: dict[str, Any] = {"array": array, "repair": repair}
+    if source is not None:
+        args["source"] = source
+    if mirror is not None:
+        args["mirror"] = mirror
+    request(control, "verify", args)
+    if not wait:
+        print(f"{array}: verify started (see dst status {array})")
+        return 0
+    console = Console(stderr=True)
+    jobs: dict[str, dict[str, Any]] = {}
+    with console.status("verifying") as spinner:
+        while True:
+            jobs = _verify_jobs(request(control, "status", {"array": array}), mirror)
+            running = [j for j in jobs.values() if j["state"] == "running"]
+            done = sum(int(j["regions_done"]) for j in jobs.values())
+            total = sum(int(j["regions_total"]) for j in jobs.values())
+            spinner.update(f"verifying {done}/{total} regions")
+            if not running:
+                break
+            asyncio.run(asyncio.sleep(0.2))
+    bad = 0
+    for name, j in jobs.items():
+        if j["state"] == "failed":
+            raise DstError(f"verify of {name} failed: {j['error']}")
+        count, fixed = int(j["mismatched_count"]), int(j["repaired_count"])
+        line = f"{name}: {j['regions_done']} regions ({format_size(int(j['bytes']))}) checked"
+        line += f", {count} differ" + (f", {fixed} repaired" if j["repair"] else "")
+        if count:
+            line += ": regions " + " ".join(str(r) for r in j["mismatched"])
+            line += " ..." if count > len(j["mismatched"]) else ""
+        print(line)
+        bad += count - fixed
+    return 1 if bad else 0
+
+
+def _verify_jobs(status: dict[str, Any], mirror: str | None) -> dict[str, dict[str, Any]]:
+    """The verify job of every mirror (or of ``mirror``) in a status tree."""
+    jobs: dict[str, dict[str, Any]] = {}
+    stack = [a["root"] for a in status.get("arrays", [])]
+    while stack:
+        node = stack.pop()
+        job = (node.get("detail") or {}).get("keeper", {}).get("verify")
+        if job is not None and (mirror is None or node["name"] == mirror):
+            jobs[node["name"]] = job
+        stack.extend(node.get("members", []))
+    return jobs
+
+
 def cmd_status(control: str, name: str | None, *, as_json: bool, watch: bool) -> int:
     args = {"array": name} if name else {}
     if as_json:
@@ -211,17 +290,24 @@ def _rows(table: Table, node: dict[str, Any], depth: int, extras: list[Any]) -> 
         f"{c.get('writes', '')}" + (f" ({format_size(c['write_bytes'])})" if c else ""),
         str(c.get("errors", "")),
     )
-    resync = (node.get("detail") or {}).get("resync")
-    if isinstance(resync, dict) and resync.get("regions_total"):
-        extras.append(_progress(node["name"], resync))
+    detail = node.get("detail") or {}
+    resync = detail.get("resync")
+    if isinstance(resync, dict) and resync.get("state") == "running":
+        extras.append(_progress(node["name"], "resync", resync))
+    check = (detail.get("keeper") or {}).get("verify")
+    if isinstance(check, dict) and check.get("state") == "running":
+        extras.append(_progress(node["name"], "verify", check))
+    for leg in detail.get("legs", []):
+        if leg.get("state") != "in_sync" and leg.get("reason"):
+            extras.append(Text(f"{leg['name']}: {leg['state']}: {leg['reason']}", style="yellow"))
     for kid in node.get("members", []):
         _rows(table, kid, depth + 1, extras)
 
 
-def _progress(name: str, r: dict[str, Any]) -> Any:
+def _progress(name: str, what: str, r: dict[str, Any]) -> Any:
     done, total = int(r.get("regions_done", 0)), int(r.get("regions_total", 1))
     bar = ProgressBar(total=total, completed=done, width=30)
-    label = Text(f"{name} resync {done}/{total} regions ")
+    label = Text(f"{name} {what} {done}/{total} regions ")
     rate = r.get("rate")
     if rate:
         label.append(f"{format_size(int(rate))}/s ")

@@ -34,6 +34,9 @@ commands:
   create  create and start an array from a spec file (TOML)
   start, stop      start or stop an array
   add, remove      grow or shrink a linear array live
+  fail, readd      take a mirror leg out for maintenance, bring it back (resync)
+  verify  compare mirror legs online (--repair rewrites differing regions)
+  resync-rate      limit (or free) the background resync
   status  show arrays and their nodes (--json, --watch)
 
 The array commands talk to the daemon's control socket: --control PATH, else
@@ -95,6 +98,9 @@ examples:
   dst add big --uri nbd://127.0.0.1:10812/ --name n3
   dst add big --path /var/lib/dst/extra.img --size 10G
   dst remove big n3
+  dst fail demo node-b && dst readd demo node-b
+  dst verify demo --repair --source node-a
+  dst resync-rate demo 50M --min 5M
 """
 
 
@@ -210,6 +216,47 @@ def _add_array_commands(sub: Any) -> None:
     p = add("remove", "remove the last node of a linear array", "Remove NODE, the last node.")
     p.add_argument("array", metavar="ARRAY")
     p.add_argument("node", metavar="NODE")
+    p = add(
+        "fail",
+        "take a mirror leg out (maintenance)",
+        "Mark mirror leg NODE failed: writes go on without it and the regions it misses "
+        "are recorded, so 'dst readd' copies only those.  The last leg in sync cannot be "
+        "failed.  A leg failed this way is not re-added automatically.",
+    )
+    p.add_argument("array", metavar="ARRAY")
+    p.add_argument("node", metavar="NODE")
+    p = add(
+        "readd",
+        "bring a failed mirror leg back",
+        "Re-add failed mirror leg NODE: its superblock is checked, and only the regions "
+        "it missed are copied to it (a full copy if its history is unknown).  A leg that "
+        "diverged (split brain) is refused unless --full, which discards its data.",
+    )
+    p.add_argument("array", metavar="ARRAY")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("--full", action="store_true", help="copy everything; discard NODE's data")
+    p = add(
+        "verify",
+        "compare mirror legs online",
+        "Compare the legs of the array's mirrors region by region while I/O goes on, "
+        "and report the regions that differ (exit status 1 if any are left).  With "
+        "--repair they are rewritten from --source (default: the first leg in sync).",
+    )
+    p.add_argument("array", metavar="ARRAY")
+    p.add_argument("--repair", action="store_true", help="rewrite differing regions")
+    p.add_argument("--source", metavar="NODE", help="with --repair: the leg to copy from")
+    p.add_argument("--mirror", metavar="NAME", help="only this mirror of the array")
+    p.add_argument("--no-wait", action="store_true", help="start it and return (see status)")
+    p = add(
+        "resync-rate",
+        "limit the background resync",
+        "Set the resync rate limit of the array's mirrors, live: at most RATE bytes/s "
+        "(0: unlimited); --min lets it go at least that fast even under foreground I/O.",
+    )
+    p.add_argument("array", metavar="ARRAY")
+    p.add_argument("rate", metavar="RATE", help="bytes per second, e.g. 100M (0: unlimited)")
+    p.add_argument("--min", dest="min_rate", metavar="RATE", help="floor under foreground I/O")
+    p.add_argument("--mirror", metavar="NAME", help="only this mirror of the array")
     p = add("status", "show arrays and nodes", "Show arrays, their nodes, states and counters.")
     p.add_argument("array", metavar="NAME", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -267,6 +314,23 @@ def _run_array(args: argparse.Namespace) -> int:
         return admin.cmd_simple(control, cmd, {"array": args.array})
     if cmd == "remove":
         return admin.cmd_simple(control, "remove", {"array": args.array, "node": args.node})
+    if cmd == "fail":
+        return admin.cmd_simple(control, "fail", {"array": args.array, "node": args.node})
+    if cmd == "readd":
+        return admin.cmd_readd(control, args.array, args.node, full=args.full)
+    if cmd == "verify":
+        return admin.cmd_verify(
+            control,
+            args.array,
+            repair=args.repair,
+            source=args.source,
+            mirror=args.mirror,
+            wait=not args.no_wait,
+        )
+    if cmd == "resync-rate":
+        return admin.cmd_resync_rate(
+            control, args.array, args.rate, min_rate=args.min_rate, mirror=args.mirror
+        )
     if cmd == "add":
         return admin.cmd_add(
             control,

@@ -5,7 +5,14 @@ Theory of operation
 With no spec, :func:`up` makes a data directory with two sparse member files, starts
 two ``dst serve`` storage nodes as separate processes on loopback (port 0; each
 prints its URI), and runs the array daemon in this process with a mirror over the
-two nodes, exported on ``DATA/dst.sock`` and ``127.0.0.1:10809``.  With ``--config``
+two nodes, exported on ``DATA/dst.sock`` and ``127.0.0.1:10809``.  The member files
+are ``--size`` plus room for the mirror's metadata (superblocks and write-intent
+bitmap) at their end, so the device has exactly ``--size`` bytes.
+
+On an existing data directory the member files are reused as they are (``--size``
+is ignored): the mirror is assembled from the superblocks on its members, whatever
+ports the nodes got this time, and after a crash only the regions marked dirty in
+the bitmap are resynced.  With ``--config``
 it runs that spec instead and starts no nodes.  It prints how to use the device,
 then shows live status until SIGINT/SIGTERM, and stops in order: array (in-flight
 requests finish, legs flushed), then nodes (SIGTERM, which they answer with a clean
@@ -24,6 +31,7 @@ from pathlib import Path
 from dst.array.daemon import Daemon
 from dst.array.spec import ArraySpec, MirrorSpec, RemoteSpec
 from dst.errors import DstError
+from dst.meta.layout import member_size_for
 from dst.net.address import Address, parse_address
 from dst.units import format_size, parse_size
 
@@ -92,6 +100,20 @@ class Node:
             await proc.wait()
 
 
+def demo_nodes(opts: UpOptions) -> list[Node]:
+    """The two demo nodes: existing member files are reused, new ones sized for
+    ``opts.size`` bytes of data plus the mirror's metadata."""
+    member = member_size_for(opts.size)
+    nodes = []
+    for c in "ab":
+        path = opts.data_dir / f"node-{c}.img"
+        size = path.stat().st_size if path.exists() else member
+        if path.exists():
+            print(f"reusing {path} ({format_size(size)})", flush=True)
+        nodes.append(Node(f"node-{c}", path, size))
+    return nodes
+
+
 def demo_spec(nodes: list[Node], listen: tuple[Address, ...]) -> ArraySpec:
     legs = tuple(
         RemoteSpec(name=n.name, uri=parse_address(n.uri, form="uri", where=n.name)) for n in nodes
@@ -136,7 +158,7 @@ async def up(opts: UpOptions) -> int:
 
             spec = load_spec(opts.config)
         else:
-            nodes = [Node(f"node-{c}", opts.data_dir / f"node-{c}.img", opts.size) for c in "ab"]
+            nodes = demo_nodes(opts)
             for n in nodes:
                 await n.start()
             spec = demo_spec(nodes, opts.listen)
@@ -177,5 +199,5 @@ async def _show(daemon: Daemon, stop: asyncio.Event, *, live: bool) -> None:
 def run(opts: UpOptions) -> int:
     from dst.net.loop import run as loop_run
 
-    print(f"data in {opts.data_dir} ({format_size(opts.size)} per node)", flush=True)
+    print(f"data in {opts.data_dir} ({format_size(opts.size)} mirrored)", flush=True)
     return loop_run(up(opts))

@@ -141,9 +141,17 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def copy_in_out(uri: str, tmp: Path, size: int) -> bytes:
-    """nbdcopy random data into ``uri`` and back out; assert equal; return the data."""
-    data = os.urandom(size)
+def export_size(uri: str) -> int:
+    """The size nbdinfo reports for ``uri``."""
+    return int(run(["nbdinfo", "--size", uri]).stdout)
+
+
+def copy_in_out(uri: str, tmp: Path, size: int | None = None) -> bytes:
+    """nbdcopy random data into ``uri`` and back out; assert equal; return the data.
+
+    ``size`` defaults to the export's whole size (a mirror keeps its metadata at the
+    end of each member, so it is smaller than its members)."""
+    data = os.urandom(export_size(uri) if size is None else size)
     src, out = tmp / "in.bin", tmp / "out.bin"
     src.write_bytes(data)
     run(["nbdcopy", "--flush", src, uri])

@@ -95,9 +95,10 @@ def test_mirror_legs_identical(
     nodes = [node_factory(size="16M") for _ in range(2)]
     target = {"type": "mirror", "members": [remote(f"m{i}", n.uri) for i, n in enumerate(nodes)]}
     uri = create(daemon, tmp_path, sockdir, "mir", target)
-    data = copy_in_out(uri, tmp_path, 16 * MiB)
-    assert nodes[0].path.read_bytes() == data
-    assert nodes[1].path.read_bytes() == data
+    data = copy_in_out(uri, tmp_path)
+    assert 15 * MiB < len(data) < 16 * MiB  # the rest holds superblocks and bitmap
+    assert nodes[0].path.read_bytes()[: len(data)] == data
+    assert nodes[1].path.read_bytes()[: len(data)] == data
     legs = daemon.status("mir")["arrays"][0]["root"]["members"]
     assert [leg["state"] for leg in legs] == ["in_sync", "in_sync"]
     assert all(leg["counters"]["write_bytes"] >= 16 * MiB for leg in legs)
@@ -125,11 +126,11 @@ def test_nested_mirror_of_stripes(
         ],
     }
     uri = create(daemon, tmp_path, sockdir, "tree", target)
-    data = copy_in_out(uri, tmp_path, 8 * MiB)
+    data = copy_in_out(uri, tmp_path)
     local = destripe([p.read_bytes() for p in files], CHUNK, 8 * MiB)
     far = destripe([n.path.read_bytes() for n in nodes], CHUNK, 8 * MiB)
-    assert local == data
-    assert far == data
+    assert local[: len(data)] == data
+    assert far[: len(data)] == data
     root = daemon.status("tree")["arrays"][0]["root"]
     assert [k["name"] for k in root["members"]] == ["local", "far"]
     assert [g["name"] for k in root["members"] for g in k["members"]] == ["f0", "f1", "r0", "r1"]
@@ -162,11 +163,11 @@ def test_nbdkit_and_qemu_nbd_as_members(daemon: Daemon, tmp_path: Path, sockdir:
             "members": [remote("kit", unix_uri(kit_sock)), remote("qemu", unix_uri(qemu_sock))],
         }
         uri = create(daemon, tmp_path, sockdir, "peers", target)
-        data = copy_in_out(uri, tmp_path, 8 * MiB)
-        assert qemu_file.read_bytes() == data
+        data = copy_in_out(uri, tmp_path)
+        assert qemu_file.read_bytes()[: len(data)] == data
         out = tmp_path / "kit.bin"
         run(["nbdcopy", unix_uri(kit_sock), out])
-        assert out.read_bytes() == data
+        assert out.read_bytes()[: len(data)] == data
         daemon.dst("stop", "peers")
     finally:
         for p in procs:

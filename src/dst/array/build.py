@@ -76,7 +76,13 @@ def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> 
         return StripeDevice(kids, chunk=target.chunk_size, name=target.name)
     if isinstance(target, MirrorSpec):
         kids = [construct(m, io_timeout=io_timeout, replay=False) for m in target.members]
-        return MirrorDevice(kids, name=target.name, region_size=target.region_size)
+        return MirrorDevice(
+            kids,
+            name=target.name,
+            region_size=target.region_size,
+            metadata=target.metadata,
+            leg_timeout=target.leg_timeout,
+        )
     raise ConfigError(f"unknown target type {type(target).__name__}")
 
 

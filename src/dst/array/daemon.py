@@ -36,14 +36,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from dst.array.build import build, construct, index
+from dst.array.keeper import MirrorKeeper, keepers
 from dst.array.member import Member
 from dst.array.spec import (
     ArraySpec,
     LinearPart,
     LinearSpec,
+    MirrorSpec,
     SpecError,
     TargetSpec,
     children,
+    find_node,
     linear_part_from_dict,
     spec_from_dict,
     spec_to_dict,
@@ -54,11 +57,14 @@ from dst.control import messages as m
 from dst.control.server import ControlServer
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError, ControlError
+from dst.meta.superblock import MetadataError
 from dst.net.server import NbdServer
 from dst.targets.linear import LinearDevice
 from dst.targets.mirror import MirrorDevice
 
 log = logging.getLogger(__name__)
+
+STOP_FLUSH_TIMEOUT = 5.0  # seconds the final flush of a stopping array may take
 
 
 def _bad_spec(exc: ConfigError) -> ControlError:
@@ -75,6 +81,7 @@ class Array:
         self.root: SwitchDevice | None = None
         self.server: NbdServer | None = None
         self.exports: list[str] = []
+        self.keepers: dict[str, MirrorKeeper] = {}  # by mirror name
         self._lock = asyncio.Lock()  # one reconfiguration at a time
 
     @property
@@ -93,12 +100,16 @@ class Array:
             except ConfigError as exc:
                 raise _bad_spec(exc) from None
             root = SwitchDevice(tree, name=self.name)
+            self.keepers = {k.mirror.name: k for k in keepers(tree, self._resync_rates)}
+            for keeper in self.keepers.values():
+                keeper.start()
             names = [self.spec.export] if self.spec.export is not None else ["", self.name]
             server = NbdServer(dict.fromkeys(names, root), default=names[0])
             try:
                 bound = await server.start(*self.spec.listen)
             except (OSError, ConfigError) as exc:
                 await server.close()
+                self._stop_keepers()
                 await tree.close()
                 raise ControlError("listen-failed", f"{self.name}: cannot listen: {exc}") from None
             self.root, self.server, self.state = root, server, "running"
@@ -116,10 +127,99 @@ class Array:
             self.state = "stopped"
             if server is not None:
                 await server.close()
+            self._stop_keepers()
             if root is not None:
-                with contextlib.suppress(BlockError):
-                    await root.flush()
+                # Bounded: a node that is away must not hold the daemon's shutdown for
+                # the whole io_timeout (what was acknowledged was already written).
+                with contextlib.suppress(BlockError, TimeoutError):
+                    await asyncio.wait_for(root.flush(), STOP_FLUSH_TIMEOUT)
                 await root.close()
+
+    def _stop_keepers(self) -> None:
+        for keeper in self.keepers.values():
+            keeper.stop()
+        self.keepers = {}
+
+    def _resync_rates(self, mirror: str) -> tuple[int, int]:
+        t = find_node(self.spec, mirror)
+        if isinstance(t, MirrorSpec):
+            return t.resync_rate, t.resync_min_rate
+        return 0, 0
+
+    # -- mirror maintenance ----------------------------------------------------------
+
+    def _leg(self, node: str) -> tuple[MirrorKeeper, int]:
+        """The keeper of the mirror that has ``node`` as a leg, and the leg's index."""
+        self._running_root()
+        for keeper in self.keepers.values():
+            for leg in keeper.mirror.legs:
+                if leg.dev.name == node:
+                    return keeper, leg.index
+        if find_node(self.spec, node) is None:
+            raise ControlError("no-such-node", f"no node {node!r} in {self.name!r}", field="node")
+        raise ControlError(
+            "not-a-leg", f"{node!r} is not a leg of a mirror with metadata", field="node"
+        )
+
+    def _keepers(self, mirror: str | None) -> list[MirrorKeeper]:
+        self._running_root()
+        if mirror is not None:
+            if mirror not in self.keepers:
+                raise ControlError(
+                    "no-such-node", f"no mirror {mirror!r} in {self.name!r}", field="mirror"
+                )
+            return [self.keepers[mirror]]
+        if not self.keepers:
+            raise ControlError(
+                "not-mirror", f"array {self.name!r} has no mirror with metadata", field="array"
+            )
+        return list(self.keepers.values())
+
+    async def fail(self, node: str) -> None:
+        keeper, i = self._leg(node)
+        try:
+            await keeper.fail(i)
+        except ConfigError as exc:
+            raise ControlError("last-leg", str(exc), field="node") from None
+
+    async def readd(self, node: str, *, full: bool) -> dict[str, Any]:
+        keeper, i = self._leg(node)
+        try:
+            return await keeper.readd(i, full=full)
+        except MetadataError as exc:
+            raise ControlError("refused", str(exc), field="node") from None
+        except ConfigError as exc:
+            raise ControlError("not-failed", str(exc), field="node") from None
+        except BlockError as exc:
+            raise ControlError("node-unreachable", str(exc), field="node") from None
+
+    def verify(self, *, repair: bool, source: str | None, mirror: str | None) -> None:
+        if source is not None:
+            keeper, index = self._leg(source)
+            if mirror is not None and keeper.mirror.name != mirror:
+                raise ControlError(
+                    "bad-args", f"{source!r} is not a leg of {mirror!r}", field="source"
+                )
+            targets: list[tuple[MirrorKeeper, int | None]] = [(keeper, index)]
+        else:
+            targets = [(k, None) for k in self._keepers(mirror)]
+        if repair and len(targets) > 1:
+            raise ControlError(
+                "bad-args", "the array has several mirrors: say which (mirror)", field="mirror"
+            )
+        for keeper, src in targets:
+            try:
+                keeper.start_verify(repair=repair, source=src)
+            except ConfigError as exc:
+                raise ControlError("busy", str(exc), field="array") from None
+
+    def resync_rate(self, rate: int, min_rate: int, mirror: str | None) -> None:
+        if rate < 0:
+            raise ControlError("bad-args", "rate must be >= 0", field="rate")
+        if min_rate < 0 or (rate and min_rate > rate):
+            raise ControlError("bad-args", "min_rate must be between 0 and rate", field="min_rate")
+        for keeper in self._keepers(mirror):
+            keeper.set_rate(max_rate=rate or None, min_rate=min_rate or None)
 
     def _running_root(self) -> SwitchDevice:
         if self.root is None:
@@ -198,7 +298,9 @@ class Array:
             "exports": list(self.exports),
             "suspended": root.suspended if root is not None else False,
             "held": root.held if root is not None else 0,
-            "root": _node_status(self.spec.target, devices, start=None, leg_state=None),
+            "root": _node_status(
+                self.spec.target, devices, start=None, leg_state=None, keepers=self.keepers
+            ),
             "spec": spec_to_dict(self.spec),
         }
 
@@ -211,7 +313,12 @@ def _with_export(uri: str, export: str) -> str:
 
 
 def _node_status(
-    t: TargetSpec, devices: dict[str, BlockDevice], *, start: int | None, leg_state: str | None
+    t: TargetSpec,
+    devices: dict[str, BlockDevice],
+    *,
+    start: int | None,
+    leg_state: str | None,
+    keepers: dict[str, MirrorKeeper],
 ) -> dict[str, Any]:
     dev = devices.get(t.name)
     health = dev.health() if dev is not None else None
@@ -238,8 +345,11 @@ def _node_status(
             pos += _part_size(part, kid)
     if isinstance(dev, MirrorDevice):
         legs = [leg.state.name.lower() for leg in dev.legs]
+        keeper = keepers.get(dev.name)
+        if keeper is not None and keeper.mirror is dev:
+            node["detail"]["keeper"] = _jsonable(keeper.status())
     node["members"] = [
-        _node_status(k, devices, start=s, leg_state=ls)
+        _node_status(k, devices, start=s, leg_state=ls, keepers=keepers)
         for k, s, ls in zip(kids, starts, legs, strict=True)
     ]
     return node
@@ -330,6 +440,19 @@ class Daemon:
         if isinstance(req, m.Remove):
             await self._array(req.array).remove(req.node)
             return self._array(req.array).status()
+        if isinstance(req, m.Fail):
+            await self._array(req.array).fail(req.node)
+            return self._array(req.array).status()
+        if isinstance(req, m.Readd):
+            return await self._array(req.array).readd(req.node, full=req.full)
+        if isinstance(req, m.Verify):
+            array = self._array(req.array)
+            array.verify(repair=req.repair, source=req.source, mirror=req.mirror)
+            return array.status()
+        if isinstance(req, m.ResyncRate):
+            array = self._array(req.array)
+            array.resync_rate(req.rate, req.min_rate, req.mirror)
+            return array.status()
         if isinstance(req, m.Shutdown):
             self.stopping.set()
             return {}

@@ -55,6 +55,7 @@ DEFAULT_CHUNK_SIZE = 64 * KiB
 DEFAULT_REGION_SIZE = 64 * KiB
 MIN_CHUNK_SIZE = 4 * KiB
 DEFAULT_IO_TIMEOUT = 30.0
+DEFAULT_LEG_TIMEOUT = 10.0
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -121,12 +122,23 @@ class StripeSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MirrorSpec:
-    """Every member holds the same data (RAID 1); ``region_size`` is the bitmap grain."""
+    """Every member holds the same data (RAID 1).
+
+    ``region_size`` is the write-intent bitmap's grain; with ``metadata`` (the
+    default) a superblock and the bitmap live at the end of every member, so the
+    array survives crashes and is assembled from its members.  ``leg_timeout``: a leg
+    that does not answer within it is failed.  ``resync_rate``/``resync_min_rate``
+    (bytes/s, 0: unlimited/none) bound the background resync.
+    """
 
     KIND: ClassVar[str] = "mirror"
     name: str
     members: tuple[TargetSpec, ...]
     region_size: int = DEFAULT_REGION_SIZE
+    metadata: bool = True
+    leg_timeout: float = DEFAULT_LEG_TIMEOUT
+    resync_rate: int = 0
+    resync_min_rate: int = 0
 
 
 TargetSpec: TypeAlias = FileSpec | MemorySpec | RemoteSpec | LinearSpec | StripeSpec | MirrorSpec
@@ -245,6 +257,16 @@ class _Table:
         except ConfigError as e:
             raise SpecError(self.key(k), str(e)) from None
 
+    def duration(self, k: str, default: float) -> float:
+        value = self.raw(k, default)
+        try:
+            seconds = parse_duration(value)
+        except ConfigError as e:
+            raise SpecError(self.key(k), str(e)) from None
+        if seconds <= 0:
+            raise SpecError(self.key(k), "must be positive")
+        return seconds
+
     def array(self, k: str) -> list[object]:
         value = self.raw(k, [])
         if not isinstance(value, list | tuple):
@@ -272,11 +294,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
         except ConfigError as e:
             raise SpecError(f"array.listen[{i}]", str(e)) from None
     export = t.text("export", None)
-    io_timeout = t.raw("io_timeout", DEFAULT_IO_TIMEOUT)
-    try:
-        io_timeout = parse_duration(io_timeout)
-    except ConfigError as e:
-        raise SpecError("array.io_timeout", str(e)) from None
+    io_timeout = t.duration("io_timeout", DEFAULT_IO_TIMEOUT)
     target = _target(_Table(t.raw("target"), "array.target"))
     return ArraySpec(
         name=name,
@@ -319,7 +337,14 @@ _KEYS = {
     "remote": ("uri",),
     "linear": ("members",),
     "stripe": ("members", "chunk_size"),
-    "mirror": ("members", "region_size"),
+    "mirror": (
+        "members",
+        "region_size",
+        "metadata",
+        "leg_timeout",
+        "resync_rate",
+        "resync_min_rate",
+    ),
 }
 
 
@@ -355,9 +380,14 @@ def _target(t: _Table, *extra: str) -> TargetSpec:
             name=name, members=tuple(_target(m) for m in _members(t, 2)), chunk_size=chunk
         )
     else:
-        region = _grain(t, "region_size", DEFAULT_REGION_SIZE)
         result = MirrorSpec(
-            name=name, members=tuple(_target(m) for m in _members(t, 2)), region_size=region
+            name=name,
+            members=tuple(_target(m) for m in _members(t, 2)),
+            region_size=_grain(t, "region_size", DEFAULT_REGION_SIZE),
+            metadata=t.flag("metadata", True),
+            leg_timeout=t.duration("leg_timeout", DEFAULT_LEG_TIMEOUT),
+            resync_rate=t.size("resync_rate", 0),
+            resync_min_rate=t.size("resync_min_rate", 0),
         )
     return result
 
@@ -460,6 +490,10 @@ def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
         d["members"] = [target_to_dict(m, human=human) for m in t.members]
     else:
         d["region_size"] = size(t.region_size)
+        d["metadata"] = t.metadata
+        d["leg_timeout"] = t.leg_timeout
+        d["resync_rate"] = size(t.resync_rate)
+        d["resync_min_rate"] = size(t.resync_min_rate)
         d["members"] = [target_to_dict(m, human=human) for m in t.members]
     return d
 

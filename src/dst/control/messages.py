@@ -127,7 +127,7 @@ class Status(Request):
 
 @dataclass(frozen=True, slots=True)
 class Fail(Request):
-    """Reserved: mark a mirror leg faulty."""
+    """Take mirror leg ``node`` out for maintenance (its misses are recorded)."""
 
     OP: ClassVar[str] = "fail"
     array: str
@@ -136,11 +136,13 @@ class Fail(Request):
 
 @dataclass(frozen=True, slots=True)
 class Readd(Request):
-    """Reserved: bring a failed leg back (resync what it missed)."""
+    """Bring failed leg ``node`` back, resyncing what it missed; ``full`` copies
+    everything and discards the leg's own data (the way out of a split brain)."""
 
     OP: ClassVar[str] = "readd"
     array: str
     node: str
+    full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,20 +175,28 @@ class Replace(Request):
 
 @dataclass(frozen=True, slots=True)
 class Verify(Request):
-    """Reserved: compare mirror legs; with ``repair`` rewrite differing regions."""
+    """Start comparing mirror legs in the background (progress in status); with
+    ``repair`` rewrite differing regions from leg ``source`` (default: the first in
+    sync).  ``mirror`` names the mirror when the array has several."""
 
     OP: ClassVar[str] = "verify"
     array: str
     repair: bool = False
+    source: str | None = None
+    mirror: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ResyncRate(Request):
-    """Reserved: limit resync to ``rate`` bytes per second (0: unlimited)."""
+    """Limit resync to ``rate`` bytes per second (0: unlimited), and when the array
+    is idle let it go at least ``min_rate`` (0: no floor); every mirror of the
+    array, or only ``mirror``."""
 
     OP: ClassVar[str] = "resync-rate"
     array: str
     rate: int
+    min_rate: int = 0
+    mirror: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,9 +115,15 @@ class TaskSet:
 
 
 async def timed(op: Awaitable[T], seconds: float | None) -> T:
-    """``op``, failing with ETIMEDOUT after ``seconds`` (None: no limit)."""
+    """``op``, failing with ETIMEDOUT after ``seconds`` (None: no limit).
+
+    Works outside a task too (the NBD server steps a request's first part eagerly,
+    with no task to cancel): there ``op`` runs as a task of its own.
+    """
     if seconds is None:
         return await op
+    if asyncio.current_task() is None:
+        return await asyncio.ensure_future(timed(op, seconds))
     try:
         async with asyncio.timeout(seconds):
             return await op

@@ -1,0 +1,257 @@
+"""Keeps the mirrors of a running array healthy: resync, automatic re-add, verify.
+
+Theory of operation
+-------------------
+The array daemon attaches one :class:`MirrorKeeper` to every tracked mirror of a
+running tree.  The keeper
+
+* runs the mirror's :class:`~dst.array.resync.Resyncer` (rate limited, resumable);
+* **re-adds failed legs automatically** when their node is back.  A remote leaf
+  reports its connection state (:meth:`RemoteDevice.subscribe`); when every remote
+  leaf of a failed leg is connected again, or on a periodic retry for a leg whose
+  node was down when the array started (it was never opened), the keeper calls
+  :meth:`MirrorDevice.readd`, which checks the member's superblock: a member that
+  is merely behind is resynced from the bitmap (delta), an unknown or diverged one
+  is *refused* and stays failed with the reason in status until the operator
+  decides (``dst readd NODE --full`` discards its data).  Legs failed by the
+  operator (``dst fail``) are never re-added automatically; a leg that keeps
+  failing is retried with exponential backoff (capped);
+* runs **verify** jobs (compare, or repair from one leg) in the background, with
+  progress for status.
+
+Everything runs in the mirror's task set, so closing the mirror stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from dst.array.member import Member
+from dst.array.resync import Resyncer, VerifyReport, verify
+from dst.device import BlockDevice
+from dst.errors import BlockError, ConfigError
+from dst.meta.superblock import MetadataError
+from dst.targets.intent import LegState
+from dst.targets.mirror import MirrorDevice
+from dst.targets.remote import RemoteDevice
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN = 1.0  # seconds between automatic re-add attempts of one leg, doubling ...
+RETRY_MAX = 30.0  # ... up to this
+
+
+def remotes(dev: BlockDevice) -> Iterator[RemoteDevice]:
+    """The remote leaves under ``dev`` (through Member wrappers and composites)."""
+    stack = [dev]
+    while stack:
+        d = stack.pop()
+        inner = d.inner if isinstance(d, Member) else d
+        if isinstance(inner, RemoteDevice):
+            yield inner
+        stack.extend(d.children())
+
+
+class VerifyJob:
+    """One background verify of a mirror, with its report so far."""
+
+    def __init__(self, repair: bool, source: int | None) -> None:
+        self.repair = repair
+        self.source = source
+        self.report = VerifyReport()
+        self.state = "running"  # running | done | failed
+        self.error = ""
+        self.started = time.monotonic()
+        self.finished: float | None = None
+
+    def status(self) -> dict[str, Any]:
+        r = self.report
+        elapsed = (self.finished or time.monotonic()) - self.started
+        return {
+            "state": self.state,
+            "repair": self.repair,
+            "error": self.error,
+            "regions_done": r.checked,
+            "regions_total": r.regions,
+            "bytes": r.bytes,
+            "rate": r.bytes / elapsed if elapsed > 0 else 0.0,
+            "mismatched": list(r.mismatched[:100]),
+            "mismatched_count": len(r.mismatched),
+            "repaired_count": len(r.repaired),
+        }
+
+
+class MirrorKeeper:
+    """Resync, automatic re-add and verify for one tracked mirror."""
+
+    def __init__(
+        self,
+        mirror: MirrorDevice,
+        *,
+        max_rate: float | None = None,
+        min_rate: float | None = None,
+        retry_min: float = RETRY_MIN,
+        retry_max: float = RETRY_MAX,
+    ) -> None:
+        if mirror.intent is None:
+            raise ConfigError("the mirror has no region tracking", where="region_size")
+        self.mirror = mirror
+        self.resyncer = Resyncer(mirror, max_rate=max_rate, min_rate=min_rate)
+        self.manual: set[int] = set()  # failed by the operator: no automatic re-add
+        self.refused: dict[int, str] = {}  # re-add refused (split brain, foreign)
+        self.verify_job: VerifyJob | None = None
+        self.readds = 0  # automatic re-adds so far
+        self._retry_min, self._retry_max = retry_min, retry_max
+        self._next_try: dict[int, float] = {}
+        self._delay: dict[int, float] = {}
+        self._kick = asyncio.Event()
+        self._unsubscribe: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        self.resyncer.start()
+        for leg in self.mirror.legs:
+            for remote in remotes(leg.dev):
+                self._unsubscribe.append(remote.subscribe(self._on_connection))
+        self.mirror.tasks.spawn(self._readd_loop(), name="readd")
+
+    def stop(self) -> None:
+        """Detach from the remote leaves (the mirror's close stops the tasks)."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+
+    # -- operator actions ------------------------------------------------------------
+
+    async def fail(self, index: int) -> None:
+        """Take leg ``index`` out for maintenance.  Raises ConfigError (last leg)."""
+        await self.mirror.fail_leg(index)
+        self.manual.add(index)
+
+    async def readd(self, index: int, *, full: bool = False) -> dict[str, Any]:
+        """Bring leg ``index`` back now; ``full`` discards its data (split brain).
+
+        Raises ConfigError (not failed), BlockError (unreachable), MetadataError.
+        """
+        plan = await self.mirror.readd(index, full=full)
+        self.manual.discard(index)
+        self.refused.pop(index, None)
+        self._forget(index)
+        return {"leg": index, "relation": plan.relation, "full": plan.full,
+                "regions": plan.regions}  # fmt: skip
+
+    def set_rate(self, *, max_rate: float | None, min_rate: float | None) -> None:
+        self.resyncer.set_rate(max_rate=max_rate, min_rate=min_rate)
+
+    def start_verify(self, *, repair: bool, source: int | None) -> VerifyJob:
+        """Start a background verify.  Raises ConfigError if one is running."""
+        if self.verify_job is not None and self.verify_job.state == "running":
+            raise ConfigError("a verify is already running on this mirror", where="array")
+        job = VerifyJob(repair, source)
+        self.verify_job = job
+        self.mirror.tasks.spawn(self._verify(job), name="verify")
+        return job
+
+    async def _verify(self, job: VerifyJob) -> None:
+        def progress(report: VerifyReport) -> None:
+            job.report = report
+
+        try:
+            job.report = await verify(
+                self.mirror, repair=job.repair, source=job.source, progress=progress
+            )
+            job.state = "done"
+        except (BlockError, ConfigError) as exc:
+            job.state, job.error = "failed", str(exc)
+        finally:
+            job.finished = time.monotonic()
+        log.info("%s: verify %s: %d regions differ", self.mirror.name, job.state,
+                 len(job.report.mismatched))  # fmt: skip
+
+    # -- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "resync_limit": {
+                "max_rate": self.resyncer.limit.max_rate,
+                "min_rate": self.resyncer.limit.min_rate,
+            },
+            "auto_readds": self.readds,
+            "manual": sorted(self.manual),
+            "refused": {str(k): v for k, v in self.refused.items()},
+        }
+        if self.verify_job is not None:
+            out["verify"] = self.verify_job.status()
+        return out
+
+    # -- automatic re-add ------------------------------------------------------------
+
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            self._kick.set()
+
+    def _forget(self, index: int) -> None:
+        self._next_try.pop(index, None)
+        self._delay.pop(index, None)
+
+    def _candidates(self) -> list[int]:
+        now = time.monotonic()
+        out = []
+        for leg in self.mirror.legs:
+            i = leg.index
+            if leg.state is not LegState.FAILED or i in self.manual or i in self.refused:
+                continue
+            if leg.opened and any(r.health().state != "connected" for r in remotes(leg.dev)):
+                continue  # its node is still away; the reconnect will kick us
+            if now < self._next_try.get(i, 0.0):
+                continue
+            out.append(i)
+        return out
+
+    async def _readd_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self._retry_min)
+            self._kick.clear()
+            for i in self._candidates():
+                await self._try_readd(i)
+
+    async def _try_readd(self, index: int) -> None:
+        leg = self.mirror.legs[index]
+        try:
+            plan = await self.mirror.readd(index)
+        except MetadataError as exc:
+            self.refused[index] = str(exc)
+            leg.reason = f"refused: {exc}"
+            log.error("%s: leg %d (%s) not re-added: %s", self.mirror.name, index,
+                      leg.dev.name, exc)  # fmt: skip
+            return
+        except (BlockError, ConfigError, OSError) as exc:
+            delay = min(self._delay.get(index, self._retry_min / 2) * 2, self._retry_max)
+            self._delay[index] = delay
+            self._next_try[index] = time.monotonic() + delay
+            log.debug("%s: leg %d not back yet: %s", self.mirror.name, index, exc)
+            return
+        self.readds += 1
+        self._forget(index)
+        log.warning("%s: leg %d (%s) is back: re-added (%s, %d regions to copy)",
+                    self.mirror.name, index, leg.dev.name, plan.relation,
+                    plan.regions)  # fmt: skip
+
+
+def keepers(root: BlockDevice, spec_rates: Callable[[str], tuple[int, int]]) -> list[MirrorKeeper]:
+    """A keeper for every tracked mirror under ``root``; ``spec_rates(name)`` gives the
+    configured (max, min) resync rate of the mirror called ``name`` (0: none)."""
+    out = []
+    stack = [root]
+    while stack:
+        dev = stack.pop()
+        if isinstance(dev, MirrorDevice) and dev.intent is not None:
+            hi, lo = spec_rates(dev.name)
+            out.append(MirrorKeeper(dev, max_rate=hi or None, min_rate=lo or None))
+        stack.extend(dev.children())
+    return out
