@@ -134,6 +134,37 @@ def cmd_add(
     return cmd_simple(control, "add", {"array": array, "spec": node})
 
 
+def cmd_assemble(
+    control: str,
+    members: list[str],
+    *,
+    name: str | None,
+    listen: list[str],
+    export: str | None,
+    dry_run: bool,
+) -> int:
+    """Rebuild a mirror from its members' superblocks and start it in the daemon."""
+    from dst.array.assemble import assemble_spec, probe_all
+    from dst.array.spec import spec_from_dict, spec_to_dict
+
+    async def probe() -> Any:
+        return await probe_all(members)
+
+    found = asyncio.run(probe())
+    for f in found:
+        state = "dirty" if f.sb.state.name == "DIRTY" else "clean"
+        print(f"{f.location}: member {f.sb.role} of {f.sb.array_name!r} ({f.sb.array_uuid}), "
+              f"events {f.sb.events}, {state}")  # fmt: skip
+    doc = assemble_spec(found, name=name, listen=listen, export=export)
+    spec = spec_from_dict(doc)  # the same checks as a spec file
+    if dry_run:
+        print(json.dumps(spec_to_dict(spec, human=True), indent=2))
+        return 0
+    result = request(control, "create", {"spec": spec_to_dict(spec)})
+    _print_summary(result)
+    return 0
+
+
 def cmd_readd(control: str, array: str, node: str, *, full: bool) -> int:
     r = request(control, "readd", {"array": array, "node": node, "full": full})
     what = "everything" if r.get("full") else f"{r.get('regions')} regions"

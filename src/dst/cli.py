@@ -34,6 +34,7 @@ commands:
   create  create and start an array from a spec file (TOML)
   start, stop      start or stop an array
   add, remove      grow or shrink a linear array live
+  assemble         rebuild a mirror from its members' superblocks (after a crash)
   fail, readd      take a mirror leg out for maintenance, bring it back (resync)
   verify  compare mirror legs online (--repair rewrites differing regions)
   resync-rate      limit (or free) the background resync
@@ -98,6 +99,7 @@ examples:
   dst add big --uri nbd://127.0.0.1:10812/ --name n3
   dst add big --path /var/lib/dst/extra.img --size 10G
   dst remove big n3
+  dst assemble nbd://10.0.0.1:10809/ nbd://10.0.0.2:10809/ --listen 127.0.0.1:10900
   dst fail demo node-b && dst readd demo node-b
   dst verify demo --repair --source node-a
   dst resync-rate demo 50M --min 5M
@@ -217,6 +219,21 @@ def _add_array_commands(sub: Any) -> None:
     p.add_argument("array", metavar="ARRAY")
     p.add_argument("node", metavar="NODE")
     p = add(
+        "assemble",
+        "rebuild a mirror from its members",
+        "Read the superblocks of the members (local paths or NBD URIs), check they are "
+        "all the members of one array, and start that array in the daemon with each "
+        "member in its role.  Out-of-date members are resynced from the bitmap; after a "
+        "crash only the regions marked dirty are copied.",
+    )
+    p.add_argument("members", metavar="MEMBER", nargs="+", help="path or NBD URI of a member")
+    p.add_argument("--name", help="array name (default: the name in the superblocks)")
+    p.add_argument(
+        "--listen", metavar="ADDR", action="append", default=[], help="export address (repeat)"
+    )
+    p.add_argument("--export", metavar="NAME", help="export name (default: '' and the name)")
+    p.add_argument("--dry-run", action="store_true", help="print the spec, start nothing")
+    p = add(
         "fail",
         "take a mirror leg out (maintenance)",
         "Mark mirror leg NODE failed: writes go on without it and the regions it misses "
@@ -314,6 +331,15 @@ def _run_array(args: argparse.Namespace) -> int:
         return admin.cmd_simple(control, cmd, {"array": args.array})
     if cmd == "remove":
         return admin.cmd_simple(control, "remove", {"array": args.array, "node": args.node})
+    if cmd == "assemble":
+        return admin.cmd_assemble(
+            control,
+            args.members,
+            name=args.name,
+            listen=args.listen,
+            export=args.export,
+            dry_run=args.dry_run,
+        )
     if cmd == "fail":
         return admin.cmd_simple(control, "fail", {"array": args.array, "node": args.node})
     if cmd == "readd":

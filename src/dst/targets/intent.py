@@ -594,8 +594,13 @@ class IntentLog:
     async def _format(self, leg: int, generation: int) -> Superblock:
         assert self.stores is not None and self.array_uuid is not None
         store = self.stores[leg] = MetaStore(self.devices[leg])
-        spec = {"type": "mirror", "size": self.size, "region_size": self.region_size,
-                "legs": len(self.devices)}  # fmt: skip
+        spec = {
+            "type": "mirror",
+            "size": self.size,
+            "region_size": self.region_size,
+            "legs": len(self.devices),
+            "names": [d.name for d in self.devices],
+        }  # fmt: skip  (for dst assemble)
         try:
             sb = await timed(
                 store.format(

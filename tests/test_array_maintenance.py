@@ -1,0 +1,220 @@
+"""Mirror maintenance in an in-process daemon: fail/readd/verify/resync-rate over the
+control ops, and assembly of a mirror from its members' superblocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dst.array.assemble import AssembleError, assemble_spec, probe_all
+from dst.array.daemon import Daemon
+from dst.control import messages as m
+from dst.errors import ControlError
+from dst.meta.layout import layout_for
+from dst.net.address import parse_address
+from dst.net.client import NbdClient
+
+pytestmark = pytest.mark.timeout(60)
+MiB = 1 << 20
+REGION = 64 << 10
+
+
+def mirror_spec(name: str, tmp: Path, sock: Path, legs: int = 2) -> dict[str, Any]:
+    members = [
+        {"type": "file", "name": f"leg{i}", "path": str(tmp / f"leg{i}.img"), "size": 4 * MiB}
+        for i in range(legs)
+    ]
+    target = {"type": "mirror", "name": "m", "region_size": REGION, "members": members}
+    return {"array": {"name": name, "listen": [f"unix:{sock}"], "target": target}}
+
+
+async def connect(sock: Path) -> NbdClient:
+    return await NbdClient.connect(parse_address(f"unix:{sock}", form="listen"))
+
+
+def mirror_node(status: dict[str, Any]) -> dict[str, Any]:
+    node: dict[str, Any] = status["root"]
+    return node
+
+
+async def wait_for(cond: Any, what: str, limit: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def rot(path: Path, regions: list[int]) -> None:
+    """Bit rot: a few bytes changed in each of ``regions`` of the member file."""
+    with open(path, "r+b") as f:
+        for r in regions:
+            f.seek(r * REGION + 100)
+            f.write(b"rot")
+
+
+def leg_data(tmp: Path, i: int) -> bytes:
+    size = layout_for(4 * MiB, REGION).data_size
+    return (tmp / f"leg{i}.img").read_bytes()[:size]
+
+
+async def test_fail_write_readd_copies_only_what_was_missed(tmp_path: Path) -> None:
+    sock = tmp_path / "a.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(mirror_spec("a", tmp_path, sock)))
+        c = await connect(sock)
+        await c.write(0, b"\x11" * c.size)
+        await c.flush()
+        status = await daemon.handle(m.Fail(array="a", node="leg1"))
+        legs = mirror_node(status)["members"]
+        assert [x["state"] for x in legs] == ["in_sync", "failed"]
+        # Three regions written while leg1 is out.
+        for r in (1, 5, 9):
+            await c.write(r * REGION, bytes([r]) * REGION)
+        await c.flush()
+        # An operator-failed leg is never re-added automatically.
+        await asyncio.sleep(1.5)
+        array = daemon.arrays["a"]
+        assert array.status()["root"]["members"][1]["state"] == "failed"
+        plan = await daemon.handle(m.Readd(array="a", node="leg1"))
+        assert (plan["full"], plan["regions"]) == (False, 3)
+        keeper = array.keepers["m"]
+        await asyncio.wait_for(keeper.resyncer.wait_idle(), 20)
+        assert keeper.resyncer.last is not None
+        assert keeper.resyncer.last.bytes == 3 * REGION
+        status = array.status()
+        assert [x["state"] for x in status["root"]["members"]] == ["in_sync", "in_sync"]
+        expect = bytearray(b"\x11" * c.size)
+        for r in (1, 5, 9):
+            expect[r * REGION : (r + 1) * REGION] = bytes([r]) * REGION
+        assert bytes(await c.read(0, c.size)) == expect
+        await c.close()
+        await daemon.handle(m.Stop(array="a"))
+        assert leg_data(tmp_path, 0) == expect == leg_data(tmp_path, 1)
+    finally:
+        await daemon.close()
+
+
+async def test_maintenance_errors_name_the_problem(tmp_path: Path) -> None:
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(mirror_spec("a", tmp_path, tmp_path / "a.sock")))
+        cases: list[tuple[m.Request, str, str]] = [
+            (m.Fail(array="a", node="nope"), "no-such-node", "node"),
+            (m.Readd(array="a", node="leg0"), "not-failed", "node"),
+            (m.ResyncRate(array="a", rate=-1), "bad-args", "rate"),
+            (m.ResyncRate(array="a", rate=10, min_rate=20), "bad-args", "min_rate"),
+            (m.Verify(array="a", mirror="x"), "no-such-node", "mirror"),
+            (m.Fail(array="zz", node="leg0"), "no-such-array", "array"),
+        ]
+        for req, code, field in cases:
+            with pytest.raises(ControlError) as exc:
+                await daemon.handle(req)
+            assert (exc.value.code, exc.value.field) == (code, field), req
+        await daemon.handle(m.Fail(array="a", node="leg1"))
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.Fail(array="a", node="leg0"))
+        assert exc.value.code == "last-leg"
+        await daemon.handle(m.Stop(array="a"))
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.Fail(array="a", node="leg0"))
+        assert exc.value.code == "not-running"
+    finally:
+        await daemon.close()
+
+
+async def test_verify_reports_then_repairs(tmp_path: Path) -> None:
+    sock = tmp_path / "v.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(mirror_spec("v", tmp_path, sock)))
+        c = await connect(sock)
+        data = os.urandom(c.size)
+        await c.write(0, data)
+        await c.flush()
+        await daemon.handle(m.Stop(array="v"))
+        rot(tmp_path / "leg1.img", [2, 7])
+        await c.close()
+        await daemon.handle(m.Start(array="v"))
+        array = daemon.arrays["v"]
+        keeper = array.keepers["m"]
+
+        async def verify(**kw: Any) -> dict[str, Any]:
+            await daemon.handle(m.Verify(array="v", **kw))
+            job = keeper.verify_job
+            assert job is not None
+            await wait_for(lambda: job.state != "running", "verify")
+            st: dict[str, Any] = array.status()["root"]["detail"]["keeper"]["verify"]
+            return st
+
+        found = await verify()
+        assert (found["state"], found["mismatched"], found["repaired_count"]) == ("done", [2, 7], 0)
+        fixed = await verify(repair=True, source="leg0")
+        assert (fixed["mismatched"], fixed["repaired_count"]) == ([2, 7], 2)
+        clean = await verify()
+        assert clean["mismatched"] == []
+        await daemon.handle(m.ResyncRate(array="v", rate=50 * MiB, min_rate=MiB))
+        limit = array.status()["root"]["detail"]["keeper"]["resync_limit"]
+        assert limit == {"max_rate": 50 * MiB, "min_rate": MiB}
+        await daemon.handle(m.Stop(array="v"))
+        assert leg_data(tmp_path, 0) == leg_data(tmp_path, 1)
+        assert leg_data(tmp_path, 0)[: len(data)] == data
+    finally:
+        await daemon.close()
+
+
+async def test_assemble_from_members_alone(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(mirror_spec("orig", tmp_path, sock, legs=3)))
+        c = await connect(sock)
+        data = os.urandom(c.size)
+        await c.write(0, data)
+        await c.close()
+        await daemon.handle(m.Stop(array="orig"))
+        # Members given in any order come back in their roles, with their names.
+        paths = [str(tmp_path / f"leg{i}.img") for i in (2, 0, 1)]
+        doc = assemble_spec(await probe_all(paths), name="back", listen=[f"unix:{sock}"])
+        target = doc["array"]["target"]
+        assert [x["name"] for x in target["members"]] == ["leg0", "leg1", "leg2"]
+        assert [x["path"] for x in target["members"]] == sorted(paths)
+        assert (target["name"], target["region_size"]) == ("m", REGION)
+        await daemon.handle(m.Create(doc))
+        c = await connect(sock)
+        assert bytes(await c.read(0, c.size)) == data
+        await c.close()
+        st = daemon.arrays["back"].status()
+        assert [x["state"] for x in st["root"]["members"]] == ["in_sync"] * 3
+    finally:
+        await daemon.close()
+
+
+async def test_assemble_refuses_what_does_not_belong_together(tmp_path: Path) -> None:
+    daemon = Daemon()
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        await daemon.handle(m.Create(mirror_spec("one", a, a / "s.sock")))
+        await daemon.handle(m.Create(mirror_spec("two", b, b / "s.sock")))
+        await daemon.handle(m.Stop(array="one"))
+        await daemon.handle(m.Stop(array="two"))
+    finally:
+        await daemon.close()
+    (tmp_path / "plain.img").write_bytes(b"\0" * MiB)
+    cases = [
+        ([a / "leg0.img", b / "leg1.img"], "different arrays"),
+        ([a / "leg0.img"], r"member\(s\) 1 of 2 not given"),
+        ([a / "leg0.img", a / "leg0.img"], "are both member 0"),
+        ([a / "leg0.img", tmp_path / "plain.img"], "not a dst mirror member"),
+        ([a / "leg0.img", tmp_path / "missing.img"], "no such file"),
+        ([], "say which members"),
+    ]
+    for members, message in cases:
+        with pytest.raises(AssembleError, match=message):
+            assemble_spec(await probe_all([str(p) for p in members]))
