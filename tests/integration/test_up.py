@@ -47,24 +47,8 @@ def test_dst_up_demo_mirror(tmp_path: Path, sockdir: Path) -> None:
     data_dir, sock, control = tmp_path / "data", sockdir / "dst.sock", sockdir / "control.sock"
     cmd = [*DST, "up", "--dir", str(data_dir), "--size", "64M"]
     cmd += ["--listen", f"unix:{sock}", "--control", str(control)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-    stdout, out = proc.stdout, list[str]()
-
-    def reader() -> None:
-        for line in stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=reader, daemon=True).start()
+    proc, lines, out = _start_up(cmd)
     try:
-        while not out or not out[-1].startswith("dst is up"):
-            line = lines.get(timeout=UP_TIMEOUT)
-            assert line is not None, f"dst up exited {proc.wait()}: {''.join(out)}"
-            out.append(line)
         nodes = _node_pids(data_dir)
         assert len(nodes) == 2, nodes
 
@@ -91,6 +75,7 @@ def test_dst_up_demo_mirror(tmp_path: Path, sockdir: Path) -> None:
             proc.wait()
     while (line := lines.get(timeout=10)) is not None:
         out.append(line)
+    assert proc.stderr is not None
     err = proc.stderr.read()
     assert rc == 0, err
     assert out[-1].strip() == "dst stopped", out
@@ -102,3 +87,48 @@ def test_dst_up_demo_mirror(tmp_path: Path, sockdir: Path) -> None:
     assert a.stat().st_size == b.stat().st_size == member_size_for(size)
     assert a.read_bytes()[:size] == b.read_bytes()[:size], "mirror legs differ"
     check_ext4_image(a, digests, tmp_path)
+
+    # dst up again on the same directory: the members are reused and the mirror is
+    # assembled from their superblocks (the nodes got new ports): the filesystem is there.
+    proc, lines, out = _start_up(cmd)
+    try:
+        assert any(line.startswith(f"reusing {a}") for line in out), out
+        status = json.loads(run([*base, "--json"]).stdout)
+        legs = status["arrays"][0]["root"]["members"]
+        assert [leg["state"] for leg in legs] == ["in_sync", "in_sync"]
+        image = tmp_path / "again.img"
+        run(["nbdcopy", unix_uri(sock), image])
+        check_ext4_image(image, digests, tmp_path)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _start_up(cmd: list[str]) -> tuple[subprocess.Popen[str], queue.Queue[str | None], list[str]]:
+    """Start ``dst up``; return once it printed "dst is up" (with the lines so far)."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    stdout, out = proc.stdout, list[str]()
+
+    def reader() -> None:
+        for line in stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        while not out or not out[-1].startswith("dst is up"):
+            line = lines.get(timeout=UP_TIMEOUT)
+            assert line is not None, f"dst up exited {proc.wait()}: {''.join(out)}"
+            out.append(line)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, lines, out
