@@ -85,13 +85,7 @@ def array_spec(kind: str, uris: list[str], listen: str, ctx: Context) -> str:
 @contextlib.contextmanager
 def _dst_array(ctx: Context, kind: str) -> Iterator[str]:
     with contextlib.ExitStack() as stack:  # unwinds daemon first, then the nodes
-        uris = []
-        for i, leg in enumerate(leg_paths(ctx)):
-            sock = ctx.workdir / f"node{i}.sock"
-            cmd = [sys.executable, "-m", "dst", "serve", str(leg), "--name", f"n{i}"]
-            cmd += ["--listen", f"unix:{sock}"]
-            uri = f"nbd+unix:///n{i}?socket={sock}"
-            uris.append(stack.enter_context(_server(cmd, sock, uri, ctx.workdir / f"node{i}.log")))
+        uris = stack.enter_context(_nodes(ctx, stack))
         sock = ctx.workdir / "array.sock"
         spec = ctx.workdir / f"{kind}.toml"
         spec.write_text(array_spec(kind, uris, f"unix:{sock}", ctx))
@@ -99,6 +93,44 @@ def _dst_array(ctx: Context, kind: str) -> Iterator[str]:
         cmd = [sys.executable, "-m", "dst", "daemon", "--control", str(control), str(spec)]
         log = ctx.workdir / "daemon.log"
         yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///bench?socket={sock}", log))
+
+
+@contextlib.contextmanager
+def _nodes(ctx: Context, stack: contextlib.ExitStack) -> Iterator[list[str]]:
+    """Start the two ``dst serve`` nodes (on ``stack``); their URIs."""
+    uris = []
+    for i, leg in enumerate(leg_paths(ctx)):
+        sock = ctx.workdir / f"node{i}.sock"
+        cmd = [sys.executable, "-m", "dst", "serve", str(leg), "--name", f"n{i}"]
+        cmd += ["--listen", f"unix:{sock}"]
+        uri = f"nbd+unix:///n{i}?socket={sock}"
+        uris.append(stack.enter_context(_server(cmd, sock, uri, ctx.workdir / f"node{i}.log")))
+    yield uris
+
+
+@contextlib.contextmanager
+def _bare_mirror(ctx: Context, mode: str) -> Iterator[str]:
+    """``bench/mirror_serve.py --mode MODE`` over two ``dst serve`` nodes."""
+    with contextlib.ExitStack() as stack:
+        uris = stack.enter_context(_nodes(ctx, stack))
+        sock = ctx.workdir / f"mirror-{mode}.sock"
+        here = Path(__file__).resolve().parent
+        cmd = [sys.executable, str(here / "mirror_serve.py"), "--mode", mode]
+        cmd += ["--listen", f"unix:{sock}", *uris]
+        log = ctx.workdir / f"mirror-{mode}.log"
+        yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///bench?socket={sock}", log))
+
+
+def start_mirror_plain(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _bare_mirror(ctx, "plain")
+
+
+def start_mirror_memory(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _bare_mirror(ctx, "memory")
+
+
+def start_mirror_meta(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _bare_mirror(ctx, "meta")
 
 
 def start_linear(ctx: Context) -> contextlib.AbstractContextManager[str]:
@@ -149,6 +181,27 @@ ARRAY_TARGETS: list[Target] = [
     Target("dst-stripe", start_stripe, (), f"dst daemon: stripe of {_LEGS_NOTE}", prepare_legs),
     Target("dst-mirror", start_mirror, (), f"dst daemon: mirror of {_LEGS_NOTE}", prepare_legs),
     Target(
+        "dst-mirror-plain",
+        start_mirror_plain,
+        (),
+        f"bench/mirror_serve.py: untracked mirror of {_LEGS_NOTE}",
+        prepare_legs,
+    ),
+    Target(
+        "dst-mirror-memory",
+        start_mirror_memory,
+        (),
+        f"bench/mirror_serve.py: mirror of {_LEGS_NOTE}, region tracking in memory",
+        prepare_legs,
+    ),
+    Target(
+        "dst-mirror-meta",
+        start_mirror_meta,
+        (),
+        f"bench/mirror_serve.py: mirror of {_LEGS_NOTE}, on-disk write-intent bitmap",
+        prepare_legs,
+    ),
+    Target(
         "qemu-quorum",
         start_quorum,
         ("qemu-nbd", "nbdkit"),
@@ -160,6 +213,8 @@ ALL_TARGETS = TARGETS + ARRAY_TARGETS
 DEFAULT_TARGETS = ["nbdkit", "dst-linear", "dst-stripe", "dst-mirror", "qemu-quorum"]
 RATIOS = [
     "dst-mirror/qemu-quorum",
+    "dst-mirror-meta/dst-mirror-plain",
+    "dst-mirror-memory/dst-mirror-plain",
     "dst-mirror/nbdkit",
     "dst-stripe/nbdkit",
     "dst-linear/nbdkit",
@@ -170,6 +225,8 @@ EPILOG = (
     "  python bench/arrays.py --quick                          # sanity run\n"
     "  python bench/arrays.py --targets dst-mirror qemu-quorum --workloads randwrite-4k-qd32\n"
     "  python bench/arrays.py --targets dst dst-mirror --ratio dst-mirror/dst\n"
+    "  python bench/arrays.py --targets dst-mirror-plain dst-mirror-meta \\\n"
+    "      --workloads randwrite-4k-qd32          # the write-intent bitmap's cost\n"
 )
 
 if __name__ == "__main__":

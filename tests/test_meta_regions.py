@@ -220,6 +220,31 @@ def test_fast_path_write_is_missed_by_a_failing_leg() -> None:
     assert t.due_clears(100.0).meta is None and t.bitmap.test(0)  # never cleared
 
 
+def _write(t: RegionTracker, wid: int, region: int, now: float) -> None:
+    out = t.begin_write(wid, region * R, 4096)
+    if out.meta is not None:
+        out = t.persisted(out.meta.batch)
+    assert wid in out.writes
+    t.end_write(wid, now)
+
+
+def test_clear_delay_backs_off_for_regions_marked_again_soon() -> None:
+    t = tracker()  # clear_delay 5
+    _write(t, 1, 0, 0.0)
+    t.persisted(meta(t.due_clears(5.0)).batch)  # idle 5 s: cleared
+    assert not t.bitmap.test(0)
+    _write(t, 2, 0, 6.0)  # marked again right after: next delay 10 s
+    assert t.due_clears(12.0).meta is None and t.bitmap.test(0)
+    t.persisted(meta(t.due_clears(16.0)).batch)
+    assert not t.bitmap.test(0)
+    _write(t, 3, 0, 17.0)  # again: 20 s
+    assert t.due_clears(36.0).meta is None and t.bitmap.test(0)
+    t.persisted(meta(t.due_clears(37.0)).batch)
+    t.due_clears(37.0 + 5 * 8)  # stayed clean for the longest delay: forgotten
+    _write(t, 4, 0, 100.0)
+    assert t.due_clears(105.0).meta is not None  # back to the base delay
+
+
 # --- model-based property test -----------------------------------------------------
 
 NREG, LEGS, PAGE = 200, 3, 64

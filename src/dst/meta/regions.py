@@ -22,7 +22,11 @@ A region's life::
   metadata write, not one per data write; a MetaWrite carries a snapshot of the
   changed 4 KiB bitmap pages, so later changes never leak into it and batches reach
   the disk in order.  Lazy clearing keeps hot regions dirty: steady writes to them
-  need no metadata I/O at all.
+  need no metadata I/O at all.  The delay adapts per region: one marked again soon
+  after its bit was cleared (two metadata writes wasted) waits twice as long before
+  the next clear, up to ``MAX_BACKOFF`` times ``clear_delay``, and returns to
+  ``clear_delay`` once it has stayed clean that long.  The price is a bigger bitmap
+  (more to resync after a crash) while a write pattern keeps revisiting regions.
 * A write may proceed only when the mark of each of its regions is on disk and none
   of them is resynced (or waiting to be).  A write holds its regions from
   :meth:`begin_write` to :meth:`end_write`; held regions are never cleared.
@@ -41,6 +45,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dst.meta.bitmap import PAGE_BITS, Bitmap
+
+MAX_BACKOFF = 8  # a region's clear delay grows up to this many times clear_delay
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,12 @@ class RegionTracker:
         self._resync: set[int] = set()
         self._resync_wait: dict[int, None] = {}
         self._idle: dict[int, float] = {}  # region -> idle since (clear candidates)
+        # Adaptive lazy clear: a region marked again soon after its bit was cleared
+        # (a mark and a clear wasted, each a metadata write + flush) waits twice as
+        # long before its next clear, up to MAX_BACKOFF times clear_delay; it is
+        # forgotten once it stays clean for a while.
+        self._delay: dict[int, float] = {}  # region -> its clear delay, if not the base
+        self._cleared: dict[int, float] = {}  # region -> when its bit was last cleared
         # Pages of ``bitmap`` changed since it was read (e.g. pages that went full in
         # memory when loaded) are not on disk yet: they go out with the first batch.
         for p in self.bitmap.changed_pages():
@@ -270,9 +282,18 @@ class RegionTracker:
         return self._progress()
 
     def due_clears(self, now: float) -> Out:
-        """Clear the bits of regions idle for ``clear_delay`` that every leg holds."""
+        """Clear the bits of regions idle for their clear delay (``clear_delay``, longer
+        for regions that keep being marked again right after a clear) that every leg
+        holds."""
+        base, delays, cleared = self.clear_delay, self._delay, self._cleared
+        if cleared:
+            forget = base * MAX_BACKOFF
+            for r, when in list(cleared.items()):
+                if now - when >= forget:  # stayed clean: back to the base delay
+                    del cleared[r]
+                    delays.pop(r, None)
         for r, since in list(self._idle.items()):
-            if now - since < self.clear_delay:
+            if now - since < delays.get(r, base):
                 continue
             if any(o.test(r) for o in self.oos):
                 del self._idle[r]  # back when a resync ends
@@ -280,6 +301,7 @@ class RegionTracker:
             self.bitmap.clear(r)
             if not self.bitmap.test(r):  # a full page that stays full: retry later
                 del self._idle[r]
+                cleared[r] = now
         return self._progress()
 
     # --- internals -----------------------------------------------------------------
@@ -287,6 +309,9 @@ class RegionTracker:
     def _mark(self, r: int) -> None:
         if self.bitmap.test(r):
             return
+        if self._cleared.pop(r, None) is not None:  # cleared too early: back off
+            self._delay[r] = min(2 * self._delay.get(r, self.clear_delay),
+                                 MAX_BACKOFF * self.clear_delay)  # fmt: skip
         page = r // self.bitmap.page_bits
         self.bitmap.set(r)
         if self.bitmap.is_full(page):
