@@ -103,6 +103,7 @@ class MirrorKeeper:
         self.mirror = mirror
         self.resyncer = Resyncer(mirror, max_rate=max_rate, min_rate=min_rate)
         self.manual: set[int] = set()  # failed by the operator: no automatic re-add
+        self.suspended: set[int] = set()  # detached by ``dst suspend`` (also in manual)
         self.refused: dict[int, str] = {}  # re-add refused (split brain, foreign)
         self.verify_job: VerifyJob | None = None
         self.readds = 0  # automatic re-adds so far
@@ -132,6 +133,23 @@ class MirrorKeeper:
         await self.mirror.fail_leg(index)
         self.manual.add(index)
 
+    async def suspend(self, index: int) -> None:
+        """Detach leg ``index`` for a while (its misses are recorded); :meth:`resume`
+        resyncs them.  Raises ConfigError (last leg in sync, or already suspended)."""
+        if index in self.suspended:
+            raise ConfigError(f"leg {index} is already suspended", where="node")
+        await self.fail(index)
+        self.suspended.add(index)
+        self.mirror.legs[index].reason = "suspended by the operator"
+
+    async def resume(self, index: int) -> dict[str, Any]:
+        """Re-attach a suspended leg: the regions it missed are resynced."""
+        if index not in self.suspended:
+            raise ConfigError(f"leg {index} is not suspended", where="node")
+        result = await self.readd(index)
+        self.suspended.discard(index)
+        return result
+
     async def readd(self, index: int, *, full: bool = False) -> dict[str, Any]:
         """Bring leg ``index`` back now; ``full`` discards its data (split brain).
 
@@ -139,6 +157,7 @@ class MirrorKeeper:
         """
         plan = await self.mirror.readd(index, full=full)
         self.manual.discard(index)
+        self.suspended.discard(index)
         self.refused.pop(index, None)
         self._forget(index)
         return {"leg": index, "relation": plan.relation, "full": plan.full,
@@ -182,6 +201,7 @@ class MirrorKeeper:
             },
             "auto_readds": self.readds,
             "manual": sorted(self.manual),
+            "suspended": sorted(self.suspended),
             "refused": {str(k): v for k, v in self.refused.items()},
         }
         if self.verify_job is not None:

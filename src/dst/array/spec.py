@@ -180,6 +180,33 @@ def find_node(spec: ArraySpec | TargetSpec, name: str) -> TargetSpec | None:
     return next((t for t in walk(root) if t.name == name), None)
 
 
+def parent_of(spec: ArraySpec | TargetSpec, name: str) -> TargetSpec | None:
+    """The composite whose direct member is the node called ``name`` (None: the root
+    or no such node)."""
+    root = spec.target if isinstance(spec, ArraySpec) else spec
+    return next((t for t in walk(root) if any(c.name == name for c in children(t))), None)
+
+
+def replace_node(t: TargetSpec, name: str, new: TargetSpec | None) -> TargetSpec:
+    """``t`` with the node called ``name`` replaced by ``new`` (removed if None; a
+    linear member keeps its start and length)."""
+
+    def sub(m: TargetSpec) -> TargetSpec | None:
+        return new if m.name == name else replace_node(m, name, new)
+
+    if isinstance(t, LinearSpec):
+        parts = []
+        for p in t.members:
+            target = sub(p.target)
+            if target is not None:
+                parts.append(dataclasses.replace(p, target=target))
+        return dataclasses.replace(t, members=tuple(parts))
+    if isinstance(t, StripeSpec | MirrorSpec):
+        kids = [k for k in map(sub, t.members) if k is not None]
+        return dataclasses.replace(t, members=tuple(kids))
+    return t
+
+
 # ---------------------------------------------------------------------------
 # errors
 
