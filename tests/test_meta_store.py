@@ -30,6 +30,7 @@ class CountingDevice(MemoryDevice):
         super().__init__(size)
         self.writes: list[tuple[int, int]] = []
         self.flushes = 0
+        self.fuas = 0
         self.bad_reads: set[int] = set()
 
     async def read(self, offset: int, length: int) -> Buffer:
@@ -39,6 +40,7 @@ class CountingDevice(MemoryDevice):
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         self.writes.append((offset, len(data)))
+        self.fuas += fua
         await super().write(offset, data, fua=fua)
 
     async def flush(self) -> None:
@@ -94,6 +96,31 @@ async def test_format_and_load() -> None:
     loaded = await MetaStore(dev).load()
     assert loaded == sb.sb
     assert loaded.data_size == lay.data_size and loaded.current == 0xABC
+
+
+async def test_bitmap_marks_are_fua_writes_and_clears_flush_the_data_first() -> None:
+    dev = CountingDevice(SIZE)
+    store = await formatted(dev)
+    flushes = dev.flushes
+    page = bytearray(BLOCK)
+    page[0] = 0b11  # regions 0 and 1 marked: durable by FUA, no flush
+    await store.write_bitmap_pages({0: bytes(page)})
+    page[1] = 0b1  # one more mark on the same page
+    await store.write_bitmap_pages({0: bytes(page)})
+    assert (dev.flushes, dev.fuas) == (flushes, 2)
+    page[0] = 0b10  # region 0 cleared: its data must be durable before the clear
+    await store.write_bitmap_pages({0: bytes(page)})
+    assert (dev.flushes, dev.fuas) == (flushes + 1, 3)
+    # A store that has not read the bitmap does not know what a page held: it flushes.
+    other = MetaStore(dev)
+    await other.load()
+    await other.write_bitmap_pages({0: bytes(page)})
+    assert dev.flushes == flushes + 2
+    # After reading the bitmap, it knows.
+    assert (await other.read_bitmap()).count() == 2
+    page[5] = 1
+    await other.write_bitmap_pages({0: bytes(page)})
+    assert dev.flushes == flushes + 2
 
 
 async def test_writes_alternate_and_flush() -> None:

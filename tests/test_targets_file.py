@@ -51,11 +51,17 @@ async def test_round_trip(dev: FileDevice) -> None:
     assert await dev.read(7 * MiB, 10) == bytes(10)
 
 
-async def test_flush_uses_fdatasync(dev: FileDevice) -> None:
-    with mock.patch("os.fdatasync", wraps=os.fdatasync) as sync:
-        await dev.write(0, b"x" * 4096, fua=True)
+async def test_flush_uses_fdatasync_and_fua_a_dsync_write(dev: FileDevice) -> None:
+    with (
+        mock.patch("os.fdatasync", wraps=os.fdatasync) as sync,
+        mock.patch("os.pwritev", wraps=os.pwritev) as pwritev,
+    ):
+        await dev.write(4096, b"x" * 8192, fua=True)  # syncs its own range only
+        assert (sync.call_count, pwritev.call_count) == (0, 1)
+        assert pwritev.call_args.args[3] == os.RWF_DSYNC
         await dev.flush()
-    assert sync.call_count == 2
+        assert sync.call_count == 1
+    assert await dev.read(0, 16384) == bytes(4096) + b"x" * 8192 + bytes(4096)
 
 
 async def test_trim_punches_hole(dev: FileDevice, tmp_path: Path) -> None:

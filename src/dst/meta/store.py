@@ -41,6 +41,8 @@ class MetaStore:
         self.layout: MetaLayout | None = None
         self.sb: Superblock | None = None
         self._slot = 1  # slot holding ``sb``; the next write goes to the other one
+        self._pages: dict[int, bytes] = {}  # non-zero bitmap pages as last written/read
+        self._pages_known = False  # True: a page not in _pages is zero on the member
         self._lock = asyncio.Lock()
 
     async def format(
@@ -75,6 +77,7 @@ class MetaStore:
         encode(sb)  # fail before touching the device
         await self.device.write_zeroes(lay.bitmap_offset, lay.bitmap_size)
         self.layout, self._slot = lay, 1
+        self._pages, self._pages_known = {}, True
         async with self._lock:
             for slot, serial in ((0, 1), (1, 2)):
                 await self.device.write(lay.sb_offsets[slot], encode(replace(sb, serial=serial)))
@@ -127,25 +130,54 @@ class MetaStore:
         """The on-disk bitmap (one bit per region)."""
         lay = self._need_layout()
         data = await self.device.read(lay.bitmap_offset, lay.bitmap_size)
+        self._pages = {
+            i // BLOCK: bytes(data[i : i + BLOCK])
+            for i in range(0, len(data), BLOCK)
+            if any(data[i : i + BLOCK])
+        }
+        self._pages_known = True
         return Bitmap.from_bytes(lay.nregions, data, max_pages=max_pages)
 
     async def write_bitmap_pages(self, pages: Mapping[int, bytes]) -> None:
-        """Write bitmap pages (index -> 4 KiB), contiguous runs in one request; flush."""
+        """Write bitmap pages (index -> 4 KiB) durably, contiguous runs in one request.
+
+        Marks (bits set) must be durable before the data they cover is written: the
+        pages go out with FUA, which syncs only their range.  A clear must not reach
+        the disk before the data of its region: if any bit goes from 1 to 0 (or the
+        page's previous content is unknown), the member is flushed first.
+        """
         lay = self._need_layout()
+        if not pages:
+            return
+        if any(self._clears(p, data) for p, data in pages.items()):
+            await self.device.flush()
         run: list[bytes] = []
         start = -1
         for p in sorted(pages):
             assert 0 <= (p + 1) * BLOCK <= lay.bitmap_size and len(pages[p]) == BLOCK
             if run and p != start + len(run):
-                await self.device.write(lay.bitmap_offset + start * BLOCK, b"".join(run))
+                await self._write_run(lay.bitmap_offset + start * BLOCK, run)
                 run = []
             if not run:
                 start = p
             run.append(pages[p])
-        if run:
-            await self.device.write(lay.bitmap_offset + start * BLOCK, b"".join(run))
-        if pages:
-            await self.device.flush()
+        await self._write_run(lay.bitmap_offset + start * BLOCK, run)
+
+    async def _write_run(self, offset: int, run: list[bytes]) -> None:
+        await self.device.write(offset, b"".join(run), fua=True)
+        start = (offset - self._need_layout().bitmap_offset) // BLOCK
+        for i, page in enumerate(run):
+            if any(page):
+                self._pages[start + i] = page
+            else:
+                self._pages.pop(start + i, None)
+
+    def _clears(self, page: int, data: bytes) -> bool:
+        """Whether writing ``data`` over bitmap page ``page`` clears a bit."""
+        old = self._pages.get(page)
+        if old is None:
+            return not self._pages_known
+        return bool(int.from_bytes(old, "little") & ~int.from_bytes(data, "little"))
 
     def _need_layout(self) -> MetaLayout:
         if self.layout is None or self.sb is None:
