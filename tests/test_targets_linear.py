@@ -149,3 +149,35 @@ async def test_segment_out_of_range_on_open() -> None:
     with pytest.raises(ConfigError) as ei:
         await lin.open()
     assert ei.value.where == "segments"
+
+
+async def test_replace_child_in_every_segment_it_backs() -> None:
+    a, b = MemoryDevice(1000, name="a"), MemoryDevice(500, name="b")
+    lin = LinearDevice([a, b, a], starts=[0, 0, 600], sizes=[300, None, 400])
+    await lin.open()
+    pattern = os.urandom(lin.size)
+    await lin.write(0, pattern)
+    new = MemoryDevice(1200, name="new")
+    new.data[:1000] = a.data
+    lin.replace_child(a, new)
+    assert lin.children() == [new, b] and lin.size == 1200
+    assert await lin.read(0, lin.size) == pattern
+    await lin.write(0, b"\x11" * 300)
+    await lin.write(800, b"\x22" * 400)
+    assert new.data[:300] == b"\x11" * 300 and new.data[600:1000] == b"\x22" * 400
+    assert a.data[:300] == pattern[:300]  # the old child is no longer written
+    assert [m["name"] for m in lin.spec()["members"]] == ["new", "b", "new"]
+
+
+async def test_replace_child_before_open_and_refusals() -> None:
+    a, b = MemoryDevice(100, name="a"), MemoryDevice(100, name="b")
+    lin = LinearDevice([a, b])
+    new = MemoryDevice(100, name="new")
+    lin.replace_child(b, new)
+    await lin.open()
+    assert lin.children() == [a, new] and lin.size == 200
+    with pytest.raises(ConfigError, match="smaller"):
+        lin.replace_child(a, MemoryDevice(99))
+    with pytest.raises(ConfigError, match="not a member"):
+        lin.replace_child(b, MemoryDevice(100))
+    assert lin.children() == [a, new]

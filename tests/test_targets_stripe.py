@@ -164,3 +164,28 @@ def test_bad_arguments() -> None:
 async def test_members_smaller_than_a_chunk() -> None:
     with pytest.raises(ConfigError):
         await StripeDevice([MemoryDevice(100)], chunk=512).open()
+
+
+async def test_replace_child_in_place() -> None:
+    dev, kids = await make([2 * CHUNK, 2 * CHUNK])
+    pattern = os.urandom(dev.size)
+    await dev.write(0, pattern)
+    new = MemoryDevice(3 * CHUNK, name="new")
+    new.data[: 2 * CHUNK] = kids[1].data
+    dev.replace_child(kids[1], new)
+    assert list(dev.children()) == [kids[0], new]
+    assert dev.size == 4 * CHUNK and await dev.read(0, dev.size) == pattern
+    await dev.write(CHUNK, b"\x77" * CHUNK)  # chunk 1 lives on the second member
+    assert new.data[:CHUNK] == b"\x77" * CHUNK and kids[1].data[:CHUNK] != new.data[:CHUNK]
+    assert dev.spec()["members"][1] == new.spec()
+
+
+async def test_replace_child_refusals() -> None:
+    dev, kids = await make([2 * CHUNK, 2 * CHUNK])
+    with pytest.raises(ConfigError, match="smaller"):
+        dev.replace_child(kids[0], MemoryDevice(2 * CHUNK - 512, name="small"))
+    with pytest.raises(ConfigError, match="not a member"):
+        dev.replace_child(MemoryDevice(2 * CHUNK), MemoryDevice(2 * CHUNK))
+    with pytest.raises(ConfigError, match="already a member"):
+        dev.replace_child(kids[0], kids[1])
+    assert list(dev.children()) == kids

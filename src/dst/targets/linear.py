@@ -97,6 +97,23 @@ class LinearDevice(BlockDevice):
         self._swap(_Table(t.layout.drop_last(), t.devs[:-1]))
         return t.devs[-1]
 
+    def replace_child(self, old: BlockDevice, new: BlockDevice) -> None:
+        """Put ``new`` (open, at least as large) in every segment ``old`` backs.
+
+        The segments keep their offsets, so ``new`` must hold ``old``'s data there (a
+        replace copies it first).  Call with I/O suspended; ``old`` is still open and
+        now the caller's.  Raises ConfigError if ``old`` is not a child or ``new`` is
+        smaller.
+        """
+        t = self._table
+        devs = t.devs or tuple(self._pending)
+        _check_replace(devs, old, new)
+        swapped = tuple(new if d is old else d for d in devs)
+        if not t.devs:  # not open yet: the table is built from _pending
+            self._pending = list(swapped)
+            return
+        self._swap(_Table(t.layout, swapped))
+
     def _swap(self, table: _Table) -> None:
         self._table = table
         self.size = table.layout.size
@@ -188,6 +205,15 @@ def _part(seg: Segment, dev: BlockDevice) -> dict[str, Any]:
         part["start"] = seg.start
     part["length"] = seg.size
     return part
+
+
+def _check_replace(devs: Sequence[BlockDevice], old: BlockDevice, new: BlockDevice) -> None:
+    """Raise ConfigError unless ``old`` is among ``devs`` and ``new`` is as large."""
+    if not any(d is old for d in devs):
+        raise ConfigError(f"{old.name!r} is not a member", where="members")
+    if new.size < old.size:
+        msg = f"{new.name!r} ({new.size} bytes) is smaller than {old.name!r} ({old.size} bytes)"
+        raise ConfigError(msg, where="members")
 
 
 def _segment(dev: BlockDevice, start: int, size: int | None) -> Segment:

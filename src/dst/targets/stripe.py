@@ -57,6 +57,24 @@ class StripeDevice(BlockDevice):
         for dev in self._devs:
             await dev.close()
 
+    def replace_child(self, old: BlockDevice, new: BlockDevice) -> None:
+        """Put ``new`` (open, at least as large, holding ``old``'s data) in ``old``'s place.
+
+        The layout is unchanged.  Call with I/O suspended; ``old`` is still open and now
+        the caller's.  Raises ConfigError if ``old`` is not a member, ``new`` already is
+        one, or ``new`` is smaller.
+        """
+        if not any(d is old for d in self._devs):
+            raise ConfigError(f"{old.name!r} is not a member", where="members")
+        if any(d is new for d in self._devs):
+            raise ConfigError(f"{new.name!r} is already a member", where="members")
+        if new.size < old.size:
+            msg = f"{new.name!r} ({new.size} bytes) is smaller than {old.name!r} ({old.size} bytes)"
+            raise ConfigError(msg, where="members")
+        self._devs = tuple(new if d is old else d for d in self._devs)
+        if self.size:  # open: the children's capabilities are known
+            self.caps = intersect_caps(self._devs)
+
     # -- I/O -------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> Buffer:
