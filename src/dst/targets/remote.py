@@ -294,10 +294,25 @@ class RemoteDevice(BlockDevice):
 
     # --- I/O --------------------------------------------------------------------------
 
+    # read and write try the live connection directly (two coroutines less on the hot
+    # path) and fall back to _run, which waits for a reconnect and replays.
+
     async def read(self, offset: int, length: int) -> Buffer:
+        conn = self._conn
+        if conn is not None and conn.connected:
+            try:
+                return await conn.read(offset, length)
+            except ConnectionLost as exc:
+                self._lost(conn, exc)
         return await self._run(lambda c: c.read(offset, length))
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        conn = self._conn
+        if conn is not None and conn.connected:
+            try:
+                return await conn.write(offset, data, fua=fua)
+            except ConnectionLost as exc:
+                self._lost(conn, exc)
         await self._run(lambda c: c.write(offset, data, fua=fua))
 
     async def flush(self) -> None:
