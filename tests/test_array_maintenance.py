@@ -218,3 +218,85 @@ async def test_assemble_refuses_what_does_not_belong_together(tmp_path: Path) ->
     for members, message in cases:
         with pytest.raises(AssembleError, match=message):
             assemble_spec(await probe_all([str(p) for p in members]))
+
+
+async def test_suspend_resume_a_mirror_leg_resyncs_what_it_missed(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(mirror_spec("s", tmp_path, sock)))
+        c = await connect(sock)
+        await c.write(0, b"\x22" * c.size)
+        status = await daemon.handle(m.Suspend(array="s", node="leg0"))
+        assert [x["state"] for x in status["root"]["members"]] == ["suspended", "in_sync"]
+        assert status["root"]["detail"]["keeper"]["suspended"] == [0]
+        await c.write(3 * REGION, b"\x33" * 2 * REGION)  # regions 3 and 4, leg0 away
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.Suspend(array="s", node="leg1"))  # the last leg in sync
+        assert exc.value.code == "busy"
+        await daemon.handle(m.Resume(array="s", node="leg0"))
+        keeper = daemon.arrays["s"].keepers["m"]
+        await asyncio.wait_for(keeper.resyncer.wait_idle(), 20)
+        assert keeper.resyncer.last is not None and keeper.resyncer.last.bytes == 2 * REGION
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.Resume(array="s", node="leg0"))
+        assert exc.value.code == "not-suspended"
+        expect = bytearray(b"\x22" * c.size)
+        expect[3 * REGION : 5 * REGION] = b"\x33" * 2 * REGION
+        assert bytes(await c.read(0, c.size)) == expect
+        await c.close()
+        await daemon.handle(m.Stop(array="s"))
+        assert leg_data(tmp_path, 0) == expect == leg_data(tmp_path, 1)
+    finally:
+        await daemon.close()
+
+
+def linear_spec(name: str, tmp: Path, sock: Path) -> dict[str, Any]:
+    members = [
+        {"type": "file", "name": f"n{i}", "path": str(tmp / f"n{i}.img"), "size": MiB}
+        for i in range(2)
+    ]
+    target = {"type": "linear", "members": members}
+    return {"array": {"name": name, "listen": [f"unix:{sock}"], "target": target}}
+
+
+async def test_suspend_one_node_of_a_linear_array(tmp_path: Path) -> None:
+    sock = tmp_path / "l.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(linear_spec("l", tmp_path, sock)))
+        c = await connect(sock)
+        status = await daemon.handle(m.Suspend(array="l", node="n1"))
+        assert [x["state"] for x in status["root"]["members"]] == ["connected", "suspended"]
+        held = [asyncio.ensure_future(c.write(MiB + i * 4096, bytes([i + 1]) * 4096))
+                for i in range(3)]  # fmt: skip
+        await wait_for(lambda: daemon.arrays["l"].status()["root"]["members"][1]["detail"]
+                       ["held"] == 3, "3 held requests")  # fmt: skip
+        # The other node keeps serving while n1 holds requests.
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(20):
+            await c.write(i * 4096, b"\x7f" * 4096)
+        assert loop.time() - t0 < 1.0
+        assert not any(f.done() for f in held)
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.Suspend(array="l", node="n1"))
+        assert exc.value.code == "busy"
+        await daemon.handle(m.Resume(array="l", node="n1"))
+        await asyncio.wait_for(asyncio.gather(*held), 5)
+        data = bytes(await c.read(0, 2 * MiB))
+        assert data[: 20 * 4096] == b"\x7f" * 20 * 4096
+        assert data[MiB : MiB + 3 * 4096] == b"\x01" * 4096 + b"\x02" * 4096 + b"\x03" * 4096
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.Resume(array="l", node="n1"))
+        assert exc.value.code == "not-suspended"
+        # The whole array: everything waits until resume.
+        await daemon.handle(m.Suspend(array="l"))
+        pending = asyncio.ensure_future(c.write(0, b"\x01" * 4096))
+        await asyncio.sleep(0.2)
+        assert not pending.done() and daemon.arrays["l"].status()["held"] == 1
+        await daemon.handle(m.Resume(array="l"))
+        await asyncio.wait_for(pending, 5)
+        await c.close()
+    finally:
+        await daemon.close()

@@ -35,6 +35,7 @@ commands:
   start, stop      start or stop an array
   add, remove      grow or shrink a linear array live
   assemble         rebuild a mirror from its members' superblocks (after a crash)
+  suspend, resume  hold the I/O to one node (or the array) and release it
   fail, readd      take a mirror leg out for maintenance, bring it back (resync)
   verify  compare mirror legs online (--repair rewrites differing regions)
   resync-rate      limit (or free) the background resync
@@ -233,6 +234,23 @@ def _add_array_commands(sub: Any) -> None:
     )
     p.add_argument("--export", metavar="NAME", help="export name (default: '' and the name)")
     p.add_argument("--dry-run", action="store_true", help="print the spec, start nothing")
+    for verb, what in (
+        (
+            "suspend",
+            "Hold the I/O to NODE: on a linear or stripe array, requests that touch it wait "
+            "(in order, bounded) while requests to the other nodes go on; a mirror leg is "
+            "detached and its missed regions recorded.  Without NODE the whole array is "
+            "suspended.  The node can then be disconnected, its disk swapped, reconnected.",
+        ),
+        (
+            "resume",
+            "Release what 'dst suspend' held, in arrival order; a mirror leg is re-attached "
+            "and resynced (only the regions it missed).",
+        ),
+    ):
+        p = add(verb, f"{verb} a node or the whole array", what)
+        p.add_argument("array", metavar="ARRAY")
+        p.add_argument("node", metavar="NODE", nargs="?", help="default: the whole array")
     p = add(
         "fail",
         "take a mirror leg out (maintenance)",
@@ -340,6 +358,9 @@ def _run_array(args: argparse.Namespace) -> int:
             export=args.export,
             dry_run=args.dry_run,
         )
+    if cmd in ("suspend", "resume"):
+        node_args = {"array": args.array} | ({"node": args.node} if args.node else {})
+        return admin.cmd_simple(control, cmd, node_args)
     if cmd == "fail":
         return admin.cmd_simple(control, "fail", {"array": args.array, "node": args.node})
     if cmd == "readd":

@@ -193,6 +193,63 @@ class Array:
         except BlockError as exc:
             raise ControlError("node-unreachable", str(exc), field="node") from None
 
+    async def suspend(self, node: str | None) -> None:
+        """Hold I/O to ``node`` (a mirror leg is detached instead), or to the whole
+        array when ``node`` is None."""
+        root = self._running_root()
+        if node is None:
+            await root.suspend()
+            return
+        dev = self._node(node)
+        if isinstance(dev, Member) and self._is_leg(node):
+            keeper, i = self._leg(node)
+            try:
+                await keeper.suspend(i)
+            except ConfigError as exc:
+                raise ControlError("busy", str(exc), field="node") from None
+            return
+        if not isinstance(dev, Member):
+            raise ControlError(
+                "not-a-node", f"{node!r} is not a storage node (a leaf)", field="node"
+            )
+        try:
+            await dev.suspend()
+        except ConfigError as exc:
+            raise ControlError("busy", str(exc), field="node") from None
+
+    async def resume(self, node: str | None) -> None:
+        root = self._running_root()
+        if node is None:
+            if not root.suspended:
+                raise ControlError("not-suspended", f"{self.name!r} is not suspended")
+            root.resume()
+            return
+        dev = self._node(node)
+        if self._is_leg(node):
+            keeper, i = self._leg(node)
+            try:
+                await keeper.resume(i)
+            except ConfigError as exc:
+                raise ControlError("not-suspended", str(exc), field="node") from None
+            except MetadataError as exc:
+                raise ControlError("refused", str(exc), field="node") from None
+            except BlockError as exc:
+                raise ControlError("node-unreachable", str(exc), field="node") from None
+            return
+        if not isinstance(dev, Member) or not dev.suspended:
+            raise ControlError("not-suspended", f"{node!r} is not suspended", field="node")
+        dev.resume()
+
+    def _node(self, node: str) -> BlockDevice:
+        root = self._running_root()
+        dev = index(root.inner).get(node)
+        if dev is None:
+            raise ControlError("no-such-node", f"no node {node!r} in {self.name!r}", field="node")
+        return dev
+
+    def _is_leg(self, node: str) -> bool:
+        return any(leg.dev.name == node for k in self.keepers.values() for leg in k.mirror.legs)
+
     def verify(self, *, repair: bool, source: str | None, mirror: str | None) -> None:
         if source is not None:
             keeper, index = self._leg(source)
@@ -323,6 +380,8 @@ def _node_status(
     dev = devices.get(t.name)
     health = dev.health() if dev is not None else None
     state = leg_state or (health.state if health is not None else "stopped")
+    if isinstance(dev, Member) and dev.suspended:
+        state = "suspended"
     node: dict[str, Any] = {
         "name": t.name,
         "type": t.KIND,
@@ -348,6 +407,8 @@ def _node_status(
         keeper = keepers.get(dev.name)
         if keeper is not None and keeper.mirror is dev:
             node["detail"]["keeper"] = _jsonable(keeper.status())
+            for i in keeper.suspended:
+                legs[i] = "suspended"
     node["members"] = [
         _node_status(k, devices, start=s, leg_state=ls, keepers=keepers)
         for k, s, ls in zip(kids, starts, legs, strict=True)
@@ -453,6 +514,12 @@ class Daemon:
             array = self._array(req.array)
             array.resync_rate(req.rate, req.min_rate, req.mirror)
             return array.status()
+        if isinstance(req, m.Suspend):
+            await self._array(req.array).suspend(req.node)
+            return self._array(req.array).status()
+        if isinstance(req, m.Resume):
+            await self._array(req.array).resume(req.node)
+            return self._array(req.array).status()
         if isinstance(req, m.Shutdown):
             self.stopping.set()
             return {}
