@@ -300,3 +300,44 @@ async def test_suspend_one_node_of_a_linear_array(tmp_path: Path) -> None:
         await c.close()
     finally:
         await daemon.close()
+
+
+async def test_grow_a_stripe_array_by_a_linear_segment(tmp_path: Path) -> None:
+    sock = tmp_path / "g.sock"
+    members = [
+        {"type": "file", "name": f"s{i}", "path": str(tmp_path / f"s{i}.img"), "size": MiB}
+        for i in range(2)
+    ]
+    target = {"type": "stripe", "name": "st", "members": members}
+    daemon = Daemon()
+    try:
+        await daemon.handle(
+            m.Create({"array": {"name": "g", "listen": [f"unix:{sock}"], "target": target}})
+        )
+        c = await connect(sock)
+        old = os.urandom(2 * MiB)
+        await c.write(0, old)
+        new_node = {"type": "file", "name": "s2", "path": str(tmp_path / "s2.img"), "size": MiB}
+        status = await daemon.handle(m.Add(array="g", spec=new_node))
+        assert (status["algorithm"], status["size"]) == ("linear", 3 * MiB)
+        root = status["root"]
+        assert [(k["name"], k["type"], k["start"]) for k in root["members"]] == [
+            ("st", "stripe", 0),
+            ("s2", "file", 2 * MiB),
+        ]
+        await c.close()
+        c = await connect(sock)  # a new connection sees the new size
+        assert c.size == 3 * MiB
+        tail = os.urandom(MiB)
+        await c.write(2 * MiB, tail)
+        assert bytes(await c.read(0, 3 * MiB)) == old + tail
+        await c.close()
+        # The grown spec is what runs: stop and start rebuild it with the data in place.
+        await daemon.handle(m.Stop(array="g"))
+        await daemon.handle(m.Start(array="g"))
+        c = await connect(sock)
+        assert bytes(await c.read(0, 3 * MiB)) == old + tail
+        await c.close()
+        assert (tmp_path / "s2.img").read_bytes() == tail
+    finally:
+        await daemon.close()

@@ -11,7 +11,7 @@ opened first, so the only pause I/O sees is the swap of a table.
 
 The :class:`Daemon` holds the arrays and answers control requests
 (:mod:`dst.control.messages`); every failure is a :class:`ControlError` with a stable
-code (``no-such-array``, ``exists``, ``bad-spec``, ``not-linear``, ``not-last``,
+code (``no-such-array``, ``exists``, ``bad-spec``, ``cannot-grow``, ``not-linear``, ``not-last``,
 ``not-running``, ``node-unreachable``, ``busy``).
 
 Status shape (``status`` op), JSON-able::
@@ -44,6 +44,7 @@ from dst.array.spec import (
     LinearSpec,
     MirrorSpec,
     SpecError,
+    StripeSpec,
     TargetSpec,
     children,
     find_node,
@@ -61,6 +62,7 @@ from dst.meta.superblock import MetadataError
 from dst.net.server import NbdServer
 from dst.targets.linear import LinearDevice
 from dst.targets.mirror import MirrorDevice
+from dst.targets.stripe import StripeDevice
 
 log = logging.getLogger(__name__)
 
@@ -284,13 +286,23 @@ class Array:
         return self.root
 
     async def add(self, node: dict[str, Any]) -> None:
-        """Append a member to a linear array (it grows), live."""
+        """Grow the array live by the node ``node`` (a spec dict).
+
+        Linear: the node is appended.  Stripe: the array becomes a linear array of the
+        stripe and the node (a new segment; the stripe is not restriped).
+        """
         async with self._lock:
             root = self._running_root()
-            linear, target = root.inner, self.spec.target
-            if not isinstance(linear, LinearDevice) or not isinstance(target, LinearSpec):
+            tree, target = root.inner, self.spec.target
+            grow_stripe = isinstance(target, StripeSpec) and isinstance(tree, StripeDevice)
+            if not grow_stripe and not (
+                isinstance(tree, LinearDevice) and isinstance(target, LinearSpec)
+            ):
                 raise ControlError(
-                    "not-linear", f"array {self.name!r} is not linear", field="array"
+                    "cannot-grow",
+                    f"array {self.name!r} is {target.KIND}: only linear and stripe arrays "
+                    "grow by a node",
+                    field="array",
                 )
             taken = [t.name for t in walk(target)]
             try:
@@ -304,14 +316,39 @@ class Array:
                 await dev.close()
                 raise ControlError("node-unreachable", str(exc), field="spec") from None
             try:
-                await root.reconfigure(lambda: linear.append(dev, part.start, part.length))
+                if isinstance(tree, LinearDevice) and isinstance(target, LinearSpec):
+                    await root.reconfigure(lambda: tree.append(dev, part.start, part.length))
+                    new_target: TargetSpec = dataclasses.replace(
+                        target, members=(*target.members, part)
+                    )
+                else:
+                    new_target = await self._stripe_to_linear(root, dev, part, taken)
             except ConfigError as exc:
                 await dev.close()
                 raise ControlError("bad-spec", str(exc), field="spec") from None
-            members = (*target.members, part)
-            self.spec = dataclasses.replace(
-                self.spec, target=dataclasses.replace(target, members=members)
-            )
+            self.spec = dataclasses.replace(self.spec, target=new_target)
+
+    async def _stripe_to_linear(
+        self, root: SwitchDevice, dev: BlockDevice, part: LinearPart, taken: list[str]
+    ) -> TargetSpec:
+        """Grow a stripe array by a linear segment: linear(stripe, dev)."""
+        stripe, target = root.inner, self.spec.target
+        assert isinstance(target, StripeSpec)
+        if not all(isinstance(k, Member) for k in stripe.children()):
+            # Opening the new linear re-opens the stripe, harmless only for leaves.
+            raise ConfigError("only a stripe of nodes can grow by a segment", where="array")
+        name = next(n for n in (f"{self.name}-grown", *(f"grown{i}" for i in range(99)))
+                    if n not in taken)  # fmt: skip
+        grown = LinearDevice(
+            [stripe, dev], starts=[0, part.start], sizes=[None, part.length], name=name
+        )
+        await grown.open()
+
+        def swap() -> None:
+            root.swap(grown)
+
+        await root.reconfigure(swap)
+        return LinearSpec(name=name, members=(LinearPart(target=target), part))
 
     async def remove(self, node: str) -> None:
         """Remove the last member of a linear array (it shrinks), live."""
