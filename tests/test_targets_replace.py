@@ -147,7 +147,7 @@ async def test_replace_under_concurrent_writers_loses_nothing(kind: str, seed: i
         new_dev.data[:] = b"\xa5" * len(new_dev.data)  # a used disk: nothing is assumed zero
         new = member(new_dev)
         rep = await start(r, new)
-        assert r.arr.children()[0] is rep and rep.name == "a"
+        assert r.arr.children()[0] is rep and rep.name == "replace-a"
         rng = random.Random(seed)
         stop = asyncio.Event()
         writers = [

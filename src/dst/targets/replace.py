@@ -46,7 +46,7 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dst.device import BlockDevice, Buffer, Extent, Health
 from dst.errors import BlockError, ConfigError
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REGION = 1 << 20
 RATE_WINDOW = 5.0  # seconds of history behind the reported rate
 Op = Callable[[BlockDevice], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Pacer(Protocol):
@@ -69,8 +70,10 @@ class ReplaceDevice(BlockDevice):
     """OLD (open) mirrored onto NEW (open, at least as large) while :meth:`run` copies.
 
     ``source`` (default OLD) is what the copy reads: a device with OLD's data at the same
-    offsets, for when OLD itself cannot be read.  Raises ConfigError if NEW or
-    ``source`` is smaller than OLD or ``region_size`` is not positive.
+    offsets, for when OLD itself cannot be read.  ``name`` defaults to
+    ``replace-<old name>`` so that OLD's name keeps naming OLD in the tree.  Raises
+    ConfigError if NEW or ``source`` is smaller than OLD or ``region_size`` is not
+    positive.
     """
 
     def __init__(
@@ -93,7 +96,7 @@ class ReplaceDevice(BlockDevice):
             raise ConfigError("region size must be positive", where="region_size")
         self.region_size = region_size
         self.limit = limit
-        self.name = name or old.name
+        self.name = name or f"replace-{old.name}"  # distinct: OLD keeps its own name
         self.size = old.size
         self.caps = intersect_caps([old, new])
         self.state = "pending"  # copying, done; or cancelled, failed, finished
@@ -128,7 +131,8 @@ class ReplaceDevice(BlockDevice):
             if self.state == "copying":  # cancelled from outside, not by _stop
                 self._stop("cancelled", None)
                 raise
-            task.uncancel()
+            if task.uncancel():  # also cancelled from outside meanwhile
+                raise
         except BlockError as exc:
             self._stop("failed", exc)
         finally:
@@ -236,14 +240,14 @@ class ReplaceDevice(BlockDevice):
         self.bytes_copied += length
         self._sample(length)
 
-    async def _reading(self, aw: Any) -> Any:
+    async def _reading(self, aw: Awaitable[T]) -> T:
         try:
             return await aw
         except BlockError as exc:
             msg = f"replace of {self.old.name!r}: reading {self.source.name!r} failed"
             raise BlockError(exc.errno, f"{msg}: {exc.message}") from None
 
-    async def _writing(self, aw: Any) -> None:
+    async def _writing(self, aw: Awaitable[None]) -> None:
         try:
             await aw
         except BlockError as exc:
