@@ -346,3 +346,28 @@ class RegionTracker:
                     self._active[r] = self._active.get(r, 0) + 1
                 out.writes.append(wid)
         return out
+
+    # --- membership ----------------------------------------------------------------
+    # The per-leg list ``oos`` is replaced, never changed in place, so that a resync
+    # that took it before a membership change still sees one consistent list.
+
+    def add_leg(self) -> int:
+        """A new leg, down (it gets no writes) until :meth:`leg_attached`; returns its
+        index (the last)."""
+        bm = self.bitmap
+        self.oos = [
+            *self.oos,
+            Bitmap(self.nregions, page_bits=bm.page_bits, max_pages=bm.max_pages),
+        ]
+        leg = len(self.oos) - 1
+        self.down.add(leg)
+        return leg
+
+    def remove_leg(self, leg: int, now: float) -> None:
+        """Forget ``leg`` (down); the legs after it move down one index.  The regions
+        only it missed are clean again: their bits are cleared lazily."""
+        assert leg in self.down
+        gone = self.oos[leg]
+        self.oos = [o for i, o in enumerate(self.oos) if i != leg]
+        self.down = {i - (i > leg) for i in self.down if i != leg}
+        self.settled(gone, now)

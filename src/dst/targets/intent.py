@@ -78,6 +78,7 @@ from dst.meta.superblock import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+BEST_EFFORT_TIMEOUT = 10.0  # seconds, superblock writes to failed or removed legs
 
 
 class LegState(enum.StrEnum):
@@ -431,6 +432,145 @@ class IntentLog:
         regions = set(t.out_of_sync(leg))
         return ReaddPlan(leg, rel.value, False, len(regions)), regions
 
+    # --- membership changes --------------------------------------------------------
+
+    @asynccontextmanager
+    async def reconfiguring(self) -> AsyncIterator[None]:
+        """Hold the superblock lock with no bitmap batch in flight: until the body's
+        first await nothing holds a leg index, so the body may renumber legs (then
+        the mirror renumbers its own at once).  Do not :meth:`settle` in the body."""
+        async with self._sb_lock:
+            await self.quiet()
+            yield
+
+    async def quiet(self) -> None:
+        """Return when no bitmap batch is in flight (nothing will report a leg)."""
+        while self.tracker.busy():
+            await self._idle.wait()
+
+    def grow(self, device: BlockDevice) -> int:
+        """Append ``device`` as a new leg, detached until :meth:`attach_new`; its index.
+        Call in :meth:`reconfiguring`."""
+        self.devices.append(device)
+        if self.stores is not None:
+            self.stores.append(MetaStore(device))
+        return self.tracker.add_leg()
+
+    def swap(
+        self, leg: int, device: BlockDevice, store: MetaStore | None = None
+    ) -> MetaStore | None:
+        """Put ``device`` (with ``store``, or a new one) in place of detached ``leg``;
+        returns the old device's store.  Call in :meth:`reconfiguring`."""
+        assert leg not in self.attached
+        self.devices[leg] = device
+        if self.stores is None:
+            return None
+        old, self.stores[leg] = self.stores[leg], store or MetaStore(device)
+        return old
+
+    def drop(self, leg: int) -> MetaStore | None:
+        """Forget detached ``leg``; the legs after it move down one index.  Returns its
+        store.  Call in :meth:`reconfiguring`."""
+        assert leg not in self.attached and len(self.devices) > 1
+        self.devices.pop(leg)
+        store = self.stores.pop(leg) if self.stores is not None else None
+        self.attached = {i - (i > leg) for i in self.attached}
+        self.current = {i - (i > leg) for i in self.current}
+        self.tracker.remove_leg(leg, self.now())
+        return store
+
+    async def attach_new(self, leg: int) -> None:
+        """Format ``leg`` (grown or swapped in) as a new member of this array and attach
+        it with every region out of sync (full resync); returns once those marks are
+        durable.  If the leg fails meanwhile it is detached again (``on_fail``).
+
+        Raises BlockError or MetadataError if it cannot be formatted (still detached).
+        """
+        assert leg not in self.attached
+        t = self.tracker
+        if self.stores is not None:
+            await self._format(leg, new_generation(self._known()))
+        t.leg_attached(leg)
+        self.attached.add(leg)
+        if self.stores is not None:
+            await self._write_whole_bitmap(leg)
+        self.missed(leg, range(t.nregions))
+        await self.quiet()
+        log.info("%s: leg %d (%s) joins, %d regions to copy", self.name, leg,
+                 self.devices[leg].name, t.nregions)  # fmt: skip
+
+    async def write_members(self) -> None:
+        """After a membership change (in :meth:`reconfiguring`): every member's
+        superblock gets its role (its index), the member count and the leg names; the
+        bitmap generation is dropped if every leg is now in sync.  A leg that fails
+        this is dropped (settle afterwards); a failed leg is written if it can be."""
+        if self.stores is None or self.ref is None:
+            return
+        n, t = len(self.devices), self.tracker
+        spec = {**self.ref.spec, "legs": n, "names": [d.name for d in self.devices]}
+        ref = replace(self.ref, member_count=n, spec=spec, events=self.ref.events + 1)
+        if len(self.current) == n and not any(o.count() for o in t.oos):
+            ref = synced(ref)
+        self.ref = ref = replace(ref, resync_pos=None)
+        jobs: list[tuple[int, Awaitable[Superblock]]] = []
+        for i, store in enumerate(self.stores):
+            if store.sb is None:
+                continue
+            sb = replace(store.sb, role=i, member_count=n, spec=spec)
+            sb = _shared(sb, ref) if i in self.current else sb
+            limit = self.leg_timeout if i in self.attached else _best_effort(self.leg_timeout)
+            jobs.append((i, timed(store.write_superblock(sb), limit)))
+        results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
+        for (i, _), res in zip(jobs, results, strict=True):
+            if isinstance(res, BlockError) and i in self.attached:
+                self._fail(i, res)
+            elif isinstance(res, BlockError):
+                log.warning("%s: failed leg %d keeps its old superblock: %r", self.name, i, res)
+            elif isinstance(res, BaseException):
+                raise res
+
+    async def member_of(self, device: BlockDevice) -> int | None:
+        """The leg that ``device`` already is (its superblock has the array and member
+        UUID of that leg: the same disk reached another way), else None.
+
+        Raises BlockError if it cannot be read."""
+        if self.stores is None:
+            return None
+        try:
+            sb = await timed(MetaStore(device).load(), self.leg_timeout)
+        except MetadataError:
+            return None  # blank, or not a dst member
+        for i, store in enumerate(self.stores):
+            mine = store.sb
+            if mine is not None and (mine.array_uuid, mine.member_uuid) == (
+                sb.array_uuid,
+                sb.member_uuid,
+            ):
+                return i
+        return None
+
+    async def retire(self, store: MetaStore | None) -> bool:
+        """Mark the metadata of a member that left the array so that it is never taken
+        for one of its members again: it becomes a one-leg array of its own (a new
+        array UUID; ``spec["removed_from"]`` names this one).  Its data is untouched.
+        Best effort: False if it could not be written (a dead device)."""
+        if store is None or store.sb is None:
+            return False
+        sb = store.sb
+        name, was = store.device.name, str(self.array_uuid)
+        spec = {**sb.spec, "legs": 1, "names": [name], "removed_from": was}
+        new = replace(sb, array_uuid=uuid.uuid4(), role=0, member_count=1, spec=spec,
+                      state=State.CLEAN, bitmap=0, resync_pos=None)  # fmt: skip
+        limit = _best_effort(self.leg_timeout)
+        try:
+            await timed(store.device.flush(), limit)
+            await timed(store.write_superblock(new), limit)
+        except BlockError as e:
+            log.warning("%s: could not mark removed member %s: %r", self.name,
+                        store.device.name, e)  # fmt: skip
+            return False
+        return True
+
     async def leg_synced(self, leg: int) -> None:
         """``leg`` holds every region: it takes the current generation; if every leg
         is now in sync, the bitmap generation is cleared (write intent only again).
@@ -657,10 +797,16 @@ def _layout(member_size: int, region_size: int) -> MetaLayout:
         raise MetadataError(str(e)) from e
 
 
+def _best_effort(limit: float | None) -> float:
+    """Time limit for writing to a leg that is not (or no longer) in the array."""
+    return min(limit, BEST_EFFORT_TIMEOUT) if limit is not None else BEST_EFFORT_TIMEOUT
+
+
 def _shared(sb: Superblock, ref: Superblock) -> Superblock:
     """``sb`` (one member's identity) with the array-wide fields of ``ref``."""
     return replace(
         sb,
+        member_count=ref.member_count,  # a member that missed a membership change
         current=ref.current,
         bitmap=ref.bitmap,
         history=ref.history,

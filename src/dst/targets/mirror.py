@@ -28,6 +28,16 @@ good read and the repair.  Resync and verify work region by region under the ran
 lock (:meth:`resync_region`, :meth:`verify_region`); the engine that drives them, with
 rate limits and progress, is :mod:`dst.array.resync`.  :meth:`readd` brings a failed leg
 back after checking its generation (delta or full resync, split brain refused).
+
+Membership changes (tracked mode): :meth:`add_leg`, :meth:`remove_leg` and
+:meth:`replace_leg` run with the whole range locked and no metadata I/O in flight,
+so leg indices can change at one point in time for the mirror, the intent log and
+the tracker together.  A joining device is formatted as a new member and attached
+with every region out of sync (writes at once, reads only of copied regions; the
+background resync converges it); a leaving one is failed first (the survivors
+rotate their generation) and its superblock made that of a one-leg array of its own.
+Every member's superblock is then rewritten with its role, the member count and the
+leg names, which is what assembly reads.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from typing import Any
 
 from dst.device import BlockDevice, Buffer, Extent, Health, IOCounters
 from dst.errors import BlockError, ConfigError
-from dst.meta.layout import DEFAULT_REGION_SIZE, check_region_size
+from dst.meta.layout import DEFAULT_REGION_SIZE, check_region_size, layout_for, member_size_for
 from dst.net.eager import run_all
 from dst.targets.composite import intersect_caps
 from dst.targets.intent import IntentLog, LegState, ReaddPlan, TaskSet, timed
@@ -132,6 +142,7 @@ class MirrorDevice(BlockDevice):
         self.io_ops = 0  # foreground requests so far (resync throttles on activity)
         self.resync_wanted = asyncio.Event()  # some attached leg misses regions
         self.resync_status: Callable[[], dict[str, Any]] | None = None
+        self._reconfig = asyncio.Lock()  # membership changes vs resync bookkeeping
         self.intent: IntentLog | None = None
         if metadata or region_size is not None:
             rs = region_size or DEFAULT_REGION_SIZE
@@ -550,20 +561,23 @@ class MirrorDevice(BlockDevice):
 
     async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None:
         """Persist that ``targets`` hold every region below ``region`` (resumable)."""
-        await self._need_intent().set_resync_pos(region, targets)
+        intent = self._need_intent()
+        async with self._reconfig:  # legs gone since the resync began are left out
+            await intent.set_resync_pos(region, [t for t in targets if t < len(self.legs)])
 
     async def resync_done(self, index: int) -> bool:
         """``index`` holds every region: make it a full member.  False if it does not."""
         intent = self._need_intent()
-        leg = self.legs[index]
-        if index not in intent.attached or intent.missing(index):
-            return False
-        if index not in intent.current:
-            await intent.leg_synced(index)
-        if index in intent.current:
-            leg.state, leg.reason = LegState.IN_SYNC, ""
-            log.info("%s: leg %d (%s) is in sync", self.name, index, leg.dev.name)
-        return leg.state is LegState.IN_SYNC
+        async with self._reconfig:  # not while legs are renumbered
+            if index >= len(self.legs) or index not in intent.attached or intent.missing(index):
+                return False
+            leg = self.legs[index]
+            if index not in intent.current:
+                await intent.leg_synced(index)
+            if index in intent.current:
+                leg.state, leg.reason = LegState.IN_SYNC, ""
+                log.info("%s: leg %d (%s) is in sync", self.name, index, leg.dev.name)
+            return leg.state is LegState.IN_SYNC
 
     async def readd(self, index: int, *, full: bool = False) -> ReaddPlan:
         """Bring failed leg ``index`` back: delta resync if its generation allows,
@@ -588,6 +602,200 @@ class MirrorDevice(BlockDevice):
             await self.resync_done(index)
         self._want_resync()
         return plan
+
+    # -- membership changes ----------------------------------------------------------
+    # Precondition of add_leg/remove_leg/replace_leg: no foreground I/O in flight (the
+    # array daemon calls them with its root gate suspended).  Background work may run:
+    # the whole range is locked (a resync copy in progress, or a late write, finishes
+    # first; later ones wait), the resync's bookkeeping (resync_done/checkpoint) waits
+    # for ``_reconfig``, and leg indices change only in IntentLog.reconfiguring (no
+    # metadata batch or superblock write in flight), with self.legs renumbered at once.
+    # They are serialised with each other; readd/fail_leg must not run concurrently.
+
+    async def add_leg(self, dev: BlockDevice) -> int:
+        """Grow the mirror by the leg ``dev`` live; returns its index (the last).
+
+        ``dev`` is opened, formatted as a new member of this array (new member UUID,
+        role = its index) and attached with every region out of sync: it gets every
+        write at once and no read until a region was copied to it; the background
+        resync (``resync_wanted``) copies the rest, then it is IN_SYNC.  Every member's
+        superblock then says the new member count and leg names (for ``dst assemble``).
+
+        Raises ConfigError (untracked mirror; ``dev`` already a leg, too small for the
+        data plus metadata), BlockError or MetadataError (``dev`` cannot be opened,
+        read or formatted: the mirror is unchanged).  A refused ``dev`` stays open.
+        """
+        intent = self._need_intent()
+        await self._open_new(dev)
+        async with self._reconfig, self.locks.hold(0, self.size):
+            self._not_a_leg(dev)
+            async with intent.reconfiguring():
+                index = intent.grow(dev)
+                leg = Leg(dev, index, LegState.FAILED, reason="joining", opened=True,
+                          timeout=self.leg_timeout)  # fmt: skip
+                self.legs.append(leg)
+                try:
+                    await self._join(leg)
+                except BaseException:
+                    await self._unjoin(leg)
+                    intent.drop(index)
+                    self.legs.pop()
+                    raise
+                await intent.write_members()
+            await self._membership_changed()
+        log.info("%s: leg %d (%s) added", self.name, index, dev.name)
+        return index
+
+    async def remove_leg(self, index: int) -> BlockDevice:
+        """Shrink the mirror by leg ``index`` live; returns its device (not closed).
+
+        The legs after it move down one index (their superblocks get the new role,
+        member count and names).  If it was in sync the others start a new generation,
+        and its superblock is rewritten as a one-leg array of its own (new array UUID,
+        ``spec["removed_from"]``; its data, as of now, untouched): assembly and open
+        refuse it next to the remaining members, and :meth:`add_leg` takes it as a new
+        member.  Best effort for a dead leg (its old generation then marks it stale).
+
+        Raises ConfigError: bad index; the mirror would keep fewer than two legs (the
+        constructor's minimum: replace or fail the leg instead); it is the last leg in
+        sync; a failed leg after it would be renumbered without being told (remove,
+        re-add or replace that one first).
+        """
+        intent = self._need_intent()
+        async with self._reconfig, self.locks.hold(0, self.size):
+            self._check_remove(index)
+            leg = self.legs[index]
+            if leg.state is not LegState.FAILED:
+                self._fail(leg, BlockError(errno.ECANCELED, "removed by the operator"))
+            if intent.unsettled:
+                await intent.settle()
+            async with intent.reconfiguring():
+                store = intent.drop(index)
+                del self.legs[index]
+                for i, x in enumerate(self.legs):
+                    x.index = i
+                leg.index = -1  # a late failure report about it changes nothing
+                await intent.write_members()
+            await self._membership_changed()
+            await intent.retire(store)
+        log.info("%s: leg %d (%s) removed", self.name, index, leg.dev.name)
+        return leg.dev
+
+    async def replace_leg(self, index: int, dev: BlockDevice) -> BlockDevice:
+        """Put ``dev`` in place of leg ``index`` (same role) live; returns the old
+        device (not closed).
+
+        ``dev`` joins as in :meth:`add_leg` (new member, full resync from the legs in
+        sync).  The old leg may be dead or FAILED (rebuild) or live: it then simply
+        stops being a leg (nothing more is read from it); if it was in sync the others
+        start a new generation.  Its superblock is marked as in :meth:`remove_leg`.
+
+        Raises ConfigError (bad index; ``dev`` already a leg or too small; no other
+        leg in sync to copy from), BlockError or MetadataError (``dev`` cannot be
+        opened, read or formatted: the old leg stays, failed if it was live).
+        """
+        intent = self._need_intent()
+        self._check_index(index)
+        await self._open_new(dev)
+        async with self._reconfig, self.locks.hold(0, self.size):
+            self._not_a_leg(dev)
+            old = self.legs[index]
+            if not any(x.state is LegState.IN_SYNC for x in self.legs if x is not old):
+                raise ConfigError(f"cannot replace leg {index}: no other leg is in sync to "
+                                  "copy from", where="node")  # fmt: skip
+            if old.state is not LegState.FAILED:
+                self._fail(old, BlockError(errno.ECANCELED, "replaced by the operator"))
+            if intent.unsettled:
+                await intent.settle()
+            async with intent.reconfiguring():
+                store = intent.swap(index, dev)
+                leg = self.legs[index] = Leg(dev, index, LegState.FAILED, reason="joining",
+                                             opened=True, timeout=self.leg_timeout)  # fmt: skip
+                try:
+                    await self._join(leg)
+                except BaseException:
+                    await self._unjoin(leg)
+                    intent.swap(index, old.dev, store)
+                    self.legs[index] = old
+                    raise
+                old.index = -1
+                await intent.write_members()
+            await self._membership_changed()
+            await intent.retire(store)
+        log.info("%s: leg %d: %s replaced by %s", self.name, index, old.dev.name, dev.name)
+        return old.dev
+
+    async def _open_new(self, dev: BlockDevice) -> None:
+        """Open a joining device and check it: ConfigError if it is a leg already
+        (also reached another way: same member UUID) or too small."""
+        intent = self._need_intent()
+        self._not_a_leg(dev)
+        await dev.open()
+        rs = intent.region_size
+        if intent.metadata:
+            need = member_size_for(self.size, rs)
+            try:
+                ok = layout_for(dev.size, rs).data_size >= self.size
+            except ValueError:
+                ok = False
+        else:
+            need, ok = self.size, dev.size >= self.size
+        if not ok:
+            meta = " plus metadata" if intent.metadata else ""
+            raise ConfigError(
+                f"{dev.name or 'the new leg'} is too small: {dev.size} bytes; a leg of "
+                f"{self.name!r} needs at least {need} ({self.size} bytes of data{meta})",
+                where="node",
+            )
+        member = await intent.member_of(dev)
+        if member is not None:
+            raise ConfigError(f"{dev.name} is leg {member} of {self.name!r} already "
+                              "(same member UUID)", where="node")  # fmt: skip
+
+    def _not_a_leg(self, dev: BlockDevice) -> None:
+        for x in self.legs:
+            if x.dev is dev:
+                raise ConfigError(f"{dev.name} is leg {x.index} already", where="node")
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self.legs):
+            raise ConfigError(f"no leg {index}: {self.name!r} has legs 0 to "
+                              f"{len(self.legs) - 1}", where="node")  # fmt: skip
+
+    def _check_remove(self, index: int) -> None:
+        self._check_index(index)
+        if len(self.legs) <= 2:
+            raise ConfigError(f"cannot remove leg {index}: a mirror keeps at least two "
+                              "legs (replace or fail it instead)", where="node")  # fmt: skip
+        if not any(x.state is LegState.IN_SYNC for x in self.legs if x.index != index):
+            raise ConfigError(f"leg {index} is the last leg in sync", where="node")
+        for x in self.legs[index + 1 :]:
+            if x.state is LegState.FAILED:
+                raise ConfigError(f"leg {x.index} is failed and would change its role "
+                                  "unbeknown to it: remove, re-add or replace it first",
+                                  where="node")  # fmt: skip
+
+    async def _join(self, leg: Leg) -> None:
+        """Attach the new ``leg`` for a full resync (BlockError if it fails meanwhile)."""
+        intent = self._need_intent()
+        await intent.attach_new(leg.index)
+        if leg.index not in intent.attached:
+            raise BlockError(errno.EIO, f"{self.name}: {leg.dev.name} failed while "
+                             f"joining: {leg.reason}")  # fmt: skip
+        leg.state, leg.reason = LegState.RESYNCING, "new member: full resync"
+
+    async def _unjoin(self, leg: Leg) -> None:
+        """Undo :meth:`_join` (detach; nothing reports the leg any more)."""
+        intent = self._need_intent()
+        intent.leg_down(leg.index)
+        await intent.quiet()
+
+    async def _membership_changed(self) -> None:
+        intent = self._need_intent()
+        if intent.unsettled:
+            await intent.settle()
+        self.caps = intersect_caps([x.dev for x in self.legs if x.opened])
+        self._want_resync()
 
     async def verify_region(
         self, region: int, *, region_size: int | None = None, repair_from: int | None = None
