@@ -12,7 +12,7 @@ import pytest
 
 from dst.array.gate import Gate
 from dst.array.member import Member
-from dst.device import BlockDevice, Buffer
+from dst.device import BlockDevice, Buffer, Health
 from dst.errors import BlockError, ConfigError
 from dst.targets.linear import LinearDevice
 from dst.targets.memory import MemoryDevice
@@ -260,3 +260,36 @@ async def test_released_but_cancelled_request_is_not_left_in_flight() -> None:
 def test_gate_rejects_a_negative_bound() -> None:
     with pytest.raises(ConfigError):
         Gate(max_held=-1)
+
+
+@pytest.mark.parametrize("make", ARRAYS)
+async def test_request_spanning_a_suspended_node_completes_after_resume(make: Maker) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        a, b = MemoryDevice(NODE), MemoryDevice(NODE)
+        arr, (_, mb) = await make(a, b)
+        await mb.suspend()
+        off = NODE - 1024 if make is linear else CHUNK - 1024  # crosses from a into b
+        task = asyncio.create_task(arr.write(off, b"\x33" * 2048))
+        await spin()
+        assert not task.done() and mb.held == 1
+        assert await arr.read(off, 1024) == b"\x33" * 1024  # a's piece is already applied
+        mb.resume()
+        await task
+        assert await arr.read(off, 2048) == b"\x33" * 2048
+
+
+async def test_health_reports_an_inner_failure_over_suspended() -> None:
+    async with asyncio.timeout(TIMEOUT):
+        (m,) = members(MemoryDevice(NODE))
+
+        class Failed(MemoryDevice):
+            def health(self) -> Health:
+                return Health("failed", {"why": "gone"})
+
+        await m.suspend()
+        assert m.health().state == "suspended"
+        m.swap_inner(Failed(NODE))
+        h = m.health()
+        assert h.state == "failed" and h.detail == {"why": "gone", "suspended": True, "held": 0}
+        m.resume()
+        assert m.health().detail["suspended"] is False
