@@ -251,9 +251,9 @@ async def test_suspend_resume_a_mirror_leg_resyncs_what_it_missed(tmp_path: Path
         await daemon.close()
 
 
-def linear_spec(name: str, tmp: Path, sock: Path) -> dict[str, Any]:
+def linear_spec(name: str, tmp: Path, sock: Path, size: int = MiB) -> dict[str, Any]:
     members = [
-        {"type": "file", "name": f"n{i}", "path": str(tmp / f"n{i}.img"), "size": MiB}
+        {"type": "file", "name": f"n{i}", "path": str(tmp / f"n{i}.img"), "size": size}
         for i in range(2)
     ]
     target = {"type": "linear", "members": members}
@@ -339,5 +339,92 @@ async def test_grow_a_stripe_array_by_a_linear_segment(tmp_path: Path) -> None:
         assert bytes(await c.read(0, 3 * MiB)) == old + tail
         await c.close()
         assert (tmp_path / "s2.img").read_bytes() == tail
+    finally:
+        await daemon.close()
+
+
+async def writer(c: NbdClient, size: int, expect: bytearray, stop: asyncio.Event) -> int:
+    """Write 4 KiB blocks at pseudo-random offsets until ``stop``; record them in
+    ``expect``; return how many."""
+    n = 0
+    while not stop.is_set():
+        off = (n * 7919 % (size // 4096)) * 4096
+        block = (n % 251 + 1).to_bytes(1, "little") * 4096
+        await c.write(off, block)
+        expect[off : off + 4096] = block
+        n += 1
+        await asyncio.sleep(0)
+    return n
+
+
+async def test_replace_a_linear_node_under_a_writer(tmp_path: Path) -> None:
+    sock = tmp_path / "r.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(linear_spec("r", tmp_path, sock)))
+        c = await connect(sock)
+        expect = bytearray(os.urandom(2 * MiB))
+        await c.write(0, bytes(expect))
+        stop = asyncio.Event()
+        w = asyncio.ensure_future(writer(c, 2 * MiB, expect, stop))
+        new = {"type": "file", "name": "n9", "path": str(tmp_path / "n9.img"), "size": 2 * MiB}
+        status = await daemon.handle(m.Replace(array="r", node="n1", spec=new))
+        assert status["replace"]["state"] in ("copying", "finished")
+        array = daemon.arrays["r"]
+        await wait_for(lambda: array.status()["replace"]["state"] == "finished", "replace")
+        await asyncio.sleep(0.1)  # the writer goes on after the swap
+        stop.set()
+        assert await w > 0
+        assert bytes(await c.read(0, 2 * MiB)) == expect
+        st = array.status()
+        assert [k["name"] for k in st["root"]["members"]] == ["n0", "n9"]
+        assert st["replace"]["regions_done"] == st["replace"]["regions_total"] == 1
+        assert [p["name"] for p in st["spec"]["array"]["target"]["members"]] == ["n0", "n9"]
+        await c.close()
+        await daemon.handle(m.Stop(array="r"))
+        assert (tmp_path / "n9.img").read_bytes()[:MiB] == expect[MiB:]
+        await daemon.handle(m.Start(array="r"))  # the spec names n9 now
+        c = await connect(sock)
+        assert bytes(await c.read(0, 2 * MiB)) == expect
+        await c.close()
+    finally:
+        await daemon.close()
+
+
+async def test_cancel_a_replace_leaves_the_array_as_before(tmp_path: Path) -> None:
+    sock = tmp_path / "c.sock"
+    daemon = Daemon()
+    size = 8 * MiB  # 8 copy regions
+    try:
+        await daemon.handle(m.Create(linear_spec("c", tmp_path, sock, size)))
+        c = await connect(sock)
+        expect = bytearray(os.urandom(2 * size))
+        await c.write(0, bytes(expect))
+        new = {"type": "file", "name": "n9", "path": str(tmp_path / "n9.img"), "size": size}
+        await daemon.handle(m.Replace(array="c", node="n0", spec=new))
+        # resync-rate applies to a running replace: 64 KiB/s makes the copy take minutes
+        await daemon.handle(m.ResyncRate(array="c", rate=64 << 10))
+        array = daemon.arrays["c"]
+        stop = asyncio.Event()
+        w = asyncio.ensure_future(writer(c, 2 * size, expect, stop))
+        await asyncio.sleep(0.3)
+        assert array.status()["replace"]["state"] == "copying"
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.Replace(array="c", node="n1", spec=new))
+        assert exc.value.code == "busy"
+        await daemon.handle(m.CancelReplace(array="c"))
+        await wait_for(lambda: array.status()["replace"]["state"] == "cancelled", "cancel")
+        await asyncio.sleep(0.1)
+        stop.set()
+        await w
+        assert bytes(await c.read(0, 2 * size)) == expect
+        st = array.status()
+        assert [k["name"] for k in st["root"]["members"]] == ["n0", "n1"]
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.CancelReplace(array="c"))
+        assert exc.value.code == "not-replacing"
+        await c.close()
+        await daemon.handle(m.Stop(array="c"))
+        assert (tmp_path / "n0.img").read_bytes() == expect[:size]
     finally:
         await daemon.close()

@@ -105,6 +105,52 @@ def cmd_simple(control: str, op: str, args: dict[str, Any]) -> int:
     return 0
 
 
+def node_spec(
+    *, uri: str | None, path: str | None, size: str | None, name: str | None, verb: str
+) -> dict[str, Any]:
+    """A node spec dict from the CLI's --uri/--path/--size/--name."""
+    node: dict[str, Any]
+    if uri is not None:
+        node = {"type": "remote", "uri": uri}
+    elif path is not None:
+        node = {"type": "file", "path": path}
+        if size is not None:
+            node["size"] = size
+    else:
+        raise DstError(f"say which node to {verb}: --uri URI or --path PATH")
+    if name is not None:
+        node["name"] = name
+    return node
+
+
+def cmd_replace(control: str, array: str, old: str, node: dict[str, Any], *, wait: bool) -> int:
+    """Start replacing ``old`` by ``node``; with ``wait`` follow it to the end."""
+    request(control, "replace", {"array": array, "node": old, "spec": node})
+    if not wait:
+        print(f"{array}: replacing {old} (see dst status {array}; dst cancel-replace {array})")
+        return 0
+    console = Console(stderr=True)
+    job: dict[str, Any] = {}
+    with console.status(f"replacing {old}") as spinner:
+        while True:
+            job = request(control, "status", {"array": array})["arrays"][0].get("replace") or {}
+            done, total = job.get("regions_done") or 0, job.get("regions_total") or 0
+            rate = job.get("rate") or 0
+            spinner.update(
+                f"replacing {old} by {job.get('new')}: {done}/{total} regions, "
+                f"{format_size(int(rate))}/s"
+            )
+            if job.get("state") not in ("starting", "copying"):
+                break
+            asyncio.run(asyncio.sleep(0.2))
+    state = job.get("state")
+    if state != "finished":
+        raise DstError(f"replace of {old} {state}: {job.get('error') or 'array unchanged'}")
+    copied = format_size(int(job.get("bytes") or 0))
+    print(f"{array}: {old} replaced by {job.get('new')} ({copied} copied)")
+    return 0
+
+
 def cmd_add(
     control: str,
     array: str,
@@ -116,17 +162,7 @@ def cmd_add(
     start: str | None,
     length: str | None,
 ) -> int:
-    node: dict[str, Any]
-    if uri is not None:
-        node = {"type": "remote", "uri": uri}
-    elif path is not None:
-        node = {"type": "file", "path": path}
-        if size is not None:
-            node["size"] = size
-    else:
-        raise DstError("say which node to add: --uri URI or --path PATH")
-    if name is not None:
-        node["name"] = name
+    node = node_spec(uri=uri, path=path, size=size, name=name, verb="add")
     if start is not None:
         node["start"] = start
     if length is not None:

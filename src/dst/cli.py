@@ -34,6 +34,7 @@ commands:
   create  create and start an array from a spec file (TOML)
   start, stop      start or stop an array
   add, remove      grow or shrink a linear array live
+  replace          replace a node by another, its data copied live
   assemble         rebuild a mirror from its members' superblocks (after a crash)
   suspend, resume  hold the I/O to one node (or the array) and release it
   fail, readd      take a mirror leg out for maintenance, bring it back (resync)
@@ -102,6 +103,7 @@ examples:
   dst remove big n3
   dst assemble nbd://10.0.0.1:10809/ nbd://10.0.0.2:10809/ --listen 127.0.0.1:10900
   dst fail demo node-b && dst readd demo node-b
+  dst replace demo node-b --uri nbd://10.0.0.9:10809/ --name node-c
   dst verify demo --repair --source node-a
   dst resync-rate demo 50M --min 5M
 """
@@ -219,6 +221,29 @@ def _add_array_commands(sub: Any) -> None:
     p = add("remove", "remove the last node of a linear array", "Remove NODE, the last node.")
     p.add_argument("array", metavar="ARRAY")
     p.add_argument("node", metavar="NODE")
+    p = add(
+        "replace",
+        "replace a node, copying its data live",
+        "Replace node OLD of ARRAY by a new node while the array serves I/O: NEW is "
+        "filled from the array's data (writes go to both meanwhile), then takes OLD's "
+        "place and OLD is released.  A mirror leg is rebuilt from the other legs, so OLD "
+        "may be dead.  Waits and shows progress unless --no-wait; Ctrl-C stops waiting, "
+        "not the replace ('dst cancel-replace ARRAY' does).",
+    )
+    p.add_argument("array", metavar="ARRAY")
+    p.add_argument("old", metavar="OLD", help="the node to replace")
+    p.add_argument("--uri", help="the new node: nbd://HOST:PORT/EXPORT or nbd+unix:///?socket=P")
+    p.add_argument("--path", help="the new node: a local file or disk")
+    p.add_argument("--size", help="with --path: create a sparse file of SIZE")
+    p.add_argument("--name", help="the new node's name (default: generated)")
+    p.add_argument("--no-wait", action="store_true", help="start it and return")
+    p = add(
+        "cancel-replace",
+        "stop a running replace",
+        "Stop the running replace of ARRAY: the array goes on with the old node; the new "
+        "node is left partly written and unused.",
+    )
+    p.add_argument("array", metavar="ARRAY")
     p = add(
         "assemble",
         "rebuild a mirror from its members",
@@ -349,6 +374,13 @@ def _run_array(args: argparse.Namespace) -> int:
         return admin.cmd_simple(control, cmd, {"array": args.array})
     if cmd == "remove":
         return admin.cmd_simple(control, "remove", {"array": args.array, "node": args.node})
+    if cmd == "replace":
+        node = admin.node_spec(
+            uri=args.uri, path=args.path, size=args.size, name=args.name, verb="put in"
+        )
+        return admin.cmd_replace(control, args.array, args.old, node, wait=not args.no_wait)
+    if cmd == "cancel-replace":
+        return admin.cmd_simple(control, "cancel-replace", {"array": args.array})
     if cmd == "assemble":
         return admin.cmd_assemble(
             control,

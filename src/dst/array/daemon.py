@@ -38,6 +38,7 @@ from typing import Any
 from dst.array.build import build, construct, index
 from dst.array.keeper import MirrorKeeper, keepers
 from dst.array.member import Member
+from dst.array.replacing import ReplaceJob
 from dst.array.spec import (
     ArraySpec,
     LinearPart,
@@ -49,8 +50,11 @@ from dst.array.spec import (
     children,
     find_node,
     linear_part_from_dict,
+    parent_of,
+    replace_node,
     spec_from_dict,
     spec_to_dict,
+    target_from_dict,
     walk,
 )
 from dst.array.switch import SwitchDevice
@@ -84,6 +88,7 @@ class Array:
         self.server: NbdServer | None = None
         self.exports: list[str] = []
         self.keepers: dict[str, MirrorKeeper] = {}  # by mirror name
+        self.replace_job: ReplaceJob | None = None  # the running (or last) replace
         self._lock = asyncio.Lock()  # one reconfiguration at a time
 
     @property
@@ -129,6 +134,9 @@ class Array:
             self.state = "stopped"
             if server is not None:
                 await server.close()
+            job = self.replace_job
+            if job is not None and job.running:
+                await job.abort()
             self._stop_keepers()
             if root is not None:
                 # Bounded: a node that is away must not hold the daemon's shutdown for
@@ -242,6 +250,63 @@ class Array:
             raise ControlError("not-suspended", f"{node!r} is not suspended", field="node")
         dev.resume()
 
+    async def replace(self, node: str, new: dict[str, Any]) -> None:
+        """Start replacing ``node`` by the node ``new`` (a spec dict), live."""
+        async with self._lock:
+            root = self._running_root()
+            if self.replace_job is not None and self.replace_job.running:
+                raise ControlError(
+                    "busy", f"{self.replace_job.old.name!r} is being replaced", field="node"
+                )
+            old = self._node(node)
+            parent_spec = parent_of(self.spec, node)
+            if not isinstance(old, Member) or parent_spec is None:
+                raise ControlError(
+                    "not-a-node",
+                    f"{node!r} is not a storage node of a linear, stripe or mirror target",
+                    field="node",
+                )
+            taken = [t.name for t in walk(self.spec.target)]
+            try:
+                target = target_from_dict(new, taken=taken)
+                dev = construct(target, io_timeout=self.spec.io_timeout,
+                                replay=not isinstance(parent_spec, MirrorSpec))  # fmt: skip
+            except ConfigError as exc:
+                raise _bad_spec(exc) from None
+            try:
+                await dev.open()
+            except BlockError as exc:
+                await dev.close()
+                raise ControlError("node-unreachable", str(exc), field="spec") from None
+            parent = index(root.inner)[parent_spec.name]
+            hi, lo = self._resync_rates(parent_spec.name)
+
+            def finished(job: ReplaceJob) -> None:
+                if job.state == "finished":
+                    self.spec = dataclasses.replace(
+                        self.spec, target=replace_node(self.spec.target, node, target)
+                    )
+                    for keeper in self.keepers.values():
+                        keeper.refresh()
+
+            try:
+                job = ReplaceJob(root, parent, old, dev, on_finished=finished,
+                                 max_rate=hi or None, min_rate=lo or None)  # fmt: skip
+                await job.start()
+            except (ConfigError, BlockError) as exc:
+                await dev.close()
+                raise ControlError("bad-spec", str(exc), field="spec") from None
+            for keeper in self.keepers.values():
+                keeper.refresh()
+            self.replace_job = job
+
+    def cancel_replace(self) -> None:
+        self._running_root()
+        job = self.replace_job
+        if job is None or not job.running:
+            raise ControlError("not-replacing", f"no replace is running in {self.name!r}")
+        job.cancel()
+
     def _node(self, node: str) -> BlockDevice:
         root = self._running_root()
         dev = index(root.inner).get(node)
@@ -277,6 +342,11 @@ class Array:
             raise ControlError("bad-args", "rate must be >= 0", field="rate")
         if min_rate < 0 or (rate and min_rate > rate):
             raise ControlError("bad-args", "min_rate must be between 0 and rate", field="min_rate")
+        job = self.replace_job
+        if job is not None and job.running and mirror is None:
+            job.set_rate(max_rate=rate or None, min_rate=min_rate or None)
+            if not self.keepers:
+                return
         for keeper in self._keepers(mirror):
             keeper.set_rate(max_rate=rate or None, min_rate=min_rate or None)
 
@@ -392,6 +462,7 @@ class Array:
             "exports": list(self.exports),
             "suspended": root.suspended if root is not None else False,
             "held": root.held if root is not None else 0,
+            "replace": self.replace_job.progress() if self.replace_job is not None else None,
             "root": _node_status(
                 self.spec.target, devices, start=None, leg_state=None, keepers=self.keepers
             ),
@@ -556,6 +627,12 @@ class Daemon:
             return self._array(req.array).status()
         if isinstance(req, m.Resume):
             await self._array(req.array).resume(req.node)
+            return self._array(req.array).status()
+        if isinstance(req, m.Replace):
+            await self._array(req.array).replace(req.node, req.spec)
+            return self._array(req.array).status()
+        if isinstance(req, m.CancelReplace):
+            self._array(req.array).cancel_replace()
             return self._array(req.array).status()
         if isinstance(req, m.Shutdown):
             self.stopping.set()

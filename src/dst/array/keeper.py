@@ -112,12 +112,11 @@ class MirrorKeeper:
         self._delay: dict[int, float] = {}
         self._kick = asyncio.Event()
         self._unsubscribe: list[Callable[[], None]] = []
+        self._devs: list[BlockDevice] = []  # the legs' devices when last (re)subscribed
 
     def start(self) -> None:
         self.resyncer.start()
-        for leg in self.mirror.legs:
-            for remote in remotes(leg.dev):
-                self._unsubscribe.append(remote.subscribe(self._on_connection))
+        self._subscribe()
         self.mirror.tasks.spawn(self._readd_loop(), name="readd")
 
     def stop(self) -> None:
@@ -125,6 +124,29 @@ class MirrorKeeper:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
+
+    def refresh(self) -> None:
+        """The mirror's legs changed (added, removed, renumbered): follow them."""
+        self.stop()
+        self._subscribe()
+        now = {leg.dev: leg.index for leg in self.mirror.legs}
+        old = self._devs
+
+        def remap(indices: set[int]) -> set[int]:
+            return {now[old[i]] for i in indices if i < len(old) and old[i] in now}
+
+        self.manual = remap(self.manual)
+        self.suspended = remap(self.suspended)
+        self.refused = {now[old[i]]: why for i, why in self.refused.items()
+                        if i < len(old) and old[i] in now}  # fmt: skip
+        self._next_try.clear()
+        self._delay.clear()
+
+    def _subscribe(self) -> None:
+        self._devs = [leg.dev for leg in self.mirror.legs]
+        for leg in self.mirror.legs:
+            for remote in remotes(leg.dev):
+                self._unsubscribe.append(remote.subscribe(self._on_connection))
 
     # -- operator actions ------------------------------------------------------------
 

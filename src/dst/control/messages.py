@@ -165,12 +165,21 @@ class Resume(Request):
 
 @dataclass(frozen=True, slots=True)
 class Replace(Request):
-    """Reserved: replace ``node`` by the node ``spec``, copying its data live."""
+    """Replace ``node`` by the node ``spec``, copying its data live (in the background:
+    progress under ``replace`` in the array's status)."""
 
     OP: ClassVar[str] = "replace"
     array: str
     node: str
     spec: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReplace(Request):
+    """Stop the running replace of the array; it goes back to the old node."""
+
+    OP: ClassVar[str] = "cancel-replace"
+    array: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +229,7 @@ REQUESTS: dict[str, type[Request]] = {
         Suspend,
         Resume,
         Replace,
+        CancelReplace,
         Verify,
         ResyncRate,
         Shutdown,
