@@ -428,3 +428,41 @@ async def test_cancel_a_replace_leaves_the_array_as_before(tmp_path: Path) -> No
         assert (tmp_path / "n0.img").read_bytes() == expect[:size]
     finally:
         await daemon.close()
+
+
+@pytest.mark.parametrize("dead", [False, True])
+async def test_replace_a_mirror_leg_under_a_writer(tmp_path: Path, dead: bool) -> None:
+    sock = tmp_path / "m.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(mirror_spec("mr", tmp_path, sock)))
+        c = await connect(sock)
+        expect = bytearray(os.urandom(c.size))
+        await c.write(0, bytes(expect))
+        if dead:  # OLD is gone: NEW is rebuilt from the other leg
+            await daemon.handle(m.Fail(array="mr", node="leg1"))
+        stop = asyncio.Event()
+        w = asyncio.ensure_future(writer(c, c.size, expect, stop))
+        new = {"type": "file", "name": "leg9", "path": str(tmp_path / "leg9.img"), "size": 4 * MiB}
+        await daemon.handle(m.Replace(array="mr", node="leg1", spec=new))
+        array = daemon.arrays["mr"]
+        await wait_for(lambda: array.status()["replace"]["state"] == "finished", "replace")
+        stop.set()
+        assert await w > 0
+        assert bytes(await c.read(0, c.size)) == expect
+        st = array.status()
+        assert [(k["name"], k["state"]) for k in st["root"]["members"]] == [
+            ("leg0", "in_sync"),
+            ("leg9", "in_sync"),
+        ]
+        await c.close()
+        await daemon.handle(m.Stop(array="mr"))
+        size = layout_for(4 * MiB, REGION).data_size
+        legs = [(tmp_path / f"leg{i}.img").read_bytes()[:size] for i in (0, 9)]
+        assert legs[0] == legs[1] == expect
+        # The superblocks know the new membership: assembly finds leg0 and leg9.
+        found = await probe_all([str(tmp_path / "leg9.img"), str(tmp_path / "leg0.img")])
+        doc = assemble_spec(found, listen=[f"unix:{sock}"])
+        assert [x["name"] for x in doc["array"]["target"]["members"]] == ["leg0", "leg9"]
+    finally:
+        await daemon.close()

@@ -43,6 +43,7 @@ from dst.array.spec import (
     ArraySpec,
     LinearPart,
     LinearSpec,
+    MemorySpec,
     MirrorSpec,
     SpecError,
     StripeSpec,
@@ -511,6 +512,10 @@ def _node_status(
             kid = devices.get(part.target.name)
             pos += _part_size(part, kid)
     if isinstance(dev, MirrorDevice):
+        # The legs as they are now (a replace adds one before the spec names it).
+        by_name = {k.name: k for k in kids}
+        kids = tuple(by_name.get(leg.dev.name) or _spec_of(leg.dev) for leg in dev.legs)
+        starts = [None] * len(kids)
         legs = [leg.state.name.lower() for leg in dev.legs]
         keeper = keepers.get(dev.name)
         if keeper is not None and keeper.mirror is dev:
@@ -522,6 +527,14 @@ def _node_status(
         for k, s, ls in zip(kids, starts, legs, strict=True)
     ]
     return node
+
+
+def _spec_of(dev: BlockDevice) -> TargetSpec:
+    """A spec node describing ``dev`` (a leg the array's spec does not name yet)."""
+    try:
+        return target_from_dict(dev.spec())
+    except ConfigError:
+        return MemorySpec(name=dev.name, size=dev.size)
 
 
 def _part_size(part: LinearPart, dev: BlockDevice | None) -> int:
