@@ -466,3 +466,46 @@ async def test_replace_a_mirror_leg_under_a_writer(tmp_path: Path, dead: bool) -
         assert [x["name"] for x in doc["array"]["target"]["members"]] == ["leg0", "leg9"]
     finally:
         await daemon.close()
+
+
+async def test_grow_a_mirror_to_three_legs_and_back(tmp_path: Path) -> None:
+    sock = tmp_path / "g.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(mirror_spec("g", tmp_path, sock)))
+        c = await connect(sock)
+        expect = bytearray(os.urandom(c.size))
+        await c.write(0, bytes(expect))
+        stop = asyncio.Event()
+        w = asyncio.ensure_future(writer(c, c.size, expect, stop))
+        leg2 = {"type": "file", "name": "leg2", "path": str(tmp_path / "leg2.img"), "size": 4 * MiB}
+        status = await daemon.handle(m.Add(array="g", spec=leg2))
+        assert [k["name"] for k in status["root"]["members"]] == ["leg0", "leg1", "leg2"]
+        array = daemon.arrays["g"]
+
+        def states() -> list[str]:
+            return [k["state"] for k in array.status()["root"]["members"]]
+
+        await wait_for(lambda: states() == ["in_sync"] * 3, "leg2 in sync")
+        stop.set()
+        await w
+        assert bytes(await c.read(0, c.size)) == expect
+        # Shrink back: leg0 leaves; two legs stay, and fewer is refused.
+        status = await daemon.handle(m.Remove(array="g", node="leg0"))
+        assert [k["name"] for k in status["root"]["members"]] == ["leg1", "leg2"]
+        with pytest.raises(ControlError) as exc:
+            await daemon.handle(m.Remove(array="g", node="leg1"))
+        assert exc.value.code == "cannot-remove"
+        assert bytes(await c.read(0, c.size)) == expect
+        await c.close()
+        await daemon.handle(m.Stop(array="g"))
+        for i in (1, 2):
+            assert leg_data(tmp_path, i) == expect
+        await daemon.handle(m.Start(array="g"))  # the spec has leg1 and leg2 now
+        st = array.status()
+        assert [(k["name"], k["state"]) for k in st["root"]["members"]] == [
+            ("leg1", "in_sync"),
+            ("leg2", "in_sync"),
+        ]
+    finally:
+        await daemon.close()

@@ -33,7 +33,7 @@ commands:
   daemon  run the array daemon (control socket) in the foreground
   create  create and start an array from a spec file (TOML)
   start, stop      start or stop an array
-  add, remove      grow or shrink a linear array live
+  add, remove      grow or shrink an array live (linear, stripe, mirror legs)
   replace          replace a node by another, its data copied live
   assemble         rebuild a mirror from its members' superblocks (after a crash)
   suspend, resume  hold the I/O to one node (or the array) and release it
@@ -210,7 +210,12 @@ def _add_array_commands(sub: Any) -> None:
     for verb in ("start", "stop"):
         p = add(verb, f"{verb} an array", f"{verb.capitalize()} the array NAME.")
         p.add_argument("array", metavar="NAME")
-    p = add("add", "append a node to a linear array", "Append a node to a linear array, live.")
+    p = add(
+        "add",
+        "grow an array by a node",
+        "Grow ARRAY by a node, live: appended to a linear array; a new linear segment "
+        "after a stripe (no restripe); a new leg of a mirror, resynced in the background.",
+    )
     p.add_argument("array", metavar="ARRAY")
     p.add_argument("--uri", help="a remote node: nbd://HOST:PORT/EXPORT or nbd+unix:///?socket=P")
     p.add_argument("--path", help="a local file or disk")
@@ -218,7 +223,12 @@ def _add_array_commands(sub: Any) -> None:
     p.add_argument("--name", help="node name (default: generated)")
     p.add_argument("--start", help="use the node from this offset (default 0)")
     p.add_argument("--length", help="use this many bytes of the node (default: to its end)")
-    p = add("remove", "remove the last node of a linear array", "Remove NODE, the last node.")
+    p = add(
+        "remove",
+        "shrink an array by a node",
+        "Remove NODE, live: the last node of a linear array (it shrinks), or a leg of a "
+        "mirror (at least two legs stay; not the last leg in sync).",
+    )
     p.add_argument("array", metavar="ARRAY")
     p.add_argument("node", metavar="NODE")
     p = add(

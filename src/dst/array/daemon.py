@@ -287,8 +287,7 @@ class Array:
                     self.spec = dataclasses.replace(
                         self.spec, target=replace_node(self.spec.target, node, target)
                     )
-                    for keeper in self.keepers.values():
-                        keeper.refresh()
+                    self._refresh_keepers()
 
             try:
                 job = ReplaceJob(root, parent, old, dev, on_finished=finished,
@@ -297,8 +296,7 @@ class Array:
             except (ConfigError, BlockError) as exc:
                 await dev.close()
                 raise ControlError("bad-spec", str(exc), field="spec") from None
-            for keeper in self.keepers.values():
-                keeper.refresh()
+            self._refresh_keepers()
             self.replace_job = job
 
     def cancel_replace(self) -> None:
@@ -360,19 +358,23 @@ class Array:
         """Grow the array live by the node ``node`` (a spec dict).
 
         Linear: the node is appended.  Stripe: the array becomes a linear array of the
-        stripe and the node (a new segment; the stripe is not restriped).
+        stripe and the node (a new segment; the stripe is not restriped).  Mirror: the
+        node is a new leg, resynced in the background (the size does not change).
         """
         async with self._lock:
             root = self._running_root()
             tree, target = root.inner, self.spec.target
+            if isinstance(tree, MirrorDevice) and isinstance(target, MirrorSpec):
+                await self._add_leg(root, tree, target, node)
+                return
             grow_stripe = isinstance(target, StripeSpec) and isinstance(tree, StripeDevice)
             if not grow_stripe and not (
                 isinstance(tree, LinearDevice) and isinstance(target, LinearSpec)
             ):
                 raise ControlError(
                     "cannot-grow",
-                    f"array {self.name!r} is {target.KIND}: only linear and stripe arrays "
-                    "grow by a node",
+                    f"array {self.name!r} is a {target.KIND} of targets: only linear, stripe "
+                    "and mirror arrays of nodes grow by a node",
                     field="array",
                 )
             taken = [t.name for t in walk(target)]
@@ -399,6 +401,55 @@ class Array:
                 raise ControlError("bad-spec", str(exc), field="spec") from None
             self.spec = dataclasses.replace(self.spec, target=new_target)
 
+    async def _add_leg(
+        self, root: SwitchDevice, mirror: MirrorDevice, target: MirrorSpec, node: dict[str, Any]
+    ) -> None:
+        """A new leg for the mirror at the root, resynced in the background."""
+        try:
+            leg = target_from_dict(node, taken=[t.name for t in walk(target)])
+            dev = construct(leg, io_timeout=self.spec.io_timeout, replay=False)
+        except ConfigError as exc:
+            raise _bad_spec(exc) from None
+
+        async def add() -> None:
+            await mirror.add_leg(dev)
+
+        try:
+            await root.reconfigure(add)
+        except (BlockError, MetadataError) as exc:
+            await dev.close()
+            raise ControlError("node-unreachable", str(exc), field="spec") from None
+        except ConfigError as exc:
+            await dev.close()
+            raise ControlError("bad-spec", str(exc), field="spec") from None
+        self.spec = dataclasses.replace(
+            self.spec, target=dataclasses.replace(target, members=(*target.members, leg))
+        )
+        self._refresh_keepers()
+
+    async def _remove_leg(self, root: SwitchDevice, mirror: MirrorDevice, node: str) -> None:
+        _, index = self._leg(node)
+        removed: list[BlockDevice] = []
+
+        async def remove() -> None:
+            removed.append(await mirror.remove_leg(index))
+
+        try:
+            await root.reconfigure(remove)
+        except ConfigError as exc:
+            raise ControlError("cannot-remove", str(exc), field="node") from None
+        for dev in removed:
+            with contextlib.suppress(BlockError, OSError):
+                await dev.close()
+        self.spec = dataclasses.replace(
+            self.spec, target=replace_node(self.spec.target, node, None)
+        )
+        self._refresh_keepers()
+
+    def _refresh_keepers(self) -> None:
+        for keeper in self.keepers.values():
+            keeper.refresh()
+
     async def _stripe_to_linear(
         self, root: SwitchDevice, dev: BlockDevice, part: LinearPart, taken: list[str]
     ) -> TargetSpec:
@@ -422,10 +473,13 @@ class Array:
         return LinearSpec(name=name, members=(LinearPart(target=target), part))
 
     async def remove(self, node: str) -> None:
-        """Remove the last member of a linear array (it shrinks), live."""
+        """Remove the last member of a linear array (it shrinks), or a mirror leg, live."""
         async with self._lock:
             root = self._running_root()
             linear, target = root.inner, self.spec.target
+            if isinstance(linear, MirrorDevice) and isinstance(target, MirrorSpec):
+                await self._remove_leg(root, linear, node)
+                return
             if not isinstance(linear, LinearDevice) or not isinstance(target, LinearSpec):
                 raise ControlError(
                     "not-linear", f"array {self.name!r} is not linear", field="array"
