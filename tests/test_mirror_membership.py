@@ -15,6 +15,7 @@ from dst.array.assemble import AssembleError, assemble_spec, probe_all
 from dst.array.resync import Resync, Resyncer
 from dst.device import BlockDevice
 from dst.errors import ConfigError
+from dst.meta.regions import RegionTracker
 from dst.meta.store import MetaStore
 from dst.meta.superblock import MetadataError, Superblock
 from dst.targets.fault import FaultDevice
@@ -97,6 +98,23 @@ async def sb_of(dev: BlockDevice) -> Superblock:
 
 def in_sync(m: MirrorDevice) -> bool:
     return all(x.state is LegState.IN_SYNC for x in m.legs) and m.health().state == "ok"
+
+
+def test_tracker_membership_keeps_per_leg_sets_apart() -> None:
+    t = RegionTracker(10 * R, R, 3, clear_delay=1.0)
+    for leg, region in ((1, 3), (2, 5)):
+        t.leg_failed(leg)
+        out = t.leg_missed(leg, [region])
+        assert out.meta is not None
+        t.persisted(out.meta.batch)
+    before = t.oos
+    t.remove_leg(1, now=0.0)
+    assert len(before) == 3 and len(t.oos) == 2 and t.oos[1] is before[2]
+    assert list(t.oos[1]) == [5] and t.down == {1}
+    t.due_clears(2.0)  # only the removed leg missed region 3: clean again
+    assert not t.bitmap.test(3) and t.bitmap.test(5)
+    assert t.add_leg() == 2 and t.down == {1, 2} and t.oos[2].count() == 0
+    assert len(before) == 3  # a resync holding the old list is not disturbed
 
 
 async def test_add_leg_under_writer_converges_and_reassembles(tmp_path: Path) -> None:
@@ -209,7 +227,8 @@ async def test_remove_leg_renumbers_and_reassembles(tmp_path: Path) -> None:
     assert {f.sb.array_uuid for f in found} == {array}
 
 
-async def test_remove_leg_while_a_resync_runs() -> None:
+@pytest.mark.parametrize("gone", [1, 2])  # a leg in sync, or the resync target itself
+async def test_remove_leg_while_a_resync_runs(gone: int) -> None:
     disks = [MemoryDevice(SIZE) for _ in range(3)]
     legs = [FaultDevice(d, name=f"leg{i}") for i, d in enumerate(disks)]
     m = await open_mirror(list(legs))
@@ -226,16 +245,35 @@ async def test_remove_leg_while_a_resync_runs() -> None:
     while r.done < 3:
         r.advanced.clear()
         await r.advanced.wait()
-    await m.remove_leg(1)  # the resync target (leg 2) becomes leg 1
-    assert [x.dev for x in m.legs] == [legs[0], legs[2]]
-    assert m.legs[1].state is LegState.RESYNCING
+    await m.remove_leg(gone)  # leg 1: the resync target (leg 2) becomes leg 1
+    kept = [i for i in range(3) if i != gone]
+    assert [x.dev for x in m.legs] == [legs[i] for i in kept]
     resyncer.set_rate(max_rate=None)
     await resyncer.wait_idle()
-    assert in_sync(m) and disks[2].data[: m.size] == disks[0].data[: m.size]
+    assert in_sync(m) and disks[kept[1]].data[: m.size] == disks[0].data[: m.size]
     await m.close()
-    m2 = await open_mirror([FaultDevice(disks[0]), FaultDevice(disks[2])])
+    m2 = await open_mirror([FaultDevice(disks[i]) for i in kept])
     assert in_sync(m2)
     await m2.close()
+
+
+async def test_removing_a_failed_leg_lets_the_bitmap_clear() -> None:
+    disks = [MemoryDevice(SIZE) for _ in range(3)]
+    m = await open_mirror(list(disks), clear_delay=0.01)
+    await m.fail_leg(2)
+    await m.write(0, b"z" * (4 * R))  # leg 2 misses these regions: their bits stay
+    assert m.intent is not None and m.intent.missing(2) == 4
+    sb = await sb_of(disks[0])
+    assert sb.bitmap  # the generation leg 2 holds is kept for its delta resync
+    await m.remove_leg(2)
+    assert in_sync(m) and m.intent.tracker.bitmap.count() == 4
+    sbs = [await sb_of(d) for d in disks[:2]]
+    assert [sb.bitmap for sb in sbs] == [0, 0] and sbs[0].current == sbs[1].current
+    await m.close()  # idle bits are cleared and persisted
+    for d in disks[:2]:
+        store = MetaStore(d)
+        await store.load()
+        assert (await store.read_bitmap()).count() == 0
 
 
 async def test_replace_dead_leg_rebuilds_it() -> None:
@@ -360,3 +398,24 @@ async def test_bad_requests_get_a_clear_config_error() -> None:
     with pytest.raises(ConfigError, match="region tracking"):
         await plain.add_leg(MemoryDevice(SIZE))
     await plain.close()
+
+
+async def test_a_leg_dead_during_the_change_learns_the_member_count_when_back() -> None:
+    disks = [MemoryDevice(SIZE) for _ in range(3)]
+    legs = [FaultDevice(d, name=f"leg{i}") for i, d in enumerate(disks)]
+    m = await open_mirror(list(legs[:2]))
+    legs[1].kill()
+    await m.write(0, b"k" * R)
+    assert m.legs[1].state is LegState.FAILED
+    await m.add_leg(legs[2])  # leg 1 cannot be told
+    assert (await sb_of(disks[1])).member_count == 2
+    legs[1].revive()
+    plan = await m.readd(1)
+    assert not plan.full
+    await Resync(m).run()
+    assert in_sync(m)
+    sbs = [await sb_of(d) for d in disks]
+    assert [(sb.role, sb.member_count) for sb in sbs] == [(0, 3), (1, 3), (2, 3)]
+    assert {sb.current for sb in sbs} == {sbs[0].current}
+    assert sbs[1].spec["names"] == ["leg0", "leg1", "leg2"]
+    await m.close()
