@@ -328,3 +328,26 @@ async def test_construction_refusals() -> None:
     with pytest.raises(BlockError) as info:
         await ReplaceDevice(old, plain).write_zeroes(0, 1, fast=True)
     assert info.value.errno == errno.ENOTSUP
+
+
+async def test_take_new_before_the_suspend_loses_no_write() -> None:
+    async with asyncio.timeout(TIMEOUT):
+        r = await rig("linear", 17)
+        new_dev = FaultDevice(MemoryDevice(NODE, name="new-disk"), name="new")
+        rep = await start(r, member(new_dev))
+        await rep.run()
+        new = rep.take_new()  # before the suspend, as a caller may do
+        assert rep.state == "finished"
+        await r.root.write(100, b"late")  # still reaches NEW
+        r.expected[100:104] = b"late"
+        new_dev.fail_writes(errno.EIO, count=1)
+        with pytest.raises(BlockError):  # NEW is the member of record: no silent loss
+            await r.root.write(200, b"lost")
+        rep.cancel()  # too late to cancel: nothing changes
+        assert rep.state == "finished"
+        await r.root.reconfigure(lambda: r.arr.replace_child(rep, new))
+        await rep.close()  # closes nothing once finished
+        await r.root.write(300, b"after")
+        r.expected[300:305] = b"after"
+        got = await r.root.read(0, NODE)
+        assert got[:200] == r.expected[:200] and got[204:NODE] == r.expected[204:NODE]

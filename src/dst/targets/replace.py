@@ -150,15 +150,17 @@ class ReplaceDevice(BlockDevice):
         self._stop("cancelled", None)
 
     def take_new(self) -> BlockDevice:
-        """NEW, for the caller to put in this device's place (I/O suspended).
+        """NEW, for the caller to put in this device's place; state ``finished``.
 
-        Raises ConfigError unless the copy is done and no mutation is in flight.
-        Afterwards this device mirrors nothing; OLD is the caller's to close.
+        Raises ConfigError unless the copy is done.  Mutations keep going to both
+        devices until this device is out of the tree, so it is safe to call before the
+        suspend; from now on a failure of NEW fails the request (NEW is the member of
+        record) instead of aborting, and :meth:`cancel` does nothing.  OLD is the
+        caller's to close after the swap.
         """
-        if self.state != "done" or len(self._lock):
+        if self.state != "done":
             raise ConfigError(f"replace of {self.old.name!r} is {self.state}, not done")
         self.state = "finished"
-        self._mirroring = False
         return self.new
 
     def progress(self) -> dict[str, Any]:
@@ -282,7 +284,7 @@ class ReplaceDevice(BlockDevice):
 
     async def _pair(self, op: Op) -> None:
         r_old, r_new = await asyncio.gather(op(self.old), op(self.new), return_exceptions=True)
-        if isinstance(r_new, BlockError):
+        if isinstance(r_new, BlockError) and self.state != "finished":
             self._new_failed(r_new)
         elif isinstance(r_new, BaseException):
             raise r_new
@@ -341,7 +343,12 @@ class ReplaceDevice(BlockDevice):
         """Nothing: OLD and NEW are open when the replace starts."""
 
     async def close(self) -> None:
-        """Stop the replace and close OLD and NEW (the array is shutting down)."""
+        """Stop the replace and close OLD and NEW (the array is shutting down).
+
+        Once ``finished`` (:meth:`take_new`) it closes nothing: NEW is in the tree and
+        OLD is the caller's."""
+        if self.state == "finished":
+            return
         self.cancel()
         await self.old.close()
         await self.new.close()
