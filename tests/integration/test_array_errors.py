@@ -107,8 +107,10 @@ def test_remove_and_add_refused(daemon: Daemon, tmp_path: Path) -> None:
     msg = fails(daemon, "remove", "l", "m0")
     assert "only the last node" in msg and "'m1'" in msg, msg
     assert "no node 'zz'" in fails(daemon, "remove", "l", "zz")
-    assert "not linear" in fails(daemon, "add", "m", "--path", str(tmp_path / "n.img"))
-    assert "not linear" in fails(daemon, "remove", "m", "b")
+    # a mirror grows by legs, but not by a file that is not there, and keeps two legs
+    missing = str(tmp_path / "n.img")
+    assert f"{missing}: No such file" in fails(daemon, "add", "m", "--path", missing)
+    assert "two legs" in fails(daemon, "remove", "m", "b")
     # an unreachable node is not added; the array keeps its size
     msg = fails(daemon, "add", "l", "--uri", "nbd+unix:///?socket=/nonexistent.sock", "--name", "z")
     assert "nbd+unix:///?socket=/nonexistent.sock" in msg, msg

@@ -100,12 +100,16 @@ def assemble_spec(
     if len(arrays) > 1:
         who = "; ".join(f"{f.location}: {f.sb.array_name!r} {f.sb.array_uuid}" for f in found)
         raise AssembleError(f"the members belong to different arrays ({who})")
-    count = found[0].sb.member_count
+    newest = max(found, key=lambda f: (f.sb.events, f.sb.serial)).sb
+    count = newest.member_count
     by_role: dict[int, Found] = {}
     for f in found:
         if f.sb.member_count != count:
-            raise AssembleError(f"{f.location}: says the array has {f.sb.member_count} "
-                                f"members, not {count}")  # fmt: skip
+            raise AssembleError(
+                f"{f.location}: stale member (it says the array has {f.sb.member_count} "
+                f"members, the newest say {count}): assemble without it, then "
+                "'dst replace' or 'dst add' it"
+            )
         if f.sb.role in by_role:
             raise AssembleError(f"{f.location} and {by_role[f.sb.role].location} are both "
                                 f"member {f.sb.role} of the array")  # fmt: skip
@@ -116,7 +120,6 @@ def assemble_spec(
             f"member(s) {', '.join(missing)} of {count} not given: the array "
             f"{found[0].sb.array_name!r} needs all its members to be assembled"
         )
-    newest = max(found, key=lambda f: (f.sb.events, f.sb.serial)).sb
     names = newest.spec.get("names")
     legs = []
     for role in range(count):
