@@ -282,6 +282,12 @@ async def test_suspend_one_node_of_a_linear_array(tmp_path: Path) -> None:
         with pytest.raises(ControlError) as exc:
             await daemon.handle(m.Suspend(array="l", node="n1"))
         assert exc.value.code == "busy"
+        # What would suspend the whole array waits for no held node: refused.
+        extra = {"type": "file", "name": "n2", "path": str(tmp_path / "n2.img"), "size": MiB}
+        for req in (m.Suspend(array="l"), m.Add(array="l", spec=extra)):
+            with pytest.raises(ControlError) as exc:
+                await daemon.handle(req)
+            assert exc.value.code == "busy" and "n1" in str(exc.value), req
         await daemon.handle(m.Resume(array="l", node="n1"))
         await asyncio.wait_for(asyncio.gather(*held), 5)
         data = bytes(await c.read(0, 2 * MiB))

@@ -25,12 +25,16 @@ EXAMPLES: list[m.Request] = [
     m.Status(array="demo"),
     m.Fail(array="demo", node="a"),
     m.Readd(array="demo", node="a"),
+    m.Readd(array="demo", node="a", full=True),
     m.Suspend(array="demo"),
     m.Suspend(array="demo", node="a"),
     m.Resume(array="demo", node="a"),
     m.Replace(array="demo", node="a", spec={"type": "remote", "uri": "nbd://h/"}),
+    m.CancelReplace(array="demo"),
     m.Verify(array="demo", repair=True),
+    m.Verify(array="demo", repair=True, source="a", mirror="m"),
     m.ResyncRate(array="demo", rate=10 << 20),
+    m.ResyncRate(array="demo", rate=10 << 20, min_rate=1 << 20, mirror="m"),
     m.Shutdown(),
 ]
 

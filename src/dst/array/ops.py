@@ -66,6 +66,15 @@ class ArrayBase:
             return t.resync_rate, t.resync_min_rate
         return 0, 0
 
+    def _no_node_suspended(self) -> None:
+        """Refuse what suspends the root while a node holds requests: the root's drain
+        would wait for them until that node is resumed."""
+        for dev in index(self._running_root().inner).values():
+            if isinstance(dev, Member) and dev.suspended:
+                raise ControlError(
+                    "busy", f"node {dev.name!r} is suspended: resume it first", field="node"
+                )
+
     def _refresh_keepers(self) -> None:
         for keeper in self.keepers.values():
             keeper.refresh()
@@ -124,6 +133,9 @@ class Maintenance(ArrayBase):
         array when ``node`` is None."""
         root = self._running_root()
         if node is None:
+            if root.suspended:
+                raise ControlError("busy", f"{self.name!r} is already suspended")
+            self._no_node_suspended()
             await root.suspend()
             return
         dev = self._node(node)
@@ -139,9 +151,17 @@ class Maintenance(ArrayBase):
                 "not-a-node", f"{node!r} is not a storage node (a leaf)", field="node"
             )
         try:
-            await dev.suspend()
+            # Draining waits for the node's requests in flight: bounded, and a
+            # cancelled suspend resumes the node.
+            await asyncio.wait_for(dev.suspend(), self.spec.io_timeout)
         except ConfigError as exc:
             raise ControlError("busy", str(exc), field="node") from None
+        except TimeoutError:
+            raise ControlError(
+                "timeout",
+                f"{node!r} did not drain within {self.spec.io_timeout:g}s; not suspended",
+                field="node",
+            ) from None
 
     async def resume(self, node: str | None) -> None:
         root = self._running_root()

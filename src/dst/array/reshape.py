@@ -48,6 +48,7 @@ class Reshape(Maintenance):
         """Start replacing ``node`` by the node ``new`` (a spec dict), live."""
         async with self._lock:
             root = self._running_root()
+            self._no_node_suspended()
             if self.replace_job is not None and self.replace_job.running:
                 raise ControlError(
                     "busy", f"{self.replace_job.old.name!r} is being replaced", field="node"
@@ -108,6 +109,7 @@ class Reshape(Maintenance):
         """
         async with self._lock:
             root = self._running_root()
+            self._no_node_suspended()
             tree, target = root.inner, self.spec.target
             if isinstance(tree, MirrorDevice) and isinstance(target, MirrorSpec):
                 await self._add_leg(root, tree, target, node)
@@ -217,6 +219,7 @@ class Reshape(Maintenance):
         """Remove the last member of a linear array (it shrinks), or a mirror leg, live."""
         async with self._lock:
             root = self._running_root()
+            self._no_node_suspended()
             linear, target = root.inner, self.spec.target
             if isinstance(linear, MirrorDevice) and isinstance(target, MirrorSpec):
                 await self._remove_leg(root, linear, node)
