@@ -113,7 +113,8 @@ def node_spec(
     if uri is not None:
         node = {"type": "remote", "uri": uri}
     elif path is not None:
-        node = {"type": "file", "path": path}
+        # The daemon may run elsewhere: a relative path means the caller's directory.
+        node = {"type": "file", "path": os.path.abspath(path)}
         if size is not None:
             node["size"] = size
     else:
