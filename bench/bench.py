@@ -257,6 +257,10 @@ def run_all(args: argparse.Namespace, all_targets: list[Target] | None = None) -
         for rep in range(args.reps):
             for target in targets:
                 with target.start(ctx) as uri:
+                    if args.warmup:  # steady state: e.g. write-intent bits already set
+                        for w in workloads:
+                            if w.kind == "fio":
+                                run_fio(uri, w, size=args.size, runtime=args.warmup)
                     for w in workloads:
                         if w.kind == "fio":
                             r = run_fio(uri, w, size=args.size, runtime=args.runtime)
@@ -274,7 +278,12 @@ def run_all(args: argparse.Namespace, all_targets: list[Target] | None = None) -
             "platform": platform.platform(),
             "python": sys.version.split()[0],
         },
-        "params": {"size": args.size, "runtime": args.runtime, "reps": args.reps},
+        "params": {
+            "size": args.size,
+            "runtime": args.runtime,
+            "reps": args.reps,
+            "warmup": args.warmup,
+        },
         "targets": {t.name: t.description for t in targets},
         "workloads": {w.name: asdict(w) for w in workloads},
         "results": results,
@@ -379,6 +388,12 @@ def main(
     p.add_argument("--size", type=parse_size, default=1 << 30, help="file size (default 1G)")
     p.add_argument("--runtime", type=float, default=10.0, help="seconds per fio run")
     p.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="seconds of each fio workload, unmeasured, after each target starts (default 0)",
+    )
     names = [t.name for t in all_targets]
     p.add_argument(
         "--targets",
