@@ -16,13 +16,15 @@ the bitmap are resynced.  With ``--config``
 it runs that spec instead and starts no nodes.  It prints how to use the device,
 then shows live status until SIGINT/SIGTERM, and stops in order: array (in-flight
 requests finish, legs flushed), then nodes (SIGTERM, which they answer with a clean
-shutdown).
+shutdown).  If ``dst up`` itself is killed, the nodes get SIGTERM from the kernel
+(``PR_SET_PDEATHSIG``) instead of lingering.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import signal
 import sys
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from dst.net.address import Address, parse_address
 from dst.units import format_size, parse_size
 
 NODE_START_TIMEOUT = 20.0
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,12 @@ def options(
     )
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, however it dies (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Node:
     """A ``dst serve`` child process."""
 
@@ -76,6 +85,7 @@ class Node:
             "--size", str(self.size), "--name", self.name, "--listen", "127.0.0.1:0",
             stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches only us: we stop the array, then nodes
+            preexec_fn=_die_with_parent,  # ... and if we are killed, the nodes stop too
         )  # fmt: skip
         assert self.proc.stdout is not None
         try:

@@ -106,6 +106,14 @@ def test_dst_up_demo_mirror(tmp_path: Path, sockdir: Path) -> None:
             proc.kill()
             proc.wait()
 
+    # dst up killed outright: its nodes do not linger.
+    proc, lines, out = _start_up(cmd)
+    nodes = _node_pids(data_dir)
+    assert len(nodes) == 2, nodes
+    proc.kill()  # SIGKILL to dst up alone, not to its process group
+    proc.wait()
+    wait_until(lambda: _node_pids(data_dir) == [], "nodes to exit after dst up was killed")
+
 
 def _start_up(cmd: list[str]) -> tuple[subprocess.Popen[str], queue.Queue[str | None], list[str]]:
     """Start ``dst up``; return once it printed "dst is up" (with the lines so far)."""
