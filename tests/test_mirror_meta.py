@@ -116,6 +116,45 @@ async def test_write_intent_is_on_disk_before_data_and_batched() -> None:
     await m.close()
 
 
+class DurabilityChecker(MemoryDevice):
+    """Models a page cache: data writes are volatile until a flush (or FUA); fails the
+    test if a bitmap write clears the bit of a region whose data is not durable."""
+
+    def __init__(self) -> None:
+        super().__init__(SIZE)
+        self.volatile: set[int] = set()  # regions written since the last flush
+        self.violations = 0
+        self.flushes = 0
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        lay = LAY
+        if offset < lay.data_size and not fua:
+            self.volatile.update(range(offset // R, (offset + len(data) - 1) // R + 1))
+        elif lay.bitmap_offset <= offset < lay.bitmap_offset + lay.bitmap_size:
+            before = {r for r in self.volatile if bit_on_disk(self, r)}
+            await super().write(offset, data, fua=fua)
+            self.violations += sum(not bit_on_disk(self, r) for r in before)
+            return
+        await super().write(offset, data, fua=fua)
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        self.volatile.clear()
+
+
+async def test_a_bit_is_cleared_only_once_its_data_is_durable() -> None:
+    disks = [DurabilityChecker(), DurabilityChecker()]
+    m = MirrorDevice(disks, region_size=R, metadata=True, clear_delay=0.05)
+    await m.open()
+    for round_ in range(3):
+        await asyncio.gather(*(m.write(r * R, bytes([round_]) * 4096) for r in range(10)))
+        await asyncio.sleep(0.3)  # idle: the bits are cleared lazily
+        assert m.intent is not None and m.intent.tracker.bitmap.count() == 0
+        assert not any(bit_on_disk(disks[0], r) for r in range(10))
+    assert all(d.violations == 0 and d.flushes >= 3 for d in disks)
+    await m.close()
+
+
 async def test_foreign_member_refused() -> None:
     disks = [Disk(), Disk()]
     m, _ = await process(disks)

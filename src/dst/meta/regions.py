@@ -281,6 +281,11 @@ class RegionTracker:
         self._page_marking = {p: b for p, b in self._page_marking.items() if b != batch}
         return self._progress()
 
+    def clears_due(self, now: float) -> bool:
+        """Whether :meth:`due_clears` at ``now`` would consider some region."""
+        base, delays = self.clear_delay, self._delay
+        return any(now - since >= delays.get(r, base) for r, since in self._idle.items())
+
     def due_clears(self, now: float) -> Out:
         """Clear the bits of regions idle for their clear delay (``clear_delay``, longer
         for regions that keep being marked again right after a clear) that every leg

@@ -138,18 +138,22 @@ class MetaStore:
         self._pages_known = True
         return Bitmap.from_bytes(lay.nregions, data, max_pages=max_pages)
 
-    async def write_bitmap_pages(self, pages: Mapping[int, bytes]) -> None:
+    async def write_bitmap_pages(
+        self, pages: Mapping[int, bytes], *, data_durable: bool = False
+    ) -> None:
         """Write bitmap pages (index -> 4 KiB) durably, contiguous runs in one request.
 
         Marks (bits set) must be durable before the data they cover is written: the
         pages go out with FUA, which syncs only their range.  A clear must not reach
         the disk before the data of its region: if any bit goes from 1 to 0 (or the
-        page's previous content is unknown), the member is flushed first.
+        page's previous content is unknown), the member is flushed first -- unless
+        the caller says the data of every cleared region is durable already
+        (``data_durable``: it flushed after those regions were last written).
         """
         lay = self._need_layout()
         if not pages:
             return
-        if any(self._clears(p, data) for p, data in pages.items()):
+        if not data_durable and any(self._clears(p, data) for p, data in pages.items()):
             await self.device.flush()
         run: list[bytes] = []
         start = -1

@@ -660,7 +660,10 @@ class IntentLog:
         legs = sorted(self.attached)
         stores = self.stores
         results = await asyncio.gather(
-            *(timed(stores[i].write_bitmap_pages(pages), self.leg_timeout) for i in legs),
+            *(
+                timed(stores[i].write_bitmap_pages(pages, data_durable=True), self.leg_timeout)
+                for i in legs
+            ),
             return_exceptions=True,
         )
         for i, res in zip(legs, results, strict=True):
@@ -673,10 +676,32 @@ class IntentLog:
             self._idle.set()
 
     async def _clear_loop(self) -> None:
+        """Clear the bits of idle regions, lazily.  A clear must not reach a member
+        before the data of its region: with metadata, the attached legs are flushed
+        first and only regions already idle when the flush started are cleared, so
+        batches (_persist) never need a flush of their own and marks keep flowing."""
         interval = max(0.01, min(1.0, self.clear_delay / 2))
         while True:
             await asyncio.sleep(interval)
-            self._apply(self.tracker.due_clears(self.now()))
+            started = self.now()
+            if self.stores is not None:
+                if not self.tracker.clears_due(started):
+                    continue
+                await self._flush_attached()
+            self._apply(self.tracker.due_clears(started))
+
+    async def _flush_attached(self) -> None:
+        """Flush every attached leg; a leg that fails is failed (and holds nothing)."""
+        legs = sorted(self.attached)
+        results = await asyncio.gather(
+            *(timed(self.devices[i].flush(), self.leg_timeout) for i in legs),
+            return_exceptions=True,
+        )
+        for i, res in zip(legs, results, strict=True):
+            if isinstance(res, BlockError):
+                self._fail(i, res)
+            elif isinstance(res, BaseException):
+                raise res
 
     def _fail(self, leg: int, exc: BaseException) -> None:
         self.on_fail(leg, exc)  # the mirror marks the leg and calls leg_down
