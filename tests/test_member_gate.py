@@ -7,6 +7,7 @@ import errno
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -98,7 +99,7 @@ async def test_suspended_node_holds_while_the_other_keeps_serving(make: Maker) -
         before = bytes(a.data)
         await ma.suspend()
         assert ma.suspended and not mb.suspended
-        held = [
+        held: list[asyncio.Task[Any]] = [
             asyncio.create_task(arr.write(on_node(make, 0, i), bytes([i + 1]) * 512))
             for i in range(4)
         ]

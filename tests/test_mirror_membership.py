@@ -317,14 +317,14 @@ async def test_replace_live_leg_under_writer() -> None:
     await w.finish()
     await resyncer.wait_idle()
     assert in_sync(m) and new.data[: m.size] == disks[1].data[: m.size]
-    await w.check(m, [new.data, disks[1].data])
+    await w.check(m, [bytes(new.data), bytes(disks[1].data)])
     gone = await sb_of(disks[0])
     assert gone.array_uuid != array and gone.spec["removed_from"] == str(array)
     assert (await sb_of(new)).role == 0
     await m.close()
     m2 = await open_mirror([new, disks[1]])
     assert in_sync(m2)
-    await w.check(m2, [new.data, disks[1].data])
+    await w.check(m2, [bytes(new.data), bytes(disks[1].data)])
     await m2.close()
 
 

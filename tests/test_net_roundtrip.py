@@ -8,6 +8,7 @@ import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,7 +57,7 @@ class HoleyDevice(MemoryDevice):
         return [Extent(half), Extent(1, hole=True), Extent(length, hole=True, zero=True)]
 
 
-async def serve(sock_dir: Path, exports: dict[str, MemoryDevice], **kw: int) -> NbdServer:
+async def serve(sock_dir: Path, exports: dict[str, MemoryDevice], **kw: Any) -> NbdServer:
     server = NbdServer(exports, **kw)
     await server.start(f"unix:{sock_dir / 's.sock'}")
     return server
@@ -245,7 +246,7 @@ def test_under_uvloop(sock_dir: Path) -> None:
         try:
             async with await NbdClient.connect(server.addresses[0]) as c:
                 await asyncio.gather(*(c.write(i * 4096, bytes([i]) * 4096) for i in range(64)))
-                return await c.read(0, 64 * 4096)
+                return bytes(await c.read(0, 64 * 4096))
         finally:
             await server.close()
 
