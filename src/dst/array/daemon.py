@@ -55,7 +55,8 @@ from dst.array.switch import SwitchDevice
 from dst.control import messages as m
 from dst.control.server import ControlServer
 from dst.device import BlockDevice
-from dst.errors import BlockError, ConfigError, ControlError
+from dst.errors import BlockError, ConfigError, ControlError, DstError
+from dst.meta.superblock import MetadataError
 from dst.net.server import NbdServer
 from dst.targets.linear import LinearDevice
 from dst.targets.mirror import MirrorDevice
@@ -89,6 +90,8 @@ class Array(Reshape):
                 raise ControlError("node-unreachable", f"{self.name}: {exc}") from None
             except ConfigError as exc:
                 raise bad_spec(exc) from None
+            except MetadataError as exc:  # foreign, diverged, inconsistent members
+                raise ControlError("refused", f"{self.name}: {exc}") from None
             root = SwitchDevice(tree, name=self.name)
             self.keepers = {k.mirror.name: k for k in keepers(tree, self._resync_rates)}
             for keeper in self.keepers.values():
@@ -281,7 +284,21 @@ class Daemon:
         return {"arrays": [a.status() for a in arrays]}
 
     async def handle(self, req: m.Request) -> Any:
-        """Answer one control request.  Raises ControlError."""
+        """Answer one control request.  Raises ControlError.
+
+        A domain error that an operation did not map to a code of its own (a
+        :class:`~dst.errors.DstError`) is still an answer, ``failed``, with its message:
+        only bugs are ``internal``.
+        """
+        try:
+            return await self._handle(req)
+        except ControlError:
+            raise
+        except DstError as exc:
+            log.warning("%s failed: %s", req.OP, exc)
+            raise ControlError("failed", str(exc)) from None
+
+    async def _handle(self, req: m.Request) -> Any:
         if isinstance(req, m.Status):
             return self.status(req.array)
         if isinstance(req, m.Create):

@@ -33,6 +33,7 @@ from dst.array.resync import RateLimit
 from dst.array.switch import SwitchDevice
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
+from dst.meta.superblock import MetadataError
 from dst.targets.intent import LegState
 from dst.targets.linear import LinearDevice
 from dst.targets.mirror import Leg, MirrorDevice
@@ -153,7 +154,7 @@ class ReplaceJob:
                 self.state = "failed"  # the array is stopping
                 raise
             self.state = "cancelled"
-        except (BlockError, ConfigError) as exc:
+        except (BlockError, ConfigError, MetadataError) as exc:
             self.state, self.error = "failed", str(exc)
             log.error("replace of %s by %s failed: %s", self.old.name, self.new.name, exc)
         finally:

@@ -87,7 +87,7 @@ class Reshape(Maintenance):
                 job = ReplaceJob(root, parent, old, dev, on_finished=finished,
                                  max_rate=hi or None, min_rate=lo or None)  # fmt: skip
                 await job.start()
-            except (ConfigError, BlockError) as exc:
+            except (ConfigError, BlockError, MetadataError) as exc:
                 await dev.close()
                 raise ControlError("bad-spec", str(exc), field="spec") from None
             self._refresh_keepers()
