@@ -43,6 +43,7 @@ from dst.targets.intent import LegState
 from dst.targets.mirror import MirrorDevice
 
 log = logging.getLogger(__name__)
+DEFAULT_DEPTH = 8  # regions a resync copies at once
 RATE_WINDOW = 5.0  # seconds of history behind the reported rate
 
 
@@ -116,6 +117,7 @@ class Resync:
         targets: Sequence[int] | None = None,
         limit: RateLimit | None = None,
         checkpoint_interval: float = 1.0,
+        depth: int = DEFAULT_DEPTH,
     ) -> None:
         if mirror.intent is None:
             raise ConfigError("the mirror has no region tracking", where="region_size")
@@ -124,6 +126,7 @@ class Resync:
         self.wanted = None if targets is None else set(targets)
         self.limit = limit or RateLimit()
         self.checkpoint_interval = checkpoint_interval
+        self.depth = max(1, depth)  # regions copied at once
         self.state = "pending"
         self.targets: list[int] = []
         self.done = 0
@@ -163,10 +166,16 @@ class Resync:
         return sum(1 for _ in self._todo(targets))
 
     async def run(self) -> None:
-        """Copy until the targets hold every region; then they become full members."""
+        """Copy until the targets hold every region; then they become full members.
+
+        Up to ``depth`` regions are copied at once (each under its own range and
+        resync locks), in increasing order; the persisted resync position is the
+        lowest region still being copied, so a restart redoes nothing that is not done.
+        """
         self.state, self.started = "running", time.monotonic()
         last_ops = self.mirror.io_ops
         checkpoint_at = self.started + self.checkpoint_interval
+        inflight: dict[asyncio.Task[None], int] = {}
         try:
             while targets := self._targets():
                 self.targets = targets
@@ -181,18 +190,18 @@ class Resync:
                     _, n = self.mirror.region_range(r)
                     await self.limit.pace(n * len(targets), busy)
                     if time.monotonic() >= checkpoint_at:
-                        await self.mirror.resync_checkpoint(r, targets)
+                        low = min(inflight.values(), default=r)
+                        await self.mirror.resync_checkpoint(low, targets)
                         checkpoint_at = time.monotonic() + self.checkpoint_interval
-                    try:
-                        copied = await self.mirror.resync_region(r, targets)
-                    except BlockError as e:
-                        log.error("%s: resync of region %d failed: %r", self.mirror.name, r, e)
-                        self.errors += 1
-                        continue
-                    self.done += 1
-                    self.bytes += copied
-                    self._meter.add(copied)
-                    self.advanced.set()
+                    task = asyncio.ensure_future(self._copy(r, targets))
+                    inflight[task] = r
+                    if len(inflight) >= self.depth:
+                        done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                        for finished in done:
+                            del inflight[finished]
+                if inflight:
+                    await asyncio.wait(inflight)
+                    inflight.clear()
                 if self.errors > errors:
                     break  # unreadable regions: do not spin; a later resync retries
             for t in self.targets:
@@ -201,9 +210,24 @@ class Resync:
             self.state = "failed" if self.errors else "done"
         except asyncio.CancelledError:
             self.state = "stopped"
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
             raise
         finally:
             self.finished = time.monotonic()
+
+    async def _copy(self, region: int, targets: Sequence[int]) -> None:
+        try:
+            copied = await self.mirror.resync_region(region, targets)
+        except BlockError as e:
+            log.error("%s: resync of region %d failed: %r", self.mirror.name, region, e)
+            self.errors += 1
+            return
+        self.done += 1
+        self.bytes += copied
+        self._meter.add(copied)
+        self.advanced.set()
 
     def progress(self) -> dict[str, Any]:
         """Status: state, targets, regions done/total, bytes, rate (B/s), ETA (s)."""
@@ -222,6 +246,7 @@ class Resync:
             "eta": eta,
             "position": self.position,
             "errors": self.errors,
+            "elapsed": (self.finished or time.monotonic()) - self.started if self.started else 0.0,
             "max_rate": self.limit.max_rate,
             "min_rate": self.limit.min_rate,
         }
