@@ -185,9 +185,9 @@ def main() -> int:
     print()
     print(
         "| workload | seq write | written while away | regions dirtied (x64 KiB) "
-        "| copied | copied/dirtied | resync time | resync rate | rate/seq |"
+        "| copied | copied/dirtied | back in sync after | copy time | copy rate | rate/seq |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = r["copied_bytes"] / r["dirtied_bytes"] if r["dirtied_bytes"] else 0.0
         print(
