@@ -34,6 +34,7 @@ from .arrays import (
     write_spec,
 )
 from .helpers import DST, Node, nbd_python, require, require_root_dev, run, start_node
+from .writer import Writer
 
 pytestmark = pytest.mark.timeout(180)
 MiB = 1 << 20
@@ -41,56 +42,6 @@ BLOCK = 4096
 REGION = 64 << 10
 DATA = 16 * MiB  # the array's size
 MEMBER = member_size_for(DATA)
-
-# Writes block (i * STRIDE) % nblocks with a byte derived from i, until STOP exists.
-WRITER = """
-import os, sys
-stop, count = sys.argv[1], sys.argv[2]
-first, last = int(sys.argv[3]), int(sys.argv[4])  # block range
-n = last - first
-i = 0
-while not os.path.exists(stop):
-    b = first + (i * 7919) % n
-    h.pwrite(bytes([i % 251 + 1]) * 4096, b * 4096)
-    i += 1
-h.flush()
-open(count, "w").write(str(i))
-"""
-
-
-def expected(base: bytearray, count: int, first: int, last: int) -> bytearray:
-    """``base`` after the writer's first ``count`` writes."""
-    n = last - first
-    for i in range(count):
-        b = first + (i * 7919) % n
-        base[b * BLOCK : (b + 1) * BLOCK] = bytes([i % 251 + 1]) * BLOCK
-    return base
-
-
-class Writer:
-    """An nbdsh process writing through the array until stopped."""
-
-    def __init__(self, uri: str, tmp: Path, first: int = 0, last: int = DATA // BLOCK) -> None:
-        require("nbdsh")
-        self.stop_file, self.count_file = tmp / "writer.stop", tmp / "writer.count"
-        self.stop_file.unlink(missing_ok=True)
-        self.count_file.unlink(missing_ok=True)
-        self.first, self.last = first, last
-        args = [str(self.stop_file), str(self.count_file), str(first), str(last)]
-        py = nbd_python()
-        cmd = [py, "-m", "nbd", "-u", uri, "-c", f"import sys; sys.argv = ['w', *{args!r}]"]
-        cmd += ["-c", WRITER]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def finish(self) -> int:
-        """Stop; the writer must have seen no error.  Returns how many writes it did."""
-        self.stop_file.touch()
-        _, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, f"writer failed: {err}"
-        return int(self.count_file.read_text())
-
-    def apply(self, base: bytearray, count: int) -> bytearray:
-        return expected(base, count, self.first, self.last)
 
 
 def leg_data(path: Path) -> bytes:
