@@ -124,9 +124,16 @@ def node_spec(
     return node
 
 
-def cmd_replace(control: str, array: str, old: str, node: dict[str, Any], *, wait: bool) -> int:
+def cmd_replace(
+    control: str, array: str, old: str, node: dict[str, Any], *, wait: bool, rate: str | None
+) -> int:
     """Start replacing ``old`` by ``node``; with ``wait`` follow it to the end."""
-    request(control, "replace", {"array": array, "node": old, "spec": node})
+    from dst.units import parse_size
+
+    args: dict[str, Any] = {"array": array, "node": old, "spec": node}
+    if rate is not None:
+        args["rate"] = parse_size(rate)
+    request(control, "replace", args)
     if not wait:
         print(f"{array}: replacing {old} (see dst status {array}; dst cancel-replace {array})")
         return 0
@@ -136,10 +143,10 @@ def cmd_replace(control: str, array: str, old: str, node: dict[str, Any], *, wai
         while True:
             job = request(control, "status", {"array": array})["arrays"][0].get("replace") or {}
             done, total = job.get("regions_done") or 0, job.get("regions_total") or 0
-            rate = job.get("rate") or 0
+            speed = job.get("rate") or 0
             spinner.update(
                 f"replacing {old} by {job.get('new')}: {done}/{total} regions, "
-                f"{format_size(int(rate))}/s"
+                f"{format_size(int(speed))}/s"
             )
             if job.get("state") not in ("starting", "copying"):
                 break

@@ -246,6 +246,7 @@ def _add_array_commands(sub: Any) -> None:
     p.add_argument("--path", help="the new node: a local file or disk")
     p.add_argument("--size", help="with --path: create a sparse file of SIZE")
     p.add_argument("--name", help="the new node's name (default: generated)")
+    p.add_argument("--rate", help="limit the copy to RATE bytes/s, e.g. 50M (default: none)")
     p.add_argument("--no-wait", action="store_true", help="start it and return")
     p = add(
         "cancel-replace",
@@ -388,7 +389,9 @@ def _run_array(args: argparse.Namespace) -> int:
         node = admin.node_spec(
             uri=args.uri, path=args.path, size=args.size, name=args.name, verb="put in"
         )
-        return admin.cmd_replace(control, args.array, args.old, node, wait=not args.no_wait)
+        return admin.cmd_replace(
+            control, args.array, args.old, node, wait=not args.no_wait, rate=args.rate
+        )
     if cmd == "cancel-replace":
         return admin.cmd_simple(control, "cancel-replace", {"array": args.array})
     if cmd == "assemble":

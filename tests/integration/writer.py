@@ -73,6 +73,10 @@ class Writer:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.worst_latency = 0.0
 
+    def stop(self) -> None:
+        """Ask it to stop (it then flushes, which waits for a suspended node)."""
+        self.stop_file.touch()
+
     def finish(self) -> int:
         """Stop; the writer must have seen no error.  Returns how many writes it did."""
         self.stop_file.touch()

@@ -340,7 +340,7 @@ class Daemon:
             await self._array(req.array).resume(req.node)
             return self._array(req.array).status()
         if isinstance(req, m.Replace):
-            await self._array(req.array).replace(req.node, req.spec)
+            await self._array(req.array).replace(req.node, req.spec, rate=req.rate)
             return self._array(req.array).status()
         if isinstance(req, m.CancelReplace):
             self._array(req.array).cancel_replace()

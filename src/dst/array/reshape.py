@@ -44,7 +44,7 @@ from dst.targets.stripe import StripeDevice
 class Reshape(Maintenance):
     """add, remove, replace, cancel-replace."""
 
-    async def replace(self, node: str, new: dict[str, Any]) -> None:
+    async def replace(self, node: str, new: dict[str, Any], *, rate: int = 0) -> None:
         """Start replacing ``node`` by the node ``new`` (a spec dict), live."""
         async with self._lock:
             root = self._running_root()
@@ -75,6 +75,9 @@ class Reshape(Maintenance):
                 raise ControlError("node-unreachable", str(exc), field="spec") from None
             parent = index(root.inner)[parent_spec.name]
             hi, lo = self._resync_rates(parent_spec.name)
+            if rate < 0:
+                raise ControlError("bad-args", "rate must be >= 0", field="rate")
+            hi = rate or hi
 
             def finished(job: ReplaceJob) -> None:
                 if job.state == "finished":

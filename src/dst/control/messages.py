@@ -172,6 +172,7 @@ class Replace(Request):
     array: str
     node: str
     spec: dict[str, Any]
+    rate: int = 0  # bytes/s the copy may take (0: the mirror's resync rate, or unlimited)
 
 
 @dataclass(frozen=True, slots=True)
