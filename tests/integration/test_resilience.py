@@ -257,6 +257,8 @@ def test_nbdkit_error_filter_read_errors_repaired_write_errors_degrade(
         image = w.apply(image, count)
         assert read_all(uri, tmp_path) == image
         trigger.unlink()
+        time.sleep(1.5)  # failed by errors on a live connection: not re-added by itself
+        assert states(daemon, "w") == ["in_sync", "failed"]
         out = daemon.dst("readd", "w", "kit2").stdout
         assert "re-added" in out, out
         wait_until(lambda: states(daemon, "w") == ["in_sync", "in_sync"], "kit2 resynced")

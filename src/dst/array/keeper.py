@@ -13,9 +13,11 @@ running tree.  The keeper
   :meth:`MirrorDevice.readd`, which checks the member's superblock: a member that
   is merely behind is resynced from the bitmap (delta), an unknown or diverged one
   is *refused* and stays failed with the reason in status until the operator
-  decides (``dst readd NODE --full`` discards its data).  Legs failed by the
-  operator (``dst fail``) are never re-added automatically; a leg that keeps
-  failing is retried with exponential backoff (capped);
+  decides (``dst readd NODE --full`` discards its data).  Only legs that failed
+  because their node went away are re-added automatically: not legs failed by the
+  operator (``dst fail``), nor legs whose node answered with errors or not in time
+  on a live connection (a failing disk is not trusted again without the operator:
+  ``dst readd``).  A re-add that fails is retried with exponential backoff (capped);
 * runs **verify** jobs (compare, or repair from one leg) in the background, with
   progress for status.
 
@@ -112,6 +114,7 @@ class MirrorKeeper:
         self._delay: dict[int, float] = {}
         self._kick = asyncio.Event()
         self._unsubscribe: list[Callable[[], None]] = []
+        self._lost: set[BlockDevice] = set()  # legs whose node connection was lost
         self._devs: list[BlockDevice] = []  # the legs' devices when last (re)subscribed
 
     def start(self) -> None:
@@ -146,7 +149,7 @@ class MirrorKeeper:
         self._devs = [leg.dev for leg in self.mirror.legs]
         for leg in self.mirror.legs:
             for remote in remotes(leg.dev):
-                self._unsubscribe.append(remote.subscribe(self._on_connection))
+                self._unsubscribe.append(remote.subscribe(self._watch(leg.dev)))
 
     # -- operator actions ------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class MirrorKeeper:
         Raises ConfigError (not failed), BlockError (unreachable), MetadataError.
         """
         plan = await self.mirror.readd(index, full=full)
+        self._lost.discard(self.mirror.legs[index].dev)
         self.manual.discard(index)
         self.suspended.discard(index)
         self.refused.pop(index, None)
@@ -232,9 +236,16 @@ class MirrorKeeper:
 
     # -- automatic re-add ------------------------------------------------------------
 
-    def _on_connection(self, up: bool) -> None:
-        if up:
-            self._kick.set()
+    def _watch(self, dev: BlockDevice) -> Callable[[bool], None]:
+        """The connection callback for a remote leaf of the leg ``dev``."""
+
+        def changed(up: bool) -> None:
+            if up:
+                self._kick.set()
+            else:
+                self._lost.add(dev)  # a leg failed now failed for its connection
+
+        return changed
 
     def _forget(self, index: int) -> None:
         self._next_try.pop(index, None)
@@ -247,6 +258,8 @@ class MirrorKeeper:
             i = leg.index
             if leg.state is not LegState.FAILED or i in self.manual or i in self.refused:
                 continue
+            if leg.opened and leg.dev not in self._lost:
+                continue  # failed by I/O errors on a live connection: the operator decides
             if leg.opened and any(r.health().state != "connected" for r in remotes(leg.dev)):
                 continue  # its node is still away; the reconnect will kick us
             if now < self._next_try.get(i, 0.0):
@@ -280,6 +293,7 @@ class MirrorKeeper:
             return
         self.readds += 1
         self._forget(index)
+        self._lost.discard(leg.dev)
         log.warning("%s: leg %d (%s) is back: re-added (%s, %d regions to copy)",
                     self.mirror.name, index, leg.dev.name, plan.relation,
                     plan.regions)  # fmt: skip
