@@ -60,6 +60,9 @@ Op = Callable[[BlockDevice], Awaitable[None]]
 T = TypeVar("T")
 
 
+COPY_DEPTH = 4  # regions copied at once
+
+
 class Pacer(Protocol):
     """What the copy needs of a rate limit (:class:`dst.array.resync.RateLimit`)."""
 
@@ -202,19 +205,39 @@ class ReplaceDevice(BlockDevice):
     # -- the copy --------------------------------------------------------------------
 
     async def _copy_all(self) -> None:
+        """Copy every region, up to ``COPY_DEPTH`` at once (each under its range lock),
+        in increasing order; the first error stops the copy and is raised."""
         ops = self._ops
-        for r in range(self.regions_total):
-            start = r * self.region_size
-            n = min(self.region_size, self.size - start)
-            if self.limit is not None:
-                busy, ops = self._ops != ops, self._ops
-                await self.limit.pace(n, busy)
-            async with self._lock.hold(start, n):
-                if not self._mirroring:
-                    return
-                await self._copy(start, n)
-            self.regions_done = r + 1
-            self.advanced.set()
+        slots = asyncio.Semaphore(COPY_DEPTH)
+        failure: list[BlockError] = []
+
+        async def one(start: int, n: int) -> None:
+            try:
+                async with self._lock.hold(start, n):
+                    if not self._mirroring or failure:
+                        return
+                    await self._copy(start, n)
+                self.regions_done += 1
+                self.advanced.set()
+            except BlockError as exc:
+                failure.append(exc)
+            finally:
+                slots.release()
+
+        async with asyncio.TaskGroup() as group:
+            for r in range(self.regions_total):
+                start = r * self.region_size
+                n = min(self.region_size, self.size - start)
+                if self.limit is not None:
+                    busy, ops = self._ops != ops, self._ops
+                    await self.limit.pace(n, busy)
+                await slots.acquire()
+                if not self._mirroring or failure:
+                    slots.release()
+                    break
+                group.create_task(one(start, n))
+        if failure:
+            raise failure[0]
 
     async def _copy(self, start: int, n: int) -> None:
         """Copy ``[start, start+n)`` from the source to NEW (holding its range)."""
