@@ -82,6 +82,7 @@ def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> 
             region_size=target.region_size,
             metadata=target.metadata,
             leg_timeout=target.leg_timeout,
+            clear_delay=target.clear_delay,
         )
     raise ConfigError(f"unknown target type {type(target).__name__}")
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
 from dst.errors import ConfigError
+from dst.meta.layout import DEFAULT_CLEAR_DELAY
 from dst.net.address import Address, parse_address
 from dst.units import format_size, parse_duration, parse_size
 
@@ -128,7 +129,8 @@ class MirrorSpec:
     default) a superblock and the bitmap live at the end of every member, so the
     array survives crashes and is assembled from its members.  ``leg_timeout``: a leg
     that does not answer within it is failed.  ``resync_rate``/``resync_min_rate``
-    (bytes/s, 0: unlimited/none) bound the background resync.
+    (bytes/s, 0: unlimited/none) bound the background resync.  ``clear_delay``: how
+    long a region stays idle before its write-intent bit is cleared.
     """
 
     KIND: ClassVar[str] = "mirror"
@@ -139,6 +141,7 @@ class MirrorSpec:
     leg_timeout: float = DEFAULT_LEG_TIMEOUT
     resync_rate: int = 0
     resync_min_rate: int = 0
+    clear_delay: float = DEFAULT_CLEAR_DELAY
 
 
 TargetSpec: TypeAlias = FileSpec | MemorySpec | RemoteSpec | LinearSpec | StripeSpec | MirrorSpec
@@ -371,6 +374,7 @@ _KEYS = {
         "leg_timeout",
         "resync_rate",
         "resync_min_rate",
+        "clear_delay",
     ),
 }
 
@@ -415,6 +419,7 @@ def _target(t: _Table, *extra: str) -> TargetSpec:
             leg_timeout=t.duration("leg_timeout", DEFAULT_LEG_TIMEOUT),
             resync_rate=t.size("resync_rate", 0),
             resync_min_rate=t.size("resync_min_rate", 0),
+            clear_delay=t.duration("clear_delay", DEFAULT_CLEAR_DELAY),
         )
     return result
 
@@ -521,6 +526,7 @@ def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
         d["leg_timeout"] = t.leg_timeout
         d["resync_rate"] = size(t.resync_rate)
         d["resync_min_rate"] = size(t.resync_min_rate)
+        d["clear_delay"] = t.clear_delay
         d["members"] = [target_to_dict(m, human=human) for m in t.members]
     return d
 

@@ -25,6 +25,11 @@ BLOCK = 4096
 SB_SLOT = BLOCK
 SB_SLOTS = 2
 DEFAULT_REGION_SIZE = 64 << 10
+# Seconds a region stays idle before its write-intent bit is cleared.  Long enough that
+# a working set stays marked (no mark/clear churn; DRBD's activity log keeps gigabytes
+# of extents hot), short enough that a crash resyncs little: at most what was written
+# in the last half minute.
+DEFAULT_CLEAR_DELAY = 30.0
 
 
 def _down(n: int, a: int) -> int:

@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dst.meta.bitmap import PAGE_BITS, Bitmap
+from dst.meta.layout import DEFAULT_CLEAR_DELAY
 
 MAX_BACKOFF = 8  # a region's clear delay grows up to this many times clear_delay
 
@@ -86,7 +87,7 @@ class RegionTracker:
         region_size: int,
         legs: int,
         *,
-        clear_delay: float = 5.0,
+        clear_delay: float = DEFAULT_CLEAR_DELAY,
         bitmap: Bitmap | None = None,
         page_bits: int = PAGE_BITS,
         max_pages: int | None = None,

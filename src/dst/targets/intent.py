@@ -61,7 +61,14 @@ from typing import Any, TypeVar
 from dst.device import BlockDevice
 from dst.errors import BlockError
 from dst.meta.bitmap import PAGE_BITS, Bitmap
-from dst.meta.layout import BLOCK, DEFAULT_REGION_SIZE, MetaLayout, layout_for, sb_offsets
+from dst.meta.layout import (
+    BLOCK,
+    DEFAULT_CLEAR_DELAY,
+    DEFAULT_REGION_SIZE,
+    MetaLayout,
+    layout_for,
+    sb_offsets,
+)
 from dst.meta.regions import Out, RegionTracker
 from dst.meta.store import MetaStore
 from dst.meta.superblock import (
@@ -164,7 +171,7 @@ class IntentLog:
         on_fail: FailHook,
         region_size: int = DEFAULT_REGION_SIZE,
         metadata: bool = True,
-        clear_delay: float = 5.0,
+        clear_delay: float = DEFAULT_CLEAR_DELAY,
         leg_timeout: float | None = None,
         array_uuid: uuid.UUID | None = None,
         name: str = "mirror",

@@ -52,7 +52,13 @@ from typing import Any
 
 from dst.device import BlockDevice, Buffer, Extent, Health, IOCounters
 from dst.errors import BlockError, ConfigError
-from dst.meta.layout import DEFAULT_REGION_SIZE, check_region_size, layout_for, member_size_for
+from dst.meta.layout import (
+    DEFAULT_CLEAR_DELAY,
+    DEFAULT_REGION_SIZE,
+    check_region_size,
+    layout_for,
+    member_size_for,
+)
 from dst.net.eager import run_all
 from dst.targets.composite import intersect_caps
 from dst.targets.intent import IntentLog, LegState, ReaddPlan, TaskSet, timed
@@ -123,7 +129,7 @@ class MirrorDevice(BlockDevice):
         name: str = "mirror",
         region_size: int | None = None,
         metadata: bool = False,
-        clear_delay: float = 5.0,
+        clear_delay: float = DEFAULT_CLEAR_DELAY,
         leg_timeout: float | None = None,
         array_uuid: uuid.UUID | None = None,
     ) -> None:
