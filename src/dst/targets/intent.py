@@ -884,8 +884,10 @@ class _Opener:
         ref = sbs[ref_i]
         il.size = int(ref.spec.get("size") or min(sb.data_size for sb in sbs.values()))
         for i in range(self.n):
+            if not self.opened[i]:
+                continue  # absent (a node down): it is checked when it comes back
             lay = _layout(il.devices[i].size, il.region_size)
-            if self.opened[i] and lay.data_size < il.size:
+            if lay.data_size < il.size:
                 raise MetadataError(f"{il.name}: leg {i} is too small for the array")
         il.ref = ref
         return await self._classify(sbs, ref, blank)
@@ -911,7 +913,11 @@ class _Opener:
         uuids = {sb.array_uuid for sb in sbs.values()}
         if il.array_uuid is None:
             if len(uuids) > 1:
-                who = ", ".join(f"leg {i}: {sb.array_uuid}" for i, sb in sbs.items())
+                who = "; ".join(
+                    f"leg {i} ({il.devices[i].name}): member of {sb.array_name!r} "
+                    f"({sb.array_uuid})"
+                    for i, sb in sbs.items()
+                )
                 raise MetadataError(f"{il.name}: legs belong to different arrays ({who})")
             il.array_uuid = uuids.pop()
         sizes = {sb.region_size for sb in sbs.values()}
@@ -978,8 +984,11 @@ class _Opener:
                 await il._write_whole_bitmap(i)
         if not dirty:
             t.settled(bits, il.now())
-        if failed:
-            il._stale_gen = True  # started degraded: the survivors go on without them
+        if failed or blank:
+            # Started degraded, or a blank member took the place of one that is away:
+            # the survivors start a new generation, so the member that was there
+            # before is known as behind (not as current) if it ever comes back.
+            il._stale_gen = True
             il._settled.clear()
         return self.states
 
