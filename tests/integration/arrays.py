@@ -170,6 +170,38 @@ def destripe(members: Sequence[bytes], chunk: int, size: int) -> bytes:
     return b"".join(parts)
 
 
+# -- mirror members -------------------------------------------------------------------
+
+
+def member_data(path: Path, region_size: int = 64 << 10) -> bytes:
+    """The data area of the mirror member file at ``path`` (metadata sits at its end)."""
+    from dst.meta.layout import layout_for
+
+    size = layout_for(path.stat().st_size, region_size).data_size
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def dirty_regions(path: Path) -> int:
+    """Bits set in the write-intent bitmap of the mirror member file at ``path``."""
+    import asyncio
+
+    from dst.meta.store import MetaStore
+    from dst.targets.file import FileDevice
+
+    async def count() -> int:
+        dev = FileDevice(path, read_only=True)
+        await dev.open()
+        try:
+            store = MetaStore(dev)
+            await store.load()
+            return (await store.read_bitmap()).count()
+        finally:
+            await dev.close()
+
+    return asyncio.run(count())
+
+
 # -- ext4 on nbdfuse --------------------------------------------------------------------
 
 

@@ -19,7 +19,6 @@ Every test checks every byte of the array and of each leg's data area.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -31,15 +30,15 @@ from typing import Any
 
 import pytest
 
-from dst.meta.layout import BLOCK, layout_for, member_size_for, sb_offsets
-from dst.meta.store import MetaStore
+from dst.meta.layout import BLOCK, member_size_for, sb_offsets
 from dst.meta.superblock import decode, pick
-from dst.targets.file import FileDevice
 
 from .arrays import (
     Daemon,
     check_ext4_image,
+    dirty_regions,
     ext4_on_nbdfuse,
+    member_data,
     remote,
     start_daemon,
     unix_uri,
@@ -77,26 +76,8 @@ while True:
 
 
 def leg_data(path: Path) -> bytes:
-    """The data area of the member file at ``path`` (the array's bytes on that leg)."""
-    size = layout_for(path.stat().st_size, REGION).data_size
-    with open(path, "rb") as f:
-        return f.read(size)[:DATA]
-
-
-def dirty_regions(path: Path) -> int:
-    """Bits set in the write-intent bitmap of the member file at ``path``."""
-
-    async def count() -> int:
-        dev = FileDevice(path, read_only=True)
-        await dev.open()
-        try:
-            store = MetaStore(dev)
-            await store.load()
-            return (await store.read_bitmap()).count()
-        finally:
-            await dev.close()
-
-    return asyncio.run(count())
+    """The array's bytes on the leg whose member file is ``path``."""
+    return member_data(path, REGION)[:DATA]
 
 
 def read_all(uri: str, tmp: Path) -> bytes:

@@ -8,7 +8,6 @@ something, and checks every byte of the array and of each leg's data area.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -19,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from dst.meta.layout import layout_for, member_size_for
-from dst.meta.store import MetaStore
-from dst.targets.file import FileDevice
+from dst.meta.layout import member_size_for
 
 from .arrays import (
     Daemon,
     check_ext4_image,
+    dirty_regions,
     ext4_on_nbdfuse,
+    member_data,
     remote,
     start_daemon,
     unix_uri,
@@ -45,25 +44,8 @@ MEMBER = member_size_for(DATA)
 
 
 def leg_data(path: Path) -> bytes:
-    size = layout_for(path.stat().st_size, REGION).data_size
-    with open(path, "rb") as f:
-        return f.read(size)[:DATA]
-
-
-def dirty_regions(path: Path) -> int:
-    """Bits set in the write-intent bitmap of the member file at ``path``."""
-
-    async def count() -> int:
-        dev = FileDevice(path, read_only=True)
-        await dev.open()
-        try:
-            store = MetaStore(dev)
-            await store.load()
-            return (await store.read_bitmap()).count()
-        finally:
-            await dev.close()
-
-    return asyncio.run(count())
+    """The array's bytes on the leg whose member file is ``path``."""
+    return member_data(path, REGION)[:DATA]
 
 
 def mirror_of(nodes: list[Node], **extra: Any) -> dict[str, Any]:
