@@ -914,8 +914,7 @@ class _Opener:
         if il.array_uuid is None:
             if len(uuids) > 1:
                 who = "; ".join(
-                    f"leg {i} ({il.devices[i].name}): member of {sb.array_name!r} "
-                    f"({sb.array_uuid})"
+                    f"leg {i} ({il.devices[i].name}): member of {sb.array_name!r} ({sb.array_uuid})"
                     for i, sb in sbs.items()
                 )
                 raise MetadataError(f"{il.name}: legs belong to different arrays ({who})")
