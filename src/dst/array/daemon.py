@@ -118,6 +118,8 @@ class Array(Reshape):
             self.server = self.root = None
             self.exports = []
             self.state = "stopped"
+            if root is not None:
+                _release_held(root)  # or server.close() waits for them forever
             if server is not None:
                 await server.close()
             job = self.replace_job
@@ -379,3 +381,13 @@ async def run_daemon(
                 w.cancel()
     finally:
         await daemon.close()
+
+
+def _release_held(root: SwitchDevice) -> None:
+    """Resume the array and its suspended nodes: held requests go to their nodes and
+    complete, so stopping (which waits for the requests in flight) cannot hang."""
+    if root.suspended:
+        root.resume()
+    for dev in index(root.inner).values():
+        if isinstance(dev, Member) and dev.suspended:
+            dev.resume()
