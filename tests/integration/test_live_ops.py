@@ -305,6 +305,8 @@ def test_daemon_killed_mid_mirror_replace_then_assemble(cluster: Cluster, sockdi
     cluster.replace("n1", "n2", "--no-wait")
     wait_until(lambda: cluster.job().get("regions_done", 0) >= 8, "copy under way")
     c.wait_count(c.count() + 50)
+    job = cluster.job()
+    assert job["state"] == "copying" and job["regions_done"] < job["regions_total"], job
     cluster.daemon.proc.send_signal(signal.SIGKILL)
     cluster.daemon.proc.wait()
     ops = c.finish(expect="error")  # its connection died with the daemon
@@ -413,3 +415,24 @@ def test_replace_rate_limits_a_mirror_leg(cluster: Cluster) -> None:
     time.sleep(1.0)
     job = cluster.job()
     assert job["state"] == "copying" and job["bytes"] <= MiB, job
+
+
+@pytest.mark.parametrize("node", ["n1", "whole"])
+def test_stop_while_requests_are_held(cluster: Cluster, node: str) -> None:
+    """``dst stop`` of an array whose node (or itself) is suspended with a request held
+    returns (it used to wait forever for the held request), the daemon then exits on
+    SIGTERM, and a restart has every acknowledged write (the held one in doubt)."""
+    uri = cluster.create("linear", ["n0", "n1"])
+    image = cluster.fill(uri, 2 * NODE)
+    c = client(cluster, uri, 1, 2 * NODE, read_every=0, **ranges("linear", 1))
+    cluster.daemon.dst("suspend", "a", *([node] if node != "whole" else []))
+    if node == "whole":
+        wait_until(lambda: cluster.status()["held"] == 1, "the request held at the root")
+    else:
+        wait_until(lambda: cluster.members()[1]["detail"]["held"] == 1, "n1's request held")
+    cluster.daemon.dst("stop", "a")
+    ops = c.finish(expect="error")  # the stop ended its connection
+    doubt = c.in_doubt()
+    cluster.daemon.dst("start", "a")
+    expected = c.apply(image, ops)
+    compare(cluster.read_all(uri), expected, doubts=[doubt] if doubt else [], what="array")
