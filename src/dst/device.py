@@ -16,18 +16,42 @@ Lifecycle: construct (validate arguments, no I/O) -> ``await open()`` -> I/O ->
 ``await close()``.  Composite targets open and close their children.
 
 Errors: operations raise :class:`dst.errors.BlockError` with an errno.
+
+The callback fast path
+----------------------
+A coroutine per layer per request is the main cost of a deep target tree in Python
+(an array's root gate, a mirror, each node's member wrapper, the remote member and its
+NBD client).  READ and WRITE therefore have an optional second form:
+:meth:`BlockDevice.submit_read` / :meth:`~BlockDevice.submit_write` start the request
+and call ``done(error, value)`` exactly once when it finished -- possibly before they
+return -- with no coroutine, Task or future in between.  A device that cannot take a
+request this way *right now* (a suspended gate, a region whose mark is not durable
+yet, a lost connection, a device without a fast path) returns None having started
+nothing, and the caller uses the coroutine method instead; so every fast path is an
+optimisation of the common case, never a second set of semantics.  A taken request
+returns a canceller: calling it makes ``done`` come soon with an exception if it has
+not come yet (the request may still reach the device).
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dst.errors import BlockError
 
 Buffer = bytes | bytearray | memoryview
+Done = Callable[[BaseException | None, Any], None]
+"""Completion of a submitted request: ``done(None, value)`` or ``done(error, None)``."""
+Cancel = Callable[[], object]
+"""Returned by a submit that took the request (see the module docstring)."""
+
+
+def no_cancel() -> None:
+    """The canceller of a request that has already completed."""
+
 
 ZERO_CHUNK = 1 << 20  # largest zero buffer the WRITE_ZEROES emulation allocates
 _ZEROS = bytes(ZERO_CHUNK)
@@ -117,6 +141,16 @@ class BlockDevice:
 
     async def flush(self) -> None:
         """Make every completed write durable."""
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        """Fast path of :meth:`read` (module docstring): ``done(None, data)`` later, or
+        None when not taken now.  The default never takes a request."""
+        return None
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        """Fast path of :meth:`write` (module docstring): ``done(None, None)`` later, or
+        None when not taken now.  The default never takes a request."""
+        return None
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Advisory discard; the default does nothing (allowed by NBD)."""

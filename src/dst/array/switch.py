@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from dst.device import BlockDevice, Buffer, Capabilities, Extent, Health
+from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 
 T = TypeVar("T")
 
@@ -104,6 +104,35 @@ class SwitchDevice(BlockDevice):
             await self._inner.write(offset, data, fua=fua)
         finally:
             self._done()
+
+    # The callback fast path (dst.device): only while not suspended.
+
+    def _finisher(self, done: Done) -> Done:
+        def fin(exc: BaseException | None, value: Any) -> None:
+            self._done()
+            done(exc, value)
+
+        return fin
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        if self._suspended:
+            return None
+        self._inflight += 1
+        self._drained.clear()
+        cancel = self._inner.submit_read(offset, length, self._finisher(done))
+        if cancel is None:
+            self._done()
+        return cancel
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        if self._suspended:
+            return None
+        self._inflight += 1
+        self._drained.clear()
+        cancel = self._inner.submit_write(offset, data, fua, self._finisher(done))
+        if cancel is None:
+            self._done()
+        return cancel
 
     async def flush(self) -> None:
         await self._run(lambda d: d.flush())

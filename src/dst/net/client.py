@@ -12,11 +12,13 @@ In transmission every call registers a request with the
 :class:`~dst.nbd.replies.ReplyParser` (unique handle), queues its bytes -- requests
 issued in one loop iteration go out in one ``writelines`` -- and awaits a future that
 ``data_received`` resolves when the reply is complete.  Any number of requests may be
-in flight; replies come back in any order.  Errors become :class:`BlockError` with the
-mapped errno; a per-request ``timeout`` gives ETIMEDOUT; losing the connection (or a
-server breaking the protocol) fails every in-flight request with
-:class:`ConnectionLost`.  Reads and writes longer than the server's maximum block size
-are split.
+in flight; replies come back in any order.  :meth:`NbdClient.submit_read` and
+:meth:`~NbdClient.submit_write` are the same without a future: the reply calls the
+caller's ``done`` directly from ``data_received`` (see :mod:`dst.device`).  Errors
+become :class:`BlockError` with the mapped errno; a per-request ``timeout`` gives
+ETIMEDOUT; losing the connection (or a server breaking the protocol) fails every
+in-flight request with :class:`ConnectionLost`.  Reads and writes longer than the
+server's maximum block size are split.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import errno
 import logging
 import socket
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, cast
 
-from dst.device import Buffer, Capabilities, Extent
+from dst.device import Buffer, Cancel, Capabilities, Done, Extent
 from dst.errors import BlockError, ProtocolError, ServerRefused
 from dst.nbd import client as hsc
 from dst.nbd.constants import (
@@ -49,6 +52,7 @@ from dst.net.address import Address, parse_address
 log = logging.getLogger(__name__)
 
 _TF = TransmissionFlags
+_READ, _WRITE, _FUA = int(Cmd.READ), int(Cmd.WRITE), int(CmdFlags.FUA)
 
 
 class ConnectionLost(BlockError):
@@ -67,6 +71,8 @@ class _Protocol(asyncio.Protocol):
         self.hs = hsc.ClientHandshake()
         self.parser: ReplyParser | None = None
         self.waiters: dict[int, asyncio.Future[Reply]] = {}
+        self.calls: dict[int, Done] = {}  # submitted requests: handle -> done
+        self.idle: asyncio.Future[None] | None = None  # close() waits for calls
         self.wakeup: asyncio.Future[None] | None = None
         self.lost: BlockError | None = None
         self.closed = self.loop.create_future()
@@ -93,11 +99,42 @@ class _Protocol(asyncio.Protocol):
             assert self.transport is not None
             self.transport.abort()
             return
-        waiters = self.waiters
+        waiters, calls = self.waiters, self.calls
         for reply in replies:
             fut = waiters.pop(reply.handle, None)
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(reply)
+                continue
+            done = calls.pop(reply.handle, None)
+            if done is None:
+                continue  # expired or cancelled: a late reply
+            try:
+                if reply.error:
+                    done(BlockError(nbd_to_errno(reply.error), reply.message or ""), None)
+                else:
+                    done(None, reply.data)
+            except Exception:
+                log.exception("completion of NBD request %d failed", reply.handle)
+        if not calls and self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
+
+    def _fail_calls(self, exc: BaseException) -> None:
+        calls, self.calls = self.calls, {}
+        for handle, done in calls.items():
+            try:
+                done(exc, None)
+            except Exception:
+                log.exception("completion of NBD request %d failed", handle)
+        if self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
+
+    def cancel(self, handle: int) -> None:
+        """The canceller of submitted request ``handle``: its ``done`` gets
+        CancelledError now (a reply that comes later is dropped)."""
+        done = self.calls.pop(handle, None)
+        if done is not None:
+            done(asyncio.CancelledError(), None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
@@ -106,6 +143,7 @@ class _Protocol(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(self.lost)
         self.waiters.clear()
+        self._fail_calls(self.lost)
         self._wake()
         if self.drain is not None and not self.drain.done():
             self.drain.set_result(None)
@@ -337,6 +375,43 @@ class NbdClient:
             raise BlockError(nbd_to_errno(reply.error), reply.message or "")
         return reply
 
+    def _submit(
+        self, cmd: int, offset: int, length: int, flags: int, data: Buffer | None, done: Done
+    ) -> Cancel | None:
+        """Queue a request whose reply calls ``done`` (None: not now, use the coroutine
+        form -- connection lost, send buffer full, or a per-request timeout to run)."""
+        proto = self._proto
+        if proto.lost is not None or self.timeout is not None:
+            return None
+        if proto.drain is not None and not proto.drain.done():
+            return None
+        assert proto.parser is not None
+        handle, header = proto.parser.request(cmd, offset, length, flags)
+        proto.calls[handle] = done
+        if data is None:
+            proto.send(header)
+        else:
+            proto.send(header, data)
+        return partial(proto.cancel, handle)
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        """:meth:`read` with a callback: ``done(None, data)`` or ``done(error, None)``."""
+        if length > self.max_block:
+            return None
+        return self._submit(_READ, offset, length, 0, None, done)
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        """:meth:`write` with a callback: ``done(None, None)`` or ``done(error, None)``."""
+        n = len(data)
+        if n > self.max_block:
+            return None
+        flags = 0
+        if fua:
+            if not self.flags & _TF.SEND_FUA:
+                return None
+            flags = _FUA
+        return self._submit(_WRITE, offset, n, flags, data, done)
+
     def _fua(self, fua: bool) -> int:
         return int(CmdFlags.FUA) if fua and self.flags & _TF.SEND_FUA else 0
 
@@ -423,7 +498,10 @@ class NbdClient:
         """Wait for in-flight requests, send DISC and close.  Idempotent."""
         proto = self._proto
         if proto.lost is None and proto.parser is not None:
-            pending = [f for f in proto.waiters.values() if not f.done()]
+            pending: list[asyncio.Future[Any]] = [f for f in proto.waiters.values() if not f.done()]
+            if proto.calls:
+                proto.idle = proto.loop.create_future()
+                pending.append(proto.idle)
             if pending:
                 await asyncio.wait(pending, timeout=self.timeout or 30.0)
             if proto.lost is None:

@@ -8,10 +8,13 @@ read at GO time, so a grown export is seen by new connections).
 
 In transmission, received bytes land in the :class:`~dst.nbd.requests.RequestParser`
 and dispatches every complete request: validate at the edge (command, flags, range,
-read-only, lengths) and call the device.  The device coroutine is stepped once
-eagerly; if it completes without suspending -- the common case -- its reply is built
-at once, otherwise a Task finishes it (:class:`~dst.net.eager.Continuation`) and the
-reply goes out whenever it completes, out of order.  Replies produced while handling
+read-only, lengths) and call the device.  READ and WRITE first try the device's
+callback fast path (:meth:`~dst.device.BlockDevice.submit_write`): no coroutine at
+all, the reply is queued from the completion callback.  Otherwise the device
+coroutine is stepped once eagerly; if it completes without suspending -- the common
+case -- its reply is built at once, otherwise a Task finishes it
+(:class:`~dst.net.eager.Continuation`) and the reply goes out whenever it completes,
+out of order.  Replies produced while handling
 one receive (or one loop iteration of completions) are written with a
 single ``writelines``; READ replies are a small header followed by the device's buffer.
 
@@ -31,6 +34,7 @@ import errno
 import logging
 import socket
 from collections.abc import Coroutine, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from dst.device import BlockDevice, Extent
@@ -361,6 +365,17 @@ class ServerConnection(asyncio.BufferedProtocol):
         device = self.device
         assert device is not None
         fua = bool(req.flags & _FUA)
+        if typ in (_WRITE, _READ):  # the callback fast path first (dst.device)
+            self.inflight += 1
+            done = partial(self._done, req)
+            if typ == _WRITE:
+                assert req.data is not None
+                taken = device.submit_write(req.offset, req.data, fua, done)
+            else:
+                taken = device.submit_read(req.offset, req.length, done)
+            if taken is not None:
+                return
+            self.inflight -= 1
         coro: Coroutine[Any, Any, Any]
         if typ == _READ:
             coro = device.read(req.offset, req.length)
@@ -395,6 +410,23 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def _done(self, req: Request, exc: BaseException | None, value: Any) -> None:
+        """Completion of a request taken by the device's fast path."""
+        self.inflight -= 1
+        if exc is None:
+            self._complete(req, value)
+        elif isinstance(exc, Exception):
+            self._failed(req, exc)
+        else:  # cancelled below us (a device shutting down)
+            self._error(req, errno_to_nbd(errno.EIO), "request cancelled")
+        self._completed()
+
+    def _completed(self) -> None:
+        if not self.in_receive:
+            self._schedule_flush()
+            if self.read_paused or self.closing or self.disconnected:
+                self._pump()
+
     async def _finish(self, req: Request, rest: Continuation[Any]) -> None:
         try:
             value = await rest
@@ -406,10 +438,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._complete(req, value)
         finally:
             self.inflight -= 1
-        if not self.in_receive:
-            self._schedule_flush()
-            if self.read_paused or self.closing or self.disconnected:
-                self._pump()
+        self._completed()
 
     def _validate(self, req: Request) -> tuple[int, str] | None:
         if self.closing:

@@ -16,6 +16,9 @@ every request is issued before anything is awaited -- and then resumes each one 
 the future it parked on is done, waiting on a single future of its own in between.
 A deadline is one timer for the whole fan-out, not a Task or a timeout per coroutine;
 nothing else is ever cancelled (the futures the coroutines wait on are not ours).
+
+:func:`submit_coro` runs a device coroutine as a submitted request (the callback fast
+path of :mod:`dst.device`): the fallback of a layer whose child has no fast path.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import asyncio
 from collections.abc import Coroutine, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
+from dst.device import Cancel, Done, no_cancel
+
 T = TypeVar("T")
+_running: set[asyncio.Task[None]] = set()  # submit_coro's Tasks (the loop keeps weak refs)
 
 
 class Continuation(Generic[T]):
@@ -164,3 +170,33 @@ async def run_all(
         if timer is not None:
             timer.cancel()
     return out
+
+
+def submit_coro(coro: Coroutine[Any, Any, Any], done: Done) -> Cancel:
+    """Run ``coro`` and report its outcome to ``done(error, value)`` exactly once.
+
+    Stepped eagerly: if it never suspends, ``done`` is called before this returns.
+    Otherwise a Task finishes it; the canceller returned cancels that Task (``done`` then
+    gets the CancelledError).
+    """
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        done(None, stop.value)
+        return no_cancel
+    except (Exception, asyncio.CancelledError) as exc:
+        done(exc, None)
+        return no_cancel
+    task = asyncio.get_running_loop().create_task(_finish(Continuation(coro, first), done))
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    return task.cancel
+
+
+async def _finish(rest: Continuation[Any], done: Done) -> None:
+    try:
+        value = await rest
+    except (Exception, asyncio.CancelledError) as exc:
+        done(exc, None)
+    else:
+        done(None, value)

@@ -331,6 +331,19 @@ class IntentLog:
             raise
         return wid
 
+    def try_begin_write(self, offset: int, length: int) -> int:
+        """:meth:`begin_write` if it would not wait (the metadata is dirty already and
+        every region durably marked): the write's id; else 0, nothing registered."""
+        ref = self.ref
+        t = self._tracker
+        if t is None or self._late or (ref is not None and ref.state is State.CLEAN):
+            return 0
+        wid = self._wid + 1
+        if not t.try_begin_write(wid, offset, length):
+            return 0
+        self._wid = wid
+        return wid
+
     def end_write(self, wid: int, missed: Iterable[int] = ()) -> None:
         t = self._tracker
         assert t is not None and self._loop is not None

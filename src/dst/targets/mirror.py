@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, Extent, Health, IOCounters
+from dst.device import BlockDevice, Buffer, Cancel, Done, Extent, Health, IOCounters
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import (
     DEFAULT_CLEAR_DELAY,
@@ -60,6 +60,7 @@ from dst.meta.layout import (
     member_size_for,
 )
 from dst.net.eager import run_all
+from dst.targets import fanout
 from dst.targets.composite import intersect_caps
 from dst.targets.intent import IntentLog, LegState, ReaddPlan, TaskSet, timed
 from dst.targets.rangelock import RangeLock
@@ -141,6 +142,7 @@ class MirrorDevice(BlockDevice):
             raise ConfigError("must be positive", where="leg_timeout")
         self.legs = [Leg(d, i, timeout=leg_timeout) for i, d in enumerate(legs)]
         self.leg_timeout = leg_timeout
+        self.deadlines = fanout.Deadlines(leg_timeout) if leg_timeout else None
         self.locks = RangeLock()
         self.name = name
         self.size = 0
@@ -203,9 +205,6 @@ class MirrorDevice(BlockDevice):
                 await leg.dev.close()
 
     # -- policy and hooks ------------------------------------------------------------
-
-    async def before_write(self, offset: int, length: int) -> None:
-        """Hook awaited before a mutation reaches the legs (after the range lock)."""
 
     def leg_missed(self, leg: Leg, offset: int, length: int) -> None:
         """Hook (plain mode): ``leg`` did not get the mutation of ``[offset, +length)``."""
@@ -341,7 +340,6 @@ class MirrorDevice(BlockDevice):
         try:
             if hold.earlier:
                 await locks.wait(hold)
-            await self.before_write(offset, length)
             intent = self.intent
             if intent is None:
                 await self._fan_out(what, offset, length, op)
@@ -377,6 +375,14 @@ class MirrorDevice(BlockDevice):
             leg.counters.write_bytes += n
 
         await self._mutate("write", offset, n, one)
+
+    # The callback fast path (dst.device; the steady state only: dst.targets.fanout).
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        return fanout.submit_write(self, offset, data, fua, done)
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        return fanout.submit_read(self, offset, length, done)
 
     async def write_zeroes(
         self,

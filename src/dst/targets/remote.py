@@ -49,10 +49,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from dst.device import BlockDevice, Buffer, Capabilities, Extent, Health
+from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ProtocolError, ServerRefused
 from dst.net.address import Address
 from dst.net.client import ConnectionLost, NbdClient
+from dst.net.eager import submit_coro
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,37 @@ class RemoteDevice(BlockDevice):
             except ConnectionLost as exc:
                 self._lost(conn, exc)
         await self._run(lambda c: c.write(offset, data, fua=fua))
+
+    # The callback fast path (dst.device): the live connection's, and on a lost
+    # connection the same replay as above, in a Task.
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        conn = self._conn
+        if conn is None or not conn.connected:
+            return None
+
+        def fin(exc: BaseException | None, value: Any) -> None:
+            if isinstance(exc, ConnectionLost):
+                self._lost(conn, exc)
+                submit_coro(self._run(lambda c: c.read(offset, length)), done)
+            else:
+                done(exc, value)
+
+        return conn.submit_read(offset, length, fin)
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        conn = self._conn
+        if conn is None or not conn.connected:
+            return None
+
+        def fin(exc: BaseException | None, value: Any) -> None:
+            if isinstance(exc, ConnectionLost):
+                self._lost(conn, exc)
+                submit_coro(self._run(lambda c: c.write(offset, data, fua=fua)), done)
+            else:
+                done(exc, value)
+
+        return conn.submit_write(offset, data, fua, fin)
 
     async def flush(self) -> None:
         await self._run(lambda c: c.flush())
