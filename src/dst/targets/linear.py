@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, Extent, Health
+from dst.device import BlockDevice, Buffer, Cancel, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.targets.composite import (
     combined_health,
@@ -142,6 +142,22 @@ class LinearDevice(BlockDevice):
                 t.devs[p.member].write(p.member_offset, view[at : at + p.length], fua=fua)
             )
         await run_all(writes)
+
+    # The callback fast path (dst.device): a request within one segment goes to it.
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        t = self._table
+        pieces = t.layout.split(offset, length)
+        if len(pieces) != 1:
+            return None
+        return t.devs[pieces[0].member].submit_read(pieces[0].member_offset, length, done)
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        t = self._table
+        pieces = t.layout.split(offset, len(data))
+        if len(pieces) != 1:
+            return None
+        return t.devs[pieces[0].member].submit_write(pieces[0].member_offset, data, fua, done)
 
     async def flush(self) -> None:
         await run_all([d.flush() for d in unique(self._table.devs)])

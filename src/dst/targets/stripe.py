@@ -19,7 +19,7 @@ import errno
 from collections.abc import Sequence
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, Extent, Health
+from dst.device import BlockDevice, Buffer, Cancel, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.targets.composite import combined_health, intersect_caps, run_all, status_over
 from dst.targets.layout import DEFAULT_CHUNK, StripeLayout
@@ -106,6 +106,22 @@ class StripeDevice(BlockDevice):
                 buf = b"".join(view[a : a + p.length] for a, p in zip(at, pieces, strict=True))
             writes.append(self._devs[run.member].write(run.member_offset, buf, fua=fua))
         await run_all(writes)
+
+    # The callback fast path (dst.device): a request within one chunk goes to its node.
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        runs = self.layout.member_runs(offset, length)
+        if len(runs) != 1:
+            return None
+        run = runs[0][0]
+        return self._devs[run.member].submit_read(run.member_offset, length, done)
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        runs = self.layout.member_runs(offset, len(data))
+        if len(runs) != 1 or len(runs[0][1]) != 1:
+            return None
+        run = runs[0][0]
+        return self._devs[run.member].submit_write(run.member_offset, data, fua, done)
 
     async def flush(self) -> None:
         await run_all([d.flush() for d in self._devs])
