@@ -234,7 +234,18 @@ class FanOutWrite:
         if m.deadlines is not None:
             m.deadlines.discard(self)
         intent = m.intent
-        outcomes = list(zip(self.legs, self.results, strict=True))
+        results = self.results
+        if intent is not None and not self.cancelled and not any(results):
+            # the common case: every leg acknowledged (results are all None)
+            assert self.holders is not None
+            if intent.unsettled or not any(self.holders):
+                pass  # rare: the general path below says what to do
+            else:
+                intent.end_write(self.wid)
+                m.locks.release(self.hold)
+                self.done(None, None)
+                return
+        outcomes = list(zip(self.legs, results, strict=True))
         err: BaseException | None = None
         if intent is None:
             try:
