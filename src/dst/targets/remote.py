@@ -319,32 +319,30 @@ class RemoteDevice(BlockDevice):
     # The callback fast path (dst.device): the live connection's, and on a lost
     # connection the same replay as above, in a Task.
 
+    def _finisher(
+        self, conn: NbdClient, done: Done, replay: Callable[[NbdClient], Awaitable[Any]]
+    ) -> Done:
+        def fin(exc: BaseException | None, value: Any) -> None:
+            if isinstance(exc, ConnectionLost):
+                self._lost(conn, exc)
+                submit_coro(self._run(replay), done)
+            else:
+                done(exc, value)
+
+        return fin
+
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         conn = self._conn
         if conn is None or not conn.connected:
             return None
-
-        def fin(exc: BaseException | None, value: Any) -> None:
-            if isinstance(exc, ConnectionLost):
-                self._lost(conn, exc)
-                submit_coro(self._run(lambda c: c.read(offset, length)), done)
-            else:
-                done(exc, value)
-
+        fin = self._finisher(conn, done, lambda c: c.read(offset, length))
         return conn.submit_read(offset, length, fin)
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
         conn = self._conn
         if conn is None or not conn.connected:
             return None
-
-        def fin(exc: BaseException | None, value: Any) -> None:
-            if isinstance(exc, ConnectionLost):
-                self._lost(conn, exc)
-                submit_coro(self._run(lambda c: c.write(offset, data, fua=fua)), done)
-            else:
-                done(exc, value)
-
+        fin = self._finisher(conn, done, lambda c: c.write(offset, data, fua=fua))
         return conn.submit_write(offset, data, fua, fin)
 
     async def flush(self) -> None:
