@@ -416,3 +416,20 @@ async def test_file_legs_failure_crash_and_delta_resync(tmp_path: Path) -> None:
     await m2.close()
     a, b = (p.read_bytes()[: m2.size] for p in paths)
     assert a == b
+
+
+async def test_members_region_size_wins_over_the_spec_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    disks = [Disk(), Disk()]
+    m, _ = await process(disks)
+    await m.write(0, b"\x5a" * BLOCK)
+    await m.close()
+    legs = [FaultDevice(d, name=f"leg{i}") for i, d in enumerate(disks)]
+    again = MirrorDevice(legs, region_size=4 * R, metadata=True, name="vol")
+    with caplog.at_level("WARNING"):
+        await again.open()
+    assert again.intent is not None and again.intent.region_size == R
+    assert "formatted with 65536-byte regions" in caplog.text
+    assert bytes(await again.read(0, BLOCK)) == b"\x5a" * BLOCK
+    await again.close()

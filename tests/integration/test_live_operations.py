@@ -232,9 +232,10 @@ def test_daemon_crash_mid_replace_then_assemble(
     require_root_dev("/dev/fuse", "/dev/loop-control")
     for n in ("n0", "n1", "n2"):
         cluster.node(n)
-    uri = cluster.create("mirror", ["n0", "n1"])
+    # small regions, a slow copy: the crash lands mid-copy
+    uri = cluster.create("mirror", ["n0", "n1"], region_size="64KiB")
     digests = ext4_on_nbdfuse(uri, tmp_path)
-    cluster.daemon.dst("resync-rate", "a", "512K")  # slow: the crash lands mid-copy
+    cluster.daemon.dst("resync-rate", "a", "512K")
     cluster.daemon.dst("replace", "a", "n1", "--uri", cluster.nodes["n2"].uri, "--name", "n2",
                        "--no-wait", "--rate", "512K")  # fmt: skip
     wait_until(lambda: (cluster.status()["replace"] or {}).get("regions_done", 0) >= 2,

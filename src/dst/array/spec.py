@@ -47,13 +47,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
 from dst.errors import ConfigError
-from dst.meta.layout import DEFAULT_CLEAR_DELAY
+from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
 from dst.net.address import Address, parse_address
 from dst.units import format_size, parse_duration, parse_size
 
 KiB = 1 << 10
 DEFAULT_CHUNK_SIZE = 64 * KiB
-DEFAULT_REGION_SIZE = 64 * KiB
 MIN_CHUNK_SIZE = 4 * KiB
 DEFAULT_IO_TIMEOUT = 30.0
 DEFAULT_LEG_TIMEOUT = 10.0

@@ -24,6 +24,10 @@ from dataclasses import dataclass
 BLOCK = 4096
 SB_SLOT = BLOCK
 SB_SLOTS = 2
+# Bytes per write-intent bit.  The first write to a clean region waits for its bit to
+# be durable on every leg (a synchronous write on each node), so small regions make
+# random writes to a cold array slow (md's internal bitmaps default to 64 MiB chunks);
+# a region is also the unit of resync, locked while it is copied.
 DEFAULT_REGION_SIZE = 64 << 10
 # Seconds a region stays idle before its write-intent bit is cleared.  Long enough that
 # a working set stays marked (no mark/clear churn; DRBD's activity log keeps gigabytes

@@ -935,7 +935,16 @@ class _Opener:
         sizes = {sb.region_size for sb in sbs.values()}
         if len(sizes) > 1:
             raise MetadataError(f"{il.name}: legs disagree on the region size: {sorted(sizes)}")
-        il.region_size = sizes.pop()
+        on_disk = sizes.pop()
+        if on_disk != il.region_size:
+            log.warning(
+                "%s: the members were formatted with %d-byte regions; using that, not the "
+                "%d asked for (a member's region size is fixed when it is formatted)",
+                il.name,
+                on_disk,
+                il.region_size,
+            )
+        il.region_size = on_disk
         for i, sb in sbs.items():
             il._check_member(i, sb)
 
