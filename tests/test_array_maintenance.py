@@ -515,3 +515,58 @@ async def test_grow_a_mirror_to_three_legs_and_back(tmp_path: Path) -> None:
         ]
     finally:
         await daemon.close()
+
+
+@pytest.mark.parametrize("end", ["finish", "cancel"])
+async def test_replace_rate_paces_only_the_new_leg(tmp_path: Path, end: str) -> None:
+    """``replace --rate`` of a mirror leg limits the new leg's resync, not the mirror's
+    resync rate (8 MiB/s here, which would copy the 4 MiB leg at once); a resync-rate of
+    the mirror meanwhile stays in force, and when the replace ends only the leg's own
+    limit is gone."""
+    sock = tmp_path / "rr.sock"
+    daemon = Daemon()
+    try:
+        await daemon.handle(m.Create(mirror_spec("rr", tmp_path, sock)))
+        c = await connect(sock)
+        expect = os.urandom(c.size)
+        await c.write(0, expect)
+        array = daemon.arrays["rr"]
+
+        def keeper() -> dict[str, Any]:
+            st: dict[str, Any] = array.status()["root"]["detail"]["keeper"]
+            return st
+
+        def job() -> dict[str, Any]:
+            st: dict[str, Any] = array.status()["replace"]
+            return st
+
+        await daemon.handle(m.ResyncRate(array="rr", rate=8 * MiB, mirror="m"))
+        new = {"type": "file", "name": "leg9", "path": str(tmp_path / "leg9.img"), "size": 4 * MiB}
+        await daemon.handle(m.Replace(array="rr", node="leg1", spec=new, rate=REGION))
+        assert keeper()["leg_limits"] == {"leg9": {"max_rate": REGION, "min_rate": None}}
+        await asyncio.sleep(0.5)  # at REGION bytes/s: the first region, not yet a second
+        assert job()["state"] == "copying" and job()["regions_done"] <= 2, job()
+        await daemon.handle(m.ResyncRate(array="rr", rate=16 * MiB, mirror="m"))
+        st = keeper()
+        assert st["resync_limit"] == {"max_rate": 16 * MiB, "min_rate": None}
+        assert st["leg_limits"]["leg9"]["max_rate"] == REGION  # only the mirror's changed
+        if end == "cancel":
+            await daemon.handle(m.CancelReplace(array="rr"))
+            await wait_for(lambda: job()["state"] == "cancelled", "cancel")
+            legs = ["leg0", "leg1"]
+            limit = {"max_rate": 16 * MiB, "min_rate": None}
+        else:  # the whole array's resync-rate changes the running replace too
+            await daemon.handle(m.ResyncRate(array="rr", rate=0))
+            await wait_for(lambda: job()["state"] == "finished", "replace")
+            legs = ["leg0", "leg9"]
+            limit = {"max_rate": None, "min_rate": None}
+        st = keeper()
+        assert (st["leg_limits"], st["resync_limit"]) == ({}, limit)
+        assert [(k["name"], k["state"]) for k in array.status()["root"]["members"]] == [
+            (legs[0], "in_sync"),
+            (legs[1], "in_sync"),
+        ]
+        assert bytes(await c.read(0, c.size)) == expect
+        await c.close()
+    finally:
+        await daemon.close()

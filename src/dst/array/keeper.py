@@ -5,7 +5,8 @@ Theory of operation
 The array daemon attaches one :class:`MirrorKeeper` to every tracked mirror of a
 running tree.  The keeper
 
-* runs the mirror's :class:`~dst.array.resync.Resyncer` (rate limited, resumable);
+* runs the mirror's :class:`~dst.array.resync.Resyncer` (rate limited, resumable;
+  a leg being filled by ``dst replace --rate`` has a limit of its own);
 * **re-adds failed legs automatically** when their node is back.  A remote leaf
   reports its connection state (:meth:`RemoteDevice.subscribe`); when every remote
   leaf of a failed leg is connected again, or on a periodic retry for a leg whose
@@ -224,6 +225,10 @@ class MirrorKeeper:
             "resync_limit": {
                 "max_rate": self.resyncer.limit.max_rate,
                 "min_rate": self.resyncer.limit.min_rate,
+            },
+            "leg_limits": {  # a leg's own resync limit (the new leg of a replace)
+                dev.name: {"max_rate": limit.max_rate, "min_rate": limit.min_rate}
+                for dev, limit in self.resyncer.leg_limits.items()
             },
             "auto_readds": self.readds,
             "manual": sorted(self.manual),

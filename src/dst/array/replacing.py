@@ -15,6 +15,11 @@ I/O, the way pvmove does:
   legs in sync (so OLD may be dead); once NEW is in sync, OLD leaves the mirror and is
   closed.  The mirror's superblocks record every step, so after a crash assembly sees
   the mirror as it was at that moment (with NEW resyncing, or already without OLD).
+  The copy is the mirror's resync (:class:`~dst.array.resync.Resyncer`).  Given the
+  mirror's resyncer, the job's limit paces the copies to NEW alone
+  (:meth:`~dst.array.resync.Resyncer.limit_leg`) until the job ends: the mirror's own
+  resync rate is never changed, so nothing needs restoring and a ``dst resync-rate``
+  meanwhile stays in force; without it NEW resyncs at the mirror's rate.
 
 Cancel (or a failure of NEW) leaves the array as before: the ReplaceDevice is swapped
 back for OLD, or the extra leg is removed again; NEW is closed and not used.  The array
@@ -29,7 +34,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from dst.array.resync import RateLimit
+from dst.array.resync import RateLimit, Resyncer
 from dst.array.switch import SwitchDevice
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
@@ -46,7 +51,11 @@ COPY_REGION = 1 << 20  # bytes per step of a linear/stripe copy
 
 
 class ReplaceJob:
-    """One live replace of ``old`` (a node of ``parent``) by ``new`` (open)."""
+    """One live replace of ``old`` (a node of ``parent``) by ``new`` (open).
+
+    ``max_rate``/``min_rate`` limit the copy (see :class:`RateLimit`); for a mirror leg
+    only if ``resyncer``, the mirror's, is given (NEW's resync is then paced by them).
+    """
 
     def __init__(
         self,
@@ -58,6 +67,7 @@ class ReplaceJob:
         on_finished: Callable[[ReplaceJob], None],
         max_rate: float | None = None,
         min_rate: float | None = None,
+        resyncer: Resyncer | None = None,
     ) -> None:
         if not isinstance(parent, LinearDevice | StripeDevice | MirrorDevice):
             raise ConfigError(f"{old.name!r} is not a member of a linear, stripe or mirror")
@@ -72,6 +82,7 @@ class ReplaceJob:
         self.error = ""
         self._on_finished = on_finished
         self._rep: ReplaceDevice | None = None
+        self._resyncer = resyncer if isinstance(parent, MirrorDevice) else None
         self._leg_added = False  # mirror: NEW is a leg
         self._task: asyncio.Task[None] | None = None
         self._cancelled = False
@@ -91,7 +102,13 @@ class ReplaceJob:
                 await mirror.add_leg(self.new)
                 self._leg_added = True
 
-            await self.root.reconfigure(add)
+            if self._resyncer is not None:  # before NEW joins: its first region counts
+                self._resyncer.limit_leg(self.new, self.limit)
+            try:
+                await self.root.reconfigure(add)
+            except BaseException:
+                self._release_limit()
+                raise
         else:
             rep = ReplaceDevice(
                 self.old, self.new, region_size=COPY_REGION, limit=self.limit,
@@ -184,6 +201,7 @@ class ReplaceJob:
             await mirror.remove_leg(_leg_of(mirror, self.old).index)
 
         await self.root.reconfigure(remove)
+        self._release_limit()
         with contextlib.suppress(BlockError, OSError):
             await self.old.close()
         self.state = "finished"
@@ -203,8 +221,16 @@ class ReplaceJob:
                 await self.root.reconfigure(remove)
                 self._leg_added = False
         finally:
+            self._release_limit()
             with contextlib.suppress(BlockError, OSError):
                 await self.new.close()
+
+    def _release_limit(self) -> None:
+        """NEW's resync goes back to the mirror's limit.  A copy still waiting for
+        this job's limit is let go (the limit is lifted: the job is over)."""
+        if self._resyncer is not None and self.new in self._resyncer.leg_limits:
+            self._resyncer.limit_leg(self.new, None)
+            self.limit.set(max_rate=None, min_rate=None)
 
     async def _swap(self, old: BlockDevice, new: BlockDevice) -> None:
         parent = self.parent

@@ -45,7 +45,14 @@ class Reshape(Maintenance):
     """add, remove, replace, cancel-replace."""
 
     async def replace(self, node: str, new: dict[str, Any], *, rate: int = 0) -> None:
-        """Start replacing ``node`` by the node ``new`` (a spec dict), live."""
+        """Start replacing ``node`` by the node ``new`` (a spec dict), live.
+
+        ``rate`` (bytes/s, 0: none) limits the copy.  For a mirror leg it limits the
+        new leg's resync only (the mirror's resync rate, which applies without it, is
+        left as it is); a ``resync-rate`` of the whole array changes it while it runs.
+        """
+        if rate < 0:
+            raise ControlError("bad-args", "rate must be >= 0", field="rate")
         async with self._lock:
             root = self._running_root()
             self._no_node_suspended()
@@ -75,9 +82,12 @@ class Reshape(Maintenance):
                 raise ControlError("node-unreachable", str(exc), field="spec") from None
             parent = index(root.inner)[parent_spec.name]
             hi, lo = self._resync_rates(parent_spec.name)
-            if rate < 0:
-                raise ControlError("bad-args", "rate must be >= 0", field="rate")
-            hi = rate or hi
+            keeper = self.keepers.get(parent.name)
+            resyncer = keeper.resyncer if keeper is not None and keeper.mirror is parent else None
+            if resyncer is not None:  # its floor under load as it is now
+                lo = int(resyncer.limit.min_rate or 0)
+            if rate:
+                hi, lo = rate, min(lo, rate)
 
             def finished(job: ReplaceJob) -> None:
                 if job.state == "finished":
@@ -88,7 +98,8 @@ class Reshape(Maintenance):
 
             try:
                 job = ReplaceJob(root, parent, old, dev, on_finished=finished,
-                                 max_rate=hi or None, min_rate=lo or None)  # fmt: skip
+                                 max_rate=hi or None, min_rate=lo or None,
+                                 resyncer=resyncer if rate else None)  # fmt: skip
                 await job.start()
             except (ConfigError, BlockError, MetadataError) as exc:
                 await dev.close()

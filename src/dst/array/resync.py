@@ -16,6 +16,9 @@ generation; when every leg is in sync the bitmap generation is cleared).
 Pacing (MD's ``speed_limit_min``/``max``): :class:`RateLimit` lets the copy run at
 ``max_rate`` bytes per second while the array is idle and at ``min_rate`` while
 foreground requests arrive; both can be changed while it runs (0/None: unlimited).
+One leg may have a limit of its own (``leg_limits``: the new leg of a ``dst replace
+--rate``): the copies to it are paced by that limit instead of the mirror's, and a
+region copied to several legs at once waits for each of their limits.
 
 Restarts: every ``checkpoint_interval`` seconds the position is persisted
 (``resync_pos`` in the superblocks, see :meth:`dst.targets.intent.IntentLog.set_resync_pos`);
@@ -34,10 +37,11 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
 from dst.targets.intent import LegState
 from dst.targets.mirror import MirrorDevice
@@ -108,7 +112,9 @@ class _Meter:
 
 class Resync:
     """One resync of ``mirror`` towards ``targets`` (default: every attached leg that
-    misses regions).  :meth:`run` returns when they hold everything or cannot get more."""
+    misses regions).  :meth:`run` returns when they hold everything or cannot get more.
+    ``limit`` paces it, but the copies to a leg in ``leg_limits`` (by device, read as
+    the resync goes) are paced by that leg's limit."""
 
     def __init__(
         self,
@@ -116,6 +122,7 @@ class Resync:
         *,
         targets: Sequence[int] | None = None,
         limit: RateLimit | None = None,
+        leg_limits: Mapping[BlockDevice, RateLimit] | None = None,
         checkpoint_interval: float = 1.0,
         depth: int = DEFAULT_DEPTH,
     ) -> None:
@@ -125,6 +132,8 @@ class Resync:
         self.intent = mirror.intent
         self.wanted = None if targets is None else set(targets)
         self.limit = limit or RateLimit()
+        # The caller's mapping itself, not a copy: a leg's limit may come and go.
+        self.leg_limits: Mapping[BlockDevice, RateLimit] = {} if leg_limits is None else leg_limits
         self.checkpoint_interval = checkpoint_interval
         self.depth = max(1, depth)  # regions copied at once
         self.state = "pending"
@@ -165,6 +174,16 @@ class Resync:
     def _count(self, targets: Sequence[int]) -> int:
         return sum(1 for _ in self._todo(targets))
 
+    def _limits(self, targets: Sequence[int]) -> dict[RateLimit, int]:
+        """The limits a copy to ``targets`` waits for, each with its number of targets."""
+        legs = self.mirror.legs
+        out: dict[RateLimit, int] = {}
+        for t in targets:
+            own = self.leg_limits.get(legs[t].dev) if t < len(legs) else None
+            limit = self.limit if own is None else own
+            out[limit] = out.get(limit, 0) + 1
+        return out
+
     async def run(self) -> None:
         """Copy until the targets hold every region; then they become full members.
 
@@ -188,7 +207,8 @@ class Resync:
                     self.position = r
                     busy, last_ops = self.mirror.io_ops != last_ops, self.mirror.io_ops
                     _, n = self.mirror.region_range(r)
-                    await self.limit.pace(n * len(targets), busy)
+                    for limit, legs in self._limits(targets).items():
+                        await limit.pace(n * legs, busy)
                     if time.monotonic() >= checkpoint_at:
                         low = min(inflight.values(), default=r)
                         await self.mirror.resync_checkpoint(low, targets)
@@ -265,6 +285,7 @@ class Resyncer:
     ) -> None:
         self.mirror = mirror
         self.limit = RateLimit(max_rate=max_rate, min_rate=min_rate)
+        self.leg_limits: dict[BlockDevice, RateLimit] = {}  # see limit_leg
         self.checkpoint_interval = checkpoint_interval
         self.current: Resync | None = None
         self.last: Resync | None = None
@@ -279,6 +300,15 @@ class Resyncer:
 
     def set_rate(self, *, max_rate: float | None = None, min_rate: float | None = None) -> None:
         self.limit.set(max_rate=max_rate, min_rate=min_rate)
+
+    def limit_leg(self, dev: BlockDevice, limit: RateLimit | None) -> None:
+        """Pace the resync of the leg ``dev`` (a leg, or one about to be added) by
+        ``limit`` instead of the mirror's limit, from its next region on; None: by the
+        mirror's limit again.  The mirror's own limit is left as it is."""
+        if limit is None:
+            self.leg_limits.pop(dev, None)
+        else:
+            self.leg_limits[dev] = limit
 
     def progress(self) -> dict[str, Any]:
         r = self.current or self.last
@@ -303,7 +333,10 @@ class Resyncer:
             self._set_idle(False)
             wanted.clear()
             self.current = Resync(
-                self.mirror, limit=self.limit, checkpoint_interval=self.checkpoint_interval
+                self.mirror,
+                limit=self.limit,
+                leg_limits=self.leg_limits,
+                checkpoint_interval=self.checkpoint_interval,
             )
             self.started.set()
             try:
