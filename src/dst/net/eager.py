@@ -177,7 +177,7 @@ def submit_coro(coro: Coroutine[Any, Any, Any], done: Done) -> Cancel:
 
     Stepped eagerly: if it never suspends, ``done`` is called before this returns.
     Otherwise a Task finishes it; the canceller returned cancels that Task (``done`` then
-    gets the CancelledError).
+    gets the CancelledError, even if the Task had not started yet).
     """
     try:
         first = coro.send(None)
@@ -187,16 +187,38 @@ def submit_coro(coro: Coroutine[Any, Any, Any], done: Done) -> Cancel:
     except (Exception, asyncio.CancelledError) as exc:
         done(exc, None)
         return no_cancel
-    task = asyncio.get_running_loop().create_task(_finish(Continuation(coro, first), done))
+    run = _Submitted(coro, done)
+    task = asyncio.get_running_loop().create_task(run.finish(Continuation(coro, first)))
     _running.add(task)
-    task.add_done_callback(_running.discard)
+    task.add_done_callback(run.ended)
     return task.cancel
 
 
-async def _finish(rest: Continuation[Any], done: Done) -> None:
-    try:
-        value = await rest
-    except (Exception, asyncio.CancelledError) as exc:
-        done(exc, None)
-    else:
-        done(None, value)
+class _Submitted:
+    """The Task half of :func:`submit_coro`: ``done`` once, however the Task ends."""
+
+    __slots__ = ("coro", "done", "reported")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], done: Done) -> None:
+        self.coro = coro
+        self.done = done
+        self.reported = False
+
+    def report(self, exc: BaseException | None, value: Any) -> None:
+        if not self.reported:
+            self.reported = True
+            self.done(exc, value)
+
+    async def finish(self, rest: Continuation[Any]) -> None:
+        try:
+            value = await rest
+        except (Exception, asyncio.CancelledError) as exc:
+            self.report(exc, None)
+        else:
+            self.report(None, value)
+
+    def ended(self, task: asyncio.Task[None]) -> None:
+        _running.discard(task)
+        if not self.reported:  # cancelled before its first step: the coroutine never
+            _stop(self.coro, asyncio.CancelledError())  # saw it; let it unwind now
+            self.report(asyncio.CancelledError(), None)
