@@ -134,6 +134,8 @@ class _Protocol(asyncio.Protocol):
         CancelledError now (a reply that comes later is dropped)."""
         done = self.calls.pop(handle, None)
         if done is not None:
+            if not self.calls and self.idle is not None and not self.idle.done():
+                self.idle.set_result(None)  # close() waits no more for it
             done(asyncio.CancelledError(), None)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -248,6 +248,10 @@ class FanOutWrite:
         outcomes = list(zip(self.legs, results, strict=True))
         err: BaseException | None = None
         if intent is None:
+            if self.cancelled:  # a cancel from above fails no leg (as on the coroutine path)
+                m.locks.release(self.hold)
+                self.done(asyncio.CancelledError(), None)
+                return
             try:
                 m._settle("write", outcomes, self.offset, self.length)
             except BlockError as exc:
@@ -316,7 +320,7 @@ class FanOutRead:
     """One read in flight on one leg; a failure goes on as the coroutine path's
     retry on the other legs, with read repair."""
 
-    __slots__ = ("done", "finished", "leg_cancel", "length", "mirror", "offset", "order")
+    __slots__ = ("done", "finished", "leg_cancel", "length", "mirror", "offset", "order", "retry")
 
     def __init__(
         self, mirror: MirrorDevice, order: list[Leg], offset: int, length: int, done: Done
@@ -328,6 +332,7 @@ class FanOutRead:
         self.done = done
         self.finished = False
         self.leg_cancel: Cancel | None = None
+        self.retry: Cancel | None = None  # the canceller of the retry, once it runs
 
     def leg_done(self, exc: BaseException | None, value: Any) -> None:
         if self.finished:
@@ -351,14 +356,17 @@ class FanOutRead:
         if exc.errno == errno.ETIMEDOUT:
             m._fail(leg, exc)  # hung: it gets nothing more
         retry = m._read_repair(self.order[1:], [leg], self.offset, self.length, exc)
-        submit_coro(retry, self.done)
+        self.retry = submit_coro(retry, self.done)
 
     def expire(self) -> None:
         timeout = self.mirror.leg_timeout
         self._stop(BlockError(errno.ETIMEDOUT, f"no answer within {timeout} s"))
 
     def cancel(self) -> None:
-        self._stop(asyncio.CancelledError())
+        if self.retry is not None:
+            self.retry()
+        else:
+            self._stop(asyncio.CancelledError())
 
     def _stop(self, outcome: BaseException) -> None:
         if self.finished:

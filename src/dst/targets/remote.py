@@ -319,31 +319,19 @@ class RemoteDevice(BlockDevice):
     # The callback fast path (dst.device): the live connection's, and on a lost
     # connection the same replay as above, in a Task.
 
-    def _finisher(
-        self, conn: NbdClient, done: Done, replay: Callable[[NbdClient], Awaitable[Any]]
-    ) -> Done:
-        def fin(exc: BaseException | None, value: Any) -> None:
-            if isinstance(exc, ConnectionLost):
-                self._lost(conn, exc)
-                submit_coro(self._run(replay), done)
-            else:
-                done(exc, value)
-
-        return fin
-
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         conn = self._conn
         if conn is None or not conn.connected:
             return None
-        fin = self._finisher(conn, done, lambda c: c.read(offset, length))
-        return conn.submit_read(offset, length, fin)
+        req = _Replayable(self, conn, done, lambda c: c.read(offset, length))
+        return req.started(conn.submit_read(offset, length, req.finish))
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
         conn = self._conn
         if conn is None or not conn.connected:
             return None
-        fin = self._finisher(conn, done, lambda c: c.write(offset, data, fua=fua))
-        return conn.submit_write(offset, data, fua, fin)
+        req = _Replayable(self, conn, done, lambda c: c.write(offset, data, fua=fua))
+        return req.started(conn.submit_write(offset, data, fua, req.finish))
 
     async def flush(self) -> None:
         await self._run(lambda c: c.flush())
@@ -402,3 +390,43 @@ class RemoteDevice(BlockDevice):
         if self._refused:
             detail["refused"] = self._refused
         return Health("reconnecting", detail)
+
+
+class _Replayable:
+    """A request on a connection's fast path that goes on as a replay in a Task
+    (:meth:`RemoteDevice._run`) if the connection is lost; the canceller handed out
+    reaches whichever of the two is running."""
+
+    __slots__ = ("conn", "dev", "done", "op", "running")
+
+    def __init__(
+        self,
+        dev: RemoteDevice,
+        conn: NbdClient,
+        done: Done,
+        op: Callable[[NbdClient], Awaitable[Any]],
+    ) -> None:
+        self.dev = dev
+        self.conn = conn
+        self.done = done
+        self.op = op
+        self.running: Cancel | None = None
+
+    def finish(self, exc: BaseException | None, value: Any) -> None:
+        if isinstance(exc, ConnectionLost):
+            self.dev._lost(self.conn, exc)
+            self.running = submit_coro(self.dev._run(self.op), self.done)
+        else:
+            self.done(exc, value)
+
+    def started(self, cancel: Cancel | None) -> Cancel | None:
+        """What the submit returns, given the connection's canceller (None: refused)."""
+        if cancel is None:
+            return None
+        if self.running is None:  # not replaying already
+            self.running = cancel
+        return self.cancel
+
+    def cancel(self) -> None:
+        if self.running is not None:
+            self.running()
