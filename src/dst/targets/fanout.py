@@ -235,16 +235,16 @@ class FanOutWrite:
             m.deadlines.discard(self)
         intent = m.intent
         results = self.results
-        if intent is not None and not self.cancelled and not any(results):
-            # the common case: every leg acknowledged (results are all None)
-            assert self.holders is not None
-            if intent.unsettled or not any(self.holders):
-                pass  # rare: the general path below says what to do
-            else:
-                intent.end_write(self.wid)
-                m.locks.release(self.hold)
-                self.done(None, None)
-                return
+        if (
+            intent is not None
+            and not self.cancelled
+            and not any(results)  # every leg acknowledged (all None)
+            and not intent.unsettled
+            and any(self.holders or ())
+        ):  # the common case: nothing to degrade or record
+            self._end(set())
+            self.done(None, None)
+            return
         outcomes = list(zip(self.legs, results, strict=True))
         err: BaseException | None = None
         if intent is None:
