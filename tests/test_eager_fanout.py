@@ -1,4 +1,4 @@
-"""run_all (dst.net.eager): a fan-out without a Task per coroutine."""
+"""run_all (dst.aio): a fan-out without a Task per coroutine."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dst.net.eager import run_all
+from dst.aio import run_all
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -1,11 +1,11 @@
-"""Eager stepping (dst.net.eager): coroutines that suspend hand over to a Task intact."""
+"""Eager stepping (dst.aio): coroutines that suspend hand over to a Task intact."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from dst.net.eager import Continuation
+from dst.aio import Continuation
 
 
 async def test_eager_waiters_on_one_future() -> None:

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
+from dst.aio import submit_coro
 from dst.array.member import Member
 from dst.array.switch import SwitchDevice
 from dst.device import Buffer, Cancel, Done
 from dst.errors import BlockError
 from dst.net.address import Address
 from dst.net.client import ConnectionLost, NbdClient
-from dst.net.eager import submit_coro
 from dst.net.server import NbdServer
 from dst.targets.file import FileDevice
 from dst.targets.memory import MemoryDevice

@@ -13,7 +13,7 @@ callback fast path (:meth:`~dst.device.BlockDevice.submit_write`): no coroutine 
 all, the reply is queued from the completion callback.  Otherwise the device
 coroutine is stepped once eagerly; if it completes without suspending -- the common
 case -- its reply is built at once, otherwise a Task finishes it
-(:class:`~dst.net.eager.Continuation`) and the reply goes out whenever it completes,
+(:class:`~dst.aio.Continuation`) and the reply goes out whenever it completes,
 out of order.  Replies produced while handling
 one receive (or one loop iteration of completions) are written with a
 single ``writelines``; READ replies are a small header followed by the device's buffer.
@@ -37,6 +37,7 @@ from collections.abc import Coroutine, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
+from dst.aio import Continuation
 from dst.device import BlockDevice, Extent
 from dst.errors import BlockError, ProtocolError
 from dst.nbd import requests as rq
@@ -61,7 +62,6 @@ from dst.nbd.events import (
     ServerEvent,
 )
 from dst.nbd.server import ServerHandshake
-from dst.net.eager import Continuation
 
 if TYPE_CHECKING:
     from dst.net.server import NbdServer

@@ -1,22 +1,19 @@
 """Helpers shared by the composite targets (linear, stripe, mirror).
 
 * :func:`intersect_caps` — what a composite can promise given its children.
-* :func:`run_all` — await coroutines concurrently; wait for *all* of them before
-  raising the first error, so no child I/O is still in flight when a request fails.
 * :func:`status_over` — block status of a request split into pieces, mapped back to
   array order and merged; stops at the first piece a child answered only partly.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
+from dst.aio import gather_all
 from dst.device import BlockDevice, Capabilities, Extent, Health
 from dst.targets.layout import Piece
 
-T = TypeVar("T")
 STATUS_PIECES = 64  # block_status queries at most this many pieces per request
 
 
@@ -44,17 +41,6 @@ def intersect_caps(devs: Sequence[BlockDevice]) -> Capabilities:
     )
 
 
-async def run_all(aws: Sequence[Awaitable[T]]) -> list[T]:
-    """Results of ``aws`` in order; if any failed, raise the first failure after all end."""
-    if len(aws) == 1:
-        return [await aws[0]]
-    results = await asyncio.gather(*aws, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results  # type: ignore[return-value]
-
-
 def merge_extents(extents: Sequence[Extent]) -> list[Extent]:
     """Adjacent extents with the same flags joined."""
     out: list[Extent] = []
@@ -69,7 +55,7 @@ def merge_extents(extents: Sequence[Extent]) -> list[Extent]:
 async def status_over(pieces: Sequence[Piece], devs: Sequence[BlockDevice]) -> list[Extent]:
     """Block status of consecutive ``pieces`` (``devs[p.member]`` answers for ``p``)."""
     pieces = pieces[:STATUS_PIECES]
-    answers = await run_all(
+    answers = await gather_all(
         [devs[p.member].block_status(p.member_offset, p.length) for p in pieces]
     )
     out: list[Extent] = []

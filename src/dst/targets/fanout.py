@@ -12,7 +12,7 @@ and the caller runs the coroutine path, which waits for those things.
 
 A taken write (:class:`FanOutWrite`) is submitted to every writable leg; a leg whose
 device has no fast path right now runs its coroutine instead
-(:func:`dst.net.eager.submit_coro`), so one slow leg never sends the others back.  Each
+(:func:`dst.aio.submit_coro`), so one slow leg never sends the others back.  Each
 leg's completion records its outcome; the last one settles the write with the very
 methods the coroutine path uses: plain mode :meth:`MirrorDevice._settle`, tracked mode
 :meth:`MirrorDevice._degrade` for the legs that failed, EIO unless a leg holding the
@@ -36,9 +36,9 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from dst.aio import submit_coro
 from dst.device import Buffer, Cancel, Done
 from dst.errors import BlockError
-from dst.net.eager import submit_coro
 
 if TYPE_CHECKING:
     from dst.targets.mirror import Leg, MirrorDevice

@@ -49,15 +49,15 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Coroutine,
     Iterable,
     Mapping,
     Sequence,
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from dst.aio import TaskSet, timed
 from dst.device import BlockDevice
 from dst.errors import BlockError
 from dst.meta.bitmap import PAGE_BITS, Bitmap
@@ -92,51 +92,6 @@ class LegState(enum.StrEnum):
     IN_SYNC = "in_sync"
     RESYNCING = "resyncing"
     FAILED = "failed"
-
-
-class TaskSet:
-    """Background tasks owned by one object; failures are logged, :meth:`close` cancels."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str = "") -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s: background task failed", task.get_name(), exc_info=task.exception())
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def timed(op: Awaitable[T], seconds: float | None) -> T:
-    """``op``, failing with ETIMEDOUT after ``seconds`` (None: no limit).
-
-    Works outside a task too (the NBD server steps a request's first part eagerly,
-    with no task to cancel): there ``op`` runs as a task of its own.
-    """
-    if seconds is None:
-        return await op
-    if asyncio.current_task() is None:
-        return await asyncio.ensure_future(timed(op, seconds))
-    try:
-        async with asyncio.timeout(seconds):
-            return await op
-    except TimeoutError:
-        raise BlockError(errno.ETIMEDOUT, f"no answer within {seconds} s") from None
 
 
 def new_generation(known: Iterable[int] = ()) -> int:

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dst.aio import gather_all
 from dst.device import BlockDevice, Buffer, Cancel, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.targets.composite import (
     combined_health,
     intersect_caps,
-    run_all,
     status_over,
     unique,
 )
@@ -126,7 +126,7 @@ class LinearDevice(BlockDevice):
         pieces = t.layout.split(offset, length)
         if len(pieces) == 1:
             return await t.devs[pieces[0].member].read(pieces[0].member_offset, length)
-        parts = await run_all([t.devs[p.member].read(p.member_offset, p.length) for p in pieces])
+        parts = await gather_all([t.devs[p.member].read(p.member_offset, p.length) for p in pieces])
         return b"".join(parts)
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
@@ -141,7 +141,7 @@ class LinearDevice(BlockDevice):
             writes.append(
                 t.devs[p.member].write(p.member_offset, view[at : at + p.length], fua=fua)
             )
-        await run_all(writes)
+        await gather_all(writes)
 
     # The callback fast path (dst.device): a request within one segment goes to it.
 
@@ -160,12 +160,14 @@ class LinearDevice(BlockDevice):
         return t.devs[pieces[0].member].submit_write(pieces[0].member_offset, data, fua, done)
 
     async def flush(self) -> None:
-        await run_all([d.flush() for d in unique(self._table.devs)])
+        await gather_all([d.flush() for d in unique(self._table.devs)])
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         t = self._table
         pieces = t.layout.split(offset, length)
-        await run_all([t.devs[p.member].trim(p.member_offset, p.length, fua=fua) for p in pieces])
+        await gather_all(
+            [t.devs[p.member].trim(p.member_offset, p.length, fua=fua) for p in pieces]
+        )
 
     async def write_zeroes(
         self,
@@ -179,7 +181,7 @@ class LinearDevice(BlockDevice):
         t = self._table
         if fast and not self.caps.fast_zero:
             raise BlockError(errno.ENOTSUP, "fast zero not supported by every segment")
-        await run_all(
+        await gather_all(
             [
                 t.devs[p.member].write_zeroes(
                     p.member_offset, p.length, fua=fua, punch=punch, fast=fast
@@ -191,7 +193,7 @@ class LinearDevice(BlockDevice):
     async def cache(self, offset: int, length: int) -> None:
         t = self._table
         pieces = t.layout.split(offset, length)
-        await run_all([t.devs[p.member].cache(p.member_offset, p.length) for p in pieces])
+        await gather_all([t.devs[p.member].cache(p.member_offset, p.length) for p in pieces])
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         t = self._table

@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dst.aio import TaskSet, run_all, timed
 from dst.device import BlockDevice, Buffer, Cancel, Done, Extent, Health, IOCounters
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import (
@@ -59,10 +60,9 @@ from dst.meta.layout import (
     layout_for,
     member_size_for,
 )
-from dst.net.eager import run_all
 from dst.targets import fanout
 from dst.targets.composite import intersect_caps
-from dst.targets.intent import IntentLog, LegState, ReaddPlan, TaskSet, timed
+from dst.targets.intent import IntentLog, LegState, ReaddPlan
 from dst.targets.rangelock import RangeLock
 
 __all__ = ["Leg", "LegState", "MirrorDevice"]
@@ -259,7 +259,7 @@ class MirrorDevice(BlockDevice):
 
     async def _run_legs(self, legs: list[Leg], op: LegOp) -> list[BaseException | None]:
         """Run ``op`` on every leg of ``legs`` at once, without a Task per leg
-        (:func:`dst.net.eager.run_all`: every leg's request is issued before anything
+        (:func:`dst.aio.run_all`: every leg's request is issued before anything
         is awaited; one timer bounds them all by ``leg_timeout``).  Per leg, its
         BlockError or None; any other exception is a bug and propagates."""
         for leg in legs:

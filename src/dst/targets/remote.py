@@ -49,11 +49,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from dst.aio import submit_coro
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ProtocolError, ServerRefused
 from dst.net.address import Address
 from dst.net.client import ConnectionLost, NbdClient
-from dst.net.eager import submit_coro
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ import errno
 from collections.abc import Sequence
 from typing import Any
 
+from dst.aio import gather_all
 from dst.device import BlockDevice, Buffer, Cancel, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
-from dst.targets.composite import combined_health, intersect_caps, run_all, status_over
+from dst.targets.composite import combined_health, intersect_caps, status_over
 from dst.targets.layout import DEFAULT_CHUNK, StripeLayout
 
 
@@ -82,7 +83,7 @@ class StripeDevice(BlockDevice):
         if len(runs) == 1:
             run = runs[0][0]
             return await self._devs[run.member].read(run.member_offset, length)
-        parts = await run_all(
+        parts = await gather_all(
             [self._devs[r.member].read(r.member_offset, r.length) for r, _ in runs]
         )
         out = bytearray(length)
@@ -105,7 +106,7 @@ class StripeDevice(BlockDevice):
             else:
                 buf = b"".join(view[a : a + p.length] for a, p in zip(at, pieces, strict=True))
             writes.append(self._devs[run.member].write(run.member_offset, buf, fua=fua))
-        await run_all(writes)
+        await gather_all(writes)
 
     # The callback fast path (dst.device): a request within one chunk goes to its node.
 
@@ -124,11 +125,11 @@ class StripeDevice(BlockDevice):
         return self._devs[run.member].submit_write(run.member_offset, data, fua, done)
 
     async def flush(self) -> None:
-        await run_all([d.flush() for d in self._devs])
+        await gather_all([d.flush() for d in self._devs])
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         runs = self.layout.member_runs(offset, length)
-        await run_all(
+        await gather_all(
             [self._devs[r.member].trim(r.member_offset, r.length, fua=fua) for r, _ in runs]
         )
 
@@ -143,7 +144,7 @@ class StripeDevice(BlockDevice):
     ) -> None:
         if fast and not self.caps.fast_zero:
             raise BlockError(errno.ENOTSUP, "fast zero not supported by every member")
-        await run_all(
+        await gather_all(
             [
                 self._devs[r.member].write_zeroes(
                     r.member_offset, r.length, fua=fua, punch=punch, fast=fast
@@ -154,7 +155,7 @@ class StripeDevice(BlockDevice):
 
     async def cache(self, offset: int, length: int) -> None:
         runs = self.layout.member_runs(offset, length)
-        await run_all([self._devs[r.member].cache(r.member_offset, r.length) for r, _ in runs])
+        await gather_all([self._devs[r.member].cache(r.member_offset, r.length) for r, _ in runs])
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         return await status_over(self.layout.split(offset, length), self._devs)
