@@ -1,11 +1,15 @@
-"""SwitchDevice: suspend drains, holds new I/O in order, swap, resume."""
+"""The array root (a GateDevice): suspend drains, holds new I/O in order, swap, resume."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 
-from dst.array.switch import SwitchDevice
+import pytest
+
 from dst.device import Buffer
+from dst.errors import BlockError
+from dst.targets.gate import GateDevice
 from dst.targets.memory import MemoryDevice
 
 
@@ -25,7 +29,7 @@ class SlowWrites(MemoryDevice):
 
 async def test_suspend_waits_for_inflight_and_holds_new_requests() -> None:
     dev = SlowWrites(1 << 20)
-    sw = SwitchDevice(dev)
+    sw = GateDevice(dev)
     first = asyncio.create_task(sw.write(0, b"a" * 512))
     await asyncio.sleep(0)  # let it start and block on the gate
     suspending = asyncio.create_task(sw.suspend())
@@ -47,7 +51,7 @@ async def test_suspend_waits_for_inflight_and_holds_new_requests() -> None:
 
 async def test_swap_sends_held_requests_to_the_new_tree() -> None:
     old, new = MemoryDevice(1 << 16), MemoryDevice(1 << 16)
-    sw = SwitchDevice(old)
+    sw = GateDevice(old)
     await sw.write(0, b"old!")
     await sw.suspend()
     pending = asyncio.create_task(sw.write(0, b"new!"))
@@ -61,7 +65,7 @@ async def test_swap_sends_held_requests_to_the_new_tree() -> None:
 
 
 async def test_reconfigure_resumes_even_when_the_change_fails() -> None:
-    sw = SwitchDevice(MemoryDevice(4096))
+    sw = GateDevice(MemoryDevice(4096))
 
     def boom() -> None:
         raise RuntimeError("bad change")
@@ -74,3 +78,37 @@ async def test_reconfigure_resumes_even_when_the_change_fails() -> None:
         raise AssertionError("error swallowed")
     assert not sw.suspended
     await asyncio.wait_for(sw.write(0, b"x"), 1)
+
+
+async def test_cancelled_suspend_of_the_root_resumes_it() -> None:
+    """The root is the one cancel-safe gate: a suspend abandoned while draining (a
+    timeout around a reconfiguration) leaves it serving, nothing held for good."""
+    dev = SlowWrites(1 << 20)
+    sw = GateDevice(dev)
+    first = asyncio.create_task(sw.write(0, b"a" * 512))
+    await asyncio.sleep(0)
+    suspending = asyncio.create_task(sw.suspend())
+    await asyncio.sleep(0)
+    held = asyncio.create_task(sw.write(4096, b"b" * 512))
+    await asyncio.sleep(0)
+    assert sw.held == 1
+    suspending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await suspending
+    assert not sw.suspended
+    dev.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, held), 5)
+    assert dev.order == [0, 4096]
+    await asyncio.wait_for(sw.write(8192, b"c"), 5)
+
+
+async def test_root_bounds_held_requests() -> None:
+    sw = GateDevice(MemoryDevice(1 << 16), name="arr", max_held=2)
+    await sw.suspend()
+    held = [asyncio.create_task(sw.write(0, b"x")) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(BlockError) as err:
+        await sw.write(0, b"y")
+    assert err.value.errno == errno.EAGAIN and "arr" in err.value.message
+    sw.resume()
+    await asyncio.gather(*held)

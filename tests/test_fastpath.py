@@ -18,14 +18,14 @@ import pytest
 from tests.support.fastpath import Completion, Disk, Mode, submit, until
 
 from dst.aio import submit_coro
-from dst.array.member import Member
-from dst.array.switch import SwitchDevice
 from dst.device import no_cancel
 from dst.errors import BlockError
 from dst.net.address import Address
 from dst.net.client import ConnectionLost, NbdClient
 from dst.net.server import NbdServer
 from dst.targets.file import FileDevice
+from dst.targets.gate import GateDevice
+from dst.targets.member import Member
 from dst.targets.mirror import Leg, LegState, MirrorDevice
 from dst.targets.remote import RemoteDevice
 
@@ -467,7 +467,7 @@ async def test_member_gate_counts_drains_and_refuses_while_suspended() -> None:
 async def test_root_switch_refuses_while_suspended_and_drains_fast_requests() -> None:
     disk = Disk(SIZE, mode="manual")
     member = Member(disk, name="n0", kind="memory", where="mem")
-    root = SwitchDevice(member)
+    root = GateDevice(member)
     await root.open()
     data = os.urandom(4096)
     c = Completion()

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from dst.array.gate import Gate
-from dst.array.member import Member
 from dst.device import BlockDevice, Buffer, Health
 from dst.errors import BlockError, ConfigError
+from dst.targets.gate import Gate
 from dst.targets.linear import LinearDevice
+from dst.targets.member import Member
 from dst.targets.memory import MemoryDevice
 from dst.targets.stripe import StripeDevice
 

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 
 from dst.aio import submit_coro
-from dst.array.member import Member
-from dst.array.switch import SwitchDevice
 from dst.device import Buffer, Cancel, Done
 from dst.errors import BlockError
 from dst.net.address import Address
 from dst.net.client import ConnectionLost, NbdClient
 from dst.net.server import NbdServer
 from dst.targets.file import FileDevice
+from dst.targets.gate import GateDevice
+from dst.targets.member import Member
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import LegState, MirrorDevice
 
@@ -186,7 +186,7 @@ async def test_a_failed_read_is_retried_and_repaired() -> None:
 async def test_gates_refuse_while_suspended_and_count_what_they_take() -> None:
     disk = Disk()
     member = Member(disk, name="n0", kind="memory", where="mem")
-    root = SwitchDevice(member)
+    root = GateDevice(member)
     await root.open()
     await submit(root, "write", 0, b"c" * 4096, False)
     disk.fail = True

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dst.array.member import Member
 from dst.array.resync import RateLimit
-from dst.array.switch import SwitchDevice
 from dst.device import BlockDevice, Buffer, Capabilities, Extent
 from dst.errors import BlockError, ConfigError
 from dst.targets.fault import FaultDevice
+from dst.targets.gate import GateDevice
 from dst.targets.linear import LinearDevice
+from dst.targets.member import Member
 from dst.targets.memory import MemoryDevice
 from dst.targets.replace import ReplaceDevice
 from dst.targets.stripe import StripeDevice
@@ -84,7 +84,7 @@ def member(dev: BlockDevice) -> Member:
 class Rig:
     """An array of two members behind a switch, the old node's device and an expected image."""
 
-    root: SwitchDevice
+    root: GateDevice
     arr: LinearDevice | StripeDevice
     old: Member
     old_dev: MemoryDevice
@@ -98,7 +98,7 @@ async def rig(kind: str, seed: int, *, old_dev: MemoryDevice | None = None) -> R
     arr: LinearDevice | StripeDevice
     arr = LinearDevice(ms) if kind == "linear" else StripeDevice(ms, chunk=4096)
     await arr.open()
-    r = Rig(SwitchDevice(arr), arr, ms[0], a)
+    r = Rig(GateDevice(arr), arr, ms[0], a)
     r.expected = bytearray(random.Random(seed).randbytes(arr.size))
     await arr.write(0, r.expected)
     return r

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :func:`construct` maps each spec node to a target: leaves (file, memory, remote)
-are wrapped in a :class:`~dst.array.member.Member` that counts their I/O; composites
+are wrapped in a :class:`~dst.targets.member.Member` that counts their I/O; composites
 (linear, stripe, mirror) are built over their built members.  Nothing is opened
 here.  :func:`build` constructs and opens the whole tree (composites open their
 members, since their size comes from them); if anything fails, whatever was opened
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 
-from dst.array.member import Member
 from dst.array.spec import (
     FileSpec,
     LinearSpec,
@@ -28,6 +27,7 @@ from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
 from dst.targets.file import FileDevice
 from dst.targets.linear import LinearDevice
+from dst.targets.member import Member
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import MirrorDevice
 from dst.targets.remote import RemoteDevice

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 An :class:`Array` owns one spec, the device tree built from it (under a
-:class:`~dst.array.switch.SwitchDevice`, the gate that makes live reconfiguration
+:class:`~dst.targets.gate.GateDevice`, the gate that makes live reconfiguration
 possible) and the :class:`~dst.net.server.NbdServer` exporting it.  Its life is
 created -> running -> stopped (and running again on ``start``).  Growing a linear
 array is build-new -> suspend -> swap -> resume: the new member is connected and
@@ -36,7 +36,6 @@ from typing import Any
 
 from dst.array.build import build, index
 from dst.array.keeper import MirrorKeeper, keepers
-from dst.array.member import Member
 from dst.array.ops import bad_spec
 from dst.array.replacing import ReplaceJob
 from dst.array.reshape import Reshape
@@ -51,19 +50,21 @@ from dst.array.spec import (
     spec_to_dict,
     target_from_dict,
 )
-from dst.array.switch import SwitchDevice
 from dst.control import messages as m
 from dst.control.server import ControlServer
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError, ControlError, DstError
 from dst.meta.superblock import MetadataError
 from dst.net.server import NbdServer
+from dst.targets.gate import GateDevice
 from dst.targets.linear import LinearDevice
+from dst.targets.member import Member
 from dst.targets.mirror import MirrorDevice
 
 log = logging.getLogger(__name__)
 
 STOP_FLUSH_TIMEOUT = 5.0  # seconds the final flush of a stopping array may take
+ROOT_MAX_HELD = 4096  # requests the array root holds while suspended; more get EAGAIN
 
 
 class Array(Reshape):
@@ -72,7 +73,7 @@ class Array(Reshape):
     def __init__(self, spec: ArraySpec) -> None:
         self.spec = spec
         self.state = "created"
-        self.root: SwitchDevice | None = None
+        self.root: GateDevice | None = None
         self.server: NbdServer | None = None
         self.exports: list[str] = []
         self.keepers: dict[str, MirrorKeeper] = {}  # by mirror name
@@ -92,7 +93,7 @@ class Array(Reshape):
                 raise bad_spec(exc) from None
             except MetadataError as exc:  # foreign, diverged, inconsistent members
                 raise ControlError("refused", f"{self.name}: {exc}") from None
-            root = SwitchDevice(tree, name=self.name)
+            root = GateDevice(tree, name=self.name, max_held=ROOT_MAX_HELD)
             self.keepers = {k.mirror.name: k for k in keepers(tree, self._resync_rates)}
             for keeper in self.keepers.values():
                 keeper.start()
@@ -383,7 +384,7 @@ async def run_daemon(
         await daemon.close()
 
 
-def _release_held(root: SwitchDevice) -> None:
+def _release_held(root: GateDevice) -> None:
     """Resume the array and its suspended nodes: held requests go to their nodes and
     complete, so stopping (which waits for the requests in flight) cannot hang."""
     if root.suspended:

@@ -34,12 +34,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from dst.array.member import Member
 from dst.array.resync import Resyncer, VerifyReport, verify
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
 from dst.meta.superblock import MetadataError
 from dst.targets.intent import LegState
+from dst.targets.member import Member
 from dst.targets.mirror import MirrorDevice
 from dst.targets.remote import RemoteDevice
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`ArrayBase` is what every operation needs of an :class:`~dst.array.daemon.Array`:
-its spec, running tree (under the root :class:`~dst.array.switch.SwitchDevice`), mirror
+its spec, running tree (under the root :class:`~dst.targets.gate.GateDevice`), mirror
 keepers and the lock that serialises reconfigurations.  :class:`Maintenance` adds the
 verbs that act on one node or mirror leg without changing the array's shape: fail,
 readd, suspend/resume (a linear/stripe node holds its requests in its member's gate; a
@@ -21,7 +21,6 @@ from typing import Any
 
 from dst.array.build import index
 from dst.array.keeper import MirrorKeeper
-from dst.array.member import Member
 from dst.array.replacing import ReplaceJob
 from dst.array.spec import (
     ArraySpec,
@@ -29,10 +28,11 @@ from dst.array.spec import (
     SpecError,
     find_node,
 )
-from dst.array.switch import SwitchDevice
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError, ControlError
 from dst.meta.superblock import MetadataError
+from dst.targets.gate import GateDevice
+from dst.targets.member import Member
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ArrayBase:
     """The state an array's operations share (set up by ``Array.__init__``)."""
 
     spec: ArraySpec
-    root: SwitchDevice | None
+    root: GateDevice | None
     keepers: dict[str, MirrorKeeper]  # by mirror name
     replace_job: ReplaceJob | None  # the running (or last) replace
     _lock: asyncio.Lock  # one reconfiguration at a time
@@ -55,7 +55,7 @@ class ArrayBase:
     def name(self) -> str:
         return self.spec.name
 
-    def _running_root(self) -> SwitchDevice:
+    def _running_root(self) -> GateDevice:
         if self.root is None:
             raise ControlError("not-running", f"array {self.name!r} is not running")
         return self.root

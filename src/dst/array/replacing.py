@@ -35,10 +35,10 @@ from collections.abc import Callable
 from typing import Any
 
 from dst.array.resync import RateLimit, Resyncer
-from dst.array.switch import SwitchDevice
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
 from dst.meta.superblock import MetadataError
+from dst.targets.gate import GateDevice
 from dst.targets.intent import LegState
 from dst.targets.linear import LinearDevice
 from dst.targets.mirror import Leg, MirrorDevice
@@ -59,7 +59,7 @@ class ReplaceJob:
 
     def __init__(
         self,
-        root: SwitchDevice,
+        root: GateDevice,
         parent: BlockDevice,
         old: BlockDevice,
         new: BlockDevice,

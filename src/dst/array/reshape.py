@@ -17,7 +17,6 @@ import dataclasses
 from typing import Any
 
 from dst.array.build import construct, index
-from dst.array.member import Member
 from dst.array.ops import Maintenance, bad_spec
 from dst.array.replacing import ReplaceJob
 from dst.array.spec import (
@@ -32,11 +31,12 @@ from dst.array.spec import (
     target_from_dict,
     walk,
 )
-from dst.array.switch import SwitchDevice
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError, ControlError
 from dst.meta.superblock import MetadataError
+from dst.targets.gate import GateDevice
 from dst.targets.linear import LinearDevice
+from dst.targets.member import Member
 from dst.targets.mirror import MirrorDevice
 from dst.targets.stripe import StripeDevice
 
@@ -163,7 +163,7 @@ class Reshape(Maintenance):
             self.spec = dataclasses.replace(self.spec, target=new_target)
 
     async def _add_leg(
-        self, root: SwitchDevice, mirror: MirrorDevice, target: MirrorSpec, node: dict[str, Any]
+        self, root: GateDevice, mirror: MirrorDevice, target: MirrorSpec, node: dict[str, Any]
     ) -> None:
         """A new leg for the mirror at the root, resynced in the background."""
         try:
@@ -188,7 +188,7 @@ class Reshape(Maintenance):
         )
         self._refresh_keepers()
 
-    async def _remove_leg(self, root: SwitchDevice, mirror: MirrorDevice, node: str) -> None:
+    async def _remove_leg(self, root: GateDevice, mirror: MirrorDevice, node: str) -> None:
         _, index = self._leg(node)
         removed: list[BlockDevice] = []
 
@@ -208,7 +208,7 @@ class Reshape(Maintenance):
         self._refresh_keepers()
 
     async def _stripe_to_linear(
-        self, root: SwitchDevice, dev: BlockDevice, part: LinearPart, taken: list[str]
+        self, root: GateDevice, dev: BlockDevice, part: LinearPart, taken: list[str]
     ) -> TargetSpec:
         """Grow a stripe array by a linear segment: linear(stripe, dev)."""
         stripe, target = root.inner, self.spec.target

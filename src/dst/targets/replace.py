@@ -24,7 +24,7 @@ may keep the ReplaceDevice (it behaves as OLD) or put OLD back under a suspend.
 Reads: OLD answers; if OLD fails a read, the read is retried on NEW when the range is
 already copied (and the replace has not failed), else on ``source`` if one was given.
 
-Finishing (the caller, with the array root a :class:`~dst.array.switch.SwitchDevice`)::
+Finishing (the caller, with the array root a :class:`~dst.targets.gate.GateDevice`)::
 
     await new.open()
     rep = ReplaceDevice(old, new)

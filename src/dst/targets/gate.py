@@ -1,0 +1,343 @@
+"""The one suspend gate: :class:`Gate` (admission control) and :class:`GateDevice` (a
+device behind a gate, which can be suspended, swapped and resumed).
+
+Theory of operation
+-------------------
+Device-mapper's suspend, reduced to one small object.  A request *enters* the gate
+before it touches the device behind it and *leaves* when it completed.  While the gate
+is open, entering costs one attribute test and one integer increment (the caller does
+both inline, see :meth:`Gate.admit`)::
+
+    if gate.closed:
+        await gate.admit()      # may hold the request; raises BlockError when full
+    else:
+        gate.inflight += 1
+    try:
+        ...                     # the request
+    finally:
+        gate.leave()
+
+:meth:`Gate.close` stops admitting and waits until every request in flight has left
+(drain).  Requests arriving while closed wait, each on a future of its own, in a FIFO
+queue; :meth:`Gate.open` counts them in flight and wakes them in arrival order.  At
+most ``max_held`` requests wait: one more fails at once with ``BlockError(EAGAIN)``
+naming the gate, instead of queueing without bound (on the NBD wire it is an EIO).
+A held request that is cancelled leaves the queue; a cancelled :meth:`close` opens the
+gate again, so an abandoned suspend leaves everything as it was.
+
+:class:`GateDevice` puts a device behind a gate and is what both suspend points of an
+array are: the array root (live reconfiguration: build the new tree, suspend, swap,
+resume, :meth:`GateDevice.reconfigure`) and every storage node
+(:class:`dst.targets.member.Member`: suspend one node while the others go on).  A
+request crosses it once, by either face of :mod:`dst.device`: the callback form is
+taken only while the gate is open (one attribute test, two integer updates and a
+closure more than the device inside); the coroutine form waits in the gate's queue.
+Both count the request in :class:`~dst.device.IOCounters` and its errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from dst.device import (
+    BlockDevice,
+    Buffer,
+    Cancel,
+    Capabilities,
+    Done,
+    Extent,
+    Health,
+    IOCounters,
+)
+from dst.errors import BlockError, ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_MAX_HELD = 1024
+
+
+class Gate:
+    """Admission control for one device; ``name`` appears in errors."""
+
+    __slots__ = ("_drained", "_held", "closed", "inflight", "max_held", "name")
+
+    def __init__(self, *, name: str = "", max_held: int | None = DEFAULT_MAX_HELD) -> None:
+        if max_held is not None and max_held < 0:
+            raise ConfigError("max_held cannot be negative", where="max_held")
+        self.name = name
+        self.max_held = max_held  # None: unbounded
+        self.closed = False
+        self.inflight = 0  # admitted and not yet left (held requests are not counted)
+        self._held: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._drained: asyncio.Future[None] | None = None  # exists only while draining
+
+    @property
+    def held(self) -> int:
+        """Requests waiting for :meth:`open`."""
+        return len(self._held)
+
+    async def admit(self) -> None:
+        """Enter a closed gate: wait for :meth:`open` (counted in flight once released).
+
+        Raises BlockError(EAGAIN) if ``max_held`` requests already wait.  Call only when
+        ``closed`` (the open fast path is ``inflight += 1``); it also works when open.
+        """
+        if not self.closed:
+            self.inflight += 1
+            return
+        if self.max_held is not None and len(self._held) >= self.max_held:
+            msg = f"{self.name or 'device'} is suspended with {len(self._held)} requests held"
+            raise BlockError(errno.EAGAIN, msg)
+        fut = asyncio.get_running_loop().create_future()
+        self._held.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.leave()  # released (counted in flight) but cancelled before running
+            elif fut in self._held:
+                self._held.remove(fut)
+            raise
+
+    def leave(self) -> None:
+        """A request admitted by the gate completed (successfully or not)."""
+        self.inflight -= 1
+        if self.inflight == 0 and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def close(self) -> None:
+        """Stop admitting; return once nothing is in flight.
+
+        Raises ConfigError if already closed.  If cancelled while draining, the gate
+        opens again (held requests are released) and the cancellation propagates.
+        """
+        if self.closed:
+            raise ConfigError(f"{self.name or 'device'} is already suspended")
+        self.closed = True
+        if self.inflight == 0:
+            return
+        self._drained = asyncio.get_running_loop().create_future()
+        try:
+            await self._drained
+        except asyncio.CancelledError:
+            self.open()
+            raise
+        finally:
+            self._drained = None
+
+    def open(self) -> None:
+        """Admit again; release held requests in arrival order.  Idempotent."""
+        self.closed = False
+        held = self._held
+        while held:
+            fut = held.popleft()
+            if not fut.done():
+                self.inflight += 1
+                fut.set_result(None)
+
+
+class GateDevice(BlockDevice):
+    """``inner`` behind a :class:`Gate`: a pass-through that counts its I/O and can be
+    suspended (drain, then hold new requests), swapped and resumed.
+
+    ``max_held`` bounds the requests held while suspended (None: unbounded).
+    """
+
+    def __init__(
+        self, inner: BlockDevice, *, name: str = "", max_held: int | None = DEFAULT_MAX_HELD
+    ) -> None:
+        self.inner = inner
+        self.name = name or inner.name
+        self.counters = IOCounters()
+        self._gate = Gate(name=self.describe(), max_held=max_held)
+
+    def describe(self) -> str:
+        """How errors name this gate."""
+        return f"array {self.name!r}"
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return self.inner.size
+
+    @property
+    def caps(self) -> Capabilities:  # type: ignore[override]
+        return self.inner.caps
+
+    @property
+    def suspended(self) -> bool:
+        """True between :meth:`suspend` (even while it drains) and :meth:`resume`."""
+        return self._gate.closed
+
+    @property
+    def held(self) -> int:
+        """Requests waiting for :meth:`resume`."""
+        return self._gate.held
+
+    @property
+    def inflight(self) -> int:
+        """Requests running on the device inside."""
+        return self._gate.inflight
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    # -- suspend / swap / resume -------------------------------------------------------
+
+    async def suspend(self) -> None:
+        """Hold new requests; return when none is in flight any more.
+
+        Raises ConfigError if already suspended.  Cancelled while draining (e.g. by a
+        timeout around it), it is resumed again and nothing was held for good.
+        """
+        await self._gate.close()
+
+    def resume(self) -> None:
+        """Release held requests in arrival order.  Raises ConfigError if not suspended."""
+        if not self._gate.closed:
+            raise ConfigError(f"{self.describe()} is not suspended")
+        self._gate.open()
+
+    def swap(self, new: BlockDevice, *, min_size: int = 0) -> BlockDevice:
+        """Put ``new`` (already open) inside; return the old device (not closed).
+
+        Only while suspended and drained (after :meth:`suspend` returned), and ``new``
+        must hold at least ``min_size`` bytes: raises ConfigError otherwise.  Held
+        requests go to ``new`` on :meth:`resume`.
+        """
+        if not self._gate.closed or self._gate.inflight:
+            raise ConfigError(f"{self.describe()} must be suspended to swap its device")
+        if new.size < min_size:
+            msg = f"{new.name or 'new device'!r} ({new.size} bytes) is smaller than {min_size}"
+            raise ConfigError(msg, where=self.name)
+        old, self.inner = self.inner, new
+        return old
+
+    async def reconfigure(self, change: Callable[[], Awaitable[None] | None]) -> None:
+        """suspend -> ``change()`` -> resume, resuming even if ``change`` fails."""
+        await self.suspend()
+        try:
+            result = change()
+            if result is not None:
+                await result
+        finally:
+            self.resume()
+
+    # -- I/O ---------------------------------------------------------------------------
+
+    def _error(self, exc: BlockError) -> BlockError:
+        self.counters.errors += 1
+        return exc
+
+    async def _through(self, op: Callable[[BlockDevice], Awaitable[T]]) -> T:
+        """Run ``op`` on the device inside, through the gate, counting its errors."""
+        g = self._gate
+        if g.closed:
+            try:
+                await g.admit()
+            except BlockError as exc:
+                raise self._error(exc) from None
+        else:
+            g.inflight += 1
+        try:
+            return await op(self.inner)
+        except BlockError as exc:
+            raise self._error(exc) from None
+        finally:
+            g.leave()
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        c = self.counters
+        c.reads += 1
+        c.read_bytes += length
+        return await self._through(lambda d: d.read(offset, length))
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        c = self.counters
+        c.writes += 1
+        c.write_bytes += len(data)
+        await self._through(lambda d: d.write(offset, data, fua=fua))
+
+    def _finisher(self, done: Done) -> Done:
+        g = self._gate
+
+        def fin(exc: BaseException | None, value: Any) -> None:
+            g.leave()
+            if isinstance(exc, BlockError):
+                self.counters.errors += 1
+            done(exc, value)
+
+        return fin
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        g = self._gate
+        if g.closed:
+            return None
+        g.inflight += 1
+        cancel = self.inner.submit_read(offset, length, self._finisher(done))
+        if cancel is None:
+            g.leave()
+            return None
+        c = self.counters
+        c.reads += 1
+        c.read_bytes += length
+        return cancel
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        g = self._gate
+        if g.closed:
+            return None
+        g.inflight += 1
+        cancel = self.inner.submit_write(offset, data, fua, self._finisher(done))
+        if cancel is None:
+            g.leave()
+            return None
+        c = self.counters
+        c.writes += 1
+        c.write_bytes += len(data)
+        return cancel
+
+    async def flush(self) -> None:
+        self.counters.flushes += 1
+        await self._through(lambda d: d.flush())
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self.counters.trims += 1
+        await self._through(lambda d: d.trim(offset, length, fua=fua))
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        fua: bool = False,
+        punch: bool = False,
+        fast: bool = False,
+    ) -> None:
+        self.counters.zeroes += 1
+        await self._through(
+            lambda d: d.write_zeroes(offset, length, fua=fua, punch=punch, fast=fast)
+        )
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._through(lambda d: d.cache(offset, length))
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        return await self._through(lambda d: d.block_status(offset, length))
+
+    # -- status ------------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        return self.inner.spec()
+
+    def health(self) -> Health:
+        return self.inner.health()
+
+    def children(self) -> Sequence[BlockDevice]:
+        return (self.inner,)
