@@ -121,10 +121,6 @@ def _bare_mirror(ctx: Context, mode: str) -> Iterator[str]:
         yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///bench?socket={sock}", log))
 
 
-def start_mirror_plain(ctx: Context) -> contextlib.AbstractContextManager[str]:
-    return _bare_mirror(ctx, "plain")
-
-
 def start_mirror_memory(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _bare_mirror(ctx, "memory")
 
@@ -181,13 +177,6 @@ ARRAY_TARGETS: list[Target] = [
     Target("dst-stripe", start_stripe, (), f"dst daemon: stripe of {_LEGS_NOTE}", prepare_legs),
     Target("dst-mirror", start_mirror, (), f"dst daemon: mirror of {_LEGS_NOTE}", prepare_legs),
     Target(
-        "dst-mirror-plain",
-        start_mirror_plain,
-        (),
-        f"bench/mirror_serve.py: untracked mirror of {_LEGS_NOTE}",
-        prepare_legs,
-    ),
-    Target(
         "dst-mirror-memory",
         start_mirror_memory,
         (),
@@ -213,8 +202,7 @@ ALL_TARGETS = TARGETS + ARRAY_TARGETS
 DEFAULT_TARGETS = ["nbdkit", "dst-linear", "dst-stripe", "dst-mirror", "qemu-quorum"]
 RATIOS = [
     "dst-mirror/qemu-quorum",
-    "dst-mirror-meta/dst-mirror-plain",
-    "dst-mirror-memory/dst-mirror-plain",
+    "dst-mirror-meta/dst-mirror-memory",
     "dst-mirror/nbdkit",
     "dst-stripe/nbdkit",
     "dst-linear/nbdkit",
@@ -225,7 +213,7 @@ EPILOG = (
     "  python bench/arrays.py --quick                          # sanity run\n"
     "  python bench/arrays.py --targets dst-mirror qemu-quorum --workloads randwrite-4k-qd32\n"
     "  python bench/arrays.py --targets dst dst-mirror --ratio dst-mirror/dst\n"
-    "  python bench/arrays.py --targets dst-mirror-plain dst-mirror-meta \\\n"
+    "  python bench/arrays.py --targets dst-mirror-memory dst-mirror-meta \\\n"
     "      --workloads randwrite-4k-qd32          # the write-intent bitmap's cost\n"
 )
 

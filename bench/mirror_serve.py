@@ -3,15 +3,14 @@
 
 Theory of operation
 -------------------
-``bench/arrays.py``'s ``dst-mirror-plain`` and ``dst-mirror-meta`` targets run this
+``bench/arrays.py``'s ``dst-mirror-memory`` and ``dst-mirror-meta`` targets run this
 instead of ``dst daemon``: the same NBD server, client, remote legs and mirror data path
-as the daemon, without its control plane (member wrappers, switch), so that the only
-difference between the two targets is the mirror's mode:
+as the daemon, without its control plane (node gates, the array root), so that the only
+difference between the two targets is the mirror's dirty log:
 
-* ``--mode plain``: no region tracking (``MirrorDevice(legs)``);
-* ``--mode memory``: region tracking in memory only (``region_size=64 KiB``);
-* ``--mode meta``: tracking with the on-disk write-intent bitmap (``metadata=True``),
-  the mode ``dst up`` and the daemon run.
+* ``--mode memory``: region state in memory only (the core log);
+* ``--mode meta``: the on-disk write-intent bitmap (``metadata=True``), the mode
+  ``dst up`` and the daemon run.
 
 Every mode gets the daemon's leg timeout.  Stops cleanly (metadata marked clean) on
 SIGTERM/SIGINT.  Not a user tool: ``python bench/mirror_serve.py --help``.
@@ -25,7 +24,6 @@ import signal
 import sys
 
 from dst.array.spec import DEFAULT_LEG_TIMEOUT
-from dst.meta.layout import DEFAULT_REGION_SIZE
 from dst.net.address import parse_address
 from dst.net.loop import run
 from dst.net.server import NbdServer
@@ -35,11 +33,7 @@ from dst.targets.remote import RemoteDevice
 
 def mirror(mode: str, uris: list[str]) -> MirrorDevice:
     legs = [RemoteDevice(parse_address(u), name=f"n{i}") for i, u in enumerate(uris)]
-    if mode == "plain":
-        return MirrorDevice(legs, leg_timeout=DEFAULT_LEG_TIMEOUT)
-    if mode == "memory":
-        return MirrorDevice(legs, region_size=DEFAULT_REGION_SIZE, leg_timeout=DEFAULT_LEG_TIMEOUT)
-    return MirrorDevice(legs, metadata=True, leg_timeout=DEFAULT_LEG_TIMEOUT)
+    return MirrorDevice(legs, metadata=mode == "meta", leg_timeout=DEFAULT_LEG_TIMEOUT)
 
 
 async def serve(mode: str, listen: str, export: str, uris: list[str]) -> None:
@@ -60,7 +54,7 @@ async def serve(mode: str, listen: str, export: str, uris: list[str]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=["plain", "memory", "meta"], required=True)
+    p.add_argument("--mode", choices=["memory", "meta"], required=True)
     p.add_argument("--listen", required=True, help="e.g. unix:/tmp/m.sock")
     p.add_argument("--export", default="bench")
     p.add_argument("uris", nargs="+", help="the legs' NBD URIs")

@@ -12,6 +12,7 @@ import pytest
 from dst.net.address import Address
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
+from tests.support.fastpath import Disk
 
 
 @pytest.fixture
@@ -34,3 +35,17 @@ async def nbd_memory(sock_dir: Path) -> AsyncIterator[tuple[NbdServer, Address, 
         yield server, address, device
     finally:
         await server.close(timeout=5)
+
+
+@pytest.fixture
+async def served(sock_dir: Path) -> AsyncIterator[tuple[NbdServer, Address, Disk]]:
+    """An NbdServer exporting a 1 MiB :class:`Disk` (the server takes its fast path first)."""
+    disk = Disk(1 << 20, name="served")
+    server = NbdServer({"": disk})
+    (address,) = await server.start(f"unix:{sock_dir / 'fp.sock'}")
+    assert isinstance(address, Address)
+    try:
+        yield server, address, disk
+    finally:
+        disk.finish_all()
+        await server.close(timeout=1)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.pattern_client import BLOCK, Op, PatternClient, compare, window
 
 from dst.meta.layout import layout_for, member_size_for
+from tests.support.pattern_client import BLOCK, Op, PatternClient, compare, window
 
 from .arrays import (
     check_ext4_image,

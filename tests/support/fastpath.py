@@ -19,6 +19,8 @@ from dst.device import BlockDevice, Buffer, Cancel, Done
 from dst.errors import BlockError
 from dst.net.client import NbdClient
 from dst.targets.memory import MemoryDevice
+from dst.targets.mirror import MirrorDevice
+from dst.targets.mirror.disklog import DiskLog
 
 Mode = Literal["async", "sync", "manual", "refuse"]
 Outcome = tuple[BaseException | None, Any]
@@ -181,3 +183,10 @@ async def until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> No
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.002)
+
+
+def disk_log(m: MirrorDevice) -> DiskLog:
+    """The dirty log of a mirror with metadata."""
+    log = m.log
+    assert isinstance(log, DiskLog)
+    return log

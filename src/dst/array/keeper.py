@@ -38,9 +38,8 @@ from dst.array.resync import Resyncer, VerifyReport, verify
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
 from dst.meta.superblock import MetadataError
-from dst.targets.intent import LegState
 from dst.targets.member import Member
-from dst.targets.mirror import MirrorDevice
+from dst.targets.mirror import LegState, MirrorDevice
 from dst.targets.remote import RemoteDevice
 
 log = logging.getLogger(__name__)
@@ -101,8 +100,6 @@ class MirrorKeeper:
         retry_min: float = RETRY_MIN,
         retry_max: float = RETRY_MAX,
     ) -> None:
-        if mirror.intent is None:
-            raise ConfigError("the mirror has no region tracking", where="region_size")
         self.mirror = mirror
         self.resyncer = Resyncer(mirror, max_rate=max_rate, min_rate=min_rate)
         self.manual: set[int] = set()  # failed by the operator: no automatic re-add
@@ -311,7 +308,7 @@ def keepers(root: BlockDevice, spec_rates: Callable[[str], tuple[int, int]]) -> 
     stack = [root]
     while stack:
         dev = stack.pop()
-        if isinstance(dev, MirrorDevice) and dev.intent is not None:
+        if isinstance(dev, MirrorDevice):
             hi, lo = spec_rates(dev.name)
             out.append(MirrorKeeper(dev, max_rate=hi or None, min_rate=lo or None))
         stack.extend(dev.children())

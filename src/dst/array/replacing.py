@@ -34,14 +34,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from dst.array.resync import RateLimit, Resyncer
+from dst.array.resync import Resyncer
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
 from dst.meta.superblock import MetadataError
+from dst.targets.copier import RateLimit
 from dst.targets.gate import GateDevice
-from dst.targets.intent import LegState
 from dst.targets.linear import LinearDevice
-from dst.targets.mirror import Leg, MirrorDevice
+from dst.targets.mirror import Leg, LegState, MirrorDevice
 from dst.targets.replace import ReplaceDevice
 from dst.targets.stripe import StripeDevice
 
@@ -161,33 +161,36 @@ class ReplaceJob:
     # -- the work --------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Copy, then finish; or undo, and only then say how it ended (a replace that
+        is still being undone is still running: no other one may start)."""
+        outcome = "finished"
         try:
             if self._rep is not None:
-                await self._run_copy(self._rep)
+                outcome = await self._run_copy(self._rep)
             else:
                 await self._run_leg()
         except asyncio.CancelledError:
             if not self._cancelled:
                 self.state = "failed"  # the array is stopping
                 raise
-            self.state = "cancelled"
+            outcome = "cancelled"
         except (BlockError, ConfigError, MetadataError) as exc:
-            self.state, self.error = "failed", str(exc)
+            outcome, self.error = "failed", str(exc)
             log.error("replace of %s by %s failed: %s", self.old.name, self.new.name, exc)
         finally:
-            if self.state != "finished":
+            if outcome != "finished" or self.state == "failed":
                 await self._undo()
+        self.state = outcome
         self._on_finished(self)
 
-    async def _run_copy(self, rep: ReplaceDevice) -> None:
+    async def _run_copy(self, rep: ReplaceDevice) -> str:
         await rep.run()
         if rep.state != "done":
-            self.state = rep.state
-            return
+            return rep.state
         await self._swap(rep, rep.take_new())
         await self.old.close()
-        self.state = "finished"
         log.info("replace of %s by %s finished", self.old.name, self.new.name)
+        return "finished"
 
     async def _run_leg(self) -> None:
         mirror = self.parent
@@ -204,7 +207,6 @@ class ReplaceJob:
         self._release_limit()
         with contextlib.suppress(BlockError, OSError):
             await self.old.close()
-        self.state = "finished"
         log.info("replace of leg %s by %s finished", self.old.name, self.new.name)
 
     async def _undo(self) -> None:

@@ -13,15 +13,16 @@ failure) are copied in a further pass; a target that misses nothing becomes a fu
 member (:meth:`~dst.targets.mirror.MirrorDevice.resync_done`: it adopts the current
 generation; when every leg is in sync the bitmap generation is cleared).
 
-Pacing (MD's ``speed_limit_min``/``max``): :class:`RateLimit` lets the copy run at
-``max_rate`` bytes per second while the array is idle and at ``min_rate`` while
-foreground requests arrive; both can be changed while it runs (0/None: unlimited).
-One leg may have a limit of its own (``leg_limits``: the new leg of a ``dst replace
+The copy engine is the shared region copier (:class:`dst.targets.copier.Copier`, paced
+by its :class:`~dst.targets.copier.RateLimit`: ``max_rate`` bytes per second while the
+array is idle, ``min_rate`` while foreground requests arrive).  One leg may have a
+limit of its own (``leg_limits``: the new leg of a ``dst replace
 --rate``): the copies to it are paced by that limit instead of the mirror's, and a
 region copied to several legs at once waits for each of their limits.
 
 Restarts: every ``checkpoint_interval`` seconds the position is persisted
-(``resync_pos`` in the superblocks, see :meth:`dst.targets.intent.IntentLog.set_resync_pos`);
+(``resync_pos`` in the superblocks, see
+:meth:`dst.targets.mirror.dirtylog.DirtyLog.set_resync_pos`);
 a full resync interrupted by a daemon restart resumes there, a delta resync restarts
 from the persisted bitmap, which only still holds the regions not yet copied.
 
@@ -33,81 +34,18 @@ from the persisted bitmap, which only still holds the regions not yet copied.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dst.device import BlockDevice
-from dst.errors import BlockError, ConfigError
-from dst.targets.intent import LegState
-from dst.targets.mirror import MirrorDevice
+from dst.errors import ConfigError
+from dst.targets.copier import Copier, RateLimit
+from dst.targets.mirror import LegState, MirrorDevice
 
 log = logging.getLogger(__name__)
 DEFAULT_DEPTH = 8  # regions a resync copies at once
-RATE_WINDOW = 5.0  # seconds of history behind the reported rate
-
-
-class RateLimit:
-    """Paces a copy: ``max_rate`` bytes/s when idle, ``min_rate`` under load."""
-
-    def __init__(self, *, max_rate: float | None = None, min_rate: float | None = None) -> None:
-        self.max_rate = max_rate
-        self.min_rate = min_rate
-        self._next = 0.0
-        self._changed = asyncio.Event()
-
-    def set(self, *, max_rate: float | None = None, min_rate: float | None = None) -> None:
-        """Change the limits now (0 or None: unlimited); a waiting copy re-plans."""
-        for v in (max_rate, min_rate):
-            if v is not None and v < 0:
-                raise ConfigError("a rate cannot be negative", where="rate")
-        self.max_rate, self.min_rate = max_rate, min_rate
-        self._next = 0.0
-        self._changed.set()
-
-    def rate(self, busy: bool) -> float | None:
-        if busy and self.min_rate:
-            return self.min_rate
-        return self.max_rate or None
-
-    async def pace(self, nbytes: int, busy: bool) -> None:
-        """Account ``nbytes`` about to be copied; sleep to stay under the rate."""
-        while True:
-            rate = self.rate(busy)
-            now = time.monotonic()
-            if rate is None:
-                self._next = now
-                return
-            start = max(self._next, now)
-            if start <= now:
-                self._next = start + nbytes / rate
-                return
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), start - now)
-
-
-@dataclass(slots=True)
-class _Meter:
-    """Bytes per second over the last RATE_WINDOW seconds."""
-
-    samples: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
-
-    def add(self, nbytes: int) -> None:
-        now = time.monotonic()
-        self.samples.append((now, nbytes))
-        while self.samples and self.samples[0][0] < now - RATE_WINDOW:
-            self.samples.popleft()
-
-    def rate(self) -> float:
-        if len(self.samples) < 2:
-            return 0.0
-        span = max(time.monotonic() - self.samples[0][0], 1e-3)
-        return sum(n for _, n in self.samples) / span
 
 
 class Resync:
@@ -126,39 +64,56 @@ class Resync:
         checkpoint_interval: float = 1.0,
         depth: int = DEFAULT_DEPTH,
     ) -> None:
-        if mirror.intent is None:
-            raise ConfigError("the mirror has no region tracking", where="region_size")
         self.mirror = mirror
-        self.intent = mirror.intent
+        self.regions = mirror.regions
         self.wanted = None if targets is None else set(targets)
         self.limit = limit or RateLimit()
         # The caller's mapping itself, not a copy: a leg's limit may come and go.
         self.leg_limits: Mapping[BlockDevice, RateLimit] = {} if leg_limits is None else leg_limits
         self.checkpoint_interval = checkpoint_interval
         self.depth = max(1, depth)  # regions copied at once
-        self.state = "pending"
         self.targets: list[int] = []
-        self.done = 0
-        self.total = 0
-        self.bytes = 0
-        self.errors = 0
-        self.position = 0
-        self.started = 0.0
-        self.finished = 0.0
-        self._meter = _Meter()
-        self.advanced = asyncio.Event()  # set after every region (status watchers)
+        self.copier = Copier(
+            name=f"{mirror.name}: resync",
+            depth=depth,
+            pace=self._pace,
+            checkpoint=self._checkpoint,
+            interval=checkpoint_interval,
+        )
+        self._last_ops = mirror.io_ops
+
+    @property
+    def state(self) -> str:
+        return self.copier.state
+
+    @property
+    def done(self) -> int:
+        return self.copier.done
+
+    @property
+    def bytes(self) -> int:
+        return self.copier.bytes
+
+    @property
+    def errors(self) -> int:
+        return self.copier.errors
+
+    @property
+    def advanced(self) -> asyncio.Event:
+        """Set after every region (status watchers)."""
+        return self.copier.advanced
 
     def _targets(self) -> list[int]:
-        il = self.intent
+        rh = self.regions
         return [
             i
-            for i in sorted(il.attached)
-            if il.missing(i) and (self.wanted is None or i in self.wanted)
+            for i in sorted(rh.attached)
+            if rh.missing(i) and (self.wanted is None or i in self.wanted)
         ]
 
     def _todo(self, targets: Sequence[int]) -> Iterator[int]:
         """Regions some target misses, in increasing order (one bitmap page at a time)."""
-        oos = self.intent.tracker.oos
+        oos = self.regions.tracker.oos
         bm = oos[0]
         for p in range(bm.npages):
             value = 0
@@ -190,83 +145,58 @@ class Resync:
         Up to ``depth`` regions are copied at once (each under its own range and
         resync locks), in increasing order; the persisted resync position is the
         lowest region still being copied, so a restart redoes nothing that is not done.
+        A pass that could not copy some region ends the resync (state ``failed``; a
+        later resync retries) rather than spinning on it.
         """
-        self.state, self.started = "running", time.monotonic()
-        last_ops = self.mirror.io_ops
-        checkpoint_at = self.started + self.checkpoint_interval
-        inflight: dict[asyncio.Task[None], int] = {}
-        try:
-            while targets := self._targets():
-                self.targets = targets
-                self.total = self.done + self._count(targets)
-                errors = self.errors
-                for r in self._todo(targets):
-                    targets = [t for t in targets if t in self.intent.attached]
-                    if not targets:
-                        break
-                    self.position = r
-                    busy, last_ops = self.mirror.io_ops != last_ops, self.mirror.io_ops
-                    _, n = self.mirror.region_range(r)
-                    for limit, legs in self._limits(targets).items():
-                        await limit.pace(n * legs, busy)
-                    if time.monotonic() >= checkpoint_at:
-                        low = min(inflight.values(), default=r)
-                        await self.mirror.resync_checkpoint(low, targets)
-                        checkpoint_at = time.monotonic() + self.checkpoint_interval
-                    task = asyncio.ensure_future(self._copy(r, targets))
-                    inflight[task] = r
-                    if len(inflight) >= self.depth:
-                        done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                        for finished in done:
-                            del inflight[finished]
-                if inflight:
-                    await asyncio.wait(inflight)
-                    inflight.clear()
-                if self.errors > errors:
-                    break  # unreadable regions: do not spin; a later resync retries
-            for t in self.targets:
-                await self.mirror.resync_done(t)
-            await self.mirror.resync_checkpoint(None, self.targets)
-            self.state = "failed" if self.errors else "done"
-        except asyncio.CancelledError:
-            self.state = "stopped"
-            for task in inflight:
-                task.cancel()
-            await asyncio.gather(*inflight, return_exceptions=True)
-            raise
-        finally:
-            self.finished = time.monotonic()
+        copier = self.copier
+        while targets := self._targets():
+            self.targets = targets
+            copier.total = copier.done + self._count(targets)
+            errors = copier.errors
+            await copier.run(self._while_live(targets), self._region_bytes, self._copy)
+            if copier.errors > errors:
+                break  # unreadable regions: do not spin; a later resync retries
+        for t in self.targets:
+            await self.mirror.resync_done(t)
+        await self.mirror.resync_checkpoint(None, self.targets)
+        if copier.state == "pending":
+            copier.state = "done"  # nothing was missing
 
-    async def _copy(self, region: int, targets: Sequence[int]) -> None:
-        try:
-            copied = await self.mirror.resync_region(region, targets)
-        except BlockError as e:
-            log.error("%s: resync of region %d failed: %r", self.mirror.name, region, e)
-            self.errors += 1
-            return
-        self.done += 1
-        self.bytes += copied
-        self._meter.add(copied)
-        self.advanced.set()
+    def _while_live(self, targets: Sequence[int]) -> Iterator[int]:
+        """The regions ``targets`` miss, until none of them is attached any more."""
+        for r in self._todo(targets):
+            if not self._live(targets):
+                return
+            yield r
+
+    def _region_bytes(self, region: int) -> int:
+        return self.mirror.region_range(region)[1]
+
+    async def _pace(self, region: int, nbytes: int) -> None:
+        ops = self.mirror.io_ops
+        busy, self._last_ops = ops != self._last_ops, ops
+        targets = self._live(self.targets)
+        for limit, legs in self._limits(targets).items():
+            await limit.pace(nbytes * legs, busy)
+
+    async def _checkpoint(self, region: int) -> None:
+        await self.mirror.resync_checkpoint(region, self._live(self.targets))
+
+    def _live(self, targets: Sequence[int]) -> list[int]:
+        return [t for t in targets if t in self.regions.attached]
+
+    async def _copy(self, region: int) -> int:
+        targets = self._live(self.targets)
+        if not targets:
+            return 0
+        return await self.mirror.resync_region(region, targets)
 
     def progress(self) -> dict[str, Any]:
         """Status: state, targets, regions done/total, bytes, rate (B/s), ETA (s)."""
-        rate = self._meter.rate()
-        left = max(self.total - self.done, 0)
-        region = self.intent.region_size
-        eta = left * region * max(len(self.targets), 1) / rate if rate and left else None
+        bpr = self.regions.region_size * max(len(self.targets), 1)
         return {
-            "state": self.state,
+            **self.copier.progress(bytes_per_region=bpr),
             "targets": list(self.targets),
-            "regions_done": self.done,
-            "regions_total": self.total,
-            "percent": 100.0 * self.done / self.total if self.total else 100.0,
-            "bytes": self.bytes,
-            "rate": rate,
-            "eta": eta,
-            "position": self.position,
-            "errors": self.errors,
-            "elapsed": (self.finished or time.monotonic()) - self.started if self.started else 0.0,
             "max_rate": self.limit.max_rate,
             "min_rate": self.limit.min_rate,
         }
@@ -373,7 +303,6 @@ async def verify(
     source: int | None = None,
     max_rate: float | None = None,
     min_rate: float | None = None,
-    region_size: int = 64 << 10,
     progress: Callable[[VerifyReport], None] | None = None,
 ) -> VerifyReport:
     """Compare the legs online, region by region; report the regions that differ.
@@ -382,29 +311,34 @@ async def verify(
     leg in sync).  Raises ConfigError if ``source`` is not in sync, BlockError if a leg
     cannot be read.
     """
-    if mirror.intent is not None:
-        region_size = mirror.intent.region_size
     if repair:
         if source is None:
             source = next(x.index for x in mirror.legs if x.state is LegState.IN_SYNC)
         if mirror.legs[source].state is not LegState.IN_SYNC:
             raise ConfigError(f"leg {source} is not in sync", where="source")
     limit = RateLimit(max_rate=max_rate, min_rate=min_rate)
-    report = VerifyReport(regions=-(-mirror.size // region_size))
+    report = VerifyReport(regions=mirror.regions.nregions)
     last_ops = mirror.io_ops
-    for r in range(report.regions):
-        _, n = mirror.region_range(r, region_size)
+
+    async def pace(region: int, nbytes: int) -> None:
+        nonlocal last_ops
         busy, last_ops = mirror.io_ops != last_ops, mirror.io_ops
-        await limit.pace(n, busy)
-        differ = await mirror.verify_region(
-            r, region_size=region_size, repair_from=source if repair else None
-        )
+        await limit.pace(nbytes, busy)
+
+    async def check(region: int) -> int:
+        differ = await mirror.verify_region(region, repair_from=source if repair else None)
+        _, n = mirror.region_range(region)
         report.checked += 1
         report.bytes += n
         if differ:
-            report.mismatched.append(r)
+            report.mismatched.append(region)
             if repair:
-                report.repaired.append(r)
+                report.repaired.append(region)
         if progress is not None:
             progress(report)
+        return n
+
+    copier = Copier(name=f"{mirror.name}: verify", depth=1, pace=pace, stop_on_error=True)
+    copier.total = report.regions
+    await copier.run(range(report.regions), lambda r: mirror.region_range(r)[1], check)
     return report

@@ -34,28 +34,26 @@ Finishing (the caller, with the array root a :class:`~dst.targets.gate.GateDevic
     await old.close()                    # OLD is released
 
 Pacing: ``limit`` is any object with ``async pace(nbytes, busy)``, normally a
-:class:`dst.array.resync.RateLimit` (``busy``: foreground requests arrived since the
-last region).
+:class:`dst.targets.copier.RateLimit` (``busy``: foreground requests arrived since the
+last region).  The copy runs on the shared region copier (:mod:`dst.targets.copier`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from dst.device import BlockDevice, Buffer, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.targets.composite import intersect_caps
+from dst.targets.copier import Copier
 from dst.targets.rangelock import RangeLock
 
 log = logging.getLogger(__name__)
 DEFAULT_REGION = 1 << 20
-RATE_WINDOW = 5.0  # seconds of history behind the reported rate
 Op = Callable[[BlockDevice], Awaitable[None]]
 T = TypeVar("T")
 
@@ -64,7 +62,7 @@ COPY_DEPTH = 4  # regions copied at once
 
 
 class Pacer(Protocol):
-    """What the copy needs of a rate limit (:class:`dst.array.resync.RateLimit`)."""
+    """What the copy needs of a rate limit (:class:`dst.targets.copier.RateLimit`)."""
 
     async def pace(self, nbytes: int, busy: bool) -> None: ...
 
@@ -113,7 +111,8 @@ class ReplaceDevice(BlockDevice):
         self._lock = RangeLock()
         self._task: asyncio.Task[None] | None = None
         self._ops = 0  # foreground requests (the pacer's "busy")
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._paced_ops = 0
+        self._copier = Copier(name=self.name, depth=COPY_DEPTH, pace=self._pace, stop_on_error=True)
 
     # -- control ---------------------------------------------------------------------
 
@@ -168,7 +167,7 @@ class ReplaceDevice(BlockDevice):
 
     def progress(self) -> dict[str, Any]:
         """State, regions done/total, bytes copied and zeroed, rate (B/s), ETA (s)."""
-        rate = self._rate()
+        rate = self._copier.meter.rate()
         left = (self.regions_total - self.regions_done) * self.region_size
         copying = self.state in ("pending", "copying")
         return {
@@ -205,39 +204,29 @@ class ReplaceDevice(BlockDevice):
     # -- the copy --------------------------------------------------------------------
 
     async def _copy_all(self) -> None:
-        """Copy every region, up to ``COPY_DEPTH`` at once (each under its range lock),
-        in increasing order; the first error stops the copy and is raised."""
-        ops = self._ops
-        slots = asyncio.Semaphore(COPY_DEPTH)
-        failure: list[BlockError] = []
+        """Copy every region with the shared copier (up to ``COPY_DEPTH`` at once, each
+        under its range lock, in increasing order); the first error stops the copy and
+        is raised."""
 
-        async def one(start: int, n: int) -> None:
-            try:
-                async with self._lock.hold(start, n):
-                    if not self._mirroring or failure:
-                        return
-                    await self._copy(start, n)
-                self.regions_done += 1
-                self.advanced.set()
-            except BlockError as exc:
-                failure.append(exc)
-            finally:
-                slots.release()
+        async def one(region: int) -> int:
+            start = region * self.region_size
+            n = min(self.region_size, self.size - start)
+            async with self._lock.hold(start, n):
+                if not self._mirroring:
+                    return 0
+                await self._copy(start, n)
+            self.regions_done += 1
+            self.advanced.set()
+            return n
 
-        async with asyncio.TaskGroup() as group:
-            for r in range(self.regions_total):
-                start = r * self.region_size
-                n = min(self.region_size, self.size - start)
-                if self.limit is not None:
-                    busy, ops = self._ops != ops, self._ops
-                    await self.limit.pace(n, busy)
-                await slots.acquire()
-                if not self._mirroring or failure:
-                    slots.release()
-                    break
-                group.create_task(one(start, n))
-        if failure:
-            raise failure[0]
+        copier = self._copier
+        copier.total = self.regions_total
+        await copier.run(range(self.regions_total), lambda r: self.region_size, one)
+
+    async def _pace(self, region: int, nbytes: int) -> None:
+        if self.limit is not None:
+            busy, self._paced_ops = self._ops != self._paced_ops, self._ops
+            await self.limit.pace(nbytes, busy)
 
     async def _copy(self, start: int, n: int) -> None:
         """Copy ``[start, start+n)`` from the source to NEW (holding its range)."""
@@ -252,7 +241,6 @@ class ReplaceDevice(BlockDevice):
             if e.zero:
                 await self._writing(self.new.write_zeroes(pos, length, punch=e.hole))
                 self.bytes_zeroed += length
-                self._sample(length)
             else:
                 await self._copy_data(pos, length)
             pos += length
@@ -263,7 +251,6 @@ class ReplaceDevice(BlockDevice):
         data = await self._reading(self.source.read(pos, length))
         await self._writing(self.new.write(pos, data))
         self.bytes_copied += length
-        self._sample(length)
 
     async def _reading(self, aw: Awaitable[T]) -> T:
         try:
@@ -278,19 +265,6 @@ class ReplaceDevice(BlockDevice):
         except BlockError as exc:
             self._new_failed(exc)
             raise self.error or exc from None
-
-    def _sample(self, nbytes: int) -> None:
-        now = time.monotonic()
-        self._samples.append((now, nbytes))
-        while self._samples and self._samples[0][0] < now - RATE_WINDOW:
-            self._samples.popleft()
-
-    def _rate(self) -> float:
-        s = self._samples
-        if len(s) < 2:
-            return 0.0
-        span = max(time.monotonic() - s[0][0], 1e-3)
-        return sum(n for _, n in s) / span
 
     # -- I/O -------------------------------------------------------------------------
 

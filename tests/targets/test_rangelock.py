@@ -62,3 +62,48 @@ async def test_cancelled_waiter_does_not_disturb_others() -> None:
     await t2
     lock.release(w2)
     assert len(lock) == 0
+
+
+async def test_range_lock_orders_overlaps_only() -> None:
+    lock = RangeLock()
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold(name: str, off: int, n: int, wait: bool = False) -> None:
+        async with lock.hold(off, n):
+            order.append(name + "+")
+            if wait:
+                await gate.wait()
+            order.append(name + "-")
+
+    a = asyncio.ensure_future(hold("a", 0, 10, wait=True))
+    b = asyncio.ensure_future(hold("b", 5, 10))  # overlaps a: waits
+    c = asyncio.ensure_future(hold("c", 10, 10))  # overlaps b only... and waits for it
+    d = asyncio.ensure_future(hold("d", 100, 10))  # independent
+    await d
+    assert order == ["a+", "d+", "d-"]
+    gate.set()
+    await asyncio.gather(a, b, c)
+    assert order == ["a+", "d+", "d-", "a-", "b+", "b-", "c+", "c-"]
+    assert len(lock) == 0
+
+
+async def test_range_lock_cancelled_waiter_releases() -> None:
+    lock = RangeLock()
+    gate = asyncio.Event()
+
+    async def holder() -> None:
+        async with lock.hold(0, 10):
+            await gate.wait()
+
+    h = asyncio.ensure_future(holder())
+    await asyncio.sleep(0)
+    w = asyncio.ensure_future(holder())
+    await asyncio.sleep(0)
+    w.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w
+    assert len(lock) == 1
+    gate.set()
+    await h
+    assert len(lock) == 0

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.support.proxy import CuttableProxy
 
 from dst.errors import BlockError
 from dst.net.address import Address, parse_address
@@ -24,6 +24,8 @@ from dst.net.client import NbdClient
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
 from dst.targets.remote import RemoteDevice, backoff_delay
+from tests.support.fastpath import Completion, Disk, submit, until
+from tests.support.proxy import CuttableProxy
 
 SIZE = 4 << 20
 BLOCK = 64 << 10
@@ -63,14 +65,6 @@ def remote(address: Address, io_timeout: float | None, **kw: float) -> RemoteDev
         backoff_max=kw.get("backoff_max", 0.1),
         rng=random.Random(7),
     )
-
-
-async def until(cond: Callable[[], bool], what: str) -> None:
-    """Poll ``cond`` (cheap, in-process state) until it holds, for up to 10 s."""
-    deadline = time.monotonic() + 10.0
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 def pattern(writer: int, generation: int, block: int) -> bytes:
@@ -312,3 +306,73 @@ async def test_replay_when_served_over_nbd(rig: Rig, sock_dir: Path) -> None:
         await client.close()
         await front.close(timeout=5)
         await dev.close()
+
+
+# -- the callback fast path -----------------------------------------------------------------------
+
+
+async def test_remote_replays_a_request_caught_by_a_connection_loss(
+    served: tuple[NbdServer, Address, Disk],
+) -> None:
+    server, address, disk = served
+    r = remote(address, io_timeout=5)
+    await r.open()
+    data = os.urandom(8192)
+    await submit(r, "write", 0, data, False)
+    assert disk.data[:8192] == data
+    disk.hang = True
+    done = Completion()
+    assert r.submit_read(0, 8192, done) is not None
+    await until(lambda: len(disk.taken) == 2, "the read at the server")
+    disk.hang = False
+    for conn in list(server.connections):
+        conn.abort()
+    assert await done.result() == data  # replayed on the new connection
+    assert len(disk.taken) == 3
+    await submit(r, "write", 8192, data, False)  # and the fast path is back
+    assert disk.data[8192 : 2 * 8192] == data
+    await r.close()
+
+
+async def test_remote_without_waiting_fails_a_lost_request_with_eio(
+    served: tuple[NbdServer, Address, Disk],
+) -> None:
+    server, address, disk = served
+    r = RemoteDevice(address, name="node")  # no reconnect: fail at once
+    await r.open()
+    disk.hang = True
+    done = Completion()
+    assert r.submit_write(0, b"e" * 4096, False, done) is not None
+    await until(lambda: len(disk.taken) == 1, "the write at the server")
+    for conn in list(server.connections):
+        conn.abort()
+    exc, _ = await done.wait()
+    assert isinstance(exc, BlockError) and exc.errno == errno.EIO
+    assert r.submit_read(0, 4096, Completion()) is None  # no connection: not taken
+    await r.close()
+
+
+async def test_remote_cancel_reaches_the_replay(
+    served: tuple[NbdServer, Address, Disk],
+) -> None:
+    """The canceller a remote member returned must still work once the request went on
+    as a replay waiting for a reconnect (the device contract: ``done`` comes soon)."""
+    server, address, disk = served
+    r = remote(address, io_timeout=10)
+    await r.open()
+    ups: list[bool] = []
+    r.subscribe(ups.append)
+    disk.hang = True
+    done = Completion()
+    cancel = r.submit_read(0, 4096, done)
+    assert cancel is not None
+    await until(lambda: len(disk.taken) == 1, "the read at the server")
+    await server.close(timeout=0)  # gone for good: the replay waits for a reconnect
+    await until(lambda: ups == [False], "the loss to be noticed")
+    assert done.calls == []
+    cancel()
+    try:
+        exc, _ = await done.wait(timeout=1)
+        assert isinstance(exc, asyncio.CancelledError)
+    finally:
+        await r.close()

@@ -29,7 +29,7 @@ from dst.array.specfile import load_spec, spec_from_toml
 from dst.errors import ConfigError
 from dst.net.address import Address
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.toml"))
 
 BASE = """\
 [array]

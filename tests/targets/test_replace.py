@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dst.array.resync import RateLimit
 from dst.device import BlockDevice, Buffer, Capabilities, Extent
 from dst.errors import BlockError, ConfigError
+from dst.targets.copier import RateLimit
 from dst.targets.fault import FaultDevice
 from dst.targets.gate import GateDevice
 from dst.targets.linear import LinearDevice

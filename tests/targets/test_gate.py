@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 
 import pytest
 
 from dst.device import Buffer
 from dst.errors import BlockError
 from dst.targets.gate import GateDevice
+from dst.targets.member import Member
 from dst.targets.memory import MemoryDevice
+from tests.support.fastpath import Completion, Disk, submit
 
 
 class SlowWrites(MemoryDevice):
@@ -112,3 +115,89 @@ async def test_root_bounds_held_requests() -> None:
     assert err.value.errno == errno.EAGAIN and "arr" in err.value.message
     sw.resume()
     await asyncio.gather(*held)
+
+
+pytestmark = pytest.mark.timeout(30)
+SIZE = 1 << 20
+
+
+# -- gates --------------------------------------------------------------------------------
+
+
+async def test_member_gate_counts_drains_and_refuses_while_suspended() -> None:
+    disk = Disk(SIZE, mode="manual")
+    member = Member(disk, name="n0", kind="memory", where="mem")
+    await member.open()
+    data = os.urandom(8192)
+    c = Completion()
+    assert member.submit_write(0, data, False, c) is not None
+    assert member.inflight == 1
+    assert (member.counters.writes, member.counters.write_bytes) == (1, 8192)
+    suspending = asyncio.ensure_future(member.suspend())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not suspending.done()  # the drain waits for the fast request too
+    assert member.submit_read(0, 4096, Completion()) is None  # suspended: refused
+    assert member.counters.reads == 0 and member.inflight == 1
+    disk.release()
+    await asyncio.wait_for(suspending, 5)
+    assert await c.result() is None and member.inflight == 0
+    assert disk.data[:8192] == data
+    member.resume()
+    disk.mode = "async"
+    disk.fail_reads = errno.EIO
+    c = Completion()
+    assert member.submit_read(0, 4096, c) is not None
+    exc, _ = await c.wait()
+    assert isinstance(exc, BlockError) and exc.errno == errno.EIO
+    assert (member.counters.reads, member.counters.errors, member.inflight) == (1, 1, 0)
+    disk.fail_reads = 0
+    disk.hang = True
+    c = Completion()
+    cancel = member.submit_read(0, 4096, c)
+    assert cancel is not None and member.inflight == 1
+    cancel()
+    assert isinstance(c.calls[0][0], asyncio.CancelledError)
+    assert (member.counters.errors, member.inflight) == (1, 0)  # a cancel is no error
+    disk.hang = False
+    disk.mode = "refuse"
+    assert member.submit_write(0, data, False, Completion()) is None
+    assert (member.counters.writes, member.inflight) == (1, 0)  # nothing counted
+    disk.mode = "sync"
+    assert await submit(member, "read", 0, 8192) == data
+    assert member.counters.reads == 3  # the failed and the cancelled one too
+
+
+async def test_root_switch_refuses_while_suspended_and_drains_fast_requests() -> None:
+    disk = Disk(SIZE, mode="manual")
+    member = Member(disk, name="n0", kind="memory", where="mem")
+    root = GateDevice(member)
+    await root.open()
+    data = os.urandom(4096)
+    c = Completion()
+    assert root.submit_write(4096, data, False, c) is not None
+    suspending = asyncio.ensure_future(root.suspend())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not suspending.done()
+    assert root.submit_write(0, data, False, Completion()) is None
+    assert root.submit_read(0, 4096, Completion()) is None
+    assert len(disk.taken) == 1
+    disk.release()
+    await asyncio.wait_for(suspending, 5)
+    assert await c.result() is None and disk.data[4096:8192] == data
+    root.resume()
+    # failures and refusals below give the in-flight count back: suspend returns at once
+    disk.mode = "async"
+    disk.fail_writes = errno.ENOSPC
+    c = Completion()
+    assert root.submit_write(0, data, False, c) is not None
+    exc, _ = await c.wait()
+    assert isinstance(exc, BlockError) and exc.errno == errno.ENOSPC
+    disk.mode = "refuse"
+    assert root.submit_read(0, 4096, Completion()) is None
+    await asyncio.wait_for(root.suspend(), 1)
+    root.resume()
+    assert member.inflight == 0 and member.counters.errors == 1
+    disk.mode = "sync"
+    assert await submit(root, "read", 4096, 4096) == data

@@ -13,6 +13,7 @@ import pytest
 from dst.device import Extent
 from dst.errors import BlockError, ConfigError
 from dst.targets.file import FileDevice
+from tests.support.fastpath import Completion, submit
 
 MiB = 1 << 20
 
@@ -192,3 +193,47 @@ async def test_short_read_and_write_are_looped(dev: FileDevice) -> None:
         await dev.write(10, data)
     with mock.patch("os.pread", half_pread):
         assert await dev.read(10, 1000) == data
+
+
+pytestmark = pytest.mark.timeout(30)
+SIZE = 1 << 20
+
+
+# -- file device ---------------------------------------------------------------------------
+
+
+async def test_file_device_fast_path(tmp_path: Path) -> None:
+    path = tmp_path / "f.img"
+    f = FileDevice(path, size=SIZE, create=True)
+    await f.open()
+    data = os.urandom(12288)
+    c = Completion()
+    assert f.submit_write(4096, data, False, c) is not None
+    assert c.calls == [(None, None)]  # synchronous: done before returning
+    assert path.read_bytes()[4096 : 4096 + len(data)] == data
+    c = Completion()
+    assert f.submit_read(4096, len(data), c) is not None
+    assert c.calls == [(None, data)]
+    assert f.submit_write(0, data, True, Completion()) is None  # FUA: the coroutine
+    assert path.read_bytes()[:4096] == bytes(4096)
+    os.truncate(path, 8192)  # shrunk under us: a short read is an error, not short data
+    c = Completion()
+    assert f.submit_read(4096, 8192, c) is not None
+    exc, _ = c.calls[0]
+    assert isinstance(exc, BlockError) and exc.errno == errno.EIO
+    await f.close()
+
+
+async def test_read_only_file_device_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "ro.img"
+    data = os.urandom(8192)
+    path.write_bytes(data * 4)
+    ro = FileDevice(path, read_only=True)
+    await ro.open()
+    assert ro.submit_write(0, b"n" * 4096, False, Completion()) is None
+    assert path.read_bytes() == data * 4
+    with pytest.raises(BlockError) as e:  # the coroutine gives the error
+        await ro.write(0, b"n" * 4096)
+    assert e.value.errno == errno.EPERM
+    assert await submit(ro, "read", 8192, 8192) == data
+    await ro.close()

@@ -11,13 +11,15 @@ import time
 
 import pytest
 
-from dst.array.resync import RateLimit, Resync, Resyncer, verify
+from dst.array.resync import Resync, Resyncer, verify
 from dst.device import Buffer
 from dst.errors import BlockError
 from dst.meta.store import MetaStore
+from dst.targets.copier import RateLimit
 from dst.targets.fault import FaultDevice
 from dst.targets.memory import MemoryDevice
-from dst.targets.mirror import Leg, LegState, MirrorDevice
+from dst.targets.mirror import LegState, MirrorDevice
+from tests.support.fastpath import until
 
 pytestmark = pytest.mark.timeout(60)
 R = 64 << 10
@@ -137,16 +139,8 @@ async def test_random_concurrent_writes_failure_readd_resync(seed: int) -> None:
     model = Model(m, [i * 4096 for i in range(0, m.size // 4096, 7)])
     tasks = model.start(8)
     await asyncio.sleep(0.05)
-    failed = asyncio.Event()
-    mark_failed = m.mark_failed
-
-    def spy(leg: Leg, exc: BaseException) -> None:
-        mark_failed(leg, exc)
-        failed.set()
-
-    m.mark_failed = spy  # type: ignore[method-assign]
     legs[1].fail_writes(errno.EIO, count=1)  # leg 1 fails mid-load
-    await failed.wait()
+    await until(lambda: m.legs[1].state is LegState.FAILED, "leg 1 to fail")
     await asyncio.sleep(0.05)  # the load goes on degraded
     legs[1].clear()
     await m.readd(1)  # resync runs while the writers go on
@@ -172,7 +166,7 @@ async def test_writes_to_the_region_being_copied_are_not_lost() -> None:
     await asyncio.gather(r.run(), asyncio.sleep(0.2))
     model.stop.set()
     await asyncio.gather(*tasks)
-    assert model.count > 50 and r.done >= m.intent.nregions  # type: ignore[union-attr]
+    assert model.count > 50 and r.done >= m.regions.nregions
     assert m.legs[1].state is LegState.IN_SYNC
     assert same(m, disks)
     await model.check(disks)
@@ -189,8 +183,7 @@ async def test_full_resync_resumes_after_restart() -> None:
     disks[1].data[:] = bytes(size)  # replaced by a blank disk
     m = MirrorDevice([FaultDevice(d) for d in disks], region_size=R, metadata=True)
     await m.open()
-    assert m.intent is not None
-    total = m.intent.missing(1)
+    total = m.regions.missing(1)
     r = Resync(m, limit=RateLimit(max_rate=40 * R), checkpoint_interval=0.05)
     task = asyncio.ensure_future(r.run())
     await progressed(r, total // 2)
@@ -201,8 +194,8 @@ async def test_full_resync_resumes_after_restart() -> None:
     await m.close()  # daemon restart
     m2 = MirrorDevice([FaultDevice(d) for d in disks], region_size=R, metadata=True)
     await m2.open()
-    assert m2.intent is not None and m2.legs[1].state is LegState.RESYNCING
-    left = m2.intent.missing(1)
+    assert m2.legs[1].state is LegState.RESYNCING
+    left = m2.regions.missing(1)
     assert left < total - total // 3  # resumed near the checkpoint, not from 0
     r2 = Resync(m2)
     await r2.run()
@@ -225,7 +218,7 @@ async def test_rate_limit_progress_and_live_change() -> None:
     await progressed(resyncer.current, 3)
     p = m.health().detail["resync"]
     assert p["state"] == "running" and p["targets"] == [1]
-    assert 3 <= p["regions_done"] < p["regions_total"] == m.intent.nregions  # type: ignore[union-attr]
+    assert 3 <= p["regions_done"] < p["regions_total"] == m.regions.nregions
     assert p["bytes"] >= 3 * R and p["rate"] > 0 and p["eta"] > 1
     assert p["max_rate"] == 4 * R
     started = time.monotonic()
@@ -266,7 +259,7 @@ async def test_unreadable_source_region_is_reported_not_spun_on() -> None:
     await r.run()
     assert r.errors == 1 and r.progress()["state"] == "failed"
     assert m.legs[1].state is LegState.RESYNCING
-    assert m.intent is not None and list(m.intent.tracker.out_of_sync(1)) == [2]
+    assert list(m.regions.tracker.out_of_sync(1)) == [2]
     with pytest.raises(BlockError):  # nobody holds region 2 readably
         await m.read(2 * R, 10)
     legs[0].clear()
@@ -303,7 +296,7 @@ async def test_readd_of_a_leg_in_sync_is_refused_and_memory_full_readd() -> None
         await m.readd(0)
     await m.fail_leg(0)
     plan = await m.readd(0, full=True)
-    assert plan.full and plan.regions == m.intent.nregions  # type: ignore[union-attr]
+    assert plan.full and plan.regions == m.regions.nregions
     await Resync(m).run()
     assert [leg.state for leg in m.legs] == [LegState.IN_SYNC] * 2 and same(m, disks)
     assert legs[0].counters.writes >= plan.regions

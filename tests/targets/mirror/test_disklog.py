@@ -21,6 +21,7 @@ from dst.targets.fault import FaultDevice
 from dst.targets.file import FileDevice
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import LegState, MirrorDevice
+from tests.support.fastpath import disk_log
 
 pytestmark = pytest.mark.timeout(30)
 SIZE = 4 << 20
@@ -51,8 +52,7 @@ async def process(disks: list[Disk], **kw: object) -> tuple[MirrorDevice, list[F
 async def crash(m: MirrorDevice) -> None:
     """The process dies: background tasks stop, nothing is written any more."""
     await m.tasks.close()
-    assert m.intent is not None
-    await m.intent.abort()
+    await m.regions.abort()
 
 
 def leg_state(m: MirrorDevice, i: int) -> LegState:
@@ -80,8 +80,8 @@ async def test_format_reload_clean_dirty_and_size() -> None:
     assert a2.state is State.CLEAN and a2.current == a.current
     assert not bit_on_disk(disks[0], 5)  # idle bits cleared at clean shutdown
     m2, _ = await process(disks)
-    assert m2.size == m.size and m2.intent is not None
-    assert m2.intent.array_uuid == a.array_uuid
+    assert m2.size == m.size
+    assert m2.log.array_uuid == a.array_uuid
     assert await m2.read(5 * R, 10) == b"w" * 10
     assert all(leg.state is LegState.IN_SYNC for leg in m2.legs)
     await m2.close()
@@ -116,7 +116,7 @@ async def test_write_intent_is_on_disk_before_data_and_batched() -> None:
     # 200 writes to 20 regions: far fewer than 200 metadata writes (batching)
     assert legs[0].counters.writes - meta_writes - 200 < 40
     await asyncio.sleep(0.3)  # lazy clear of idle regions
-    assert m.intent is not None and m.intent.tracker.bitmap.count() == 0
+    assert m.regions.tracker.bitmap.count() == 0
     assert not any(bit_on_disk(disks[0], r) for r in range(20))
     await m.close()
 
@@ -154,7 +154,7 @@ async def test_a_bit_is_cleared_only_once_its_data_is_durable() -> None:
     for round_ in range(3):
         await asyncio.gather(*(m.write(r * R, bytes([round_]) * 4096) for r in range(10)))
         await asyncio.sleep(0.3)  # idle: the bits are cleared lazily
-        assert m.intent is not None and m.intent.tracker.bitmap.count() == 0
+        assert m.regions.tracker.bitmap.count() == 0
         assert not any(bit_on_disk(disks[0], r) for r in range(10))
     assert all(d.violations == 0 and d.flushes >= 3 for d in disks)
     await m.close()
@@ -202,8 +202,7 @@ async def test_corrupted_superblock_slot_falls_back() -> None:
     disks[0].data[off + 100] ^= 0xFF  # the newest copy is torn
     m2, _ = await process(disks)
     assert all(leg.state is LegState.IN_SYNC for leg in m2.legs)
-    assert m2.intent is not None and m2.intent.stores is not None
-    got = m2.intent.stores[0].sb
+    got = disk_log(m2).stores[0].sb
     assert got is not None and got.current == want.current
     await m2.close()
     for off in LAY.sb_offsets:  # both copies bad: the leg is refused, not guessed
@@ -260,7 +259,7 @@ async def test_degraded_start_rotates_and_returning_leg_is_behind() -> None:
     await m.close()
     m2, _ = await process(disks)  # both back: leg 1 is behind by region 9 only
     assert m2.legs[1].state is LegState.RESYNCING
-    assert m2.intent is not None and sorted(m2.intent.tracker.out_of_sync(1)) == [9]
+    assert sorted(m2.regions.tracker.out_of_sync(1)) == [9]
     r = Resync(m2)
     await r.run()
     assert r.bytes == R and disks[1].data[9 * R : 10 * R] == b"9" * R
@@ -295,7 +294,7 @@ async def test_crash_mid_writes_resyncs_only_dirty_regions(seed: int) -> None:
     for i in range(30):  # old, settled data everywhere
         await m.write(rng.randrange(0, m.size - 4096), bytes([i + 1]) * 4096)
     await asyncio.sleep(0.3)
-    assert m.intent is not None and m.intent.tracker.bitmap.count() == 0
+    assert m.regions.tracker.bitmap.count() == 0
     await crash(m)
     # a new process; it dies with writes in flight that reached leg 0 only
     gated = DataGate(disks[1])
@@ -313,8 +312,7 @@ async def test_crash_mid_writes_resyncs_only_dirty_regions(seed: int) -> None:
     # the next process sees DIRTY and resyncs exactly the dirty regions
     assert (await MetaStore(disks[0]).load()).state is State.DIRTY
     m2, _ = await process(disks)
-    assert m2.intent is not None
-    assert sorted(m2.intent.tracker.out_of_sync(1)) == hot
+    assert sorted(m2.regions.tracker.out_of_sync(1)) == hot
     r = Resync(m2)
     await r.run()
     assert r.bytes == len(hot) * R  # only the dirty regions were copied
@@ -338,7 +336,7 @@ async def test_blank_replacement_member_gets_full_resync() -> None:
     disks[1] = Disk()  # the disk was replaced
     m2, _ = await process(disks)
     assert m2.legs[1].state is LegState.RESYNCING
-    assert m2.intent is not None and m2.intent.missing(1) == m2.intent.nregions
+    assert m2.regions.missing(1) == m2.regions.nregions
     await Resync(m2).run()
     assert disks[0].data[: m2.size] == disks[1].data[: m2.size]
     sbs = [await MetaStore(d).load() for d in disks]
@@ -377,7 +375,7 @@ async def test_member_too_small_for_metadata() -> None:
 def test_uuid_argument_is_kept() -> None:
     u = uuid.uuid4()
     m = MirrorDevice([Disk(), Disk()], metadata=True, array_uuid=u)
-    assert m.intent is not None and m.intent.array_uuid == u
+    assert m.log.array_uuid == u
     assert BLOCK == 4096
     assert errno.EIO
 
@@ -408,8 +406,7 @@ async def test_file_legs_failure_crash_and_delta_resync(tmp_path: Path) -> None:
     m2 = MirrorDevice(files(), region_size=R, metadata=True)
     await m2.open()
     assert m2.legs[1].state is LegState.RESYNCING
-    assert m2.intent is not None
-    assert outage <= set(m2.intent.tracker.out_of_sync(1))
+    assert outage <= set(m2.regions.tracker.out_of_sync(1))
     r = Resync(m2)
     await r.run()
     assert r.bytes < m2.size // 4
@@ -429,7 +426,7 @@ async def test_members_region_size_wins_over_the_spec_with_a_warning(
     again = MirrorDevice(legs, region_size=4 * R, metadata=True, name="vol")
     with caplog.at_level("WARNING"):
         await again.open()
-    assert again.intent is not None and again.intent.region_size == R
+    assert again.regions.region_size == R
     assert "formatted with 65536-byte regions" in caplog.text
     assert bytes(await again.read(0, BLOCK)) == b"\x5a" * BLOCK
     await again.close()

@@ -160,7 +160,7 @@ async def test_new_leg_gets_writes_at_once_and_reads_only_once_copied() -> None:
     assert await m.add_leg(disks[2]) == 2
     new = m.legs[2]
     assert new.state is LegState.RESYNCING and m.resync_wanted.is_set()
-    assert m.intent is not None and m.intent.missing(2) == m.intent.nregions
+    assert m.regions.missing(2) == m.regions.nregions
     for _ in range(12):
         assert await m.read(0, 4096) == b"a" * 4096
     assert new.counters.reads == 0  # it holds nothing yet
@@ -184,7 +184,7 @@ async def test_new_leg_gets_writes_at_once_and_reads_only_once_copied() -> None:
 async def test_remove_leg_renumbers_and_reassembles(tmp_path: Path) -> None:
     paths = make_files(tmp_path, 3)
     m = await open_mirror([fdev(p) for p in paths])
-    array = m.intent.array_uuid if m.intent else None
+    array = m.log.array_uuid
     w = Writer(m)
     await w.reach(100)
     removed = await m.remove_leg(1)
@@ -217,7 +217,7 @@ async def test_remove_leg_renumbers_and_reassembles(tmp_path: Path) -> None:
     await w.check(m2, [paths[0].read_bytes()[:size], paths[2].read_bytes()[:size]])
     # The removed disk comes back: it is taken as a new member (full resync).
     assert await m2.add_leg(fdev(paths[1])) == 2
-    assert m2.intent is not None and m2.intent.missing(2) == m2.intent.nregions
+    assert m2.regions.missing(2) == m2.regions.nregions
     await Resync(m2).run()
     assert in_sync(m2)
     await w.check(m2, [p.read_bytes()[:size] for p in paths])
@@ -262,11 +262,11 @@ async def test_removing_a_failed_leg_lets_the_bitmap_clear() -> None:
     m = await open_mirror(list(disks), clear_delay=0.01)
     await m.fail_leg(2)
     await m.write(0, b"z" * (4 * R))  # leg 2 misses these regions: their bits stay
-    assert m.intent is not None and m.intent.missing(2) == 4
+    assert m.regions.missing(2) == 4
     sb = await sb_of(disks[0])
     assert sb.bitmap  # the generation leg 2 holds is kept for its delta resync
     await m.remove_leg(2)
-    assert in_sync(m) and m.intent.tracker.bitmap.count() == 4
+    assert in_sync(m) and m.regions.tracker.bitmap.count() == 4
     sbs = [await sb_of(d) for d in disks[:2]]
     assert [sb.bitmap for sb in sbs] == [0, 0] and sbs[0].current == sbs[1].current
     await m.close()  # idle bits are cleared and persisted
@@ -305,7 +305,7 @@ async def test_replace_dead_leg_rebuilds_it() -> None:
 async def test_replace_live_leg_under_writer() -> None:
     disks = [MemoryDevice(SIZE, name=f"d{i}") for i in range(2)]
     m = await open_mirror(list(disks))
-    array = m.intent.array_uuid if m.intent else None
+    array = m.log.array_uuid
     resyncer = Resyncer(m)
     resyncer.start()
     w = Writer(m)
@@ -336,9 +336,8 @@ async def test_restart_before_the_new_leg_is_copied() -> None:
     await m.resync_region(1, [2])
     await m.close()
     m2 = await open_mirror(list(disks))
-    assert m2.intent is not None
     assert [x.state for x in m2.legs] == [LegState.IN_SYNC] * 2 + [LegState.RESYNCING]
-    assert m2.intent.missing(2) >= m2.intent.nregions - 1
+    assert m2.regions.missing(2) >= m2.regions.nregions - 1
     await Resync(m2).run()
     assert in_sync(m2) and disks[2].data[: m2.size] == disks[0].data[: m2.size]
     await m2.close()
@@ -393,11 +392,6 @@ async def test_bad_requests_get_a_clear_config_error() -> None:
     await m.remove_leg(2)
     assert len(m.legs) == 2 and [x.state for x in m.legs] == [LegState.IN_SYNC, LegState.FAILED]
     await m.close()
-    plain = MirrorDevice([MemoryDevice(SIZE), MemoryDevice(SIZE)])
-    await plain.open()
-    with pytest.raises(ConfigError, match="region tracking"):
-        await plain.add_leg(MemoryDevice(SIZE))
-    await plain.close()
 
 
 async def test_a_leg_dead_during_the_change_learns_the_member_count_when_back() -> None:

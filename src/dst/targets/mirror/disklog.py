@@ -1,0 +1,360 @@
+"""The disk dirty log: a superblock and the region bitmap at the end of every member.
+
+Theory of operation
+-------------------
+Every member carries a superblock (two slots) and the bitmap (:mod:`dst.meta.layout`,
+``docs/on-disk-format.md``); :class:`~dst.targets.mirror.stores.MemberStores` does that
+I/O, :class:`DiskLog` decides what to write when.  Durability rules (DESIGN.md 1-3, 5):
+
+* The first mutation after a clean start writes ``State.DIRTY`` on every current leg.
+* A write proceeds only once its regions' bits are on every attached leg (the region
+  hash sends the bitmap pages through :meth:`DiskLog.write_pages`).
+* When a current leg fails, the survivors rotate their generation (the failed leg's
+  generation becomes the bitmap generation, so its missed regions stay in the persisted
+  bitmap until it is resynced); until that is durable (:meth:`DiskLog.settle`) nothing
+  the failed leg missed is acknowledged.
+* A clean shutdown persists the bitmap and writes ``State.CLEAN``.
+
+Opening (:meth:`DiskLog.open`) reads every superblock, lets the pure functions of
+:mod:`dst.meta.members` pick the reference and judge each leg, and returns what every
+leg misses: after a crash (``DIRTY``) the dirty regions on every current leg but the
+lowest, which is the resync source.  Blank members are formatted; a set of blank
+members is a new array.
+
+Metadata I/O is bounded by ``leg_timeout``; a leg whose metadata write fails is reported
+to ``on_fail``.  Writes to a member that is failed or left are best effort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from dst.aio import timed
+from dst.device import BlockDevice
+from dst.errors import BlockError
+from dst.meta.bitmap import PAGE_BITS, Bitmap
+from dst.meta.layout import BLOCK
+from dst.meta.members import LegState, check_member, identify, readd_relation, reference, verdict
+from dst.meta.store import MetaStore
+from dst.meta.superblock import MetadataError, State, Superblock, adopt, rotate, synced
+from dst.targets.mirror.dirtylog import DirtyLog, Opening
+from dst.targets.mirror.stores import MemberStores, best_effort, layout_of, new_generation, shared
+
+log = logging.getLogger(__name__)
+
+
+class DiskLog(DirtyLog):
+    """Region state and generations on the members (module docstring)."""
+
+    persistent = True
+
+    def __init__(self, devices: Sequence[BlockDevice], **kw: Any) -> None:
+        super().__init__(devices, **kw)
+        self.stores = MemberStores(devices, name=self.name, leg_timeout=self.leg_timeout)
+        self.size = 0
+        self.ref: Superblock | None = None  # the array's shared superblock fields
+        self._stale = False  # a current leg failed: rotation not yet persisted
+
+    # --- open ------------------------------------------------------------------------
+
+    async def open(self, opened: Sequence[bool]) -> Opening:
+        """Load or format the metadata; what every leg is and misses.
+
+        Raises MetadataError (foreign or inconsistent members, split brain) or
+        BlockError (no leg usable).
+        """
+        self._need_one(opened)
+        states = [(LegState.IN_SYNC, "") if ok else (LegState.FAILED, "did not open")
+                  for ok in opened]  # fmt: skip
+        sbs: dict[int, Superblock] = {}
+        blank: list[int] = []
+        for i in (i for i, ok in enumerate(opened) if ok):
+            try:
+                if await self.stores.blank(i):
+                    blank.append(i)
+                else:
+                    sbs[i] = await self.stores.load(i)
+            except MetadataError as e:
+                states[i] = (LegState.FAILED, f"bad metadata: {e}")
+            except BlockError as e:
+                states[i] = (LegState.FAILED, f"metadata unreadable: {e!r}")
+        if not sbs:
+            return await self._create(blank, states)
+        names = [d.name for d in self.devices]
+        self.array_uuid = identify(sbs, expected=self.array_uuid, names=names, array=self.name)
+        on_disk = next(iter(sbs.values())).region_size
+        if on_disk != self.region_size:
+            log.warning("%s: the members were formatted with %d-byte regions; using that, "
+                        "not the %d asked for (a member's region size is fixed when it is "
+                        "formatted)", self.name, on_disk, self.region_size)  # fmt: skip
+        self.region_size = on_disk
+        ref = self.ref = sbs[reference(sbs, array=self.name)]
+        self.size = int(ref.spec.get("size") or min(sb.data_size for sb in sbs.values()))
+        for i in (i for i, ok in enumerate(opened) if ok):  # absent legs: checked on return
+            if layout_of(self.devices[i].size, self.region_size).data_size < self.size:
+                raise MetadataError(f"{self.name}: leg {i} is too small for the array")
+        return await self._classify(sbs, ref, blank, states)
+
+    async def _create(self, blank: list[int], states: list[tuple[LegState, str]]) -> Opening:
+        if len(blank) != len(self.devices):
+            bad = [f"leg {i}: {why}" for i, (_, why) in enumerate(states) if why]
+            raise MetadataError(f"{self.name}: no leg has valid metadata ({'; '.join(bad)})")
+        self.array_uuid = self.array_uuid or uuid.uuid4()
+        self.size = min(layout_of(d.size, self.region_size).data_size for d in self.devices)
+        gen = new_generation()
+        for i in blank:
+            self.ref = await self._format(i, gen)
+        self.current = set(range(len(self.devices)))
+        log.info("%s: new array %s over %d legs", self.name, self.array_uuid, len(blank))
+        return Opening(self.size, self.region_size, states)
+
+    async def _classify(
+        self,
+        sbs: dict[int, Superblock],
+        ref: Superblock,
+        blank: list[int],
+        states: list[tuple[LegState, str]],
+    ) -> Opening:
+        nregions = -(-self.size // self.region_size)
+        current = sorted(i for i, sb in sbs.items() if sb.current == ref.current)
+        union = 0
+        for i in current:
+            union |= await self.stores.raw_bitmap(i, self.size, self.region_size)
+        npages = -(-nregions // PAGE_BITS)
+        bm = Bitmap.from_bytes(nregions, union.to_bytes(npages * BLOCK, "little"))
+        bits = list(bm)
+        op = Opening(self.size, self.region_size, states, bitmap=bm)
+        self.current = set(current)
+        dirty = any(sbs[i].state is State.DIRTY for i in current)
+        for i in current[1:] if dirty else ():
+            op.missing[i] = bits  # crash: the lowest current leg is the source
+        for i, sb in sbs.items():
+            if i in self.current:
+                continue
+            v = verdict(ref, sb, nbits=len(bits), nregions=nregions)
+            states[i] = (v.state, v.reason)
+            if v.full_from is not None:
+                op.missing[i] = set(bits) | set(range(v.full_from, nregions))
+            elif v.state is LegState.RESYNCING:
+                op.missing[i] = bits
+        for i in blank:
+            await self._format(i, new_generation(self.stores.known()))
+            states[i] = (LegState.RESYNCING, "new member: full resync")
+            op.missing[i] = range(nregions)
+        failed = [i for i, (s, _) in enumerate(states) if s is LegState.FAILED]
+        for i in failed:
+            op.missing[i] = bits
+        op.settled = () if dirty else bits
+        # Started degraded, or a blank member took the place of one that is away: the
+        # survivors start a new generation, so the member that was there before is
+        # known as behind (not as current) if it ever comes back.
+        op.stale = self._stale = bool(failed or blank)
+        if op.stale:
+            self._settled.clear()
+        return op
+
+    async def adopt_bitmap(self, legs: Iterable[int], bitmap: Bitmap) -> None:
+        pages = {p: bitmap.page_bytes(p) for p in range(bitmap.npages)}
+        await self._each(legs, lambda i: self.stores.write_pages(i, pages))
+
+    async def close(self) -> None:
+        if self.ref is not None and self.ref.state is State.DIRTY and self.current:
+            async with self.lock:
+                await self._write_current(replace(self.ref, state=State.CLEAN))
+
+    # --- writes and bitmap batches ---------------------------------------------------
+
+    @property
+    def needs_mark(self) -> bool:
+        return self.ref is not None and self.ref.state is State.CLEAN
+
+    async def mark_dirty(self) -> None:
+        async with self.lock:
+            assert self.ref is not None
+            if self.ref.state is State.CLEAN:
+                await self._write_current(replace(self.ref, state=State.DIRTY))
+
+    async def write_pages(self, pages: Mapping[int, bytes], legs: Iterable[int]) -> None:
+        await self._each(legs, lambda i: self.stores.write_pages(i, pages, data_durable=True))
+
+    async def flush_legs(self, legs: Iterable[int]) -> None:
+        await self._each(legs, self._flush)
+
+    async def _flush(self, leg: int) -> None:
+        await timed(self.devices[leg].flush(), self.leg_timeout)
+
+    # --- leg failures and generations --------------------------------------------------
+
+    def leg_down(self, leg: int) -> None:
+        if leg in self.current:
+            self._stale = True
+            self._settled.clear()
+        super().leg_down(leg)
+
+    async def settle(self) -> None:
+        async with self.lock:
+            while self._stale and self.current:
+                self._stale = False  # a leg failing meanwhile sets it again: rotate again
+                assert self.ref is not None
+                ref = rotate(self.ref, new_generation(self.stores.known()))
+                await self._write_current(replace(ref, resync_pos=None))
+            await super().settle()  # EIO if no current leg is left
+            self._settled.set()
+
+    async def leg_synced(self, leg: int, *, everyone: bool) -> None:
+        """The leg counts as current *before* its superblock says so, so that a failure
+        racing the adoption rotates the survivors' generation (see :meth:`settle`)."""
+        async with self.lock:
+            sb = self.stores[leg].sb
+            assert sb is not None and self.ref is not None
+            self.current.add(leg)
+            try:
+                await self.stores.write_sb(leg, adopt(sb, self.ref), flush_first=True)
+            except BlockError as e:
+                self.on_fail(leg, e)
+            else:
+                if everyone:
+                    await self._write_current(synced(self.ref))
+        if self.unsettled:
+            await self.settle()
+
+    async def set_resync_pos(self, pos: int | None, targets: Sequence[int]) -> None:
+        """Only recorded when every leg not current is one of ``targets`` (otherwise a
+        later full resync could skip what an absent leg lacks)."""
+        if self.ref is None:
+            return
+        others = set(range(len(self.devices))) - self.current
+        if pos is not None and not others <= set(targets):
+            pos = None
+        if pos == self.ref.resync_pos:
+            return
+        async with self.lock:
+            for leg in targets:
+                sb = self.stores[leg].sb
+                if leg in self.current or sb is None:
+                    continue
+                try:
+                    await self.stores.write_sb(leg, replace(sb, resync_pos=pos), flush_first=True)
+                except BlockError as e:
+                    self.on_fail(leg, e)
+            await self._write_current(replace(self.ref, resync_pos=pos))
+
+    # --- returning, joining and leaving legs -----------------------------------------
+
+    async def readd(self, leg: int, *, full: bool) -> tuple[str, bool]:
+        """Raises MetadataError for a foreign member (another array), a member with
+        another role, a diverged member (split brain) or one ahead of the array,
+        unless ``full`` (the operator discards that member's data).  A delta is exact:
+        since the leg failed (or, if it was absent when the array started, since
+        every bit then set) no region it misses was cleared."""
+        assert self.ref is not None and self.array_uuid is not None
+        if await self.stores.blank(leg):
+            await self._format(leg, new_generation(self.stores.known()))
+            return "new", True
+        try:
+            sb = await self.stores.load(leg)
+        except MetadataError as e:
+            if not full:
+                raise MetadataError(f"{self.name}: leg {leg}: {e}; re-add with full resync "
+                                    "to overwrite it") from e  # fmt: skip
+            await self._format(leg, new_generation(self.stores.known()))
+            return "new", True
+        name = self.devices[leg].name
+        check_member(sb, index=leg, array_uuid=self.array_uuid, name=name, array=self.name,
+                     region_size=self.region_size)  # fmt: skip
+        try:
+            rel, whole = readd_relation(self.ref, sb, full=full)
+        except MetadataError as e:
+            raise MetadataError(f"{self.name}: leg {leg} ({name}) {e}") from None
+        return rel.value, whole
+
+    async def format_new(self, leg: int) -> None:
+        await self._format(leg, new_generation(self.stores.known()))
+
+    async def member_of(self, device: BlockDevice) -> int | None:
+        return await self.stores.member_of(device)
+
+    def grow(self, device: BlockDevice) -> None:
+        super().grow(device)
+        self.stores.grow(device)
+
+    def swap(self, leg: int, device: BlockDevice, keep: MetaStore | None = None) -> MetaStore:
+        super().swap(leg, device)
+        return self.stores.swap(leg, device, keep)
+
+    def drop(self, leg: int) -> MetaStore:
+        super().drop(leg)
+        return self.stores.drop(leg)
+
+    async def write_members(self, attached: Iterable[int], *, everyone: bool) -> None:
+        """Every member's superblock gets its role (its index), the member count and
+        the leg names; the bitmap generation is dropped when ``everyone`` is in sync.
+        A failed leg is written if it can be (best effort)."""
+        if self.ref is None:
+            return
+        live = set(attached)
+        n = len(self.devices)
+        spec = {**self.ref.spec, "legs": n, "names": [d.name for d in self.devices]}
+        ref = replace(self.ref, member_count=n, spec=spec, events=self.ref.events + 1)
+        if len(self.current) == n and everyone:
+            ref = synced(ref)
+        self.ref = ref = replace(ref, resync_pos=None)
+
+        def one(i: int) -> Awaitable[None]:
+            sb = self.stores[i].sb
+            assert sb is not None
+            sb = replace(sb, role=i, member_count=n, spec=spec)
+            sb = shared(sb, ref) if i in self.current else sb
+            limit = self.leg_timeout if i in live else best_effort(self.leg_timeout)
+            return self.stores.write_sb(i, sb, limit=limit)
+
+        written = [i for i in range(len(self.stores)) if self.stores[i].sb is not None]
+        await self._each(written, one, live=live)
+
+    async def retire(self, old: MetaStore | None) -> bool:
+        return await self.stores.retire(old, was=str(self.array_uuid))
+
+    # --- internals -------------------------------------------------------------------
+
+    async def _each(
+        self,
+        legs: Iterable[int],
+        job: Callable[[int], Awaitable[Any]],
+        *,
+        live: Collection[int] | None = None,
+    ) -> None:
+        """Run ``job(i)`` for every leg at once; a leg that fails is reported to
+        ``on_fail`` (only if in ``live``, when given: the others are best effort)."""
+        order = list(legs)
+        results = await asyncio.gather(*(job(i) for i in order), return_exceptions=True)
+        for i, res in zip(order, results, strict=True):
+            if isinstance(res, BlockError):
+                if live is None or i in live:
+                    self.on_fail(i, res)
+                else:
+                    log.warning("%s: failed leg %d keeps its old superblock: %r",
+                                self.name, i, res)  # fmt: skip
+            elif isinstance(res, BaseException):
+                raise res
+
+    async def _write_current(self, ref: Superblock) -> None:
+        """Write ``ref``'s shared fields on every current leg (hold ``lock``); a leg
+        that fails is reported (and then rotated away from in :meth:`settle`)."""
+        self.ref = ref
+
+        def one(i: int) -> Awaitable[None]:
+            sb = self.stores[i].sb
+            assert sb is not None
+            return self.stores.write_sb(i, shared(sb, ref))
+
+        await self._each(sorted(self.current), one)
+
+    async def _format(self, leg: int, generation: int) -> Superblock:
+        assert self.array_uuid is not None
+        return await self.stores.format(leg, array_uuid=self.array_uuid, generation=generation,
+                                        size=self.size, region_size=self.region_size)  # fmt: skip

@@ -1,0 +1,262 @@
+"""Mutations of a mirror: one fan-out to every live leg, with two faces.
+
+Theory of operation
+-------------------
+A WRITE, WRITE_ZEROES, TRIM or FLUSH is one :class:`Mutation`: it sends its part to
+every live leg at once (a :class:`~dst.targets.mirror.legs.LegCall` each: the leg's
+fast path when it has one, its coroutine otherwise), collects every answer, and
+*settles* once, by one policy:
+
+* every leg that failed (an error, or no answer within ``leg_timeout``) is failed and
+  misses the mutation's regions (recorded in the region hash, so it is resynced);
+* the mutation succeeds if a leg that held all its regions acknowledged it (for a flush:
+  a current leg), and fails with EIO otherwise -- never a silent success;
+* a fast zero that some legs cannot do fails with ENOTSUP and fails no leg (the legs
+  that did zero make the others miss the range);
+* when a leg failure must first be made durable (the dirty log is *unsettled*), the
+  answer waits for that (in a Task); otherwise it is given at once;
+* cancelled from above, the legs still running are stopped and every attached leg but
+  the first misses the regions: the legs may differ now, the first one is the source.
+
+Admission: a mutation holds its byte range in the mirror's :class:`RangeLock` (arrival
+order, so overlapping mutations reach every leg in the same order) and its regions in
+the region hash (marked durably dirty first).  :func:`submit_mutation` -- the callback
+face of :mod:`dst.device` -- registers the range at once; when the range is free and the
+regions are marked already (the steady state) the mutation starts right there, with no
+coroutine, Task or future; otherwise a coroutine waits for the lock and the marks and
+then starts the *same* mutation.  The coroutine face of every operation is the callback
+face plus a wait (:func:`dst.aio.wait_done`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from dst.aio import submit_coro, wait_done
+from dst.device import BlockDevice, Buffer, Cancel, Done
+from dst.errors import BlockError
+from dst.targets.mirror.core import MirrorCore
+from dst.targets.mirror.legs import Leg, LegCall
+from dst.targets.rangelock import Hold
+
+_PENDING: Any = object()  # a leg's outcome not known yet
+LegOp = Callable[[BlockDevice], Coroutine[Any, Any, Any]]
+
+
+class Kind(enum.Enum):
+    WRITE = "write"
+    ZERO = "zero"
+    TRIM = "trim"
+    FLUSH = "flush"
+
+
+def submit_mutation(
+    core: MirrorCore,
+    kind: Kind,
+    offset: int,
+    length: int,
+    done: Done,
+    *,
+    data: Buffer = b"",
+    fua: bool = False,
+    op: LegOp | None = None,
+) -> Cancel:
+    """Start a mutation (module docstring); ``done(error, None)`` when it settled.
+
+    ``data``/``fua`` for a write; ``op`` for the others: what to run on each leg's
+    device.  Returns the canceller.
+    """
+    core.io_ops += 1
+    if kind is Kind.FLUSH:
+        return Mutation(core, kind, 0, 0, None, 0, done, data, fua, op).start()
+    locks = core.locks
+    hold = locks.register(offset, length)  # arrival order, before anything else
+    wid = 0 if hold.earlier else core.regions.try_begin_write(offset, length)
+    if wid:
+        return Mutation(core, kind, offset, length, hold, wid, done, data, fua, op).start()
+    return submit_coro(_admit(core, kind, offset, length, hold, data, fua, op), done)
+
+
+async def _admit(
+    core: MirrorCore,
+    kind: Kind,
+    offset: int,
+    length: int,
+    hold: Hold,
+    data: Buffer,
+    fua: bool,
+    op: LegOp | None,
+) -> None:
+    """Wait for the range lock and the regions' marks, then run the mutation."""
+    try:
+        if hold.earlier:
+            await core.locks.wait(hold)
+        wid = await core.regions.begin_write(offset, length)
+    except BaseException:
+        core.locks.release(hold)
+        raise
+    await wait_done(
+        lambda done: Mutation(core, kind, offset, length, hold, wid, done, data, fua, op).start()
+    )
+
+
+class Mutation:
+    """One mutation in flight on every live leg (module docstring)."""
+
+    __slots__ = (
+        "calls",
+        "cancelled",
+        "core",
+        "data",
+        "done",
+        "fua",
+        "hold",
+        "holders",
+        "kind",
+        "left",
+        "legs",
+        "length",
+        "offset",
+        "op",
+        "results",
+        "wid",
+    )
+
+    def __init__(
+        self,
+        core: MirrorCore,
+        kind: Kind,
+        offset: int,
+        length: int,
+        hold: Hold | None,
+        wid: int,
+        done: Done,
+        data: Buffer,
+        fua: bool,
+        op: LegOp | None,
+    ) -> None:
+        self.core = core
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.hold = hold
+        self.wid = wid
+        self.done = done
+        self.data = data
+        self.fua = fua
+        self.op = op
+        self.cancelled = False
+        self.legs: list[Leg] = []
+        self.holders: list[bool] = []
+        self.results: list[Any] = []
+        self.calls: list[LegCall] = []
+        self.left = 0
+
+    def start(self) -> Cancel:
+        core = self.core
+        rh = core.regions
+        legs = self.legs = [leg for leg in core.legs if leg.live]
+        if self.wid:
+            regions = rh.regions(self.offset, self.length)
+            self.holders = [rh.holds(leg.index, regions) for leg in legs]
+        else:  # a flush: the legs holding the current generation
+            current = core.log.current
+            self.holders = [leg.index in current for leg in legs]
+        n = self.left = len(legs)
+        self.results = [_PENDING] * n
+        if not n:
+            self.settle()
+            return self.cancel
+        calls = self.calls = [LegCall(self, leg, core.deadlines, i) for i, leg in enumerate(legs)]
+        for call in calls:
+            if self.kind is Kind.WRITE:
+                call.write(self.offset, self.data, self.fua)
+            else:
+                assert self.op is not None
+                call.run(self.op(call.leg.dev))
+        return self.cancel
+
+    def leg_done(self, call: LegCall, exc: BaseException | None, value: Any) -> None:
+        if exc is None:
+            c = call.leg.counters
+            kind = self.kind
+            if kind is Kind.WRITE:
+                c.writes += 1
+                c.write_bytes += self.length
+            elif kind is Kind.ZERO:
+                c.zeroes += 1
+            elif kind is Kind.TRIM:
+                c.trims += 1
+            else:
+                c.flushes += 1
+        self.results[call.i] = exc
+        self.left -= 1
+        if not self.left:
+            self.settle()
+
+    def cancel(self) -> None:
+        """Stop waiting for the legs (see the module docstring)."""
+        if self.left and not self.cancelled:
+            self.cancelled = True
+            for call in self.calls:
+                call.stop(asyncio.CancelledError())
+
+    def settle(self) -> None:
+        """Every leg answered: the verdict, then ``done``."""
+        core = self.core
+        results = self.results
+        if self.cancelled:
+            missed: set[int] = set()
+            if self.wid:
+                missed.update(sorted(core.regions.attached)[1:])
+                core.resync_wanted.set()
+            self._end(missed)
+            self.done(asyncio.CancelledError(), None)
+            return
+        if self.wid and not any(results) and not core.log.unsettled and any(self.holders):
+            self._end(())  # the common case: nothing to degrade or record
+            self.done(None, None)
+            return
+        held = any(r is None and h for r, h in zip(results, self.holders, strict=True))
+        failed = [(leg, r) for leg, r in zip(self.legs, results, strict=True) if r is not None]
+        missed = set()
+        err: BlockError | None = None
+        if self.kind is Kind.ZERO and failed and all(_is_enotsup(e) for _, e in failed):
+            if len(failed) < len(self.legs):  # some legs zeroed: the others must get it
+                missed.update(leg.index for leg, _ in failed)
+                core.resync_wanted.set()
+            err = BlockError(errno.ENOTSUP, "fast zero not supported")
+        else:
+            for leg, e in failed:
+                missed.add(leg.index)
+                core.fail(leg, e)
+        if err is None and not held:
+            err = core.no_holder(self.kind.value)
+        if core.log.unsettled:  # a leg failure must be durable first: go on in a Task
+            submit_coro(self._settle_durably(missed, err), self.done)
+            return
+        self._end(missed)
+        self.done(err, None)
+
+    async def _settle_durably(self, missed: set[int], err: BlockError | None) -> None:
+        try:
+            await self.core.settle()
+        finally:
+            self._end(missed)
+        if err is not None:
+            raise err
+
+    def _end(self, missed: set[int] | tuple[()]) -> None:
+        core = self.core
+        if self.wid:
+            core.regions.end_write(self.wid, missed)
+        if self.hold is not None:
+            core.locks.release(self.hold)
+
+
+def _is_enotsup(exc: BaseException) -> bool:
+    return isinstance(exc, BlockError) and exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
