@@ -8,11 +8,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from dst.net.address import Address
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
 from tests.support.fastpath import Disk
+
+# No wall-clock deadline per example: CI machines are loaded and slow; what a property
+# checks is the result, and pytest-timeout bounds every test as a whole.
+settings.register_profile("dst", deadline=None)
+settings.load_profile("dst")
 
 
 @pytest.fixture

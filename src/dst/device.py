@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dst.errors import BlockError
+from dst.errors import BlockError, ConfigError, Unsupported
 
 Buffer = bytes | bytearray | memoryview
 Done = Callable[[BaseException | None, Any], None]
@@ -119,11 +119,20 @@ class Health:
 
 
 class BlockDevice:
-    """Base class: subclasses set ``size``/``caps`` and override what they support."""
+    """Base class: subclasses set ``size``/``caps`` and override what they support.
+
+    ``kind`` names the target type (its spec's ``type``); ``node`` is True for the
+    storage nodes of an array (the leaves the control plane addresses by name), whose
+    ``where`` says where they are (path or URI) and ``counters`` count their I/O.
+    """
 
     size: int
     caps: Capabilities = Capabilities()
     name: str = ""
+    kind: str = "device"
+    node: bool = False
+    where: str = ""
+    counters: IOCounters | None = None
 
     async def open(self) -> None:
         """Acquire resources (connect, open files).  Raises BlockError."""
@@ -188,8 +197,9 @@ class BlockDevice:
         return [Extent(length)]
 
     def spec(self) -> dict[str, Any]:
-        """Enough to rebuild this device (see dst.array.spec)."""
-        return {"type": type(self).__name__.lower()}
+        """Enough to rebuild this device, in the array spec's shape (dm's table status:
+        the control plane reads the running tree's spec, it keeps no parallel tree)."""
+        return {"type": self.kind, "name": self.name}
 
     def health(self) -> Health:
         """Current state for status."""
@@ -198,3 +208,53 @@ class BlockDevice:
     def children(self) -> Sequence[BlockDevice]:
         """Member devices of a composite target, in order."""
         return ()
+
+    def member_info(self) -> list[dict[str, Any]]:
+        """What this device says about each of its :meth:`children` in status (a linear
+        member's ``start`` in the array, a mirror leg's ``state``); one dict each."""
+        return [{} for _ in self.children()]
+
+    def subscribe(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        """Call ``callback(up)`` when a connection below goes down (False) or comes back
+        (True); returns the unsubscribe.  The default listens to every child."""
+        stops = [c.subscribe(callback) for c in self.children()]
+
+        def stop() -> None:
+            for s in stops:
+                s()
+
+        return stop
+
+    # -- suspend and live reconfiguration (dm's lifecycle; the gates suspend) -----------
+
+    @property
+    def suspended(self) -> bool:
+        """True while I/O to this device is held (see :mod:`dst.targets.gate`)."""
+        return False
+
+    async def suspend(self) -> None:
+        """Hold new I/O and wait for what is in flight.  Unsupported if it cannot."""
+        raise Unsupported(f"a {self.kind} target cannot be suspended")
+
+    def resume(self) -> None:
+        """Release held I/O.  ConfigError if not suspended."""
+        raise ConfigError(f"a {self.kind} target is not suspended")
+
+    # The rest: call with I/O suspended (the array root does that).
+
+    async def add_member(self, dev: BlockDevice, *, start: int = 0, length: int | None = None
+                         ) -> None:  # fmt: skip
+        """Grow by ``dev`` (open; ``start``/``length``: the part of it to use).
+        Raises Unsupported if this target does not grow in place, ConfigError if the
+        member does not fit."""
+        raise Unsupported(f"a {self.kind} target does not grow by a member in place")
+
+    async def remove_member(self, name: str) -> BlockDevice:
+        """Shrink by the member called ``name``; returns its device (open, the
+        caller's).  Raises Unsupported, or ConfigError if that member cannot go."""
+        raise Unsupported(f"a {self.kind} target does not shrink by a member")
+
+    def replace_child(self, old: BlockDevice, new: BlockDevice) -> None:
+        """Put ``new`` (open, holding ``old``'s data) where ``old`` is.  Raises
+        Unsupported if this target cannot, ConfigError if ``new`` does not fit."""
+        raise Unsupported(f"a {self.kind} target cannot swap a member")

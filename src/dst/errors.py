@@ -49,6 +49,11 @@ class ConfigError(DstError):
         self.where = where
 
 
+class Unsupported(ConfigError):
+    """The device does not do this at all (a stripe cannot grow in place), as opposed
+    to a ConfigError about the arguments."""
+
+
 class ControlError(DstError):
     """A control-socket request failed; ``code`` is a stable machine-readable word."""
 

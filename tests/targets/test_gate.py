@@ -126,7 +126,7 @@ SIZE = 1 << 20
 
 async def test_member_gate_counts_drains_and_refuses_while_suspended() -> None:
     disk = Disk(SIZE, mode="manual")
-    member = Member(disk, name="n0", kind="memory", where="mem")
+    member = Member(disk, name="n0", where="mem")
     await member.open()
     data = os.urandom(8192)
     c = Completion()
@@ -170,7 +170,7 @@ async def test_member_gate_counts_drains_and_refuses_while_suspended() -> None:
 
 async def test_root_switch_refuses_while_suspended_and_drains_fast_requests() -> None:
     disk = Disk(SIZE, mode="manual")
-    member = Member(disk, name="n0", kind="memory", where="mem")
+    member = Member(disk, name="n0", where="mem")
     root = GateDevice(member)
     await root.open()
     data = os.urandom(4096)

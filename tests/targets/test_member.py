@@ -49,10 +49,7 @@ class Recording(MemoryDevice):
 
 
 def members(*inner: BlockDevice, max_held: int | None = 1024) -> list[Member]:
-    return [
-        Member(d, name=f"n{i}", kind="memory", where="", max_held=max_held)
-        for i, d in enumerate(inner)
-    ]
+    return [Member(d, name=f"n{i}", where="", max_held=max_held) for i, d in enumerate(inner)]
 
 
 async def linear(

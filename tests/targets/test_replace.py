@@ -77,7 +77,7 @@ class ZeroAware(MemoryDevice):
 
 
 def member(dev: BlockDevice) -> Member:
-    return Member(dev, name=dev.name, kind="memory", where="")
+    return Member(dev, name=dev.name, where="")
 
 
 @dataclass

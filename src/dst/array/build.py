@@ -50,10 +50,10 @@ def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> 
             read_only=target.read_only,
             name=target.name,
         )
-        return Member(dev, name=target.name, kind="file", where=target.path)
+        return Member(dev, name=target.name, where=target.path)
     if isinstance(target, MemorySpec):
         mem = MemoryDevice(target.size, name=target.name)
-        return Member(mem, name=target.name, kind="memory", where="")
+        return Member(mem, name=target.name, where="")
     if isinstance(target, RemoteSpec):
         remote = RemoteDevice(
             target.uri,
@@ -62,7 +62,7 @@ def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> 
             reconnect=True,
             io_timeout=io_timeout if replay else 0.0,
         )
-        return Member(remote, name=target.name, kind="remote", where=target.uri.uri())
+        return Member(remote, name=target.name, where=target.uri.uri())
     if isinstance(target, LinearSpec):
         kids = [construct(p.target, io_timeout=io_timeout, replay=replay) for p in target.members]
         return LinearDevice(

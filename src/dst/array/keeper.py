@@ -1,17 +1,18 @@
-"""Keeps the mirrors of a running array healthy: resync, automatic re-add, verify.
+"""Keeps the redundant targets of a running array healthy: resync, automatic re-add,
+verify.
 
 Theory of operation
 -------------------
-The array daemon attaches one :class:`MirrorKeeper` to every tracked mirror of a
-running tree.  The keeper
+The array attaches one :class:`MirrorKeeper` to every redundant target
+(:class:`~dst.targets.redundant.Redundant`: a mirror) of its running tree.  The keeper
 
 * runs the mirror's :class:`~dst.array.resync.Resyncer` (rate limited, resumable;
   a leg being filled by ``dst replace --rate`` has a limit of its own);
-* **re-adds failed legs automatically** when their node is back.  A remote leaf
-  reports its connection state (:meth:`RemoteDevice.subscribe`); when every remote
-  leaf of a failed leg is connected again, or on a periodic retry for a leg whose
-  node was down when the array started (it was never opened), the keeper calls
-  :meth:`MirrorDevice.readd`, which checks the member's superblock: a member that
+* **re-adds failed legs automatically** when their node is back.  The nodes below a leg
+  report their connection state (:meth:`~dst.device.BlockDevice.subscribe`); when a
+  failed leg is healthy again, or on a periodic retry for a leg whose node was down
+  when the array started (it was never opened), the keeper calls the target's
+  ``readd``, which checks the member's superblock: a member that
   is merely behind is resynced from the bitmap (delta), an unknown or diverged one
   is *refused* and stays failed with the reason in status until the operator
   decides (``dst readd NODE --full`` discards its data).  Only legs that failed
@@ -31,32 +32,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from dst.array.resync import Resyncer, VerifyReport, verify
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
 from dst.meta.superblock import MetadataError
-from dst.targets.member import Member
-from dst.targets.mirror import LegState, MirrorDevice
-from dst.targets.remote import RemoteDevice
+from dst.targets.composite import HEALTHY
+from dst.targets.mirror import LegState
+from dst.targets.redundant import Redundant
 
 log = logging.getLogger(__name__)
 
 RETRY_MIN = 1.0  # seconds between automatic re-add attempts of one leg, doubling ...
 RETRY_MAX = 30.0  # ... up to this
-
-
-def remotes(dev: BlockDevice) -> Iterator[RemoteDevice]:
-    """The remote leaves under ``dev`` (through Member wrappers and composites)."""
-    stack = [dev]
-    while stack:
-        d = stack.pop()
-        inner = d.inner if isinstance(d, Member) else d
-        if isinstance(inner, RemoteDevice):
-            yield inner
-        stack.extend(d.children())
 
 
 class VerifyJob:
@@ -93,15 +83,14 @@ class MirrorKeeper:
 
     def __init__(
         self,
-        mirror: MirrorDevice,
+        mirror: Redundant,
         *,
-        max_rate: float | None = None,
-        min_rate: float | None = None,
         retry_min: float = RETRY_MIN,
         retry_max: float = RETRY_MAX,
     ) -> None:
         self.mirror = mirror
-        self.resyncer = Resyncer(mirror, max_rate=max_rate, min_rate=min_rate)
+        rates = mirror.resync_rate or None, mirror.resync_min_rate or None
+        self.resyncer = Resyncer(mirror, max_rate=rates[0], min_rate=rates[1])
         self.manual: set[int] = set()  # failed by the operator: no automatic re-add
         self.suspended: set[int] = set()  # detached by ``dst suspend`` (also in manual)
         self.refused: dict[int, str] = {}  # re-add refused (split brain, foreign)
@@ -114,6 +103,10 @@ class MirrorKeeper:
         self._unsubscribe: list[Callable[[], None]] = []
         self._lost: set[BlockDevice] = set()  # legs whose node connection was lost
         self._devs: list[BlockDevice] = []  # the legs' devices when last (re)subscribed
+
+    def keeps(self, dev: object) -> bool:
+        """Whether this keeper looks after ``dev``."""
+        return self.mirror is dev
 
     def start(self) -> None:
         self.resyncer.start()
@@ -146,8 +139,7 @@ class MirrorKeeper:
     def _subscribe(self) -> None:
         self._devs = [leg.dev for leg in self.mirror.legs]
         for leg in self.mirror.legs:
-            for remote in remotes(leg.dev):
-                self._unsubscribe.append(remote.subscribe(self._watch(leg.dev)))
+            self._unsubscribe.append(leg.dev.subscribe(self._watch(leg.dev)))
 
     # -- operator actions ------------------------------------------------------------
 
@@ -188,7 +180,10 @@ class MirrorKeeper:
                 "regions": plan.regions}  # fmt: skip
 
     def set_rate(self, *, max_rate: float | None, min_rate: float | None) -> None:
+        """Change the resync rate now (and in the mirror's spec)."""
         self.resyncer.set_rate(max_rate=max_rate, min_rate=min_rate)
+        self.mirror.resync_rate = int(max_rate or 0)
+        self.mirror.resync_min_rate = int(min_rate or 0)
 
     def start_verify(self, *, repair: bool, source: int | None) -> VerifyJob:
         """Start a background verify.  Raises ConfigError if one is running."""
@@ -262,7 +257,7 @@ class MirrorKeeper:
                 continue
             if leg.opened and leg.dev not in self._lost:
                 continue  # failed by I/O errors on a live connection: the operator decides
-            if leg.opened and any(r.health().state != "connected" for r in remotes(leg.dev)):
+            if leg.opened and leg.dev.health().state not in HEALTHY:
                 continue  # its node is still away; the reconnect will kick us
             if now < self._next_try.get(i, 0.0):
                 continue
@@ -301,15 +296,13 @@ class MirrorKeeper:
                     plan.regions)  # fmt: skip
 
 
-def keepers(root: BlockDevice, spec_rates: Callable[[str], tuple[int, int]]) -> list[MirrorKeeper]:
-    """A keeper for every tracked mirror under ``root``; ``spec_rates(name)`` gives the
-    configured (max, min) resync rate of the mirror called ``name`` (0: none)."""
+def keepers(root: BlockDevice) -> list[MirrorKeeper]:
+    """A keeper for every redundant target under ``root``."""
     out = []
     stack = [root]
     while stack:
         dev = stack.pop()
-        if isinstance(dev, MirrorDevice):
-            hi, lo = spec_rates(dev.name)
-            out.append(MirrorKeeper(dev, max_rate=hi or None, min_rate=lo or None))
+        if isinstance(dev, Redundant):
+            out.append(MirrorKeeper(dev))
         stack.extend(dev.children())
     return out

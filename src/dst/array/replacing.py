@@ -40,10 +40,9 @@ from dst.errors import BlockError, ConfigError
 from dst.meta.superblock import MetadataError
 from dst.targets.copier import RateLimit
 from dst.targets.gate import GateDevice
-from dst.targets.linear import LinearDevice
-from dst.targets.mirror import Leg, LegState, MirrorDevice
+from dst.targets.mirror import Leg, LegState
+from dst.targets.redundant import Redundant
 from dst.targets.replace import ReplaceDevice
-from dst.targets.stripe import StripeDevice
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,6 @@ class ReplaceJob:
         min_rate: float | None = None,
         resyncer: Resyncer | None = None,
     ) -> None:
-        if not isinstance(parent, LinearDevice | StripeDevice | MirrorDevice):
-            raise ConfigError(f"{old.name!r} is not a member of a linear, stripe or mirror")
         if new.size < old.size:
             raise ConfigError(
                 f"{new.name!r} ({new.size} bytes) is smaller than {old.name!r} ({old.size} bytes)",
@@ -82,7 +79,8 @@ class ReplaceJob:
         self.error = ""
         self._on_finished = on_finished
         self._rep: ReplaceDevice | None = None
-        self._resyncer = resyncer if isinstance(parent, MirrorDevice) else None
+        self._mirror = parent if isinstance(parent, Redundant) else None
+        self._resyncer = resyncer if self._mirror is not None else None
         self._leg_added = False  # mirror: NEW is a leg
         self._task: asyncio.Task[None] | None = None
         self._cancelled = False
@@ -95,8 +93,8 @@ class ReplaceJob:
 
     async def start(self) -> None:
         """Put NEW in place to be filled and start the copy in the background."""
-        if isinstance(self.parent, MirrorDevice):
-            mirror = self.parent
+        mirror = self._mirror
+        if mirror is not None:
 
             async def add() -> None:
                 await mirror.add_leg(self.new)
@@ -152,8 +150,8 @@ class ReplaceJob:
             p = self._rep.progress()
             out |= {k: p[k] for k in ("regions_done", "regions_total", "rate", "eta")}
             out["bytes"] = p["bytes_copied"] + p["bytes_zeroed"]
-        elif isinstance(self.parent, MirrorDevice) and self.parent.resync_status is not None:
-            r = self.parent.resync_status()
+        elif self._mirror is not None and self._mirror.resync_status is not None:
+            r = self._mirror.resync_status()
             out |= {k: r.get(k) for k in ("regions_done", "regions_total", "rate", "eta")}
             out["bytes"] = r.get("bytes", 0)
         return out
@@ -193,8 +191,8 @@ class ReplaceJob:
         return "finished"
 
     async def _run_leg(self) -> None:
-        mirror = self.parent
-        assert isinstance(mirror, MirrorDevice)
+        mirror = self._mirror
+        assert mirror is not None
         # The keeper's resyncer fills NEW; poll its state (the mirror has no event for
         # "leg in sync", and a tenth of a second is nothing next to a full copy).
         while _leg_of(mirror, self.new).state is not LegState.IN_SYNC:  # noqa: ASYNC110
@@ -214,8 +212,8 @@ class ReplaceJob:
         try:
             if self._rep is not None and self._rep.state != "finished":
                 await self._swap(self._rep, self.old)
-            elif self._leg_added and isinstance(self.parent, MirrorDevice):
-                mirror = self.parent
+            elif self._leg_added and self._mirror is not None:
+                mirror = self._mirror
 
                 async def remove() -> None:
                     await mirror.remove_leg(_leg_of(mirror, self.new).index)
@@ -236,7 +234,6 @@ class ReplaceJob:
 
     async def _swap(self, old: BlockDevice, new: BlockDevice) -> None:
         parent = self.parent
-        assert isinstance(parent, LinearDevice | StripeDevice)
 
         def change() -> None:
             parent.replace_child(old, new)
@@ -244,7 +241,7 @@ class ReplaceJob:
         await self.root.reconfigure(change)
 
 
-def _leg_of(mirror: MirrorDevice, dev: BlockDevice) -> Leg:
+def _leg_of(mirror: Redundant, dev: BlockDevice) -> Leg:
     leg = next((x for x in mirror.legs if x.dev is dev), None)
     if leg is None:
         raise ConfigError(f"{dev.name!r} is no longer a leg of {mirror.name!r}")

@@ -42,7 +42,8 @@ from typing import Any
 from dst.device import BlockDevice
 from dst.errors import ConfigError
 from dst.targets.copier import Copier, RateLimit
-from dst.targets.mirror import LegState, MirrorDevice
+from dst.targets.mirror import LegState
+from dst.targets.redundant import Redundant
 
 log = logging.getLogger(__name__)
 DEFAULT_DEPTH = 8  # regions a resync copies at once
@@ -56,7 +57,7 @@ class Resync:
 
     def __init__(
         self,
-        mirror: MirrorDevice,
+        mirror: Redundant,
         *,
         targets: Sequence[int] | None = None,
         limit: RateLimit | None = None,
@@ -207,7 +208,7 @@ class Resyncer:
 
     def __init__(
         self,
-        mirror: MirrorDevice,
+        mirror: Redundant,
         *,
         max_rate: float | None = None,
         min_rate: float | None = None,
@@ -297,7 +298,7 @@ class VerifyReport:
 
 
 async def verify(
-    mirror: MirrorDevice,
+    mirror: Redundant,
     *,
     repair: bool = False,
     source: int | None = None,

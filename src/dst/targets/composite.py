@@ -82,13 +82,17 @@ def unique(devs: Sequence[BlockDevice]) -> list[BlockDevice]:
     return out
 
 
+HEALTHY = frozenset({"ok", "connected"})  # a child in these states serves normally
+
+
 def combined_health(devs: Sequence[BlockDevice]) -> Health:
     """Health of a non-redundant composite: ``failed`` if a child failed, ``degraded``
-    if a child is anything else but ``ok``; the children's health in ``detail``."""
+    if a child is anything else but healthy (``ok``, or a node ``connected``); the
+    children's health in ``detail``."""
     kids: list[dict[str, Any]] = []
     for d in devs:
         h = d.health()
         kids.append({"name": d.name, "state": h.state, **h.detail})
     states = {k["state"] for k in kids}
-    state = "failed" if "failed" in states else "ok" if states <= {"ok"} else "degraded"
+    state = "failed" if "failed" in states else "ok" if states <= HEALTHY else "degraded"
     return Health(state, {"children": kids})

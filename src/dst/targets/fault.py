@@ -43,6 +43,9 @@ class _Rule:
 class FaultDevice(BlockDevice):
     """``child`` with injectable failures.  ``counters`` counts requests that got through."""
 
+    kind = "fault"
+    counters: IOCounters
+
     def __init__(self, child: BlockDevice, *, name: str = "fault") -> None:
         self.child = child
         self.name = name

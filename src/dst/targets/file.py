@@ -64,6 +64,7 @@ def _unsupported(exc: OSError) -> bool:
 
 
 class FileDevice(BlockDevice):
+    kind = "file"
     """``path`` as a device.  ``size`` defaults to the file's size.
 
     ``create`` creates the file and extends it (sparsely) to ``size``; an existing file
@@ -363,13 +364,11 @@ class FileDevice(BlockDevice):
     # -- status ----------------------------------------------------------------------
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "type": "file",
-            "name": self.name,
-            "path": self.path,
-            "size": self.size,
-            "read_only": self._read_only,
-        }
+        out: dict[str, Any] = {"type": "file", "name": self.name, "path": self.path}
+        if self._want_size is not None:  # configured: it creates or checks the size
+            out["size"] = self._want_size
+        out["read_only"] = self._read_only
+        return out
 
     def health(self) -> Health:
         state = "ok" if self._fd >= 0 else "closed"

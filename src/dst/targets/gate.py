@@ -147,6 +147,8 @@ class GateDevice(BlockDevice):
     ``max_held`` bounds the requests held while suspended (None: unbounded).
     """
 
+    counters: IOCounters
+
     def __init__(
         self, inner: BlockDevice, *, name: str = "", max_held: int | None = DEFAULT_MAX_HELD
     ) -> None:
@@ -162,6 +164,10 @@ class GateDevice(BlockDevice):
     @property
     def size(self) -> int:  # type: ignore[override]
         return self.inner.size
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.inner.kind
 
     @property
     def caps(self) -> Capabilities:  # type: ignore[override]

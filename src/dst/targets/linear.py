@@ -44,6 +44,8 @@ class LinearDevice(BlockDevice):
     child.  Raises ConfigError (at construction or open) for a bad table.
     """
 
+    kind = "linear"
+
     def __init__(
         self,
         children: Sequence[BlockDevice],
@@ -211,6 +213,31 @@ class LinearDevice(BlockDevice):
 
     def health(self) -> Health:
         return combined_health(self.children())
+
+    def member_info(self) -> list[dict[str, Any]]:
+        """Each child's ``start``: where its first segment sits in the array."""
+        starts: dict[int, int] = {}
+        pos = 0
+        for seg, dev in zip(self._table.layout.segments, self._table.devs, strict=True):
+            starts.setdefault(id(dev), pos)
+            pos += seg.size
+        return [{"start": starts.get(id(d))} for d in self.children()]
+
+    async def add_member(self, dev: BlockDevice, *, start: int = 0, length: int | None = None
+                         ) -> None:  # fmt: skip
+        self.append(dev, start, length)
+
+    async def remove_member(self, name: str) -> BlockDevice:
+        """Only the last segment's device can go (the array shrinks)."""
+        devs = self._table.devs
+        if not any(d.name == name for d in devs):
+            raise ConfigError(f"no member {name!r} in {self.name!r}", where="node")
+        if devs[-1].name != name:
+            raise ConfigError(f"only the last node ({devs[-1].name!r}) can be removed",
+                              where="node")  # fmt: skip
+        if len(devs) == 1:
+            raise ConfigError("cannot remove the only node of an array", where="node")
+        return self.remove_last()
 
     def children(self) -> Sequence[BlockDevice]:
         return unique(self._table.devs or tuple(self._pending))

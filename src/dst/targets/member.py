@@ -19,7 +19,7 @@ for them.  Resume the node first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dst.device import BlockDevice, Health
@@ -27,18 +27,19 @@ from dst.targets.gate import DEFAULT_MAX_HELD, GateDevice
 
 
 class Member(GateDevice):
-    """A storage node: ``kind`` (file, remote, memory) and ``where`` (path or URI)."""
+    """A storage node called ``name``; ``where`` is its path or URI (its ``kind`` is the
+    device inside's: file, remote, memory)."""
+
+    node = True
 
     def __init__(
         self,
         inner: BlockDevice,
         *,
         name: str,
-        kind: str,
         where: str,
         max_held: int | None = DEFAULT_MAX_HELD,
     ) -> None:
-        self.kind = kind
         self.where = where
         self.state = "new"
         super().__init__(inner, name=name, max_held=max_held)
@@ -54,20 +55,19 @@ class Member(GateDevice):
         await self.inner.close()
         self.state = "closed"
 
-    def swap_inner(
-        self, new: BlockDevice, *, kind: str | None = None, where: str | None = None
-    ) -> BlockDevice:
+    def swap_inner(self, new: BlockDevice, *, where: str | None = None) -> BlockDevice:
         """:meth:`~dst.targets.gate.GateDevice.swap`, refusing a smaller device (the
         array's layout was computed from this one's size): ConfigError."""
         old = self.swap(new, min_size=self.inner.size)
-        if kind is not None:
-            self.kind = kind
         if where is not None:
             self.where = where
         return old
 
     def spec(self) -> dict[str, Any]:
-        return self.inner.spec()
+        return {**self.inner.spec(), "name": self.name}
+
+    def subscribe(self, callback: Callable[[bool], None]) -> Callable[[], None]:
+        return self.inner.subscribe(callback)
 
     def health(self) -> Health:
         """The inner device's health; ``suspended`` while suspended (if otherwise ok),

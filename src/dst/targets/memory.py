@@ -10,6 +10,8 @@ from dst.device import BlockDevice, Buffer, Capabilities
 class MemoryDevice(BlockDevice):
     """A bytearray of ``size`` bytes.  Flush is a no-op: memory is as durable as it gets."""
 
+    kind = "memory"
+
     def __init__(self, size: int, *, name: str = "memory", read_only: bool = False) -> None:
         if size < 0:
             raise ValueError("size must be >= 0")

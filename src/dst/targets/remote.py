@@ -75,6 +75,8 @@ def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
 class RemoteDevice(BlockDevice):
     """The NBD export at ``address`` as a device (see the module docstring)."""
 
+    kind = "remote"
+
     def __init__(
         self,
         address: Address,

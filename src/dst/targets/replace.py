@@ -77,6 +77,8 @@ class ReplaceDevice(BlockDevice):
     positive.
     """
 
+    kind = "replace"
+
     def __init__(
         self,
         old: BlockDevice,
@@ -353,6 +355,9 @@ class ReplaceDevice(BlockDevice):
     def spec(self) -> dict[str, Any]:
         """OLD's spec: until the swap, OLD is the member of record."""
         return self.old.spec()
+
+    def member_info(self) -> list[dict[str, Any]]:
+        return [{"role": "old"}, {"role": "new", "state": "copying"}]
 
     def health(self) -> Health:
         h = self.old.health()

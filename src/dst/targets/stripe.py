@@ -29,6 +29,8 @@ from dst.targets.layout import DEFAULT_CHUNK, StripeLayout
 class StripeDevice(BlockDevice):
     """``children`` striped with ``chunk``-byte chunks.  Raises ConfigError if bad."""
 
+    kind = "stripe"
+
     def __init__(
         self, children: Sequence[BlockDevice], *, chunk: int = DEFAULT_CHUNK, name: str = "stripe"
     ) -> None:

@@ -25,6 +25,7 @@ regions only.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 
 from dst.aio import TaskSet, wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
-from dst.errors import BlockError
+from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
 from dst.targets.mirror import membership, recovery
 from dst.targets.mirror.core import MirrorCore
@@ -55,6 +56,8 @@ class MirrorDevice(BlockDevice):
     time is failed); ``array_uuid`` the array the members must belong to;
     ``resync_rate``/``resync_min_rate`` how fast the array's keeper may copy to it.
     """
+
+    kind = "mirror"
 
     def __init__(
         self,
@@ -116,7 +119,7 @@ class MirrorDevice(BlockDevice):
         return self.core.leg_timeout
 
     @property
-    def resync_wanted(self) -> Any:
+    def resync_wanted(self) -> asyncio.Event:
         return self.core.resync_wanted
 
     @property
@@ -237,6 +240,24 @@ class MirrorDevice(BlockDevice):
     async def remove_leg(self, index: int) -> BlockDevice:
         return await membership.remove_leg(self.core, index)
 
+    def leg_index(self, name: str) -> int:
+        """The index of the leg called ``name``.  ConfigError if there is none."""
+        for leg in self.core.legs:
+            if leg.dev.name == name:
+                return leg.index
+        raise ConfigError(f"{name!r} is not a leg of {self.name!r}", where="node")
+
+    async def add_member(self, dev: BlockDevice, *, start: int = 0, length: int | None = None
+                         ) -> None:  # fmt: skip
+        """A new leg (:meth:`add_leg`); a leg is a whole device."""
+        if start or length is not None:
+            raise ConfigError("a mirror leg is a whole device (no start or length)",
+                              where="node")  # fmt: skip
+        await self.add_leg(dev)
+
+    async def remove_member(self, name: str) -> BlockDevice:
+        return await self.remove_leg(self.leg_index(name))
+
     async def replace_leg(self, index: int, dev: BlockDevice) -> BlockDevice:
         return await membership.replace_leg(self.core, index, dev)
 
@@ -277,3 +298,6 @@ class MirrorDevice(BlockDevice):
 
     def children(self) -> Sequence[BlockDevice]:
         return [leg.dev for leg in self.core.legs]
+
+    def member_info(self) -> list[dict[str, Any]]:
+        return [{"state": leg.state.value} for leg in self.core.legs]

@@ -1,0 +1,75 @@
+"""What the array's keeper needs of a redundant target (a mirror; parity arrays too).
+
+A redundant target holds every acknowledged write on more than one member, so the array
+keeps it healthy in the background: it resyncs what members miss, re-adds members whose
+node came back, verifies, and rebuilds a replaced member from the others instead of
+copying it.  :class:`Redundant` is that contract, checked structurally; the control
+plane asks it of a device instead of naming a concrete target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from dst.aio import TaskSet
+from dst.device import BlockDevice
+from dst.targets.mirror.dirtylog import ReaddPlan
+from dst.targets.mirror.legs import Leg
+from dst.targets.mirror.regionhash import RegionHash
+
+
+@runtime_checkable
+class Redundant(Protocol):
+    """A target whose members are redundant (see the module docstring)."""
+
+    name: str
+    resync_rate: int
+    resync_min_rate: int
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def legs(self) -> list[Leg]: ...
+
+    @property
+    def regions(self) -> RegionHash: ...
+
+    @property
+    def tasks(self) -> TaskSet: ...
+
+    @property
+    def io_ops(self) -> int: ...
+
+    @property
+    def resync_wanted(self) -> asyncio.Event: ...
+
+    @property
+    def resync_status(self) -> Callable[[], dict[str, Any]] | None: ...
+
+    @resync_status.setter
+    def resync_status(self, fn: Callable[[], dict[str, Any]] | None) -> None: ...
+
+    def leg_index(self, name: str) -> int: ...
+
+    def region_range(self, region: int, region_size: int | None = None) -> tuple[int, int]: ...
+
+    async def fail_leg(self, index: int) -> None: ...
+
+    async def readd(self, index: int, *, full: bool = False) -> ReaddPlan: ...
+
+    async def resync_region(self, region: int, targets: Sequence[int]) -> int: ...
+
+    async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None: ...
+
+    async def resync_done(self, index: int) -> bool: ...
+
+    async def verify_region(
+        self, region: int, *, region_size: int | None = None, repair_from: int | None = None
+    ) -> bool: ...
+
+    async def add_leg(self, dev: BlockDevice) -> int: ...
+
+    async def remove_leg(self, index: int) -> BlockDevice: ...
