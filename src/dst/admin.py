@@ -90,7 +90,7 @@ def cmd_daemon(control: str, spec_files: list[str]) -> int:
 
 
 def cmd_create(control: str, spec_file: str) -> int:
-    from dst.array.spec import spec_to_dict
+    from dst.array.specdict import spec_to_dict
     from dst.array.specfile import load_spec
 
     spec = load_spec(spec_file)
@@ -189,7 +189,7 @@ def cmd_assemble(
 ) -> int:
     """Rebuild a mirror from its members' superblocks and start it in the daemon."""
     from dst.array.assemble import assemble_spec, probe_all
-    from dst.array.spec import spec_from_dict, spec_to_dict
+    from dst.array.specdict import spec_from_dict, spec_to_dict
 
     async def probe() -> Any:
         return await probe_all(members)

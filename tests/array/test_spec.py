@@ -18,12 +18,14 @@ from dst.array.spec import (
     SpecError,
     StripeSpec,
     find_node,
+    walk,
+)
+from dst.array.specdict import (
     linear_part_from_dict,
     spec_from_dict,
     spec_to_dict,
     target_from_dict,
     target_to_dict,
-    walk,
 )
 from dst.array.specfile import load_spec, spec_from_toml
 from dst.errors import ConfigError

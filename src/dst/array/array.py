@@ -27,7 +27,8 @@ from typing import Any
 from dst.array.build import build, index
 from dst.array.keeper import MirrorKeeper, keepers
 from dst.array.replacing import ReplaceJob
-from dst.array.spec import ArraySpec, SpecError, spec_to_dict, target_from_dict
+from dst.array.spec import ArraySpec, SpecError
+from dst.array.specdict import spec_to_dict, target_from_dict
 from dst.array.status import node_status, stopped_status
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError, ControlError

@@ -83,6 +83,8 @@ def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> 
             metadata=target.metadata,
             leg_timeout=target.leg_timeout,
             clear_delay=target.clear_delay,
+            resync_rate=target.resync_rate,
+            resync_min_rate=target.resync_min_rate,
         )
     raise ConfigError(f"unknown target type {type(target).__name__}")
 

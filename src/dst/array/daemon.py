@@ -29,7 +29,8 @@ from typing import Any
 
 from dst.array import ops, reshape
 from dst.array.array import Array, bad_spec
-from dst.array.spec import ArraySpec, spec_from_dict
+from dst.array.spec import ArraySpec
+from dst.array.specdict import spec_from_dict
 from dst.control import messages as m
 from dst.control.server import ControlServer
 from dst.errors import ConfigError, ControlError, DstError

@@ -20,7 +20,8 @@ from typing import Any
 from dst.array.array import Array, bad_spec
 from dst.array.build import construct, index
 from dst.array.replacing import ReplaceJob
-from dst.array.spec import LinearPart, linear_part_from_dict, target_from_dict
+from dst.array.spec import LinearPart
+from dst.array.specdict import linear_part_from_dict, target_from_dict
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError, ControlError, Unsupported
 from dst.meta.superblock import MetadataError

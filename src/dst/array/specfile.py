@@ -18,7 +18,8 @@ import os
 import re
 import tomllib
 
-from dst.array.spec import ArraySpec, SpecError, spec_from_dict
+from dst.array.spec import ArraySpec, SpecError
+from dst.array.specdict import spec_from_dict
 from dst.errors import ConfigError
 
 

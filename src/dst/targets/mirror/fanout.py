@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 A WRITE, WRITE_ZEROES, TRIM or FLUSH is one :class:`Mutation`: it sends its part to
-every live leg at once (a :class:`~dst.targets.mirror.legs.LegCall` each: the leg's
-fast path when it has one, its coroutine otherwise), collects every answer, and
-*settles* once, by one policy:
+every attached leg at once (the region hash's set: a leg that gets no write must have it
+recorded as missed, so the two never disagree), a
+:class:`~dst.targets.mirror.legs.LegCall` each (the leg's fast path when it has one, its
+coroutine otherwise), collects every answer, and *settles* once, by one policy:
 
 * every leg that failed (an error, or no answer within ``leg_timeout``) is failed and
   misses the mutation's regions (recorded in the region hash, so it is resynced);
@@ -159,7 +160,8 @@ class Mutation:
     def start(self) -> Cancel:
         core = self.core
         rh = core.regions
-        legs = self.legs = [leg for leg in core.legs if leg.live]
+        attached = rh.attached  # the legs that get writes: what they miss is recorded
+        legs = self.legs = [leg for leg in core.legs if leg.index in attached]
         if self.wid:
             regions = rh.regions(self.offset, self.length)
             self.holders = [rh.holds(leg.index, regions) for leg in legs]

@@ -207,10 +207,10 @@ async def _join(core: MirrorCore, leg: Leg) -> None:
     meanwhile; it is detached again)."""
     rh, i = core.regions, leg.index
     await core.log.format_new(i)
-    rh.attach(i)
+    rh.attach(i)  # gets every write from now on; it misses everything before
+    rh.missed(i, range(rh.nregions))
     await core.log.adopt_bitmap([i], rh.tracker.bitmap)
     if i in rh.attached:
-        rh.missed(i, range(rh.nregions))
         await rh.quiet()
     if i not in rh.attached:
         raise BlockError(errno.EIO, f"{core.name}: {leg.dev.name} failed while joining: "

@@ -140,13 +140,15 @@ async def readd(core: MirrorCore, index: int, *, full: bool = False) -> ReaddPla
     relation, whole = await core.log.readd(index, full=full)
     regions = range(rh.nregions) if whole else sorted(rh.tracker.out_of_sync(index))
     plan = ReaddPlan(index, relation, whole, len(regions))
+    # Attached, it gets every write from now on; what it lacks is marked at the same
+    # point in time (no await in between), so no write slips past both.
     rh.attach(index)
+    rh.missed(index, regions)
+    leg.state, leg.reason = LegState.RESYNCING, f"re-added: {plan.relation}"
     await core.log.adopt_bitmap([index], rh.tracker.bitmap)
     if index not in rh.attached:  # it failed again while being given the bitmap
         raise BlockError(errno.EIO, f"{core.name}: leg {index} failed while re-added: "
                          f"{leg.reason}")  # fmt: skip
-    rh.missed(index, regions)
-    leg.state, leg.reason = LegState.RESYNCING, f"re-added: {plan.relation}"
     log.info("%s: leg %d re-added (%s), %d regions to copy", core.name, index,
              plan.relation, plan.regions)  # fmt: skip
     if not rh.missing(index):

@@ -1,0 +1,356 @@
+r"""Array specs as plain dicts: validation into the spec tree, and back (canonical).
+
+Theory of operation
+-------------------
+Two sources, one validator: a TOML file (:mod:`dst.array.specfile`) and a plain dict of
+the same shape (this is how a spec travels as JSON over the control socket, and what
+every device reports of itself).  Unknown keys, wrong types and missing required keys
+are :class:`~dst.array.spec.SpecError`\ s naming the key path, e.g.
+``array.target.members[1].uri``.  :func:`spec_to_dict` gives the canonical dict --
+every field explicit, generated names included -- so ``spec_from_dict(spec_to_dict(s))
+== s``.  The document shape and the value grammars are described in
+:mod:`dst.array.spec` and ``docs/spec-reference.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
+
+from dst.array.spec import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_IO_TIMEOUT,
+    DEFAULT_LEG_TIMEOUT,
+    KINDS,
+    MIN_CHUNK_SIZE,
+    NAME_RE,
+    ArraySpec,
+    FileSpec,
+    LinearPart,
+    LinearSpec,
+    MemorySpec,
+    MirrorSpec,
+    RemoteSpec,
+    SpecError,
+    StripeSpec,
+    TargetSpec,
+    children,
+)
+from dst.errors import ConfigError
+from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
+from dst.net.address import parse_address
+from dst.units import format_size, parse_duration, parse_size
+
+
+def _describe(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string"}
+    if type(value) in names:
+        return f"{names[type(value)]} {value!r}"
+    return "an array" if isinstance(value, list | tuple) else "a table"
+
+
+_MISSING: Any = object()
+
+
+class _Table:
+    """A mapping being validated: typed getters and a check that no key is left over."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise SpecError(path, f"expected a table, got {_describe(data)}")
+        self.data: Mapping[str, object] = data
+        self.path = path
+
+    def allow(self, *keys: str) -> None:
+        """Reject keys not in ``keys`` (first, so a typo is not reported as missing)."""
+        for k in self.data:
+            if k not in keys:
+                close = difflib.get_close_matches(str(k), keys, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SpecError(self.key(str(k)), f"unknown key{hint}")
+
+    def key(self, k: str) -> str:
+        return f"{self.path}.{k}" if self.path else k
+
+    def raw(self, k: str, default: Any = _MISSING) -> Any:
+        value = self.data.get(k)
+        if value is None:
+            if default is _MISSING:
+                raise SpecError(self.key(k), "missing required key")
+            return default
+        return value
+
+    def text(self, k: str, default: Any = _MISSING) -> Any:
+        value = self.raw(k, default)
+        if value is not default and not isinstance(value, str):
+            raise SpecError(self.key(k), f"expected a string, got {_describe(value)}")
+        return value
+
+    def flag(self, k: str, default: bool) -> bool:
+        value = self.raw(k, default)
+        if not isinstance(value, bool):
+            raise SpecError(self.key(k), f"expected true or false, got {_describe(value)}")
+        return value
+
+    def size(self, k: str, default: Any = _MISSING) -> Any:
+        value = self.raw(k, default)
+        if value is default:
+            return value
+        try:
+            return parse_size(value)
+        except ConfigError as e:
+            raise SpecError(self.key(k), str(e)) from None
+
+    def duration(self, k: str, default: float) -> float:
+        value = self.raw(k, default)
+        try:
+            seconds = parse_duration(value)
+        except ConfigError as e:
+            raise SpecError(self.key(k), str(e)) from None
+        if seconds <= 0:
+            raise SpecError(self.key(k), "must be positive")
+        return seconds
+
+    def array(self, k: str) -> list[object]:
+        value = self.raw(k, [])
+        if not isinstance(value, list | tuple):
+            raise SpecError(self.key(k), f"expected an array, got {_describe(value)}")
+        return list(value)
+
+
+# ---------------------------------------------------------------------------
+# dict -> spec
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
+    """Validate a document ``{"array": {...}}``; raises :class:`SpecError`."""
+    doc = _Table(data, "")
+    doc.allow("array")
+    t = _Table(doc.raw("array"), "array")
+    t.allow("name", "listen", "export", "io_timeout", "target")
+    name = _name(t, "name", required=True)
+    listen = []
+    for i, item in enumerate(t.array("listen")):
+        if not isinstance(item, str):
+            raise SpecError(f"array.listen[{i}]", f"expected a string, got {_describe(item)}")
+        try:
+            listen.append(parse_address(item, form="listen"))
+        except ConfigError as e:
+            raise SpecError(f"array.listen[{i}]", str(e)) from None
+    export = t.text("export", None)
+    io_timeout = t.duration("io_timeout", DEFAULT_IO_TIMEOUT)
+    target = _target(_Table(t.raw("target"), "array.target"))
+    return ArraySpec(
+        name=name,
+        target=_assign_names(target, "array.target"),
+        listen=tuple(listen),
+        export=export,
+        io_timeout=io_timeout,
+    )
+
+
+def target_from_dict(
+    data: Mapping[str, Any], *, taken: Collection[str] = (), path: str = "spec"
+) -> TargetSpec:
+    """Validate one node dict (for adding a node to a running array).
+
+    Names in ``taken`` (the array's existing nodes) must not be reused; generated
+    names avoid them.  Raises :class:`SpecError` with keys under ``path``.
+    """
+    return _assign_names(_target(_Table(data, path)), path, taken=taken)
+
+
+def linear_part_from_dict(
+    data: Mapping[str, Any], *, taken: Collection[str] = (), path: str = "spec"
+) -> LinearPart:
+    """Like :func:`target_from_dict` for a linear member (may carry ``start``/``length``)."""
+    part = _linear_part(_Table(data, path))
+    return dataclasses.replace(part, target=_assign_names(part.target, path, taken=taken))
+
+
+def _name(t: _Table, k: str, *, required: bool = False) -> str:
+    value: str = t.text(k, _MISSING if required else "")
+    if (value or required) and not NAME_RE.fullmatch(value):
+        raise SpecError(t.key(k), f"bad name {value!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    return value
+
+
+_KEYS = {
+    "file": ("path", "size", "read_only"),
+    "memory": ("size",),
+    "remote": ("uri",),
+    "linear": ("members",),
+    "stripe": ("members", "chunk_size"),
+    "mirror": (
+        "members",
+        "region_size",
+        "metadata",
+        "leg_timeout",
+        "resync_rate",
+        "resync_min_rate",
+        "clear_delay",
+    ),
+}
+
+
+def _target(t: _Table, *extra: str) -> TargetSpec:
+    kind = t.text("type")
+    if kind not in KINDS:
+        raise SpecError(t.key("type"), f"unknown type {kind!r}: use one of {', '.join(KINDS)}")
+    t.allow("type", "name", *_KEYS[kind], *extra)
+    name = _name(t, "name")
+    result: TargetSpec
+    if kind == "file":
+        path = t.text("path")
+        if not path:
+            raise SpecError(t.key("path"), "empty path")
+        result = FileSpec(
+            name=name, path=path, size=t.size("size", None), read_only=t.flag("read_only", False)
+        )
+    elif kind == "memory":
+        result = MemorySpec(name=name, size=t.size("size"))
+    elif kind == "remote":
+        text = t.text("uri")
+        try:
+            uri = parse_address(text, form="uri")
+        except ConfigError as e:
+            raise SpecError(t.key("uri"), str(e)) from None
+        result = RemoteSpec(name=name, uri=uri)
+    elif kind == "linear":
+        parts = tuple(_linear_part(m) for m in _members(t, 1))
+        result = LinearSpec(name=name, members=parts)
+    elif kind == "stripe":
+        chunk = _grain(t, "chunk_size", DEFAULT_CHUNK_SIZE)
+        result = StripeSpec(
+            name=name, members=tuple(_target(m) for m in _members(t, 2)), chunk_size=chunk
+        )
+    else:
+        result = MirrorSpec(
+            name=name,
+            members=tuple(_target(m) for m in _members(t, 2)),
+            region_size=_grain(t, "region_size", DEFAULT_REGION_SIZE),
+            metadata=t.flag("metadata", True),
+            leg_timeout=t.duration("leg_timeout", DEFAULT_LEG_TIMEOUT),
+            resync_rate=t.size("resync_rate", 0),
+            resync_min_rate=t.size("resync_min_rate", 0),
+            clear_delay=t.duration("clear_delay", DEFAULT_CLEAR_DELAY),
+        )
+    return result
+
+
+def _members(t: _Table, minimum: int) -> list[_Table]:
+    items = t.array("members")
+    if len(items) < minimum:
+        kind = t.data["type"]
+        raise SpecError(
+            t.key("members"), f"{kind} needs at least {minimum} members, got {len(items)}"
+        )
+    return [_Table(m, f"{t.key('members')}[{i}]") for i, m in enumerate(items)]
+
+
+def _linear_part(m: _Table) -> LinearPart:
+    start = m.size("start", 0)
+    length = m.size("length", None)
+    if length == 0:
+        raise SpecError(m.key("length"), "length must be > 0")
+    return LinearPart(target=_target(m, "start", "length"), start=start, length=length)
+
+
+def _grain(t: _Table, k: str, default: int) -> int:
+    value: int = t.size(k, default)
+    if value < MIN_CHUNK_SIZE or value & (value - 1):
+        raise SpecError(t.key(k), f"must be a power of two >= 4KiB, got {value}")
+    return value
+
+
+def _assign_names(root: TargetSpec, path: str, *, taken: Collection[str] = ()) -> TargetSpec:
+    """Check explicit names are unique; give unnamed nodes ``node<preorder index>``."""
+    used = set(taken)
+    nodes = list(_walk_paths(root, path))
+    for node, node_path in nodes:
+        if node.name:
+            if node.name in used:
+                raise SpecError(f"{node_path}.name", f"duplicate node name {node.name!r}")
+            used.add(node.name)
+    names: dict[str, str] = {}  # path -> generated name
+    for i, (node, node_path) in enumerate(nodes, start=len(taken)):
+        if not node.name:
+            while f"node{i}" in used:
+                i += 1
+            names[node_path] = f"node{i}"
+            used.add(f"node{i}")
+    return _rename(root, path, names)
+
+
+def _walk_paths(t: TargetSpec, path: str) -> Iterator[tuple[TargetSpec, str]]:
+    yield t, path
+    for i, child in enumerate(children(t)):
+        yield from _walk_paths(child, f"{path}.members[{i}]")
+
+
+def _rename(t: TargetSpec, path: str, names: Mapping[str, str]) -> TargetSpec:
+    name = names.get(path, t.name)
+    sub = [_rename(c, f"{path}.members[{i}]", names) for i, c in enumerate(children(t))]
+    if isinstance(t, LinearSpec):
+        parts = tuple(dataclasses.replace(p, target=c) for p, c in zip(t.members, sub, strict=True))
+        return dataclasses.replace(t, name=name, members=parts)
+    if isinstance(t, StripeSpec | MirrorSpec):
+        return dataclasses.replace(t, name=name, members=tuple(sub))
+    return dataclasses.replace(t, name=name)
+
+
+# ---------------------------------------------------------------------------
+# spec -> dict
+
+
+def spec_to_dict(spec: ArraySpec, *, human: bool = False) -> dict[str, Any]:
+    """The canonical document ``{"array": {...}}`` (JSON- and TOML-able).
+
+    Sizes are ints, or with ``human`` strings like ``"64KiB"`` (both parse back).
+    """
+    array: dict[str, Any] = {"name": spec.name, "listen": [str(a) for a in spec.listen]}
+    if spec.export is not None:
+        array["export"] = spec.export
+    array["io_timeout"] = spec.io_timeout
+    array["target"] = target_to_dict(spec.target, human=human)
+    return {"array": array}
+
+
+def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
+    """One node (and its members) as a dict, as in :func:`spec_to_dict`."""
+    size = format_size if human else int
+    d: dict[str, Any] = {"type": t.KIND, "name": t.name}
+    if isinstance(t, FileSpec):
+        d["path"] = t.path
+        if t.size is not None:
+            d["size"] = size(t.size)
+        d["read_only"] = t.read_only
+    elif isinstance(t, MemorySpec):
+        d["size"] = size(t.size)
+    elif isinstance(t, RemoteSpec):
+        d["uri"] = t.uri.uri()
+    elif isinstance(t, LinearSpec):
+        d["members"] = [_part_to_dict(p, human=human) for p in t.members]
+    elif isinstance(t, StripeSpec):
+        d["chunk_size"] = size(t.chunk_size)
+        d["members"] = [target_to_dict(m, human=human) for m in t.members]
+    else:
+        d["region_size"] = size(t.region_size)
+        d["metadata"] = t.metadata
+        d["leg_timeout"] = t.leg_timeout
+        d["resync_rate"] = size(t.resync_rate)
+        d["resync_min_rate"] = size(t.resync_min_rate)
+        d["clear_delay"] = t.clear_delay
+        d["members"] = [target_to_dict(m, human=human) for m in t.members]
+    return d
+
+
+def _part_to_dict(p: LinearPart, *, human: bool) -> dict[str, Any]:
+    d = target_to_dict(p.target, human=human)
+    if p.start:
+        d["start"] = format_size(p.start) if human else p.start
+    if p.length is not None:
+        d["length"] = format_size(p.length) if human else p.length
+    return d
