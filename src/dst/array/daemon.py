@@ -34,7 +34,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dst.array.build import build, index
+from dst.array.build import build, export_address, export_security, index
 from dst.array.keeper import MirrorKeeper, keepers
 from dst.array.ops import bad_spec
 from dst.array.replacing import ReplaceJob
@@ -86,6 +86,7 @@ class Array(Reshape):
             if self.state == "running":
                 return
             try:
+                security = export_security(self.spec)  # TLS credentials, ACL file
                 tree = await build(self.spec.target, io_timeout=self.spec.io_timeout)
             except BlockError as exc:
                 raise ControlError("node-unreachable", f"{self.name}: {exc}") from None
@@ -98,7 +99,7 @@ class Array(Reshape):
             for keeper in self.keepers.values():
                 keeper.start()
             names = [self.spec.export] if self.spec.export is not None else ["", self.name]
-            server = NbdServer(dict.fromkeys(names, root), default=names[0])
+            server = NbdServer(dict.fromkeys(names, root), default=names[0], **security)
             try:
                 bound = await server.start(*self.spec.listen)
             except (OSError, ConfigError) as exc:
@@ -107,9 +108,8 @@ class Array(Reshape):
                 await tree.close()
                 raise ControlError("listen-failed", f"{self.name}: cannot listen: {exc}") from None
             self.root, self.server, self.state = root, server, "running"
-            self.exports = [
-                a.uri() if not names[0] else _with_export(a.uri(), names[0]) for a in bound
-            ]
+            uris = [export_address(self.spec, a).uri() for a in bound]
+            self.exports = [u if not names[0] else _with_export(u, names[0]) for u in uris]
             log.info("array %s running, exported at %s", self.name, ", ".join(self.exports))
 
     async def stop(self) -> None:
@@ -148,6 +148,7 @@ class Array(Reshape):
             "algorithm": self.spec.target.KIND,
             "size": root.size if root is not None else 0,
             "exports": list(self.exports),
+            "clients": self.server.clients() if self.server is not None else [],
             "suspended": root.suspended if root is not None else False,
             "held": root.held if root is not None else 0,
             "replace": self.replace_job.progress() if self.replace_job is not None else None,
@@ -286,6 +287,18 @@ class Daemon:
         arrays: Iterable[Array] = [self._array(name)] if name is not None else self.arrays.values()
         return {"arrays": [a.status() for a in arrays]}
 
+    def reload(self, name: str | None = None) -> dict[str, Any]:
+        """Re-read the ACL file and TLS credentials of one array's export, or of all
+        (SIGHUP).  Raises ControlError ``bad-acl`` naming the file; the old stay."""
+        done: dict[str, Any] = {}
+        for array in [self._array(name)] if name is not None else self.arrays.values():
+            if array.server is not None:
+                try:
+                    done[array.name] = array.server.reload()
+                except ConfigError as exc:
+                    raise ControlError("bad-acl", f"{array.name}: {exc}") from None
+        return done
+
     async def handle(self, req: m.Request) -> Any:
         """Answer one control request.  Raises ControlError.
 
@@ -348,6 +361,8 @@ class Daemon:
         if isinstance(req, m.CancelReplace):
             self._array(req.array).cancel_replace()
             return self._array(req.array).status()
+        if isinstance(req, m.Reload):
+            return self.reload(req.array)
         if isinstance(req, m.Shutdown):
             self.stopping.set()
             return {}

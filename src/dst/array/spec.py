@@ -19,9 +19,17 @@ field explicit, generated names included -- so ``spec_from_dict(spec_to_dict(s))
 
 Document shape::
 
-    [array]                       name, listen = [...], export, io_timeout
+    [array]                       name, listen = [...], export, io_timeout, acl
+    [array.tls]                   mode, certificates, verify_peer, psk (the export)
     [array.target]                type = mirror|linear|stripe|remote|file|memory
     [[array.target.members]]      members of a composite, recursively
+
+Security (:mod:`dst.net.tls`, :mod:`dst.net.acl`): ``[array.tls]`` is the export's
+``dst serve --tls*`` (``certificates`` without ``mode`` means ``require``); ``acl`` a
+rules file.  Plaintext exports are allowed on loopback and unix sockets only: another
+``listen`` address needs ``[array.tls]`` (``mode = "off"`` says plaintext on purpose).
+A remote member over TLS is an ``nbds://`` / ``nbds+unix://`` URI whose
+``tls-certificates=DIR`` query names its client credentials (libnbd's syntax).
 
 A member of a linear target may carry ``start`` and ``length``: the part of that
 member that is used (default: from 0 to its end).  (``length``, not ``size``,
@@ -44,11 +52,14 @@ import difflib
 import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, TypeAlias
 
 from dst.errors import ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
+from dst.nbd.server import TlsMode
 from dst.net.address import Address, parse_address
+from dst.net.tls import ServerTlsConfig, check_exposure, parse_mode
 from dst.units import format_size, parse_duration, parse_size
 
 KiB = 1 << 10
@@ -151,13 +162,16 @@ KINDS: dict[str, type[TargetSpec]] = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArraySpec:
-    """One array: its name, NBD export addresses and name, I/O timeout and target tree."""
+    """One array: its name, NBD export addresses and name, I/O timeout and target tree;
+    the export's TLS settings (None: not given) and ACL file."""
 
     name: str
     target: TargetSpec
     listen: tuple[Address, ...] = ()
     export: str | None = None  # None: serve both "" and ``name``
     io_timeout: float = DEFAULT_IO_TIMEOUT
+    tls: ServerTlsConfig | None = None
+    acl: str | None = None
 
 
 def children(target: TargetSpec) -> tuple[TargetSpec, ...]:
@@ -312,7 +326,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
     doc = _Table(data, "")
     doc.allow("array")
     t = _Table(doc.raw("array"), "array")
-    t.allow("name", "listen", "export", "io_timeout", "target")
+    t.allow("name", "listen", "export", "io_timeout", "target", "tls", "acl")
     name = _name(t, "name", required=True)
     listen = []
     for i, item in enumerate(t.array("listen")):
@@ -324,6 +338,10 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
             raise SpecError(f"array.listen[{i}]", str(e)) from None
     export = t.text("export", None)
     io_timeout = t.duration("io_timeout", DEFAULT_IO_TIMEOUT)
+    tls = _tls(t.raw("tls", None), listen)
+    acl = t.text("acl", None)
+    if acl == "":
+        raise SpecError("array.acl", "empty path")
     target = _target(_Table(t.raw("target"), "array.target"))
     return ArraySpec(
         name=name,
@@ -331,7 +349,39 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
         listen=tuple(listen),
         export=export,
         io_timeout=io_timeout,
+        tls=tls,
+        acl=acl,
     )
+
+
+def _tls(data: object, listen: list[Address]) -> ServerTlsConfig | None:
+    """``[array.tls]``, and the check that a plaintext export stays on loopback."""
+    if data is None:
+        for i, addr in enumerate(listen):
+            try:
+                check_exposure([addr], None, where="")
+            except ConfigError as e:
+                raise SpecError(f"array.listen[{i}]", f"{e} (add [array.tls])") from None
+        return None
+    t = _Table(data, "array.tls")
+    t.allow("mode", "certificates", "verify_peer", "psk")
+    certificates, psk = t.text("certificates", None), t.text("psk", None)
+    mode_text = t.text("mode", None)
+    try:
+        mode = parse_mode(mode_text, where="") if mode_text is not None else TlsMode.REQUIRE
+    except ConfigError as e:
+        raise SpecError(t.key("mode"), str(e)) from None
+    config = ServerTlsConfig(
+        mode=mode,
+        certificates=Path(certificates) if certificates else None,
+        verify_peer=t.flag("verify_peer", False),
+        psk_file=Path(psk) if psk else None,
+    )
+    try:
+        config.check(where="")
+    except ConfigError as e:
+        raise SpecError("array.tls", str(e)) from None
+    return config
 
 
 def target_from_dict(
@@ -497,6 +547,15 @@ def spec_to_dict(spec: ArraySpec, *, human: bool = False) -> dict[str, Any]:
     if spec.export is not None:
         array["export"] = spec.export
     array["io_timeout"] = spec.io_timeout
+    if spec.tls is not None:
+        tls: dict[str, Any] = {"mode": spec.tls.mode.value, "verify_peer": spec.tls.verify_peer}
+        if spec.tls.certificates is not None:
+            tls["certificates"] = str(spec.tls.certificates)
+        if spec.tls.psk_file is not None:
+            tls["psk"] = str(spec.tls.psk_file)
+        array["tls"] = tls
+    if spec.acl is not None:
+        array["acl"] = spec.acl
     array["target"] = target_to_dict(spec.target, human=human)
     return {"array": array}
 
