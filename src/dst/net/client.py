@@ -302,6 +302,16 @@ class NbdClient:
             self = cls(proto, addr, name)
             try:
                 await self._negotiate()
+            except ConnectionLost as exc:
+                assert proto.transport is not None
+                proto.transport.abort()
+                if self.tls is None:
+                    raise
+                raise ConnectionLost(  # TLS 1.3: a refused certificate shows up only now
+                    f"{exc}: the server closed the connection after the TLS handshake "
+                    "(does it want a client certificate, client-cert.pem in "
+                    "tls-certificates=DIR, that it trusts?)"
+                ) from None
             except BaseException:
                 assert proto.transport is not None
                 proto.transport.abort()
