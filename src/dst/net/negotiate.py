@@ -246,6 +246,9 @@ class Negotiator:
 
 
 def _why(exc: BaseException) -> str:
+    """One line: the certificate check that failed, the TLS alert, or the error."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"client certificate refused: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
-        return f"{exc.reason} ({exc.library or 'ssl'})" if exc.library else str(exc.reason)
+        return str(exc.reason)
     return str(exc) or type(exc).__name__
