@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import logging
 import os
 import ssl
 import struct
-import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,8 @@ def both_loops(case: Case) -> Callable[..., None]:
     )
     test.__name__ = case.__name__
     test.__doc__ = case.__doc__
-    return pytest.mark.parametrize("loop", list(LOOPS))(test)
+    marked: Callable[..., None] = pytest.mark.parametrize("loop", list(LOOPS))(test)
+    return marked
 
 
 Raw = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -198,7 +199,7 @@ async def test_client_checks_the_server(pki: Path, sock_dir: Path) -> None:
     async with tls_server(pki, sock_dir) as (_, address):
         with pytest.raises(ConnectionLost, match="self-signed certificate in certificate chain"):
             await NbdClient.connect(tls_uri(address, pki / "other" / "user"))
-        with pytest.raises(ConnectionLost, match="Hostname mismatch|doesn't match"):
+        with pytest.raises(ConnectionLost, match=r"Hostname mismatch|doesn't match"):
             await NbdClient.connect(tls_uri(address, pki / "user", **{"tls-hostname": "evil"}))
     # a plain server: no silent downgrade
     server = NbdServer(MemoryDevice(1 << 20))
@@ -213,7 +214,7 @@ async def test_client_checks_the_server(pki: Path, sock_dir: Path) -> None:
 @both_loops
 async def test_missing_client_credentials_are_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "client-cert.pem").write_text("x")
-    with pytest.raises(ConfigError, match="ca-cert.pem is missing"):
+    with pytest.raises(ConfigError, match=r"ca-cert\.pem is missing"):
         ClientTlsConfig(certificates=tmp_path).context()
 
 
