@@ -381,12 +381,12 @@ def _array_table(a: dict[str, Any]) -> Any:
 
 
 def _tls_cell(kind: str, state: str, detail: dict[str, Any]) -> str:
-    """The tls column: the TLS version of a remote member's connection, or ``plain``."""
+    """The tls column: a remote member connection's TLS version (``1.3``) or ``no``."""
     tls = detail.get("tls")
     if isinstance(tls, dict):
-        return str(tls.get("version", "TLS"))
+        return str(tls.get("version", "TLS")).removeprefix("TLSv")
     down = state in ("stopped", "disconnected", "reconnecting", "failed") or "last_error" in detail
-    return "plain" if kind == "remote" and not down else ""
+    return "no" if kind == "remote" and not down else ""
 
 
 def _tls_text(tls: dict[str, Any] | None) -> str:

@@ -192,18 +192,24 @@ def demo_spec(nodes: list[Node], listen: tuple[Address, ...], *, pki: Path | Non
 
 
 def usage(exports: list[str], control: str, *, pki: Path | None = None) -> str:
-    kernel = "nbd-client 127.0.0.1 10809 /dev/nbd0     # with the kernel's nbd module"
-    if pki is not None:
-        u = pki / "user"
-        kernel = (
-            f"nbd-client -cacertfile {u}/ca-cert.pem -certfile {u}/client-cert.pem "
-            f"-keyfile {u}/client-key.pem 127.0.0.1 10809 /dev/nbd0"
-        )
-    if pki is not None:  # clients need the user's certificate
-        sep = {True: "&", False: "?"}
-        exports = [f"{e}{sep['?' in e]}tls-certificates={pki / 'user'}" for e in exports]
     tcp = next((e for e in exports if "+unix" not in e), exports[0] if exports else "")
     unix = next((e for e in exports if "+unix" in e), tcp)
+    qemu = f"qemu-system-x86_64 -drive file={tcp},format=raw ..."
+    kernel = "nbd-client 127.0.0.1 10809 /dev/nbd0     # with the kernel's nbd module"
+    if pki is not None:  # clients need the user's certificate
+        u = pki / "user"
+        exports = [f"{e}{'&' if '?' in e else '?'}tls-certificates={u}" for e in exports]
+        tcp = next((e for e in exports if "+unix" not in e), exports[0] if exports else "")
+        unix = next((e for e in exports if "+unix" in e), tcp)
+        addr = parse_address(tcp) if tcp.startswith("nbds://") else Address("127.0.0.1", 10809)
+        qemu = (
+            f"qemu-system-x86_64 -object tls-creds-x509,id=tls0,dir={u},endpoint=client "
+            f"-drive driver=nbd,host={addr.host},port={addr.port},tls-creds=tls0 ..."
+        )
+        kernel = (
+            f"nbd-client -cacertfile {u}/ca-cert.pem -certfile {u}/client-cert.pem "
+            f"-keyfile {u}/client-key.pem {addr.host} {addr.port} /dev/nbd0"
+        )
     where = "\n  ".join(exports)
     return f"""\
 dst is up: the array is exported at
@@ -214,7 +220,7 @@ Use it:
   nbdcopy disk.raw '{tcp}'                # write an image onto it
   mkdir -p /mnt/dst && nbdfuse /mnt/dst '{unix}' &
       mkfs.ext4 /mnt/dst/nbd && mount -o loop /mnt/dst/nbd /mnt/disk
-  qemu-system-x86_64 -drive file={tcp},format=raw ...
+  {qemu}
   {kernel}
   DST_CONTROL={control} dst status
 Ctrl-C stops the array, then the nodes.
