@@ -110,9 +110,7 @@ STARTTLS_OPT = struct.pack(">QII", IHAVEOPT, STARTTLS, 0)
 ACK = struct.pack(">QIII", 0x3E889045565A9, STARTTLS, 1, 0)
 
 
-def test_dst_serve_with_real_clients(
-    node_factory: NodeFactory, pki: Path, tmp_path: Path
-) -> None:
+def test_dst_serve_with_real_clients(node_factory: NodeFactory, pki: Path, tmp_path: Path) -> None:
     require("nbdinfo", "nbdcopy", "nbdsh", "qemu-img")
     node, acl = tls_node(node_factory, pki, tmp_path)
     uri, port = node.uri, port_of(node.uri)
@@ -295,3 +293,72 @@ def test_array_over_tls_members(
     err = daemon.stderr()
     assert "Traceback" not in err, err
     assert err.count("access denied") == 1 and "CN=intruder,O=dst" in err, err
+
+
+@pytest.mark.slow
+def test_dst_up_tls_cluster_carries_ext4(tmp_path: Path, sockdir: Path) -> None:
+    """dst up --tls: both hops verified; ext4 through nbdfuse over nbds+unix."""
+    require("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount", "nbdinfo")
+    require("nbdkit")
+    require_root_dev("/dev/fuse", "/dev/loop-control")
+    data_dir, sock, control = tmp_path / "data", sockdir / "dst.sock", sockdir / "control.sock"
+    cmd = [*DST, "up", "--tls", "--dir", str(data_dir), "--size", "64M"]
+    cmd += ["--listen", f"unix:{sock}", "--control", str(control)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out: list[str] = []
+    try:
+        while not out or not out[-1].startswith("dst is up"):
+            line = proc.stdout.readline()
+            assert line, f"dst up exited {proc.wait()}: {''.join(out)}{proc.stderr.read()}"
+            out.append(line)
+        user = data_dir / "pki" / "user"
+        export = f"nbds+unix:///?socket={sock}&tls-certificates={user}"
+        status = json.loads(run([*DST, "status", "--json", "--control", str(control)]).stdout)
+        (array,) = status["arrays"]
+        assert array["exports"] == [f"nbds+unix:///?socket={sock}"]
+        assert array["spec"]["array"]["tls"]["verify_peer"] is True
+        legs = array["root"]["members"]
+        assert [(g["name"], g["state"]) for g in legs] == [
+            ("node-a", "in_sync"),
+            ("node-b", "in_sync"),
+        ]
+        assert [g["detail"]["tls"]["peer"] for g in legs] == ["CN=node-a,O=dst", "CN=node-b,O=dst"]
+        # the nodes admit only the array: the user's own certificate is refused there
+        node_uri = legs[0]["where"].split("?")[0]
+        assert node_uri.startswith("nbds://127.0.0.1:")
+        assert run(["nbdinfo", f"{node_uri}?tls-certificates={user}"], check=False).returncode
+        assert run(["nbdinfo", f"nbd+unix:///?socket={sock}"], check=False).returncode
+
+        # libnbd 1.14's nbdfuse cannot read tls-certificates=DIR from a URI, so the TLS
+        # client on the user's hop is nbdkit's nbd plugin (libnbd) in front of nbdfuse.
+        proxy_sock = sockdir / "proxy.sock"
+        tls = ["tls=require", f"tls-certificates={user}"]
+        proxy = _serve(
+            ["nbdkit", "-f", "-U", str(proxy_sock), "nbd", f"socket={sock}", *tls],
+            proxy_sock,
+            tmp_path,
+            "proxy",
+        )
+        try:
+            digests = ext4_on_nbdfuse(f"nbd+unix:///?socket={proxy_sock}", tmp_path)
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=20)
+        run(["nbdinfo", export])  # and directly, with libnbd's TLS
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert rc == 0, err
+    assert "Traceback" not in err, err
+    a, b = data_dir / "node-a.img", data_dir / "node-b.img"
+    size = 64 * MiB
+    assert a.stat().st_size == member_size_for(size)
+    assert a.read_bytes()[:size] == b.read_bytes()[:size], "mirror legs differ"
+    check_ext4_image(a, digests, tmp_path)
