@@ -224,6 +224,11 @@ class Negotiator:
             log.warning("%s: TLS handshake failed: %s; closing", conn.peer, _why(exc))
             conn.connection_lost(None)
             return
+        except Exception:  # a connection edge: a bug, logged; the others go on
+            log.exception("%s: unexpected error during the TLS handshake; closing", conn.peer)
+            conn.abort()
+            conn.connection_lost(None)
+            return
         if transport is None:  # closed meanwhile
             conn.connection_lost(None)
             return
@@ -242,6 +247,9 @@ class Negotiator:
             self._step()
         except ProtocolError as exc:
             log.warning("%s: protocol error: %s; closing", conn.peer, exc)
+            conn.abort()
+        except Exception:
+            log.exception("%s: unexpected error; closing", conn.peer)
             conn.abort()
 
 
