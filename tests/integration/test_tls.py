@@ -277,6 +277,13 @@ def test_array_over_tls_members(
         assert run(["nbdinfo", f"nbd+unix:///?socket={sock}"], check=False).returncode != 0
         intruder = nbds(f"nbds+unix:///?socket={sock}", pki / "intruder")
         assert run(["nbdinfo", intruder], check=False).returncode != 0
+        # dst reload: the ACL file again (a bad one is refused, the old rules stay)
+        reloaded = daemon.dst("reload", "secure").stdout
+        assert reloaded == f"secure: reloaded 1 ACL rules from {acl}, TLS require\n"
+        acl.write_text("allow dn=\n")
+        bad = daemon.dst("reload", check=False)
+        assert bad.returncode != 0 and f"{acl}:1: empty dn=" in bad.stderr
+        assert bad.stderr.count("\n") == 1
         daemon.dst("stop", "secure")
         for leg_file in (node.path, m["k_img"], m["q_img"]):
             with open(leg_file, "rb") as f:
