@@ -281,9 +281,9 @@ def test_array_over_tls_members(
         reloaded = daemon.dst("reload", "secure").stdout
         assert reloaded == f"secure: reloaded 1 ACL rules from {acl}, TLS require\n"
         acl.write_text("allow dn=\n")
-        bad = daemon.dst("reload", check=False)
-        assert bad.returncode != 0 and f"{acl}:1: empty dn=" in bad.stderr
-        assert bad.stderr.count("\n") == 1
+        broken = daemon.dst("reload", check=False)
+        assert broken.returncode != 0 and f"{acl}:1: empty dn=" in broken.stderr
+        assert broken.stderr.count("\n") == 1
         daemon.dst("stop", "secure")
         for leg_file in (node.path, m["k_img"], m["q_img"]):
             with open(leg_file, "rb") as f:
