@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.progress_bar import ProgressBar
@@ -24,6 +25,11 @@ from rich.text import Text
 from dst.control.client import call
 from dst.errors import ControlError, DstError
 from dst.units import format_size
+
+if TYPE_CHECKING:
+    from dst.array.daemon import Daemon
+
+log = logging.getLogger(__name__)
 
 STATE_STYLE = {
     "running": "green",
@@ -78,14 +84,35 @@ def cmd_daemon(control: str, spec_files: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_daemon(
-            control,
-            specs=specs,
-            stop=stop,
-            on_ready=lambda _: print(f"control socket {control}", flush=True),
-        )
+
+        def ready(daemon: Daemon) -> None:
+            loop.add_signal_handler(signal.SIGHUP, reload_logged, daemon)
+            print(f"control socket {control}", flush=True)
+
+        await run_daemon(control, specs=specs, stop=stop, on_ready=ready)
 
     run(main())
+    return 0
+
+
+def reload_logged(daemon: Daemon) -> None:
+    """SIGHUP: re-read every array's ACL file and TLS credentials; errors are logged
+    and the settings in force stay."""
+    try:
+        done = daemon.reload()
+    except ControlError as exc:
+        log.error("reload failed, keeping the settings in force: %s", exc)
+        return
+    log.warning("reloaded ACLs and TLS credentials of %s", ", ".join(done) or "no array")
+
+
+def cmd_reload(control: str, array: str | None) -> int:
+    """Re-read ACL files and TLS credentials in the daemon; print what was reloaded."""
+    done = request(control, "reload", {"array": array} if array else {})
+    for name, what in done.items():
+        parts = [f"{what['rules']} ACL rules from {what['acl']}"] if "acl" in what else []
+        parts += [f"TLS {what['tls']}"] if "tls" in what else []
+        print(f"{name}: reloaded {', '.join(parts) or 'nothing (no ACL, no TLS)'}")
     return 0
 
 
@@ -336,7 +363,8 @@ def _array_table(a: dict[str, Any]) -> Any:
     if a.get("suspended"):
         title.append(f"  suspended ({a.get('held', 0)} held)", style="yellow")
     table = Table(title=title, title_justify="left", expand=False)
-    for col in ("node", "type", "where", "start", "size", "state", "reads", "writes", "errors"):
+    cols = ("node", "type", "where", "start", "size", "state", "tls", "reads", "writes", "errors")
+    for col in cols:
         table.add_column(
             col,
             justify="right" if col in ("start", "size", "reads", "writes", "errors") else "left",
@@ -346,14 +374,37 @@ def _array_table(a: dict[str, Any]) -> Any:
     parts: list[Any] = [table]
     if a.get("exports"):
         parts.append(Text("exports: " + "  ".join(a["exports"]), style="cyan"))
+    for c in a.get("clients") or []:
+        parts.append(Text(f"client {c['peer']}: {_tls_text(c.get('tls'))}, {c['state']}"))
     parts.extend(extras)
     return Group(*parts)
+
+
+def _tls_cell(kind: str, state: str, detail: dict[str, Any]) -> str:
+    """The tls column: a remote member connection's TLS version (``1.3``) or ``no``."""
+    tls = detail.get("tls")
+    if isinstance(tls, dict):
+        return str(tls.get("version", "TLS")).removeprefix("TLSv")
+    down = state in ("stopped", "disconnected", "reconnecting", "failed") or "last_error" in detail
+    return "no" if kind == "remote" and not down else ""
+
+
+def _tls_text(tls: dict[str, Any] | None) -> str:
+    """``TLSv1.3 CN=x,O=y`` (the peer's identity), or ``plaintext``."""
+    if not tls:
+        return "plaintext"
+    who = tls.get("peer") or (f"psk {tls['psk']}" if tls.get("psk") else "no certificate")
+    return f"{tls.get('version', 'TLS')} {who}"
 
 
 def _rows(table: Table, node: dict[str, Any], depth: int, extras: list[Any]) -> None:
     c = node.get("counters") or {}
     start = node.get("start")
     state = node["state"]
+    detail = node.get("detail") or {}
+    tls = detail.get("tls")
+    if isinstance(tls, dict):
+        extras.append(Text(f"{node['name']}: {_tls_text(tls)}", style="dim"))
     table.add_row(
         "  " * depth + node["name"],
         node["type"],
@@ -361,11 +412,11 @@ def _rows(table: Table, node: dict[str, Any], depth: int, extras: list[Any]) -> 
         "" if start is None else format_size(int(start)),
         format_size(int(node["size"])),
         Text(state, style=STATE_STYLE.get(state, "")),
+        _tls_cell(node["type"], state, detail),
         f"{c.get('reads', '')}" + (f" ({format_size(c['read_bytes'])})" if c else ""),
         f"{c.get('writes', '')}" + (f" ({format_size(c['write_bytes'])})" if c else ""),
         str(c.get("errors", "")),
     )
-    detail = node.get("detail") or {}
     resync = detail.get("resync")
     if isinstance(resync, dict) and resync.get("state") == "running":
         extras.append(_progress(node["name"], "resync", resync))

@@ -30,6 +30,7 @@ EPILOG = """\
 commands:
   up      a local demo cluster: two nodes, a mirror over them, live status
   serve   export a file or block device over NBD (a storage node)
+  certs   make a CA and TLS certificates for a cluster
   daemon  run the array daemon (control socket) in the foreground
   create  create and start an array from a spec file (TOML)
   start, stop      start or stop an array
@@ -66,12 +67,26 @@ SIZE is a number of bytes with an optional binary suffix: 512K, 64M, 10G, 1T
 (or 10GiB).  With --size a missing file is created sparse and an empty file is
 extended; an existing file must already have that size.
 
-SIGTERM or Ctrl-C stops the server after in-flight requests finish.
+SIGTERM or Ctrl-C stops the server after in-flight requests finish; SIGHUP
+re-reads the --acl file and the TLS credentials.
+
+TLS (STARTTLS): --tls require refuses every option before TLS (FORCEDTLS), --tls
+on lets the client choose.  --tls-certificates DIR holds ca-cert.pem,
+server-cert.pem, server-key.pem and optionally ca-crl.pem (nbdkit's layout; "dst
+certs" makes them); with --tls-verify-peer clients need a certificate signed by
+that CA.  Certificates without --tls mean require.  Plaintext is allowed on
+loopback and unix sockets; any other listen address needs TLS or --tls off.
+--acl FILE: allow/deny rules on the client's certificate name (dn=GLOB), PSK
+identity (psk=GLOB) or address (from=CIDR|unix); first match wins, default deny.
 
 examples:
   dst serve disk.img --size 1G
   dst serve disk.img --listen unix:/tmp/disk.sock --listen 127.0.0.1:0
   dst serve base.img --read-only --name base --description "golden image"
+  dst certs pki node-a array laptop
+  dst serve disk.img --listen 0.0.0.0:10809 --tls-certificates pki/node-a \
+      --tls-verify-peer --acl node-a.acl
+  nbdinfo 'nbds://node-a:10809/?tls-certificates=pki/laptop'
 
   nbdinfo nbd://127.0.0.1:10809/
   nbdcopy image.raw nbd://127.0.0.1:10809/
@@ -84,10 +99,13 @@ With no arguments: creates DIR (default ./dst-data) with two sparse member files
 processes, and runs the array daemon here with a mirror over them, exported on
 unix:DIR/dst.sock and 127.0.0.1:10809 (--listen replaces both).  Prints how to use
 it, shows live status until Ctrl-C, then stops the array and the nodes cleanly.
-With --config FILE it runs that spec instead (no nodes started).
+With --config FILE it runs that spec instead (no nodes started).  With --tls both
+hops use TLS with verified client certificates: DIR/pki gets a CA and certificates
+for the nodes, the array and a user (DIR/pki/user for your clients).
 
 examples:
   dst up
+  dst up --tls
   dst up --dir /var/lib/dst --size 20G --listen 127.0.0.1:0
   dst up --config my-array.toml
 """
@@ -137,6 +155,14 @@ def _add_serve_options(p: argparse.ArgumentParser, *, default_size: str | None) 
         default=None,
         help="HOST:PORT or unix:PATH; repeatable (default 127.0.0.1:10809)",
     )
+    t = p.add_argument_group("security")
+    t.add_argument("--tls", metavar="MODE", help="off, on or require (see below)")
+    t.add_argument("--tls-certificates", metavar="DIR", help="CA, server certificate and key")
+    t.add_argument(
+        "--tls-verify-peer", action="store_true", help="require client certificates (the CA's)"
+    )
+    t.add_argument("--tls-psk", metavar="FILE", help="TLS-PSK keys, USER:HEXKEY lines (3.13+)")
+    t.add_argument("--acl", metavar="FILE", help="allow/deny rules (re-read on SIGHUP)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--size", default="1G", help="size of each member file (default 1G)")
     up.add_argument("--config", metavar="FILE", help="run this array spec (TOML) instead")
     up.add_argument("--listen", metavar="ADDR", action="append", help="export address; repeatable")
+    up.add_argument("--tls", action="store_true", help="TLS with verified peers on both hops")
     _add_control(up)
+
+    certs = sub.add_parser(
+        "certs",
+        help="make a CA and TLS certificates",
+        description="Make the TLS certificates of a cluster: a CA in DIR/ca (created once, "
+        "then reused) and, for each NAME, DIR/NAME with ca-cert.pem and a server and a "
+        "client certificate (CN=NAME,O=ORG) in the layout nbdkit, qemu and libnbd read.  "
+        "Keys are ECDSA P-256, written owner-only.",
+        epilog="examples:\n  dst certs pki node-a node-b array laptop --host 10.0.0.1\n"
+        "  dst serve d.img --listen 0.0.0.0:10809 --tls-certificates pki/node-a "
+        "--tls-verify-peer\n  nbdinfo 'nbds://10.0.0.1:10809/?tls-certificates=pki/laptop'\n",
+        formatter_class=_formatter,
+    )
+    certs.add_argument("dir", metavar="DIR", help="where the CA and the certificates go")
+    certs.add_argument("names", metavar="NAME", nargs="+", help="a node, array or user")
+    certs.add_argument(
+        "--host", action="append", default=[], help="another DNS name or IP for the servers"
+    )
+    certs.add_argument("--org", default="dst", help="organization in the subjects (default dst)")
+    only = certs.add_mutually_exclusive_group()
+    only.add_argument("--server-only", action="store_true", help="no client certificates")
+    only.add_argument("--client-only", action="store_true", help="no server certificates")
+    certs.add_argument("--force", action="store_true", help="replace existing certificates")
     _add_array_commands(sub)
     return parser
 
@@ -328,6 +378,14 @@ def _add_array_commands(sub: Any) -> None:
     p.add_argument("rate", metavar="RATE", help="bytes per second, e.g. 100M (0: unlimited)")
     p.add_argument("--min", dest="min_rate", metavar="RATE", help="floor under foreground I/O")
     p.add_argument("--mirror", metavar="NAME", help="only this mirror of the array")
+    p = add(
+        "reload",
+        "re-read ACL files and TLS credentials",
+        "Re-read the ACL file and TLS credentials of ARRAY's export (all arrays without "
+        "ARRAY), as SIGHUP to the daemon does.  A bad file is an error and the settings in "
+        "force stay.",
+    )
+    p.add_argument("array", metavar="ARRAY", nargs="?")
     p = add("status", "show arrays and nodes", "Show arrays, their nodes, states and counters.")
     p.add_argument("array", metavar="NAME", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -346,18 +404,34 @@ def _setup_logging(verbose: int) -> None:
 def _run(args: argparse.Namespace) -> int:
     from dst import node  # imported late: "dst --help" stays fast
 
+    if args.command == "certs":
+        from dst import certs
+
+        return certs.run(
+            args.dir,
+            args.names,
+            hosts=args.host,
+            org=args.org,
+            server=not args.client_only,
+            client=not args.server_only,
+            force=args.force,
+        )
     if args.command != "serve":
         return _run_array(args)
     listen = args.listen or [node.DEFAULT_LISTEN]
-    if args.command == "serve":
-        options = node.ServeOptions.from_strings(
-            path=args.path,
-            size=args.size,
-            read_only=args.read_only,
-            name=args.name,
-            description=args.description,
-            listen=listen,
-        )
+    options = node.ServeOptions.from_strings(
+        path=args.path,
+        size=args.size,
+        read_only=args.read_only,
+        name=args.name,
+        description=args.description,
+        listen=listen,
+        tls=args.tls,
+        tls_certificates=args.tls_certificates,
+        tls_verify_peer=args.tls_verify_peer,
+        tls_psk=args.tls_psk,
+        acl=args.acl,
+    )
     return node.run(options)
 
 
@@ -375,6 +449,7 @@ def _run_array(args: argparse.Namespace) -> int:
             listen=args.listen,
             control=control,
             config=args.config,
+            tls=args.tls,
         )
         return up.run(opts)
     if cmd == "daemon":
@@ -392,6 +467,8 @@ def _run_array(args: argparse.Namespace) -> int:
         return admin.cmd_replace(
             control, args.array, args.old, node, wait=not args.no_wait, rate=args.rate
         )
+    if cmd == "reload":
+        return admin.cmd_reload(control, args.array)
     if cmd == "cancel-replace":
         return admin.cmd_simple(control, "cancel-replace", {"array": args.array})
     if cmd == "assemble":

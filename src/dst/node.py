@@ -11,11 +11,18 @@ before any socket is bound.
 :func:`serve` opens a :class:`dst.targets.file.FileDevice`, starts the NBD server of
 :mod:`dst.net.server` on every listen address and reports each bound address through
 the ``on_listen`` callback as an NBD URI (the CLI prints ``listening on URI``; tests
-and the array daemon parse that line).  It returns when ``stop`` is set; the server
-then refuses new requests and lets in-flight ones finish before the device closes.
+and the array daemon parse that line; ``nbds://`` when TLS is required).  It returns
+when ``stop`` is set; the server then refuses new requests and lets in-flight ones
+finish before the device closes.
+
+Security (:mod:`dst.net.tls`, :mod:`dst.net.acl`): ``--tls off|on|require`` with
+``--tls-certificates DIR`` (nbdkit's layout), ``--tls-verify-peer``, ``--tls-psk FILE``
+and ``--acl FILE``.  Certificates or a PSK without ``--tls`` mean ``require``; with
+neither, plaintext is allowed on loopback and unix sockets only -- a listener on
+another address needs TLS or an explicit ``--tls off``.
 
 :func:`run` is the process shell: one event loop (uvloop), SIGTERM/SIGINT set
-``stop``.
+``stop``, SIGHUP re-reads the ACL file and the TLS credentials.
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dst import units
 from dst.errors import ConfigError, DstError
 from dst.nbd.constants import DEFAULT_PORT
+from dst.nbd.server import TlsMode
 from dst.net.address import DEFAULT_HOST, Address, parse_address
 from dst.net.loop import run as loop_run
+from dst.net.tls import ServerTlsConfig, check_exposure, parse_mode
 
 if TYPE_CHECKING:
     from dst.net.server import NbdServer
@@ -44,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:10809"
+NO_TLS = ServerTlsConfig()
 
 
 def parse_size(text: str) -> int:
@@ -75,6 +85,8 @@ class ServeOptions:
     name: str = ""
     description: str = ""
     listen: tuple[Address, ...] = (Address(host=DEFAULT_HOST, port=DEFAULT_PORT),)
+    tls: ServerTlsConfig = NO_TLS
+    acl: Path | None = None
 
     @classmethod
     def from_strings(
@@ -86,6 +98,11 @@ class ServeOptions:
         name: str | None = None,
         description: str | None = None,
         listen: Sequence[str] = (DEFAULT_LISTEN,),
+        tls: str | None = None,
+        tls_certificates: str | None = None,
+        tls_verify_peer: bool = False,
+        tls_psk: str | None = None,
+        acl: str | None = None,
     ) -> ServeOptions:
         """Validate command-line strings.  Raises ConfigError naming the bad value."""
         if not path:
@@ -101,6 +118,13 @@ class ServeOptions:
             if a in seen and (a.is_unix or a.port != 0):
                 raise ConfigError(f"listen address {a} given twice")
             seen.add(a)
+        tls_config = server_tls_config(
+            addrs,
+            mode=tls,
+            certificates=tls_certificates,
+            verify_peer=tls_verify_peer,
+            psk=tls_psk,
+        )
         return cls(
             path=Path(path),
             size=None if size is None else parse_size(size),
@@ -108,7 +132,31 @@ class ServeOptions:
             name=name,
             description=description,
             listen=addrs,
+            tls=tls_config,
+            acl=Path(acl) if acl else None,
         )
+
+
+def server_tls_config(
+    listen: Sequence[Address],
+    *,
+    mode: str | None,
+    certificates: str | None,
+    verify_peer: bool,
+    psk: str | None,
+) -> ServerTlsConfig:
+    """The ``--tls*`` options, validated (see module docstring).  Raises ConfigError."""
+    chosen = parse_mode(mode) if mode is not None else None
+    if chosen is None and (certificates or psk):
+        chosen = TlsMode.REQUIRE
+    config = ServerTlsConfig(
+        mode=check_exposure(listen, chosen, where="--listen"),
+        certificates=Path(certificates) if certificates else None,
+        verify_peer=verify_peer,
+        psk_file=Path(psk) if psk else None,
+    )
+    config.check(where="--tls")
+    return config
 
 
 def prepare_backing(opts: ServeOptions) -> int:
@@ -163,17 +211,27 @@ def _print_line(line: str) -> None:
     print(line, flush=True)
 
 
+def security(opts: ServeOptions) -> dict[str, Any]:
+    """The NbdServer keyword arguments for TLS and the ACL.  Raises ConfigError."""
+    from dst.net.tls import server_security
+
+    return server_security(opts.tls, opts.acl, where="--acl")
+
+
 async def serve(
     opts: ServeOptions,
     stop: asyncio.Event,
     *,
     on_listen: Callable[[str], None] = lambda uri: _print_line(f"listening on {uri}"),
+    on_server: Callable[[NbdServer], None] | None = None,
 ) -> None:
-    """Serve PATH until ``stop`` is set, then shut down cleanly.
+    """Serve PATH until ``stop`` is set, then shut down cleanly.  ``on_server`` gets
+    the server once it listens (the process shell hooks SIGHUP onto it).
 
     Raises ConfigError for bad options, OSError when a file or socket cannot be opened
     or bound, BlockError when the device cannot be opened.
     """
+    secure = security(opts)  # bad credentials or ACL: fail before touching the file
     prepare_backing(opts)
 
     from dst.net.server import NbdServer
@@ -186,11 +244,14 @@ async def serve(
     await device.open()
     try:
         # "" (the default export) also reaches a named export: qemu's nbd:HOST:PORT.
-        server = NbdServer({opts.name: device}, default=opts.name)
+        server = NbdServer({opts.name: device}, default=opts.name, **secure)
+        tls = opts.tls.mode is TlsMode.REQUIRE
         try:
             for addr in opts.listen:
                 for bound in await _listen(server, addr):
-                    on_listen(replace(bound, export=opts.name).uri())  # real port if 0
+                    on_listen(replace(bound, export=opts.name, tls=tls).uri())  # real port
+            if on_server is not None:
+                on_server(server)
             log.info("serving %s (%d bytes)", opts.path, device.size)
             await stop.wait()
             log.info("shutting down")
@@ -209,6 +270,17 @@ async def _listen(server: NbdServer, addr: Address) -> list[Address]:
         raise DstError(f"cannot listen on {addr}: {detail}") from e
 
 
+def reload(server: NbdServer) -> None:
+    """SIGHUP: re-read the ACL file and TLS credentials; a bad file is logged and the
+    settings in force stay."""
+    try:
+        done = server.reload()
+    except ConfigError as e:
+        log.error("reload failed, keeping the settings in force: %s", e)
+        return
+    log.warning("reloaded: %s", ", ".join(f"{k} {v}" for k, v in done.items()) or "nothing")
+
+
 def run(opts: ServeOptions) -> int:
     """Run :func:`serve` in a fresh event loop; SIGTERM/SIGINT stop it.  Exit status 0.
 
@@ -220,10 +292,14 @@ def run(opts: ServeOptions) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
+        def on_server(server: NbdServer) -> None:
+            loop.add_signal_handler(signal.SIGHUP, reload, server)
+
         try:
-            await serve(opts, stop)
+            await serve(opts, stop, on_server=on_server)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
 

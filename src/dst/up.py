@@ -18,6 +18,13 @@ then shows live status until SIGINT/SIGTERM, and stops in order: array (in-fligh
 requests finish, legs flushed), then nodes (SIGTERM, which they answer with a clean
 shutdown).  If ``dst up`` itself is killed, the nodes get SIGTERM from the kernel
 (``PR_SET_PDEATHSIG``) instead of lingering.
+
+With ``--tls`` both hops run TLS with verified peers: ``DATA/pki`` gets a CA and
+certificates (:mod:`dst.certs`; kept and reused) for ``node-a``, ``node-b``, ``array``
+and ``user``.  The nodes require TLS, verify client certificates and admit only
+``CN=array`` (an ACL); the array connects to them as ``nbds://`` with its own
+certificate, and requires TLS with a verified client certificate on its exports --
+``DATA/pki/user`` is the one to give clients (the printed URIs say so).
 """
 
 from __future__ import annotations
@@ -27,14 +34,16 @@ import contextlib
 import ctypes
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dst.array.daemon import Daemon
 from dst.array.spec import ArraySpec, MirrorSpec, RemoteSpec
 from dst.errors import DstError
 from dst.meta.layout import member_size_for
+from dst.nbd.server import TlsMode
 from dst.net.address import Address, parse_address
+from dst.net.tls import ServerTlsConfig
 from dst.units import format_size, parse_size
 
 NODE_START_TIMEOUT = 20.0
@@ -49,10 +58,21 @@ class UpOptions:
     control: str
     config: str | None = None
     live: bool = True
+    tls: bool = False
+
+    @property
+    def pki(self) -> Path:
+        return self.data_dir / "pki"
 
 
 def options(
-    *, data_dir: str, size: str, listen: list[str] | None, control: str, config: str | None
+    *,
+    data_dir: str,
+    size: str,
+    listen: list[str] | None,
+    control: str,
+    config: str | None,
+    tls: bool = False,
 ) -> UpOptions:
     addrs = listen or [f"unix:{Path(data_dir).absolute() / 'dst.sock'}", "127.0.0.1:10809"]
     return UpOptions(
@@ -62,7 +82,27 @@ def options(
         control=control,
         config=config,
         live=sys.stdout.isatty(),
+        tls=tls,
     )
+
+
+TLS_NAMES = ("node-a", "node-b", "array", "user")
+
+
+def make_pki(opts: UpOptions) -> None:
+    """The CA and certificates of the demo (existing ones are kept), and the nodes' ACL:
+    only the array's certificate may connect to them."""
+    from dst import certs
+
+    ca, created = certs.load_or_create_authority(opts.pki)
+    for name in TLS_NAMES:
+        if not (opts.pki / name).exists():
+            certs.write_identity(opts.pki, ca, name)
+    acl = opts.pki / "nodes.acl"
+    if not acl.exists():
+        acl.write_text('allow dn="CN=array,O=dst"\n')
+    if created:
+        print(f"made a CA and certificates in {opts.pki}", flush=True)
 
 
 def _die_with_parent() -> None:
@@ -74,8 +114,9 @@ def _die_with_parent() -> None:
 class Node:
     """A ``dst serve`` child process."""
 
-    def __init__(self, name: str, path: Path, size: int) -> None:
+    def __init__(self, name: str, path: Path, size: int, *, args: tuple[str, ...] = ()) -> None:
         self.name, self.path, self.size = name, path, size
+        self.args = args  # more dst serve options (TLS)
         self.proc: asyncio.subprocess.Process | None = None
         self.uri = ""
 
@@ -83,6 +124,7 @@ class Node:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dst", "serve", str(self.path),
             "--size", str(self.size), "--name", self.name, "--listen", "127.0.0.1:0",
+            *self.args,
             stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches only us: we stop the array, then nodes
             preexec_fn=_die_with_parent,  # ... and if we are killed, the nodes stop too
@@ -120,22 +162,54 @@ def demo_nodes(opts: UpOptions) -> list[Node]:
         size = path.stat().st_size if path.exists() else member
         if path.exists():
             print(f"reusing {path} ({format_size(size)})", flush=True)
-        nodes.append(Node(f"node-{c}", path, size))
+        name = f"node-{c}"
+        args: tuple[str, ...] = ()
+        if opts.tls:
+            args = ("--tls", "require", "--tls-certificates", str(opts.pki / name))
+            args += ("--tls-verify-peer", "--acl", str(opts.pki / "nodes.acl"))
+        nodes.append(Node(name, path, size, args=args))
     return nodes
 
 
-def demo_spec(nodes: list[Node], listen: tuple[Address, ...]) -> ArraySpec:
-    legs = tuple(
-        RemoteSpec(name=n.name, uri=parse_address(n.uri, form="uri", where=n.name)) for n in nodes
-    )
+def demo_spec(nodes: list[Node], listen: tuple[Address, ...], *, pki: Path | None) -> ArraySpec:
+    """The mirror over ``nodes``; with ``pki`` TLS on both hops (see module docstring)."""
+    legs = []
+    for n in nodes:
+        uri = parse_address(n.uri, form="uri", where=n.name)
+        if pki is not None:
+            uri = replace(uri, tls_params=(("tls-certificates", str(pki / "array")),))
+        legs.append(RemoteSpec(name=n.name, uri=uri))
+    tls = None
+    if pki is not None:
+        tls = ServerTlsConfig(TlsMode.REQUIRE, certificates=pki / "array", verify_peer=True)
     return ArraySpec(
-        name="demo", target=MirrorSpec(name="mirror", members=legs), listen=listen, export=None
+        name="demo",
+        target=MirrorSpec(name="mirror", members=tuple(legs)),
+        listen=listen,
+        export=None,
+        tls=tls,
     )
 
 
-def usage(exports: list[str], control: str) -> str:
-    tcp = next((e for e in exports if e.startswith("nbd://")), exports[0] if exports else "")
-    unix = next((e for e in exports if e.startswith("nbd+unix")), tcp)
+def usage(exports: list[str], control: str, *, pki: Path | None = None) -> str:
+    tcp = next((e for e in exports if "+unix" not in e), exports[0] if exports else "")
+    unix = next((e for e in exports if "+unix" in e), tcp)
+    qemu = f"qemu-system-x86_64 -drive file={tcp},format=raw ..."
+    kernel = "nbd-client 127.0.0.1 10809 /dev/nbd0     # with the kernel's nbd module"
+    if pki is not None:  # clients need the user's certificate
+        u = pki / "user"
+        exports = [f"{e}{'&' if '?' in e else '?'}tls-certificates={u}" for e in exports]
+        tcp = next((e for e in exports if "+unix" not in e), exports[0] if exports else "")
+        unix = next((e for e in exports if "+unix" in e), tcp)
+        addr = parse_address(tcp) if tcp.startswith("nbds://") else Address("127.0.0.1", 10809)
+        qemu = (
+            f"qemu-system-x86_64 -object tls-creds-x509,id=tls0,dir={u},endpoint=client "
+            f"-drive driver=nbd,host={addr.host},port={addr.port},tls-creds=tls0 ..."
+        )
+        kernel = (
+            f"nbd-client -cacertfile {u}/ca-cert.pem -certfile {u}/client-cert.pem "
+            f"-keyfile {u}/client-key.pem {addr.host} {addr.port} /dev/nbd0"
+        )
     where = "\n  ".join(exports)
     return f"""\
 dst is up: the array is exported at
@@ -146,8 +220,8 @@ Use it:
   nbdcopy disk.raw '{tcp}'                # write an image onto it
   mkdir -p /mnt/dst && nbdfuse /mnt/dst '{unix}' &
       mkfs.ext4 /mnt/dst/nbd && mount -o loop /mnt/dst/nbd /mnt/disk
-  qemu-system-x86_64 -drive file={tcp},format=raw ...
-  nbd-client 127.0.0.1 10809 /dev/nbd0     # with the kernel's nbd module
+  {qemu}
+  {kernel}
   DST_CONTROL={control} dst status
 Ctrl-C stops the array, then the nodes.
 """
@@ -168,19 +242,25 @@ async def up(opts: UpOptions) -> int:
 
             spec = load_spec(opts.config)
         else:
+            if opts.tls:
+                make_pki(opts)
             nodes = demo_nodes(opts)
             for n in nodes:
                 await n.start()
-            spec = demo_spec(nodes, opts.listen)
+            spec = demo_spec(nodes, opts.listen, pki=opts.pki if opts.tls else None)
         await daemon.start()
+        from dst.admin import reload_logged
+
+        loop.add_signal_handler(signal.SIGHUP, reload_logged, daemon)
         array = await daemon.create(spec)
-        print(usage(array.exports, opts.control), flush=True)
+        pki = opts.pki if opts.tls and opts.config is None else None
+        print(usage(array.exports, opts.control, pki=pki), flush=True)
         await _show(daemon, stop, live=opts.live)
     finally:
         await daemon.close()
         for n in nodes:
             await n.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
     print("dst stopped", flush=True)

@@ -35,6 +35,8 @@ EXAMPLES: list[m.Request] = [
     m.Verify(array="demo", repair=True, source="a", mirror="m"),
     m.ResyncRate(array="demo", rate=10 << 20),
     m.ResyncRate(array="demo", rate=10 << 20, min_rate=1 << 20, mirror="m"),
+    m.Reload(),
+    m.Reload(array="demo"),
     m.Shutdown(),
 ]
 

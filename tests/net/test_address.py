@@ -88,7 +88,6 @@ def test_uri_form(uri: str, parsed: Address) -> None:
     "bad",
     [
         "http://x",
-        "nbds://h/",
         "nbd:/x",
         "h:10809",
         "unix:/s",

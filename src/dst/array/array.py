@@ -24,7 +24,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from dst.array.build import build, index
+from dst.array.build import build, export_address, export_security, index
 from dst.array.keeper import MirrorKeeper, keepers
 from dst.array.replacing import ReplaceJob
 from dst.array.spec import ArraySpec, SpecError
@@ -80,6 +80,7 @@ class Array:
                 return
             spec = self._spec
             try:
+                security = export_security(spec)  # TLS credentials, ACL file
                 tree = await build(spec.target, io_timeout=spec.io_timeout)
             except BlockError as exc:
                 raise ControlError("node-unreachable", f"{self.name}: {exc}") from None
@@ -92,7 +93,7 @@ class Array:
             for keeper in self.keepers.values():
                 keeper.start()
             names = [spec.export] if spec.export is not None else ["", self.name]
-            server = NbdServer(dict.fromkeys(names, root), default=names[0])
+            server = NbdServer(dict.fromkeys(names, root), default=names[0], **security)
             try:
                 bound = await server.start(*spec.listen)
             except (OSError, ConfigError) as exc:
@@ -101,9 +102,8 @@ class Array:
                 await tree.close()
                 raise ControlError("listen-failed", f"{self.name}: cannot listen: {exc}") from None
             self.root, self.server, self.state = root, server, "running"
-            self.exports = [
-                a.uri() if not names[0] else _with_export(a.uri(), names[0]) for a in bound
-            ]
+            uris = [export_address(spec, a).uri() for a in bound]
+            self.exports = [u if not names[0] else _with_export(u, names[0]) for u in uris]
             log.info("array %s running, exported at %s", self.name, ", ".join(self.exports))
 
     async def stop(self) -> None:
@@ -197,6 +197,7 @@ class Array:
             "algorithm": spec.target.KIND,
             "size": root.size if root is not None else 0,
             "exports": list(self.exports),
+            "clients": self.server.clients() if self.server is not None else [],
             "suspended": root.suspended if root is not None else False,
             "held": root.held if root is not None else 0,
             "replace": self.replace_job.progress() if self.replace_job is not None else None,

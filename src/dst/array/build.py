@@ -7,14 +7,19 @@ are wrapped in a :class:`~dst.targets.member.Member` that counts their I/O; comp
 (linear, stripe, mirror) are built over their built members.  Nothing is opened
 here.  :func:`build` constructs and opens the whole tree (composites open their
 members, since their size comes from them); if anything fails, whatever was opened
-is closed again and the error propagates, naming the node.
+is closed again and the error propagates, naming the node.  :func:`export_security`
+loads what the array's export needs for TLS and access control.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any
 
 from dst.array.spec import (
+    ArraySpec,
     FileSpec,
     LinearSpec,
     MemorySpec,
@@ -25,6 +30,9 @@ from dst.array.spec import (
 )
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
+from dst.nbd.server import TlsMode
+from dst.net.address import Address
+from dst.net.tls import server_security
 from dst.targets.file import FileDevice
 from dst.targets.linear import LinearDevice
 from dst.targets.member import Member
@@ -110,3 +118,16 @@ def index(root: BlockDevice) -> dict[str, BlockDevice]:
         found.setdefault(dev.name, dev)
         stack.extend(dev.children())
     return found
+
+
+def export_security(spec: ArraySpec) -> dict[str, Any]:
+    """The ``tls``/``acl`` arguments of the array's NbdServer (credentials loaded, ACL
+    read and checked).  Raises ConfigError naming the file."""
+    acl = Path(spec.acl) if spec.acl is not None else None
+    return server_security(spec.tls, acl, where="array.acl")
+
+
+def export_address(spec: ArraySpec, bound: Address) -> Address:
+    """A bound export address as clients should write it: ``nbds`` when TLS is required."""
+    tls = spec.tls is not None and spec.tls.mode is TlsMode.REQUIRE
+    return dataclasses.replace(bound, tls=tls)

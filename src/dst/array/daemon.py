@@ -8,7 +8,8 @@ request type -> the function that answers it.  Every failure is a :class:`Contro
 with a stable code: ``no-such-array``, ``exists``, ``bad-spec``, ``bad-args``,
 ``cannot-grow``, ``cannot-remove``, ``not-running``, ``node-unreachable``, ``refused``,
 ``busy``, ``timeout``, ``no-such-node``, ``not-a-node``, ``not-a-leg``, ``not-mirror``,
-``last-leg``, ``not-failed``, ``not-suspended``, ``not-replacing``, ``listen-failed``; a
+``last-leg``, ``not-failed``, ``not-suspended``, ``not-replacing``, ``listen-failed``,
+``bad-acl``; a
 domain error an operation did not map is ``failed`` with its message; only bugs are
 ``internal``.
 
@@ -84,6 +85,18 @@ class Daemon:
         arrays: Iterable[Array] = [self.array(name)] if name is not None else self.arrays.values()
         return {"arrays": [a.status() for a in arrays]}
 
+    def reload(self, name: str | None = None) -> dict[str, Any]:
+        """Re-read the ACL file and TLS credentials of one array's export, or of all
+        (SIGHUP).  Raises ControlError ``bad-acl`` naming the file; the old stay."""
+        done: dict[str, Any] = {}
+        for array in [self.array(name)] if name is not None else self.arrays.values():
+            if array.server is not None:
+                try:
+                    done[array.name] = array.server.reload()
+                except ConfigError as exc:
+                    raise ControlError("bad-acl", f"{array.name}: {exc}") from None
+        return done
+
     async def handle(self, req: m.Request) -> Any:
         """Answer one control request.  Raises ControlError."""
         handler = HANDLERS.get(type(req))
@@ -115,6 +128,10 @@ async def _create(d: Daemon, req: m.Create) -> Any:
     return (await d.create(spec)).status()
 
 
+async def _reload(d: Daemon, req: m.Reload) -> Any:
+    return d.reload(req.array)
+
+
 async def _shutdown(d: Daemon, req: m.Shutdown) -> Any:
     d.stopping.set()
     return {}
@@ -142,6 +159,7 @@ HANDLERS: dict[type[m.Request], Handler] = {
     m.Status: _status,
     m.Create: _create,
     m.Shutdown: _shutdown,
+    m.Reload: _reload,
     m.Readd: _readd,
     m.Start: _on_array(lambda a, r: a.start()),
     m.Stop: _on_array(lambda a, r: a.stop()),

@@ -16,9 +16,17 @@ array reports its spec from its devices, so it says exactly what it runs.
 
 Document shape::
 
-    [array]                       name, listen = [...], export, io_timeout
+    [array]                       name, listen = [...], export, io_timeout, acl
+    [array.tls]                   mode, certificates, verify_peer, psk (the export)
     [array.target]                type = mirror|linear|stripe|remote|file|memory
     [[array.target.members]]      members of a composite, recursively
+
+Security (:mod:`dst.net.tls`, :mod:`dst.net.acl`): ``[array.tls]`` is the export's
+``dst serve --tls*`` (``certificates`` without ``mode`` means ``require``); ``acl`` a
+rules file.  Plaintext exports are allowed on loopback and unix sockets only: another
+``listen`` address needs ``[array.tls]`` (``mode = "off"`` says plaintext on purpose).
+A remote member over TLS is an ``nbds://`` / ``nbds+unix://`` URI whose
+``tls-certificates=DIR`` query names its client credentials (libnbd's syntax).
 
 A member of a linear target may carry ``start`` and ``length``: the part of that
 member that is used (default: from 0 to its end).  (``length``, not ``size``,
@@ -44,6 +52,7 @@ from typing import ClassVar, TypeAlias
 from dst.errors import ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
 from dst.net.address import Address
+from dst.net.tls import ServerTlsConfig
 
 KiB = 1 << 10
 DEFAULT_CHUNK_SIZE = 64 * KiB
@@ -145,13 +154,16 @@ KINDS: dict[str, type[TargetSpec]] = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArraySpec:
-    """One array: its name, NBD export addresses and name, I/O timeout and target tree."""
+    """One array: its name, NBD export addresses and name, I/O timeout and target tree;
+    the export's TLS settings (None: not given) and ACL file."""
 
     name: str
     target: TargetSpec
     listen: tuple[Address, ...] = ()
     export: str | None = None  # None: serve both "" and ``name``
     io_timeout: float = DEFAULT_IO_TIMEOUT
+    tls: ServerTlsConfig | None = None
+    acl: str | None = None
 
 
 def children(target: TargetSpec) -> tuple[TargetSpec, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from dst.array.spec import (
@@ -40,7 +41,9 @@ from dst.array.spec import (
 )
 from dst.errors import ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
-from dst.net.address import parse_address
+from dst.nbd.server import TlsMode
+from dst.net.address import Address, parse_address
+from dst.net.tls import ServerTlsConfig, check_exposure, parse_mode
 from dst.units import format_size, parse_duration, parse_size
 
 
@@ -129,7 +132,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
     doc = _Table(data, "")
     doc.allow("array")
     t = _Table(doc.raw("array"), "array")
-    t.allow("name", "listen", "export", "io_timeout", "target")
+    t.allow("name", "listen", "export", "io_timeout", "target", "tls", "acl")
     name = _name(t, "name", required=True)
     listen = []
     for i, item in enumerate(t.array("listen")):
@@ -141,6 +144,10 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
             raise SpecError(f"array.listen[{i}]", str(e)) from None
     export = t.text("export", None)
     io_timeout = t.duration("io_timeout", DEFAULT_IO_TIMEOUT)
+    tls = _tls(t.raw("tls", None), listen)
+    acl = t.text("acl", None)
+    if acl == "":
+        raise SpecError("array.acl", "empty path")
     target = _target(_Table(t.raw("target"), "array.target"))
     return ArraySpec(
         name=name,
@@ -148,7 +155,39 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
         listen=tuple(listen),
         export=export,
         io_timeout=io_timeout,
+        tls=tls,
+        acl=acl,
     )
+
+
+def _tls(data: object, listen: list[Address]) -> ServerTlsConfig | None:
+    """``[array.tls]``, and the check that a plaintext export stays on loopback."""
+    if data is None:
+        for i, addr in enumerate(listen):
+            try:
+                check_exposure([addr], None, where="")
+            except ConfigError as e:
+                raise SpecError(f"array.listen[{i}]", f"{e} (add [array.tls])") from None
+        return None
+    t = _Table(data, "array.tls")
+    t.allow("mode", "certificates", "verify_peer", "psk")
+    certificates, psk = t.text("certificates", None), t.text("psk", None)
+    mode_text = t.text("mode", None)
+    try:
+        mode = parse_mode(mode_text, where="") if mode_text is not None else TlsMode.REQUIRE
+    except ConfigError as e:
+        raise SpecError(t.key("mode"), str(e)) from None
+    config = ServerTlsConfig(
+        mode=mode,
+        certificates=Path(certificates) if certificates else None,
+        verify_peer=t.flag("verify_peer", False),
+        psk_file=Path(psk) if psk else None,
+    )
+    try:
+        config.check(where="")
+    except ConfigError as e:
+        raise SpecError("array.tls", str(e)) from None
+    return config
 
 
 def target_from_dict(
@@ -314,6 +353,15 @@ def spec_to_dict(spec: ArraySpec, *, human: bool = False) -> dict[str, Any]:
     if spec.export is not None:
         array["export"] = spec.export
     array["io_timeout"] = spec.io_timeout
+    if spec.tls is not None:
+        tls: dict[str, Any] = {"mode": spec.tls.mode.value, "verify_peer": spec.tls.verify_peer}
+        if spec.tls.certificates is not None:
+            tls["certificates"] = str(spec.tls.certificates)
+        if spec.tls.psk_file is not None:
+            tls["psk"] = str(spec.tls.psk_file)
+        array["tls"] = tls
+    if spec.acl is not None:
+        array["acl"] = spec.acl
     array["target"] = target_to_dict(spec.target, human=human)
     return {"array": array}
 

@@ -210,6 +210,14 @@ class ResyncRate(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Reload(Request):
+    """Re-read the ACL file and TLS credentials of ``array``'s export (all when None)."""
+
+    OP: ClassVar[str] = "reload"
+    array: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown(Request):
     """Reserved: stop every array and exit the daemon."""
 
@@ -231,6 +239,7 @@ REQUESTS: dict[str, type[Request]] = {
         Resume,
         Replace,
         CancelReplace,
+        Reload,
         Verify,
         ResyncRate,
         Shutdown,

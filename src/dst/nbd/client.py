@@ -7,6 +7,8 @@ Theory of operation
 :class:`~dst.nbd.events.Greeting`.  The shell then sends options one at a time with
 :meth:`send_option` and reads :class:`~dst.nbd.events.OptionReply` events until one is
 ``final``; after NBD_OPT_EXPORT_NAME it gets :class:`~dst.nbd.events.ExportNameReply`.
+After an acknowledged NBD_OPT_STARTTLS the shell calls :meth:`begin_tls`, upgrades
+its transport and goes on with options over TLS.
 The payload helpers (``encode_go``, ``parse_info`` ...) build and read option payloads.
 Anything the server sends that the protocol does not allow raises
 :class:`dst.errors.ProtocolError`.
@@ -80,6 +82,17 @@ class ClientHandshake:
             self._state = _State.CLOSED
         else:
             self._state = _State.OPTION
+
+    def begin_tls(self) -> None:
+        """After STARTTLS was acknowledged, before the shell upgrades the transport.
+
+        Raises ProtocolError when the server sent anything after its ACK: those bytes
+        would be plaintext posing as part of the TLS session (and asyncio's
+        ``start_tls`` would lose them anyway)."""
+        if self._state is not _State.IDLE or self._option != Opt.STARTTLS:
+            raise RuntimeError("NBD_OPT_STARTTLS was not acknowledged")
+        if self._buf:
+            raise ProtocolError(f"server sent {len(self._buf)} bytes after the STARTTLS reply")
 
     def finish(self, structured: bool) -> ReplyParser:
         """After GO's ACK or ExportNameReply: the parser for transmission replies."""

@@ -45,6 +45,11 @@ class MetaContextRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTlsRequest:
+    """NBD_OPT_STARTTLS on a TLS server: answer with accept_starttls() or refuse()."""
+
+
+@dataclass(frozen=True, slots=True)
 class Aborted:
     """NBD_OPT_ABORT: the ACK is queued; send it and close."""
 
@@ -61,7 +66,9 @@ class ExportInfo:
     max_block: int = 32 << 20
 
 
-ServerEvent = ExportNameRequest | InfoRequest | ListRequest | MetaContextRequest | Aborted
+ServerEvent = (
+    ExportNameRequest | InfoRequest | ListRequest | MetaContextRequest | StartTlsRequest | Aborted
+)
 
 # --- client side: what the server said during option haggling ------------------------
 

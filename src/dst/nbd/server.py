@@ -5,18 +5,39 @@ Theory of operation
 :class:`ServerHandshake` queues the fixed-newstyle greeting on construction.  The shell
 feeds received bytes with :meth:`receive_data`, pulls events with :meth:`next_event`
 and sends whatever :meth:`data_to_send` returns.  Options the codec can answer alone
-(STRUCTURED_REPLY, STARTTLS, unknown or malformed options, oversized options) are
-answered internally; options that need the server's knowledge of exports become events
+(STRUCTURED_REPLY, unknown or malformed options, oversized options) are answered
+internally; options that need the server's knowledge of exports become events
 (:class:`~dst.nbd.events.InfoRequest` ...) which the shell answers with
-:meth:`accept_export`, :meth:`refuse`, :meth:`send_export_list` or
-:meth:`send_meta_contexts`.  While an event is unanswered no further option is parsed.
+:meth:`accept_export`, :meth:`refuse`, :meth:`send_export_list`,
+:meth:`send_meta_contexts` or :meth:`accept_starttls`.  While an event is unanswered
+no further option is parsed.
+
+TLS (the spec's "TLS support"): ``tls`` is the server's mode.  ``OFF`` is NOTLS
+(STARTTLS gets ERR_POLICY).  ``REQUIRE`` is FORCEDTLS: before TLS every option but
+STARTTLS and ABORT gets ERR_TLS_REQD, and an EXPORT_NAME (which cannot be answered with
+an error) closes the session.  ``ON`` is SELECTIVETLS: the client may upgrade; which
+exports are TLS-only is the shell's business (it refuses them with ERR_TLS_REQD and
+leaves them out of LIST while :attr:`tls_active` is false).  STARTTLS becomes a
+:class:`~dst.nbd.events.StartTlsRequest`; :meth:`accept_starttls` queues the ACK and
+stops parsing until the shell has upgraded the transport and called
+:meth:`tls_established`.  The client must wait for the ACK before its TLS handshake, so
+bytes received after STARTTLS and before the upgrade are a protocol violation
+(ProtocolError), never data to keep or to wait for: asyncio's ``start_tls`` would lose
+them anyway (cpython #142352).  After the upgrade, everything negotiated in plaintext
+(structured replies, meta contexts) is forgotten, as a man in the middle may have
+chosen it; there is no way back to plaintext.
+
+:meth:`deny` refuses the client (access control): the pending option and every later
+one get ERR_POLICY, an EXPORT_NAME closes.
 
 After GO or EXPORT_NAME is accepted, :attr:`in_transmission` is true and
 :meth:`start_transmission` hands the unparsed bytes to a
 :class:`~dst.nbd.requests.RequestParser`.
 
 Peer violations (bad magic, unknown client flags, an EXPORT_NAME that cannot be
-answered) raise :class:`dst.errors.ProtocolError`; the shell then closes.
+answered, data sent during the STARTTLS upgrade) raise
+:class:`dst.errors.ProtocolError`; the shell then closes.  When the codec closes on its
+own (ABORT, a refused EXPORT_NAME) :attr:`close_reason` says why.
 """
 
 from __future__ import annotations
@@ -45,6 +66,7 @@ from dst.nbd.events import (
     ListRequest,
     MetaContextRequest,
     ServerEvent,
+    StartTlsRequest,
 )
 from dst.nbd.requests import RequestParser
 
@@ -53,9 +75,18 @@ _SERVER_FLAGS = HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES
 _KNOWN_CLIENT_FLAGS = int(ClientFlags.FIXED_NEWSTYLE | ClientFlags.NO_ZEROES)
 
 
+class TlsMode(enum.Enum):
+    """The server's TLS mode (``--tls``): NOTLS, SELECTIVETLS or FORCEDTLS."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
+
+
 class _State(enum.Enum):
     CLIENT_FLAGS = enum.auto()
     OPTIONS = enum.auto()
+    TLS_HANDSHAKE = enum.auto()  # STARTTLS acknowledged; the shell is upgrading
     TRANSMISSION = enum.auto()
     CLOSED = enum.auto()
 
@@ -100,7 +131,11 @@ class _Reader:
 class ServerHandshake:
     """The server's half of option haggling (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: TlsMode = TlsMode.OFF) -> None:
+        self.tls_mode = tls
+        self.tls_active = False  # the session runs over TLS
+        self._denied = ""  # access refused: the ERR_POLICY message
+        self.close_reason = ""
         self._state = _State.CLIENT_FLAGS
         self._buf = bytearray()
         self._out: list[bytes] = [wire.GREETING.pack(NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)]
@@ -130,8 +165,12 @@ class ServerHandshake:
         return out
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Take received bytes.  Raises ProtocolError for bytes that arrive while the
+        transport is being upgraded to TLS."""
         if self._state is _State.CLOSED:
             return
+        if self._state is _State.TLS_HANDSHAKE and data:
+            raise ProtocolError("data received during the STARTTLS upgrade")
         self._buf += data
 
     def next_event(self) -> ServerEvent | None:
@@ -202,9 +241,39 @@ class ServerHandshake:
         """Answer the pending option with an error.  Refusing EXPORT_NAME closes."""
         event = self._answer()
         if isinstance(event, ExportNameRequest):
-            self._state = _State.CLOSED
+            self._close(f"NBD_OPT_EXPORT_NAME {event.name!r} refused: {message or reply}")
             return
         self._reply(self._pending_opt, reply, wire.encode_str(message)[:MAX_STRING])
+
+    def accept_starttls(self) -> None:
+        """Answer StartTlsRequest with ACK: the shell must now upgrade the transport
+        and call :meth:`tls_established`.  Raises ProtocolError when the client sent
+        bytes after STARTTLS without waiting for the ACK."""
+        if not isinstance(self._answer(), StartTlsRequest):
+            raise RuntimeError("no NBD_OPT_STARTTLS pending")
+        if self._buf:
+            n = len(self._buf)
+            self._close("data after NBD_OPT_STARTTLS")
+            raise ProtocolError(f"{n} bytes sent after NBD_OPT_STARTTLS before its reply")
+        self._reply(Opt.STARTTLS, Rep.ACK)
+        self._state = _State.TLS_HANDSHAKE
+
+    def tls_established(self) -> None:
+        """The transport is TLS now: option haggling starts afresh (see docstring)."""
+        if self._state is not _State.TLS_HANDSHAKE:
+            raise RuntimeError("no STARTTLS upgrade in progress")
+        self._state = _State.OPTIONS
+        self.tls_active = True
+        self.structured_replies = False
+        self.meta_contexts = {}
+        self._meta_export = None
+
+    def deny(self, message: str) -> None:
+        """Refuse this client: the pending option (if any) and every later one but
+        ABORT get ERR_POLICY ``message``; an EXPORT_NAME closes the session."""
+        self._denied = message or "access denied"
+        if self._pending is not None:
+            self.refuse(Rep.ERR_POLICY, self._denied)
 
     def send_export_list(self, exports: list[tuple[str, str]]) -> None:
         """Answer ListRequest with (name, description) pairs."""
@@ -242,6 +311,11 @@ class ServerHandshake:
 
     def _reply(self, option: int, reply: int, payload: bytes = b"") -> None:
         self._out.append(wire.option_reply(option, reply, payload))
+
+    def _close(self, reason: str) -> None:
+        self._state = _State.CLOSED
+        self.close_reason = reason
+        self._pending = None
 
     def _enter_transmission(self, name: str) -> None:
         self._state = _State.TRANSMISSION
@@ -281,13 +355,19 @@ class ServerHandshake:
         payload = bytes(self._buf[wire.OPTION.size : end])
         del self._buf[:end]
         self._pending_opt = opt
+        if opt != Opt.EXPORT_NAME and not self.fixed_newstyle:
+            raise ProtocolError(f"option {opt} without fixed newstyle")
+        if opt != Opt.ABORT and (refusal := self._policy_refusal(opt)) is not None:
+            if opt == Opt.EXPORT_NAME:  # cannot be answered with an error: hang up
+                self._close(f"NBD_OPT_EXPORT_NAME refused: {refusal[1]}")
+                return True
+            self._reply(opt, refusal[0], refusal[1].encode())
+            return True
         if opt == Opt.EXPORT_NAME:
             try:
                 return ExportNameRequest(_Reader(payload).string(len(payload)))
             except _Invalid as exc:
                 raise ProtocolError(f"bad NBD_OPT_EXPORT_NAME: {exc}") from None
-        if not self.fixed_newstyle:
-            raise ProtocolError(f"option {opt} without fixed newstyle")
         try:
             return self._parse_option(opt, payload)
         except _Invalid as exc:
@@ -316,14 +396,26 @@ class ServerHandshake:
             return ListRequest()
         if opt == Opt.ABORT:
             self._reply(opt, Rep.ACK)
-            self._state = _State.CLOSED
+            self._close("client sent NBD_OPT_ABORT")
             return Aborted()
         if opt == Opt.STRUCTURED_REPLY:
             self.structured_replies = True
             self._reply(opt, Rep.ACK)
-        else:
+        elif self.tls_mode is TlsMode.OFF:
             self._reply(opt, Rep.ERR_POLICY, b"TLS is not configured")
+        elif self.tls_active:
+            self._reply(opt, Rep.ERR_INVALID, b"TLS is already negotiated")
+        else:
+            return StartTlsRequest()
         return True
+
+    def _policy_refusal(self, opt: int) -> tuple[int, str] | None:
+        """(reply, message) when policy refuses option ``opt`` before parsing it."""
+        if self._denied:
+            return Rep.ERR_POLICY, self._denied
+        if self.tls_mode is TlsMode.REQUIRE and not self.tls_active and opt != Opt.STARTTLS:
+            return Rep.ERR_TLS_REQD, "TLS is required (NBD_OPT_STARTTLS first)"
+        return None
 
 
 def select_contexts(

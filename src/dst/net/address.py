@@ -6,18 +6,21 @@ Accepted forms::
     unix:/path                                unix socket
     nbd://host[:port][/export]                TCP with an export name
     nbd+unix:///[export]?socket=/path         unix socket with an export name
+    nbds://... nbds+unix://...                the same over TLS (STARTTLS required)
 
 ``form`` narrows this for callers that need more than "something to connect to":
 
 * ``"listen"`` -- ``host:port``, ``[v6]:port`` or ``unix:/path`` with host and port
   written out, so nothing is exported on every interface, or on a default port, by
   accident (0.0.0.0 or [::] for every interface, port 0 for a free one);
-* ``"uri"`` -- an NBD URI (``nbd://`` with a host and a port 1-65535, or
-  ``nbd+unix://``), e.g. an array member.
+* ``"uri"`` -- an NBD URI (``nbd[s]://`` with a host and a port 1-65535, or
+  ``nbd[s]+unix://``), e.g. an array member.
 
-URIs follow the NBD URI standard as far as dst goes: no fragment, and only the
-``socket`` query parameter (on ``nbd+unix``); export names and socket paths are
-percent-decoded, and :meth:`Address.uri` encodes them again.
+URIs follow the NBD URI standard as far as dst goes: no fragment, the ``socket``
+query parameter (on ``+unix``), and on ``nbds`` libnbd's TLS parameters
+``tls-certificates=DIR``, ``tls-verify-peer=true|false``, ``tls-hostname=NAME`` and
+``tls-psk-file=FILE`` (with ``nbds://USER@HOST/`` naming the PSK user); export names
+and paths are percent-decoded, and :meth:`Address.uri` encodes them again.
 
 Bad input raises :class:`dst.errors.ConfigError` naming the text and what is wrong,
 prefixed with ``where`` when given (e.g. ``"listen address"``).
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from dst.errors import ConfigError
 from dst.nbd.constants import DEFAULT_PORT
@@ -37,17 +40,28 @@ DEFAULT_HOST = "127.0.0.1"
 Form = Literal["any", "listen", "uri"]
 
 _LISTEN_FORMS = "expected HOST:PORT, [IPV6]:PORT or unix:PATH"
-_URI_FORMS = "use nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"
+_URI_FORMS = "use nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH"
+TLS_PARAMS = ("tls-certificates", "tls-verify-peer", "tls-hostname", "tls-psk-file")
 
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A TCP (``host``/``port``) or unix-socket (``path``) endpoint, plus an export."""
+    """A TCP (``host``/``port``) or unix-socket (``path``) endpoint, plus an export.
+
+    ``tls``: an ``nbds`` URI; ``tls_params`` its TLS query parameters in URI order,
+    ``user`` the PSK user name (both read by :class:`dst.net.tls.ClientTlsConfig`)."""
 
     host: str = ""
     port: int = 0
     path: str = ""
     export: str = ""
+    tls: bool = False
+    tls_params: tuple[tuple[str, str], ...] = ()
+    user: str = ""
+
+    def param(self, name: str) -> str | None:
+        """The TLS query parameter ``name``, or None."""
+        return next((v for k, v in self.tls_params if k == name), None)
 
     @property
     def is_unix(self) -> bool:
@@ -60,12 +74,19 @@ class Address:
         return f"{host}:{self.port}"
 
     def uri(self) -> str:
-        """The NBD URI for this address (``nbd://`` or ``nbd+unix://``)."""
+        """The NBD URI for this address (``nbd[s]://`` or ``nbd[s]+unix://``)."""
         export = quote(self.export, safe="")
+        scheme = "nbds" if self.tls else "nbd"
+        query = [(k, v) for k, v in self.tls_params]
         if self.path:
-            return f"nbd+unix:///{export}?socket={quote(self.path, safe='/')}"
+            query.insert(0, ("socket", self.path))
+        q = "&".join(f"{k}={quote(v, safe='/')}" for k, v in query)
+        q = f"?{q}" if q else ""
+        if self.path:
+            return f"{scheme}+unix:///{export}{q}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{export}"
+        user = f"{quote(self.user, safe='')}@" if self.user else ""
+        return f"{scheme}://{user}{host}:{self.port}/{export}{q}"
 
 
 class _Bad(ValueError):
@@ -135,25 +156,43 @@ def _host_port(
 def _parse_uri(text: str) -> Address:
     try:
         url = urlsplit(text)
-        params = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
+        pairs = parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
     except ValueError as e:
         raise _Bad(str(e)) from None
     if url.fragment or "#" in text:
         raise _Bad("fragments are not allowed")
     export = unquote(url.path.removeprefix("/"))
-    allowed = {"socket"} if url.scheme == "nbd+unix" else set()
-    if set(params) - allowed:
-        raise _Bad(f"unknown parameter {sorted(set(params) - allowed)[0]!r}")
-    if url.scheme == "nbd":
-        if not url.netloc:
+    scheme, unix = url.scheme.removesuffix("+unix"), url.scheme.endswith("+unix")
+    if scheme not in ("nbd", "nbds"):
+        raise _Bad(_URI_FORMS)
+    tls = scheme == "nbds"
+    allowed = ({"socket"} if unix else set()) | (set(TLS_PARAMS) if tls else set())
+    names = [k for k, _ in pairs]
+    for k in names:
+        if k not in allowed:
+            hint = " (TLS parameters need nbds://)" if k in TLS_PARAMS else ""
+            raise _Bad(f"unknown parameter {k!r}{hint}")
+        if names.count(k) > 1:
+            raise _Bad(f"parameter {k!r} given twice")
+    params = tuple((k, v) for k, v in pairs if k != "socket")
+    for k, v in params:
+        if not v:
+            raise _Bad(f"empty {k}")
+        if k == "tls-verify-peer" and v not in ("true", "false"):
+            raise _Bad("tls-verify-peer must be true or false")
+    user, at, hostpart = url.netloc.rpartition("@")
+    if not unix:
+        if not hostpart:
             raise _Bad("missing host")
-        host, port = _host_port(url.netloc, default_host=False, default_port=True, min_port=1)
-        return Address(host=host, port=port, export=export)
-    if url.scheme == "nbd+unix":
-        if url.netloc:
-            raise _Bad("no host in a unix-socket URI: nbd+unix:///EXPORT?socket=PATH")
-        sockets = params.get("socket", [])
-        if len(sockets) != 1 or not sockets[0]:
-            raise _Bad("one socket=PATH is required")
-        return Address(path=sockets[0], export=export)
-    raise _Bad(_URI_FORMS)
+        if at and not tls:
+            raise _Bad("a user name is for TLS-PSK (nbds://USER@HOST/)")
+        host, port = _host_port(hostpart, default_host=False, default_port=True, min_port=1)
+        return Address(
+            host=host, port=port, export=export, tls=tls, tls_params=params, user=unquote(user)
+        )
+    if url.netloc:
+        raise _Bad("no host in a unix-socket URI: nbd+unix:///EXPORT?socket=PATH")
+    sockets = [v for k, v in pairs if k == "socket"]
+    if len(sockets) != 1 or not sockets[0]:
+        raise _Bad("one socket=PATH is required")
+    return Address(path=sockets[0], export=export, tls=tls, tls_params=params)

@@ -8,6 +8,13 @@ STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, then GO asking for block siz
 (EXPORT_NAME when the server does not know GO).  A refusal raises
 :class:`dst.errors.ServerRefused` naming the export and the server's reply.
 
+An ``nbds`` address sends NBD_OPT_STARTTLS first and insists on its ACK (no downgrade:
+a server that will not do TLS is a ServerRefused), upgrades the transport with
+``loop.start_tls`` (after the codec checked the server sent nothing past its ACK) and
+negotiates everything else inside TLS.  A failed TLS handshake (unknown CA, wrong
+host name, a refused client certificate) is a ConnectionLost naming the reason.  A
+plain client meeting a server that requires TLS gets a ServerRefused saying so.
+
 In transmission every call registers a request with the
 :class:`~dst.nbd.replies.ReplyParser` (unique handle), queues its bytes -- requests
 issued in one loop iteration go out in one ``writelines`` -- and awaits a future that
@@ -27,6 +34,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, cast
@@ -48,6 +56,7 @@ from dst.nbd.constants import (
 from dst.nbd.events import ExportNameReply, OptionReply, Reply
 from dst.nbd.replies import ReplyParser
 from dst.net.address import Address, parse_address
+from dst.net.tls import ClientTlsConfig, TlsInfo, client_config, session_info
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +221,35 @@ async def _event(proto: _Protocol) -> Any:
     return event
 
 
+async def _starttls(proto: _Protocol, addr: Address, tls: ClientTlsConfig) -> TlsInfo | None:
+    """STARTTLS and the TLS handshake; the protocol object goes on behind TLS."""
+    context = tls.context()  # ConfigError for bad credentials, before any traffic
+    reply = (await _option(proto, Opt.STARTTLS))[-1]
+    if reply.reply != Rep.ACK:
+        raise ServerRefused(
+            f"NBD server {addr} does not offer TLS ({hsc.error_text(reply)}); "
+            "not continuing in plaintext",
+            reply=reply.reply,
+        )
+    proto.hs.begin_tls()
+    assert proto.transport is not None
+    try:
+        transport = await proto.loop.start_tls(
+            proto.transport, proto, context, server_hostname=tls.server_hostname(addr)
+        )
+    except ssl.SSLError as exc:
+        why = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else None
+        raise ConnectionLost(
+            f"TLS handshake with {addr} failed: {why or exc.reason or exc}"
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise ConnectionLost(f"TLS handshake with {addr} failed: {exc or 'closed'}") from None
+    if transport is None:
+        raise ConnectionLost(f"TLS handshake with {addr} failed: connection closed")
+    proto.transport = transport
+    return session_info(transport)
+
+
 async def _option(proto: _Protocol, option: int, payload: bytes = b"") -> list[OptionReply]:
     """Send one option and collect its replies up to the final one."""
     proto.hs.send_option(option, payload)
@@ -239,6 +277,7 @@ class NbdClient:
         self.context_id = 0
         self.min_block, self.pref_block, self.max_block = 1, 4096, 32 << 20
         self.timeout: float | None = None
+        self.tls: TlsInfo | None = None  # the TLS session (server certificate subject)
 
     @classmethod
     async def connect(
@@ -251,9 +290,10 @@ class NbdClient:
     ) -> NbdClient:
         """Connect and negotiate.  ``export_name`` defaults to the address's export.
 
-        Raises ConnectionLost (a BlockError) when the server cannot be reached or hangs
-        up, ServerRefused when it refuses the export, ProtocolError when it breaks
-        the protocol, TimeoutError when negotiation takes longer than ``timeout``.
+        Raises ConnectionLost (a BlockError) when the server cannot be reached, hangs
+        up or the TLS handshake fails, ServerRefused when it refuses the export or TLS,
+        ProtocolError when it breaks the protocol, TimeoutError when negotiation takes
+        longer than ``timeout``, ConfigError for unusable TLS credentials.
         """
         addr = parse_address(address, where="NBD server address")
         name = addr.export if export_name is None else export_name
@@ -262,6 +302,16 @@ class NbdClient:
             self = cls(proto, addr, name)
             try:
                 await self._negotiate()
+            except ConnectionLost as exc:
+                assert proto.transport is not None
+                proto.transport.abort()
+                if self.tls is None:
+                    raise
+                raise ConnectionLost(  # TLS 1.3: a refused certificate shows up only now
+                    f"{exc}: the server closed the connection after the TLS handshake "
+                    "(does it want a client certificate, client-cert.pem in "
+                    "tls-certificates=DIR, that it trusts?)"
+                ) from None
             except BaseException:
                 assert proto.transport is not None
                 proto.transport.abort()
@@ -272,7 +322,14 @@ class NbdClient:
     async def _negotiate(self) -> None:
         proto, name = self._proto, self.export_name
         await _event(proto)  # greeting
+        tls = client_config(self.address)
+        if tls is not None:
+            self.tls = await _starttls(proto, self.address, tls)
         reply = (await _option(proto, Opt.STRUCTURED_REPLY))[-1]
+        if reply.reply == Rep.ERR_TLS_REQD:
+            raise ServerRefused(
+                f"NBD server {self.address} requires TLS (use an nbds:// URI)", reply=reply.reply
+            )
         self.structured = reply.reply == Rep.ACK
         if self.structured:
             payload = hsc.encode_meta_context(name, (BASE_ALLOCATION,))
@@ -534,6 +591,9 @@ async def list_exports(
         addr, proto = await _open(address)
         try:
             await _event(proto)
+            tls = client_config(addr)
+            if tls is not None:
+                await _starttls(proto, addr, tls)
             replies = await _option(proto, Opt.LIST)
             if replies[-1].reply != Rep.ACK:
                 raise ServerRefused(

@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-During the handshake, received bytes go to :class:`~dst.nbd.server.ServerHandshake`
-and its events are answered from the server's export table (the device's ``size`` is
-read at GO time, so a grown export is seen by new connections).
+During the handshake, received bytes go to a :class:`~dst.net.negotiate.Negotiator`
+(options, STARTTLS, access control), which answers from the server's export table (the
+device's ``size`` is read at GO time, so a grown export is seen by new connections) and
+calls :meth:`ServerConnection.begin_transmission` once an export is bound.  After
+STARTTLS the same protocol object sits behind the TLS transport.
 
 In transmission, received bytes land in the :class:`~dst.nbd.requests.RequestParser`
 and dispatches every complete request: validate at the edge (command, flags, range,
@@ -46,22 +48,16 @@ from dst.nbd.constants import (
     Cmd,
     CmdFlags,
     NbdErr,
-    Rep,
     StateFlags,
     TransmissionFlags,
     errno_to_nbd,
 )
-from dst.nbd.events import (
-    Aborted,
-    ExportInfo,
-    ExportNameRequest,
-    InfoRequest,
-    ListRequest,
-    MetaContextRequest,
-    Request,
-    ServerEvent,
-)
+from dst.nbd.events import ExportInfo, Request
 from dst.nbd.server import ServerHandshake
+from dst.net.negotiate import Negotiator, transmission_flags
+from dst.net.tls import TlsInfo
+
+__all__ = ["ServerConnection", "clip_extents", "transmission_flags"]
 
 if TYPE_CHECKING:
     from dst.net.server import NbdServer
@@ -82,26 +78,6 @@ _OUT_HIGH = 1 << 20  # flush queued replies once this many bytes are pending
 _EINVAL, _ESHUTDOWN = int(NbdErr.EINVAL), int(NbdErr.ESHUTDOWN)
 
 
-def transmission_flags(device: BlockDevice, *, structured: bool) -> int:
-    """The transmission flags advertised for ``device``."""
-    caps = device.caps
-    f = TransmissionFlags.HAS_FLAGS
-    for cond, flag in (
-        (caps.read_only, TransmissionFlags.READ_ONLY),
-        (caps.flush, TransmissionFlags.SEND_FLUSH),
-        (caps.fua, TransmissionFlags.SEND_FUA),
-        (caps.trim, TransmissionFlags.SEND_TRIM),
-        (caps.zeroes, TransmissionFlags.SEND_WRITE_ZEROES),
-        (caps.zeroes and caps.fast_zero, TransmissionFlags.SEND_FAST_ZERO),
-        (caps.cache, TransmissionFlags.SEND_CACHE),
-        (caps.multi_conn, TransmissionFlags.CAN_MULTI_CONN),
-        (structured, TransmissionFlags.SEND_DF),
-    ):
-        if cond:
-            f |= flag
-    return int(f)
-
-
 def _tune_socket(sock: socket.socket) -> None:
     """TCP_NODELAY, and socket buffers big enough for a few 1 MiB replies in flight."""
     with contextlib.suppress(OSError):
@@ -109,6 +85,14 @@ def _tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+
+
+def _describe_peer(peername: object) -> str:
+    """``host:port`` (``[v6]:port``) for TCP, ``unix`` for a unix socket."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host = str(peername[0])
+        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+    return "unix"
 
 
 def _allowed_flags(flags: int) -> dict[int, int]:
@@ -156,7 +140,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.hs: ServerHandshake | None = ServerHandshake()
+        self.peername: object = None
+        self.neg: Negotiator | None = Negotiator(self)
+        self.export: str | None = None  # bound export
+        self.tls: TlsInfo | None = None  # the TLS session, if any
+        self.lost = False
         self.parser: rq.RequestParser | None = None
         self.device: BlockDevice | None = None
         self.size = 0
@@ -182,14 +170,16 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.peer = str(transport.get_extra_info("peername") or "unix")
+        self.peername = transport.get_extra_info("peername")
+        self.peer = _describe_peer(self.peername)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _tune_socket(sock)
         self.server.connections.add(self)
         self.hs_timer = self.loop.call_later(self.server.handshake_timeout, self._hs_timeout)
-        assert self.hs is not None
-        self.transport.write(self.hs.data_to_send())
+        assert self.neg is not None
+        self.transport.write(self.neg.greeting())
+        self.neg.connected(self.peername)
         if self.server.closing:
             self.shutdown()
 
@@ -199,6 +189,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:  # a failed STARTTLS may report it twice
+            return
+        self.lost = True
         self.server.connections.discard(self)
         if self.hs_timer is not None:
             self.hs_timer.cancel()
@@ -225,8 +218,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             if self.parser is not None:
                 self.parser.buffer_updated(nbytes)
                 self._pump()
-            else:
-                self._handshake(bytes(self.scratch[:nbytes]))
+            elif self.neg is not None:
+                self.neg.receive(bytes(self.scratch[:nbytes]))
         except ProtocolError as exc:
             log.warning("%s: protocol error: %s; closing", self.peer, exc)
             self.abort()
@@ -256,54 +249,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    # --- handshake -------------------------------------------------------------------
+    # --- handshake (the Negotiator's callbacks) ----------------------------------------
 
-    def _handshake(self, data: bytes) -> None:
-        hs = self.hs
-        assert hs is not None and self.transport is not None
-        hs.receive_data(data)
-        while (event := hs.next_event()) is not None:
-            self._answer(hs, event)
-        out = hs.data_to_send()
-        if out:
-            self.transport.write(out)
-        if hs.closed:
-            self.transport.close()
-        elif hs.in_transmission:
-            self.hs = None
-            if self.hs_timer is not None:
-                self.hs_timer.cancel()
-            self.parser = hs.start_transmission(max_payload=self.max_block)
-            self._pump()
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task of this connection (cancelled when it is lost)."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    def _answer(self, hs: ServerHandshake, event: ServerEvent) -> None:
-        if isinstance(event, Aborted):
-            return
-        if self.server.closing:
-            hs.refuse(Rep.ERR_SHUTDOWN, "server is shutting down")
-            return
-        if isinstance(event, ListRequest):
-            hs.send_export_list(self.server.export_list())
-            return
-        name = event.export_name if isinstance(event, MetaContextRequest) else event.name
-        device = self.server.lookup(name)
-        if device is None:
-            log.info("%s: no export %r", self.peer, name)
-            hs.refuse(Rep.ERR_UNKNOWN, f"no export named {name!r}")
-            return
-        if isinstance(event, MetaContextRequest):
-            hs.send_meta_contexts((BASE_ALLOCATION,))
-            return
-        caps = device.caps
-        flags = transmission_flags(device, structured=hs.structured_replies)
-        info = ExportInfo(
-            device.size, flags, device.name, caps.min_block, caps.pref_block, caps.max_block
-        )
-        hs.accept_export(info)
-        if isinstance(event, ExportNameRequest) or (isinstance(event, InfoRequest) and event.go):
-            self._bind(hs, device, info)
-
-    def _bind(self, hs: ServerHandshake, device: BlockDevice, info: ExportInfo) -> None:
+    def bind(self, hs: ServerHandshake, device: BlockDevice, info: ExportInfo) -> None:
+        """GO or EXPORT_NAME was accepted for ``device``."""
         self.device = device
         self.size = info.size
         self.structured = hs.structured_replies
@@ -313,6 +268,26 @@ class ServerConnection(asyncio.BufferedProtocol):
         log.debug(
             "%s: export %r size %d flags 0x%x", self.peer, hs.export_name, info.size, info.flags
         )
+
+    def begin_transmission(self, hs: ServerHandshake, *, tls: TlsInfo | None) -> None:
+        """The handshake is over: parse requests from now on."""
+        self.neg = None
+        self.tls = tls
+        self.export = hs.export_name
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
+        self.parser = hs.start_transmission(max_payload=self.max_block)
+        self._pump()
+
+    def status(self) -> dict[str, Any]:
+        """This client for status displays: peer, export, TLS session."""
+        tls = self.tls if self.neg is None else self.neg.info
+        return {
+            "peer": self.peer,
+            "export": self.export,
+            "state": "transmission" if self.parser is not None else "handshake",
+            "tls": tls.as_dict() if tls is not None else None,
+        }
 
     # --- transmission ----------------------------------------------------------------
 

@@ -8,6 +8,13 @@ and any number of listeners.  Each accepted connection is a
 of live connections for shutdown.  The table may change while serving
 (:meth:`set_export`); a connection binds its device at GO time.
 
+Security: ``tls`` (:class:`~dst.net.tls.ServerTls`) sets the STARTTLS mode and
+credentials, ``tls_only`` names exports that need TLS when the mode is ``on`` (they are
+left out of LIST before the upgrade), and ``acl`` (an :class:`~dst.net.acl.AccessList`,
+or an :class:`~dst.net.acl.AclFile` that :meth:`reload` re-reads) decides who may
+connect; :mod:`dst.net.negotiate` applies them.  :meth:`clients` lists the live
+connections with their TLS session and peer identity.
+
 ``await close()``: stop accepting, tell every connection to finish its in-flight
 requests (new ones get ESHUTDOWN), wait for them to close -- aborting the stragglers
 after ``timeout`` -- and remove unix socket files we created.
@@ -28,12 +35,15 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import TracebackType
+from typing import Any
 
 from dst.device import BlockDevice
+from dst.net.acl import AccessList, AclFile
 from dst.net.address import Address, parse_address
 from dst.net.connection import ServerConnection
+from dst.net.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,9 @@ class NbdServer:
         max_inflight: int = 128,
         max_payload: int = 32 << 20,
         handshake_timeout: float = 30.0,
+        tls: ServerTls | None = None,
+        tls_only: Collection[str] = (),
+        acl: AccessList | AclFile | None = None,
     ) -> None:
         if isinstance(exports, BlockDevice):
             exports = {"": exports}
@@ -57,6 +70,9 @@ class NbdServer:
         self.max_inflight = max_inflight
         self.max_payload = max_payload
         self.handshake_timeout = handshake_timeout  # idle negotiations are dropped
+        self.tls = tls
+        self.tls_only = frozenset(tls_only)
+        self.acl = acl
         self.connections: set[ServerConnection] = set()
         self.closing = False
         self._servers: list[asyncio.Server] = []
@@ -81,6 +97,36 @@ class NbdServer:
 
     def export_list(self) -> list[tuple[str, str]]:
         return [(name, dev.name) for name, dev in sorted(self.exports.items())]
+
+    def requires_tls(self, name: str) -> bool:
+        """Whether export ``name`` (``""``: the default) is TLS-only."""
+        if name == "" and name not in self.exports and self.default is not None:
+            name = self.default
+        return name in self.tls_only
+
+    # --- security ---------------------------------------------------------------------
+
+    def access(self) -> AccessList | None:
+        """The access list in force (None: everyone may connect)."""
+        acl = self.acl
+        return acl.acl if isinstance(acl, AclFile) else acl
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the ACL file and the TLS credentials (SIGHUP).  Existing connections
+        keep what they negotiated.  Raises ConfigError; what failed to load is left as
+        it was."""
+        done: dict[str, Any] = {}
+        if isinstance(self.acl, AclFile):
+            done["acl"] = str(self.acl.path)
+            done["rules"] = self.acl.reload()
+        if self.tls is not None:
+            self.tls.reload()
+            done["tls"] = self.tls.mode.value
+        return done
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Every live connection: peer, export, state and TLS session (or None)."""
+        return [c.status() for c in sorted(self.connections, key=lambda c: c.peer)]
 
     # --- listening --------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 from dst.aio import submit_coro
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
-from dst.errors import BlockError, ProtocolError, ServerRefused
+from dst.errors import BlockError, ConfigError, ProtocolError, ServerRefused
 from dst.net.address import Address
 from dst.net.client import ConnectionLost, NbdClient
 
@@ -227,7 +227,14 @@ class RemoteDevice(BlockDevice):
             conn = await NbdClient.connect(
                 self.address, timeout=self._timeout, request_timeout=self._request_timeout
             )
-        except (BlockError, ServerRefused, ProtocolError, OSError, TimeoutError) as exc:
+        except (
+            BlockError,
+            ServerRefused,
+            ProtocolError,
+            OSError,
+            TimeoutError,
+            ConfigError,
+        ) as exc:
             self._last_error = str(exc) or type(exc).__name__
             log.debug("%s: reconnect attempt %d: %s", self.name, self._attempts, exc)
             return None
@@ -371,7 +378,8 @@ class RemoteDevice(BlockDevice):
         return {"type": "remote", "name": self.name, "uri": self.uri}
 
     def health(self) -> Health:
-        """connected; reconnecting; or disconnected (closed, never opened, or lost
+        """connected (over TLS: ``tls`` in the detail, with the server certificate's
+        subject); reconnecting; or disconnected (closed, never opened, or lost
         without ``reconnect``).  While reconnecting the detail has ``attempts``,
         ``last_error``, ``down_since`` (seconds since the loss), ``waiting`` (requests
         held for the reconnect) and, when a server answered with another export,
@@ -380,7 +388,7 @@ class RemoteDevice(BlockDevice):
         if self._closed:
             return Health("disconnected")
         if conn is not None and conn.connected:
-            return Health("connected")
+            return Health("connected", {"tls": conn.tls.as_dict()} if conn.tls else {})
         if self._task is None:
             return Health("disconnected", {"last_error": self._last_error or "connection lost"})
         detail: dict[str, Any] = {
