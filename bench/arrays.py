@@ -20,6 +20,12 @@ sockets:
   ``quorum`` pattern would read both and compare).
 * ``nbdkit`` and ``dst`` (from ``bench.py``): one server on one file, the single-node
   baselines (``dst`` is not in the default set, to keep a run short).
+* ``dst-mirror-base`` (only when ``DST_BASE`` names the ``src`` directory of another
+  checkout, e.g. an older commit's): ``dst-mirror`` with that checkout's daemon over the
+  same two nodes, to compare two versions of the data path in one interleaved run::
+
+      git worktree add /tmp/base d05f197
+      DST_BASE=/tmp/base/src python bench/arrays.py --targets dst-mirror dst-mirror-base
 
 The two leg files (``leg0.img``, ``leg1.img``: the size plus 1 MiB of room for a
 mirror's metadata at the end, prefilled with random data) are shared by every array
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +90,8 @@ def array_spec(kind: str, uris: list[str], listen: str, ctx: Context) -> str:
 
 
 @contextlib.contextmanager
-def _dst_array(ctx: Context, kind: str) -> Iterator[str]:
+def _dst_array(ctx: Context, kind: str, *, base: str | None = None) -> Iterator[str]:
+    """A ``dst daemon`` over two nodes; with ``base``, that source tree's daemon."""
     with contextlib.ExitStack() as stack:  # unwinds daemon first, then the nodes
         uris = stack.enter_context(_nodes(ctx, stack))
         sock = ctx.workdir / "array.sock"
@@ -91,6 +99,8 @@ def _dst_array(ctx: Context, kind: str) -> Iterator[str]:
         spec.write_text(array_spec(kind, uris, f"unix:{sock}", ctx))
         control = ctx.workdir / "control.sock"
         cmd = [sys.executable, "-m", "dst", "daemon", "--control", str(control), str(spec)]
+        if base is not None:
+            cmd = ["env", f"PYTHONPATH={base}", *cmd]
         log = ctx.workdir / "daemon.log"
         yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///bench?socket={sock}", log))
 
@@ -139,6 +149,10 @@ def start_stripe(ctx: Context) -> contextlib.AbstractContextManager[str]:
 
 def start_mirror(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _dst_array(ctx, "mirror")
+
+
+def start_mirror_base(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _dst_array(ctx, "mirror", base=os.environ["DST_BASE"])
 
 
 def quorum_opts(sockets: list[str]) -> str:
@@ -198,10 +212,21 @@ ARRAY_TARGETS: list[Target] = [
         prepare_legs,
     ),
 ]
+if os.environ.get("DST_BASE"):
+    ARRAY_TARGETS.append(
+        Target(
+            "dst-mirror-base",
+            start_mirror_base,
+            (),
+            f"dst daemon from $DST_BASE ({os.environ['DST_BASE']}): mirror of {_LEGS_NOTE}",
+            prepare_legs,
+        )
+    )
 ALL_TARGETS = TARGETS + ARRAY_TARGETS
 DEFAULT_TARGETS = ["nbdkit", "dst-linear", "dst-stripe", "dst-mirror", "qemu-quorum"]
 RATIOS = [
     "dst-mirror/qemu-quorum",
+    "dst-mirror/dst-mirror-base",
     "dst-mirror-meta/dst-mirror-memory",
     "dst-mirror/nbdkit",
     "dst-stripe/nbdkit",
