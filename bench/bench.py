@@ -95,10 +95,12 @@ def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30)
 def _server(cmd: list[str], sock: Path, uri: str, log: Path) -> Iterator[str]:
     with open(log, "ab") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    SERVERS.add(proc.pid)
     try:
         _wait_socket(sock, proc)
         yield uri
     finally:
+        SERVERS.discard(proc.pid)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
@@ -172,7 +174,35 @@ WORKLOADS: list[Workload] = [
 ]
 
 
+SERVERS: set[int] = set()  # pids of the server processes running now (nodes, daemons)
+RAMP = 1.0  # fio's --ramp_time: I/O done but not counted in its rates
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu() -> float:
+    """user + system CPU seconds used so far by every server process running now."""
+    total = 0
+    for pid in SERVERS:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
 def run_fio(uri: str, w: Workload, *, size: int, runtime: float) -> dict[str, float]:
+    """One fio run; its rates and the servers' CPU per I/O (``cpu_us``, microseconds of
+    user+system time of every server process, fio's own excluded, per I/O done)."""
+    cpu0 = server_cpu()
+    r = _fio(uri, w, size=size, runtime=runtime)
+    cpu = server_cpu() - cpu0
+    ios = r["iops"] * (runtime + RAMP)  # the ramp's I/O cost CPU too
+    r["cpu_us"] = cpu / ios * 1e6 if ios else float("nan")
+    return r
+
+
+def _fio(uri: str, w: Workload, *, size: int, runtime: float) -> dict[str, float]:
     cmd = [
         "fio",
         f"--name={w.name}",
@@ -181,7 +211,7 @@ def run_fio(uri: str, w: Workload, *, size: int, runtime: float) -> dict[str, fl
         f"--size={size}",
         "--time_based",
         f"--runtime={runtime:g}",
-        "--ramp_time=1",
+        f"--ramp_time={RAMP:g}",
         "--norandommap",
         "--randrepeat=0",
         "--output-format=json",
@@ -267,9 +297,10 @@ def run_all(args: argparse.Namespace, all_targets: list[Target] | None = None) -
                         else:
                             r = run_nbdcopy(uri, w, source=source, size=args.size)
                         results[target.name][w.name].append(r)
+                        cpu = f"  {r['cpu_us']:7.1f} us CPU/io" if "cpu_us" in r else ""
                         console.print(
                             f"rep {rep + 1}/{args.reps} {target.name:>12} {w.name:<24}"
-                            f" {r[w.metric]:>12,.1f} {w.metric}"
+                            f" {r[w.metric]:>12,.1f} {w.metric}{cpu}"
                         )
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -291,6 +322,7 @@ def run_all(args: argparse.Namespace, all_targets: list[Target] | None = None) -
 
 
 def medians(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per target, per row (see :func:`rows`): the median over the repetitions."""
     out: dict[str, dict[str, float]] = {}
     for target, per in doc["results"].items():
         out[target] = {}
@@ -298,6 +330,19 @@ def medians(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
             metric = doc["workloads"][wname]["metric"]
             if runs:
                 out[target][wname] = statistics.median(r[metric] for r in runs)
+            cpu = [r["cpu_us"] for r in runs if "cpu_us" in r]
+            if cpu:
+                out[target][f"{wname} cpu"] = statistics.median(cpu)
+    return out
+
+
+def rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's rows: each workload with its unit, then (fio) its server CPU per I/O."""
+    out = []
+    for wname, w in doc["workloads"].items():
+        out.append((wname, w["metric"]))
+        if w["kind"] == "fio":
+            out.append((f"{wname} cpu", "us/io"))
     return out
 
 
@@ -316,16 +361,19 @@ def print_table(doc: dict[str, Any], subject: str, ratios: list[str] | None = No
     med = medians(doc)
     names = list(med)
     pairs = ratio_pairs(doc, subject, ratios)
-    table = Table(title=f"median of {doc['params']['reps']} runs (higher is better)")
+    table = Table(
+        title=f"median of {doc['params']['reps']} runs (higher is better; "
+        "cpu: server CPU per I/O, lower is better)"
+    )
     table.add_column("workload", no_wrap=True)
     table.add_column("unit")
     for n in names:
         table.add_column(n, justify="right")
     for a, b in pairs:
         table.add_column(f"{a}/{b}", justify="right")
-    for wname, w in doc["workloads"].items():
-        row = [wname, w["metric"]]
-        row += [f"{med[n].get(wname, float('nan')):,.0f}" for n in names]
+    for wname, unit in rows(doc):
+        row = [wname, unit]
+        row += [_num(med[n].get(wname, float("nan"))) for n in names]
         for a, b in pairs:
             ref = med[b].get(wname)
             val = med[a].get(wname)
@@ -341,13 +389,17 @@ def markdown_table(doc: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
     head = ["workload", "unit", *names, *(f"{a}/{b}" for a, b in pairs)]
     lines = ["| " + " | ".join(head) + " |"]
     lines.append("|" + "|".join(["---", "---", *["---:"] * (len(head) - 2)]) + "|")
-    for wname, w in doc["workloads"].items():
-        row = [wname, w["metric"], *(f"{med[n].get(wname, float('nan')):,.0f}" for n in names)]
+    for wname, unit in rows(doc):
+        row = [wname, unit, *(_num(med[n].get(wname, float("nan"))) for n in names)]
         for a, b in pairs:
             ref, val = med[b].get(wname), med[a].get(wname)
             row.append(f"{val / ref:.2f}x" if ref and val is not None else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
 def parse_size(text: str) -> int:
