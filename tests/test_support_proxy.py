@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.support.proxy import CuttableProxy
 
 from dst.errors import BlockError
 from dst.net.address import parse_address
 from dst.net.client import NbdClient
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
+from tests.support.proxy import CuttableProxy
 
 
 async def test_proxy_forwards_then_cut_fails_inflight_and_new_connections(sock_dir: Path) -> None:

@@ -270,7 +270,7 @@ async def up(opts: UpOptions) -> int:
 async def _show(daemon: Daemon, stop: asyncio.Event, *, live: bool) -> None:
     from rich.console import Console
 
-    from dst.admin import render_status
+    from dst.view import render_status
 
     console = Console()
     if not live:

@@ -23,7 +23,8 @@ from dst.net.address import Address, parse_address
 from dst.net.client import NbdClient
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
-from dst.targets.remote import RemoteDevice, backoff_delay
+from dst.targets.reconnect import backoff_delay
+from dst.targets.remote import RemoteDevice
 from tests.support.fastpath import Completion, Disk, submit, until
 from tests.support.proxy import CuttableProxy
 

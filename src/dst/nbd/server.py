@@ -6,11 +6,11 @@ Theory of operation
 feeds received bytes with :meth:`receive_data`, pulls events with :meth:`next_event`
 and sends whatever :meth:`data_to_send` returns.  Options the codec can answer alone
 (STRUCTURED_REPLY, unknown or malformed options, oversized options) are answered
-internally; options that need the server's knowledge of exports become events
-(:class:`~dst.nbd.events.InfoRequest` ...) which the shell answers with
-:meth:`accept_export`, :meth:`refuse`, :meth:`send_export_list`,
-:meth:`send_meta_contexts` or :meth:`accept_starttls`.  While an event is unanswered
-no further option is parsed.
+internally (:mod:`dst.nbd.options` decodes the payloads); options that need the
+server's knowledge of exports become events (:class:`~dst.nbd.events.InfoRequest` ...)
+which the shell answers with :meth:`accept_export`, :meth:`refuse`,
+:meth:`send_export_list`, :meth:`send_meta_contexts` or :meth:`accept_starttls`.
+While an event is unanswered no further option is parsed.
 
 TLS (the spec's "TLS support"): ``tls`` is the server's mode.  ``OFF`` is NOTLS
 (STARTTLS gets ERR_POLICY).  ``REQUIRE`` is FORCEDTLS: before TLS every option but
@@ -45,7 +45,7 @@ from __future__ import annotations
 import enum
 
 from dst.errors import ProtocolError
-from dst.nbd import wire
+from dst.nbd import options, wire
 from dst.nbd.constants import (
     BASE_ALLOCATION,
     IHAVEOPT,
@@ -68,6 +68,7 @@ from dst.nbd.events import (
     ServerEvent,
     StartTlsRequest,
 )
+from dst.nbd.options import Invalid, select_contexts
 from dst.nbd.requests import RequestParser
 
 BASE_ALLOCATION_ID = 1  # the metadata context id we give base:allocation
@@ -89,43 +90,6 @@ class _State(enum.Enum):
     TLS_HANDSHAKE = enum.auto()  # STARTTLS acknowledged; the shell is upgrading
     TRANSMISSION = enum.auto()
     CLOSED = enum.auto()
-
-
-class _Invalid(Exception):
-    """A malformed option payload (answered with ERR_INVALID)."""
-
-
-class _Reader:
-    """Bounds-checked reads from one option payload; overruns raise _Invalid."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise _Invalid("option payload too short")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def u16(self) -> int:
-        return int(wire.U16.unpack(self.take(2))[0])
-
-    def u32(self) -> int:
-        return int(wire.U32.unpack(self.take(4))[0])
-
-    def string(self, n: int) -> str:
-        if n > MAX_STRING:
-            raise _Invalid("string too long")
-        try:
-            return self.take(n).decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Invalid("string is not UTF-8") from None
-
-    def end(self) -> None:
-        if self.pos != len(self.data):
-            raise _Invalid("trailing bytes in option payload")
 
 
 class ServerHandshake:
@@ -365,33 +329,27 @@ class ServerHandshake:
             return True
         if opt == Opt.EXPORT_NAME:
             try:
-                return ExportNameRequest(_Reader(payload).string(len(payload)))
-            except _Invalid as exc:
+                return ExportNameRequest(options.export_name(payload))
+            except Invalid as exc:
                 raise ProtocolError(f"bad NBD_OPT_EXPORT_NAME: {exc}") from None
         try:
             return self._parse_option(opt, payload)
-        except _Invalid as exc:
+        except Invalid as exc:
             self._reply(opt, Rep.ERR_INVALID, str(exc).encode())
             return True
 
     def _parse_option(self, opt: int, payload: bytes) -> ServerEvent | bool:
-        r = _Reader(payload)
+        """Raises Invalid for a malformed payload."""
         if opt in (Opt.INFO, Opt.GO):
-            name = r.string(r.u32())
-            infos = tuple(r.u16() for _ in range(r.u16()))
-            r.end()
-            return InfoRequest(name, infos, go=opt == Opt.GO)
+            return options.info_request(payload, go=opt == Opt.GO)
         if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
             if not self.structured_replies:
-                raise _Invalid("structured replies not negotiated")
-            name = r.string(r.u32())
-            queries = tuple(r.string(r.u32()) for _ in range(r.u32()))
-            r.end()
-            return MetaContextRequest(name, queries, set=opt == Opt.SET_META_CONTEXT)
+                raise Invalid("structured replies not negotiated")
+            return options.meta_context_request(payload, set=opt == Opt.SET_META_CONTEXT)
         if opt not in (Opt.LIST, Opt.ABORT, Opt.STRUCTURED_REPLY, Opt.STARTTLS):
             self._reply(opt, Rep.ERR_UNSUP, b"option not supported")
             return True
-        r.end()  # the remaining known options have no payload
+        options.no_payload(payload)  # the remaining known options have none
         if opt == Opt.LIST:
             return ListRequest()
         if opt == Opt.ABORT:
@@ -416,21 +374,3 @@ class ServerHandshake:
         if self.tls_mode is TlsMode.REQUIRE and not self.tls_active and opt != Opt.STARTTLS:
             return Rep.ERR_TLS_REQD, "TLS is required (NBD_OPT_STARTTLS first)"
         return None
-
-
-def select_contexts(
-    queries: tuple[str, ...], available: tuple[str, ...], *, list_all: bool
-) -> list[str]:
-    """Contexts matched by ``queries``: exact names, or ``ns:`` selecting a namespace.
-
-    An empty query list selects everything for LIST and nothing for SET.
-    """
-    if not queries:
-        return list(available) if list_all else []
-    chosen: list[str] = []
-    for name in available:
-        for q in queries:
-            if q == name or (q.endswith(":") and name.startswith(q)):
-                chosen.append(name)
-                break
-    return chosen

@@ -6,19 +6,20 @@ During the handshake, received bytes go to a :class:`~dst.net.negotiate.Negotiat
 (options, STARTTLS, access control), which answers from the server's export table (the
 device's ``size`` is read at GO time, so a grown export is seen by new connections) and
 calls :meth:`ServerConnection.begin_transmission` once an export is bound.  After
-STARTTLS the same protocol object sits behind the TLS transport.
+STARTTLS the same protocol object sits behind the TLS transport.  The connection knows
+its server only as a :class:`Server`: what it needs of it.
 
 In transmission, received bytes land in the :class:`~dst.nbd.requests.RequestParser`
 and dispatches every complete request: validate at the edge (command, flags, range,
-read-only, lengths) and call the device.  READ and WRITE first try the device's
-callback fast path (:meth:`~dst.device.BlockDevice.submit_write`): no coroutine at
-all, the reply is queued from the completion callback.  Otherwise the device
-coroutine is stepped once eagerly; if it completes without suspending -- the common
-case -- its reply is built at once, otherwise a Task finishes it
-(:class:`~dst.aio.Continuation`) and the reply goes out whenever it completes,
-out of order.  Replies produced while handling
-one receive (or one loop iteration of completions) are written with a
-single ``writelines``; READ replies are a small header followed by the device's buffer.
+read-only, lengths: :meth:`dst.net.edge.Binding.check`) and call the device.  READ and
+WRITE first try the device's callback fast path
+(:meth:`~dst.device.BlockDevice.submit_write`): no coroutine at all, the reply is
+queued from the completion callback.  Otherwise the device coroutine is stepped once
+eagerly; if it completes without suspending -- the common case -- its reply is built
+at once, otherwise a Task finishes it (:class:`~dst.aio.Continuation`) and the reply
+goes out whenever it completes, out of order.  Replies produced while handling one
+receive (or one loop iteration of completions) are written with a single
+``writelines``; READ replies are a small header followed by the device's buffer.
 
 Backpressure: at most ``max_inflight`` suspended requests per connection, and nothing
 is parsed while the transport's write buffer is over its high-water mark; in either
@@ -31,111 +32,49 @@ the transport closes.  Any error on one connection is logged and closes only it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
-import socket
-from collections.abc import Coroutine, Sequence
+import ssl
+from collections.abc import Coroutine
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from dst.aio import Continuation
-from dst.device import BlockDevice, Extent
+from dst.device import BlockDevice
 from dst.errors import BlockError, ProtocolError
 from dst.nbd import requests as rq
-from dst.nbd.constants import (
-    BASE_ALLOCATION,
-    Cmd,
-    CmdFlags,
-    NbdErr,
-    StateFlags,
-    TransmissionFlags,
-    errno_to_nbd,
-)
+from dst.nbd.constants import Cmd, CmdFlags, NbdErr, errno_to_nbd
 from dst.nbd.events import ExportInfo, Request
 from dst.nbd.server import ServerHandshake
-from dst.net.negotiate import Negotiator, transmission_flags
+from dst.net.edge import Binding, clip_extents, describe_peer, device_call, tune_socket
+from dst.net.negotiate import Exports, Negotiator
 from dst.net.tls import TlsInfo
-
-__all__ = ["ServerConnection", "clip_extents", "transmission_flags"]
-
-if TYPE_CHECKING:
-    from dst.net.server import NbdServer
 
 log = logging.getLogger(__name__)
 
-_READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
-_TRIM, _CACHE, _ZERO, _BS = (
-    int(Cmd.TRIM),
-    int(Cmd.CACHE),
-    int(Cmd.WRITE_ZEROES),
-    int(Cmd.BLOCK_STATUS),
-)
+_READ, _WRITE, _BS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.BLOCK_STATUS)
 _FUA = int(CmdFlags.FUA)
-_WRITES = frozenset((_WRITE, _TRIM, _ZERO))
-SOCKET_BUFFER = 4 << 20  # SO_SNDBUF/SO_RCVBUF asked for (the kernel caps it)
 _OUT_HIGH = 1 << 20  # flush queued replies once this many bytes are pending
-_EINVAL, _ESHUTDOWN = int(NbdErr.EINVAL), int(NbdErr.ESHUTDOWN)
+_ESHUTDOWN = int(NbdErr.ESHUTDOWN)
 
 
-def _tune_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY, and socket buffers big enough for a few 1 MiB replies in flight."""
-    with contextlib.suppress(OSError):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+class Server(Exports, Protocol):
+    """What a connection needs of its server (:class:`~dst.net.server.NbdServer`):
+    the export table, TLS and access list (:class:`~dst.net.negotiate.Exports`), the
+    limits, and the set of live connections it joins and leaves."""
 
-
-def _describe_peer(peername: object) -> str:
-    """``host:port`` (``[v6]:port``) for TCP, ``unix`` for a unix socket."""
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        host = str(peername[0])
-        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
-    return "unix"
-
-
-def _allowed_flags(flags: int) -> dict[int, int]:
-    fua = _FUA if flags & TransmissionFlags.SEND_FUA else 0
-    df = CmdFlags.DF if flags & TransmissionFlags.SEND_DF else 0
-    fast = CmdFlags.FAST_ZERO if flags & TransmissionFlags.SEND_FAST_ZERO else 0
-    return {
-        _READ: fua | df,
-        _WRITE: fua,
-        _DISC: 0xFFFF,
-        _FLUSH: fua,
-        _TRIM: fua,
-        _CACHE: fua,
-        _ZERO: fua | CmdFlags.NO_HOLE | fast,
-        _BS: fua | CmdFlags.REQ_ONE,
-    }
-
-
-def clip_extents(raw: Sequence[Extent], length: int, *, req_one: bool) -> list[tuple[int, int]]:
-    """Device extents -> wire descriptors: clipped to ``length``, merged, non-empty."""
-    out: list[tuple[int, int]] = []
-    total = 0
-    for e in raw:
-        n = min(e.length, length - total)
-        if n <= 0:
-            if e.length <= 0:
-                continue
-            break
-        f = (StateFlags.HOLE if e.hole else 0) | (StateFlags.ZERO if e.zero else 0)
-        if out and out[-1][1] == f:
-            out[-1] = (out[-1][0] + n, f)
-        else:
-            out.append((n, int(f)))
-        total += n
-    if not out:
-        out = [(length, 0)]
-    return out[:1] if req_one else out
+    @property
+    def connections(self) -> set[ServerConnection]: ...
+    @property
+    def max_inflight(self) -> int: ...
+    @property
+    def max_payload(self) -> int: ...
 
 
 class ServerConnection(asyncio.BufferedProtocol):
     """Serves one client (see module docstring)."""
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -146,12 +85,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.tls: TlsInfo | None = None  # the TLS session, if any
         self.lost = False
         self.parser: rq.RequestParser | None = None
-        self.device: BlockDevice | None = None
-        self.size = 0
-        self.structured = False
-        self.context_id = 0
-        self.allowed: dict[int, int] = {}
-        self.max_block = 32 << 20
+        self.bound: Binding | None = None  # the export bound at GO
         self.inflight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.out: list[Any] = []
@@ -171,10 +105,10 @@ class ServerConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peername = transport.get_extra_info("peername")
-        self.peer = _describe_peer(self.peername)
+        self.peer = describe_peer(self.peername)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            _tune_socket(sock)
+            tune_socket(sock)
         self.server.connections.add(self)
         self.hs_timer = self.loop.call_later(self.server.handshake_timeout, self._hs_timeout)
         assert self.neg is not None
@@ -259,12 +193,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def bind(self, hs: ServerHandshake, device: BlockDevice, info: ExportInfo) -> None:
         """GO or EXPORT_NAME was accepted for ``device``."""
-        self.device = device
-        self.size = info.size
-        self.structured = hs.structured_replies
-        self.context_id = hs.meta_contexts.get(BASE_ALLOCATION, 0)
-        self.allowed = _allowed_flags(info.flags)
-        self.max_block = min(info.max_block, self.server.max_payload)
+        self.bound = Binding.of(hs, device, info, max_payload=self.server.max_payload)
         log.debug(
             "%s: export %r size %d flags 0x%x", self.peer, hs.export_name, info.size, info.flags
         )
@@ -276,8 +205,22 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.export = hs.export_name
         if self.hs_timer is not None:
             self.hs_timer.cancel()
-        self.parser = hs.start_transmission(max_payload=self.max_block)
+        assert self.bound is not None
+        self.parser = hs.start_transmission(max_payload=self.bound.max_block)
         self._pump()
+
+    async def start_tls(self, context: ssl.SSLContext) -> bool:
+        """Put this protocol behind TLS (server side, the server's handshake timeout).
+        False: the connection closed meanwhile.  Raises OSError, ssl.SSLError, EOFError."""
+        assert self.transport is not None
+        timeout = self.server.handshake_timeout
+        transport = await self.loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        if transport is None:
+            return False
+        self.transport = transport
+        return True
 
     def status(self) -> dict[str, Any]:
         """This client for status displays: peer, export, TLS session."""
@@ -332,44 +275,27 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._close()
 
     def _dispatch(self, req: Request) -> None:
-        err = self._validate(req)
+        bound = self.bound
+        assert bound is not None
+        err = (_ESHUTDOWN, "server is shutting down") if self.closing else bound.check(req)
         if err is not None:
             self._error(req, err[0], err[1])
             return
         typ = req.type
-        device = self.device
-        assert device is not None
-        fua = bool(req.flags & _FUA)
+        device = bound.device
         if typ in (_WRITE, _READ):  # the callback fast path first (dst.device)
             self.inflight += 1
             done = partial(self._done, req)
             if typ == _WRITE:
                 assert req.data is not None
-                taken = device.submit_write(req.offset, req.data, fua, done)
+                taken = device.submit_write(req.offset, req.data, bool(req.flags & _FUA), done)
             else:
                 taken = device.submit_read(req.offset, req.length, done)
             if taken is not None:
                 return
             self.inflight -= 1
-        coro: Coroutine[Any, Any, Any]
-        if typ == _READ:
-            coro = device.read(req.offset, req.length)
-        elif typ == _WRITE:
-            assert req.data is not None
-            coro = device.write(req.offset, req.data, fua=fua)
-        elif typ == _FLUSH:
-            coro = device.flush()
-        elif typ == _TRIM:
-            coro = device.trim(req.offset, req.length, fua=fua)
-        elif typ == _ZERO:
-            punch = not req.flags & CmdFlags.NO_HOLE
-            fast = bool(req.flags & CmdFlags.FAST_ZERO)
-            coro = device.write_zeroes(req.offset, req.length, fua=fua, punch=punch, fast=fast)
-        elif typ == _CACHE:
-            coro = device.cache(req.offset, req.length)
-        elif typ == _BS:
-            coro = device.block_status(req.offset, req.length)
-        else:  # DISC
+        coro = device_call(device, req)
+        if coro is None:  # DISC
             self.disconnected = True
             return
         try:
@@ -415,34 +341,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.inflight -= 1
         self._completed()
 
-    def _validate(self, req: Request) -> tuple[int, str] | None:
-        if self.closing:
-            return _ESHUTDOWN, "server is shutting down"
-        typ = req.type
-        allowed = self.allowed.get(typ)
-        if allowed is None:
-            return _EINVAL, f"unknown command {typ}"
-        if req.flags & ~allowed:
-            return _EINVAL, f"flags 0x{req.flags:x} not valid for command {typ}"
-        if typ in (_FLUSH, _DISC):
-            return None
-        device = self.device
-        assert device is not None
-        if typ in _WRITES and device.caps.read_only:
-            return int(NbdErr.EPERM), "export is read-only"
-        length = req.length
-        if req.offset + length > self.size:
-            code = NbdErr.ENOSPC if typ in (_WRITE, _ZERO) else NbdErr.EINVAL
-            return int(code), "request beyond the end of the export"
-        if length == 0:
-            return _EINVAL, "zero-length request"
-        if (typ in (_READ, _WRITE)) and length > self.max_block:
-            return _EINVAL, f"request longer than {self.max_block} bytes"
-        if typ == _BS and not self.context_id:
-            return _EINVAL, "base:allocation was not negotiated"
-        return None
-
     def _complete(self, req: Request, value: Any) -> None:
+        bound = self.bound
+        assert bound is not None
         typ = req.type
         if typ == _READ:
             n = len(value)
@@ -450,14 +351,14 @@ class ServerConnection(asyncio.BufferedProtocol):
                 log.error("%s: device read returned %d of %d bytes", self.peer, n, req.length)
                 self._error(req, int(NbdErr.EIO), "short read")
                 return
-            if self.structured:
+            if bound.structured:
                 self._queue(rq.data_chunk(req.handle, req.offset, n), value)
             else:
                 self._queue(rq.simple_reply(req.handle), value)
         elif typ == _BS:
             req_one = bool(req.flags & CmdFlags.REQ_ONE)
             extents = clip_extents(value, req.length, req_one=req_one)
-            self._queue(rq.block_status_chunk(req.handle, self.context_id, extents))
+            self._queue(rq.block_status_chunk(req.handle, bound.context_id, extents))
         else:
             self._queue(rq.simple_reply(req.handle))
 
@@ -471,7 +372,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             raise exc
 
     def _error(self, req: Request, code: int, message: str) -> None:
-        self._queue(rq.error_reply(req.handle, code, message, structured=self.structured))
+        assert self.bound is not None
+        self._queue(rq.error_reply(req.handle, code, message, structured=self.bound.structured))
 
     def _queue(self, head: bytes, data: Any = None) -> None:
         out = self.out

@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 A :class:`Negotiator` drives the sans-IO :class:`~dst.nbd.server.ServerHandshake` for
-its :class:`~dst.net.connection.ServerConnection` and answers its events from the
-server's export table, TLS credentials and access list.  When an export is bound it
-hands over with :meth:`ServerConnection.begin_transmission`.
+its connection (:class:`~dst.net.connection.ServerConnection`, typed here by what the
+negotiator needs of it, :class:`Negotiating`) and answers its events from the server's
+export table, TLS credentials and access list (:class:`Exports`).  When an export is
+bound it hands over with :meth:`Negotiating.begin_transmission`.
 
 STARTTLS.  Accepting it pauses reading on the plain transport *before* the ACK is
 written, so nothing the client sends next (its TLS ClientHello) can reach the codec as
@@ -25,13 +26,15 @@ PSK identity.  A refusal is logged once per connection, and no export data is se
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from dst.device import BlockDevice
 from dst.errors import ProtocolError
-from dst.nbd.constants import BASE_ALLOCATION, Rep, TransmissionFlags
+from dst.nbd.constants import BASE_ALLOCATION, Rep
 from dst.nbd.events import (
     Aborted,
     ExportInfo,
@@ -43,39 +46,51 @@ from dst.nbd.events import (
     StartTlsRequest,
 )
 from dst.nbd.server import ServerHandshake, TlsMode
-from dst.net.acl import Decision, Peer
-from dst.net.tls import TlsInfo, session_info
-
-if TYPE_CHECKING:
-    from dst.net.connection import ServerConnection
+from dst.net.acl import AccessList, Decision, Peer
+from dst.net.edge import transmission_flags
+from dst.net.tls import ServerTls, TlsInfo, session_info
 
 log = logging.getLogger(__name__)
 
 
-def transmission_flags(device: BlockDevice, *, structured: bool) -> int:
-    """The transmission flags advertised for ``device``."""
-    caps = device.caps
-    f = TransmissionFlags.HAS_FLAGS
-    for cond, flag in (
-        (caps.read_only, TransmissionFlags.READ_ONLY),
-        (caps.flush, TransmissionFlags.SEND_FLUSH),
-        (caps.fua, TransmissionFlags.SEND_FUA),
-        (caps.trim, TransmissionFlags.SEND_TRIM),
-        (caps.zeroes, TransmissionFlags.SEND_WRITE_ZEROES),
-        (caps.zeroes and caps.fast_zero, TransmissionFlags.SEND_FAST_ZERO),
-        (caps.cache, TransmissionFlags.SEND_CACHE),
-        (caps.multi_conn, TransmissionFlags.CAN_MULTI_CONN),
-        (structured, TransmissionFlags.SEND_DF),
-    ):
-        if cond:
-            f |= flag
-    return int(f)
+class Exports(Protocol):
+    """What negotiation needs of the server: its export table, TLS and access list."""
+
+    @property
+    def tls(self) -> ServerTls | None: ...
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def handshake_timeout(self) -> float: ...
+    def access(self) -> AccessList | None: ...
+    def export_list(self) -> list[tuple[str, str]]: ...
+    def lookup(self, name: str) -> BlockDevice | None: ...
+    def requires_tls(self, name: str) -> bool: ...
+
+
+class Negotiating(Protocol):
+    """What the negotiator needs of its connection."""
+
+    @property
+    def server(self) -> Exports: ...
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def peername(self) -> object: ...
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+    def bind(self, hs: ServerHandshake, device: BlockDevice, info: ExportInfo) -> None: ...
+    def begin_transmission(self, hs: ServerHandshake, *, tls: TlsInfo | None) -> None: ...
+    async def start_tls(self, context: ssl.SSLContext) -> bool: ...
+    def abort(self) -> None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
 
 
 class Negotiator:
     """Option haggling for one connection (see module docstring)."""
 
-    def __init__(self, conn: ServerConnection) -> None:
+    def __init__(self, conn: Negotiating) -> None:
         self.conn = conn
         tls = conn.server.tls
         self.hs = ServerHandshake(tls=tls.mode if tls is not None else TlsMode.OFF)
@@ -213,13 +228,7 @@ class Negotiator:
         tls = conn.server.tls
         assert tls is not None and conn.transport is not None
         try:
-            transport = await conn.loop.start_tls(
-                conn.transport,
-                conn,
-                tls.context(self._on_psk),
-                server_side=True,
-                ssl_handshake_timeout=conn.server.handshake_timeout,
-            )
+            upgraded = await conn.start_tls(tls.context(self._on_psk))
         except (OSError, ssl.SSLError, EOFError) as exc:
             log.warning("%s: TLS handshake failed: %s; closing", conn.peer, _why(exc))
             conn.connection_lost(None)
@@ -229,12 +238,12 @@ class Negotiator:
             conn.abort()
             conn.connection_lost(None)
             return
-        if transport is None:  # closed meanwhile
+        if not upgraded:  # closed meanwhile
             conn.connection_lost(None)
             return
-        conn.transport = transport
+        assert conn.transport is not None
         self.upgrading = False
-        self.info = session_info(transport, psk=self.psk)
+        self.info = session_info(conn.transport, psk=self.psk)
         self.hs.tls_established()
         info = self.info
         if info is not None:

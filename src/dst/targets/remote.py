@@ -2,35 +2,13 @@
 
 Theory of operation
 -------------------
-:class:`RemoteDevice` wraps one :class:`dst.net.client.NbdClient`.  ``open()``
-connects and negotiates once; a first connect that fails is a :class:`BlockError`
-naming the node and its URI (it is not retried: the operator sees at once which
-member is unreachable).
-
-Every operation runs through :meth:`RemoteDevice._run`, which takes the current
-connection and, when that connection is gone -- a request failed with
-:class:`~dst.net.client.ConnectionLost`, or the client is found disconnected --
-records the loss once (subscribers hear ``False``) and, with ``reconnect``, starts
-one background reconnect loop.  The loop retries with exponential backoff and full
-jitter (a uniform delay in ``[0, min(backoff_max, backoff_min * 2**n))``).  A new
-connection is used only if its export has the size the device had when opened;
-otherwise it is not the same device: it is closed, health says why and the loop
-keeps retrying at the slowest pace.  On success subscribers hear ``True``.
-
-A request caught by the outage -- before it was sent or while in flight -- waits,
-when ``io_timeout`` is positive, until the device is reconnected or ``io_timeout``
-seconds after the request started (then ETIMEDOUT), and is replayed on the new
-connection.  Every NBD command is idempotent at the block level, so replaying reads,
-writes, flush, trim, zeroes, cache and block status is safe.  With ``io_timeout``
-None or 0 the request fails at once with EIO (a mirror degrades the leg instead of
-stalling).  An error *reply* from the server is a real answer and is never
-replayed, nor is a per-request timeout (the connection is still there).  Waiting
-uses a future and a timer, not ``asyncio.timeout``, because the NBD server runs the
-first step of a request outside any task.  ``close()`` stops the loop and fails
-waiting requests with ESHUTDOWN.
-
-A loss is noticed by the next request (or the one in flight): an idle device whose
-connection dropped reports ``disconnected`` in health until then.
+:class:`RemoteDevice` is a block device over one :class:`~dst.targets.reconnect.Link`,
+the connection to the node kept up across outages: its first connect, the reconnect
+loop, and the requests that wait for a reconnect and are replayed
+(:mod:`dst.targets.reconnect` says how).  READ and WRITE go to the live connection
+directly, the callback fast path too; whatever meets a lost connection goes on
+through the link's replay.  What the export cannot do is emulated or skipped as the
+base class does.
 
 Durability: a write acknowledged before the loss but not yet flushed may be lost if
 the server itself went down.  Replaying the writes that were in flight, and the
@@ -40,36 +18,14 @@ flush (or use FUA), and such a flush is replayed until it succeeds or times out.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import errno
-import logging
 import random
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from dst.aio import submit_coro
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
-from dst.errors import BlockError, ConfigError, ProtocolError, ServerRefused
 from dst.net.address import Address
-from dst.net.client import ConnectionLost, NbdClient
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-Listener = Callable[[bool], None]
-
-
-def backoff_delay(attempt: int, *, low: float, high: float, rng: random.Random) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (0-based): full jitter."""
-    bound = min(high, low * 2.0 ** min(attempt, 60))
-    return rng.uniform(0.0, bound)
-
-
-def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
-    if not waiter.done():
-        waiter.set_result(value)
+from dst.net.client import ConnectionLost
+from dst.targets.reconnect import Link, Listener, Replayable
 
 
 class RemoteDevice(BlockDevice):
@@ -90,26 +46,21 @@ class RemoteDevice(BlockDevice):
         backoff_max: float = 2.0,
         rng: random.Random | None = None,
     ) -> None:
-        assert 0 < backoff_min <= backoff_max
         self.address = address
         self.name = name
         self.size = 0
         self.caps = Capabilities()
-        self._timeout = timeout
-        self._request_timeout = request_timeout
-        self._reconnect = reconnect  # keep reconnecting in the background after a loss
-        self._io_timeout = io_timeout  # how long a request waits for a reconnect (None/0: not)
-        self._backoff = (backoff_min, backoff_max)
-        self._rng = rng or random.Random()
-        self._conn: NbdClient | None = None
-        self._closed = True  # not open (never opened, or closed)
-        self._waiters: set[asyncio.Future[bool]] = set()  # requests waiting for a reconnect
-        self._task: asyncio.Task[None] | None = None
-        self._listeners: list[Listener] = []
-        self._attempts = 0
-        self._last_error = ""
-        self._refused = ""  # why the last connection was not used (size changed)
-        self._down_since = 0.0
+        self._link = Link(
+            address,
+            name=name,
+            timeout=timeout,
+            request_timeout=request_timeout,
+            reconnect=reconnect,
+            io_timeout=io_timeout,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+            rng=rng,
+        )
 
     @property
     def uri(self) -> str:
@@ -119,235 +70,71 @@ class RemoteDevice(BlockDevice):
 
     async def open(self) -> None:
         """Connect.  Raises BlockError naming the node and URI when it cannot."""
-        if self._conn is not None or not self._closed:
-            return
-        try:
-            conn = await NbdClient.connect(
-                self.address, timeout=self._timeout, request_timeout=self._request_timeout
-            )
-        except ServerRefused as exc:
-            raise BlockError(errno.ENXIO, f"{self.name}: {self.uri} refused: {exc}") from None
-        except (BlockError, ProtocolError, OSError, TimeoutError) as exc:
-            why = str(exc) or type(exc).__name__
-            raise BlockError(
-                errno.EHOSTUNREACH, f"{self.name}: cannot connect to {self.uri}: {why}"
-            ) from None
-        self._conn = conn
-        self.size = conn.size
-        self.caps = conn.caps
-        self._closed = False
+        await self._link.open()
+        self.size = self._link.size
+        self.caps = self._link.caps
 
     async def close(self) -> None:
         """Stop reconnecting, fail waiting requests (ESHUTDOWN), disconnect.  Idempotent."""
-        self._closed = True
-        self._wake()  # waiters see closed
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        await self._link.close()
 
     def subscribe(self, callback: Listener) -> Callable[[], None]:
         """Call ``callback(False)`` on each loss and ``callback(True)`` on each reconnect.
 
         Returns the function that unsubscribes.  A callback that raises is logged.
         """
-        self._listeners.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._listeners.remove(callback)
-
-        return unsubscribe
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            _settle(waiter, True)
-
-    def _notify(self, up: bool) -> None:
-        for callback in list(self._listeners):
-            try:
-                callback(up)
-            except Exception:
-                log.exception("%s: connection listener failed", self.name)
-
-    # --- losing and finding the connection --------------------------------------------
-
-    def _lost(self, conn: NbdClient, exc: BaseException | None) -> None:
-        """Record that ``conn`` is gone (once per connection) and start reconnecting."""
-        if self._conn is not conn:
-            return  # already known (or a request of an old connection)
-        self._conn = None
-        self._down_since = time.monotonic()
-        self._attempts = 0
-        self._last_error = str(exc) if exc is not None else "connection found closed"
-        self._refused = ""
-        log.warning("%s: lost connection to %s: %s", self.name, self.uri, self._last_error)
-        if self._reconnect and not self._closed:
-            self._task = asyncio.create_task(self._reconnect_loop(conn), name=f"{self.name}-rc")
-            self._task.add_done_callback(self._loop_ended)
-        self._notify(False)
-
-    async def _reconnect_loop(self, old: NbdClient) -> None:
-        await old.close()  # the transport is gone already; this just releases it
-        low, high = self._backoff
-        while True:
-            conn = await self._attempt()
-            if conn is not None:
-                break
-            failed = self._attempts - 1 if not self._refused else 60  # refused: slowest
-            await asyncio.sleep(backoff_delay(failed, low=low, high=high, rng=self._rng))
-        down = time.monotonic() - self._down_since
-        log.warning(
-            "%s: reconnected to %s after %d attempts (%.2fs down)",
-            self.name,
-            self.uri,
-            self._attempts,
-            down,
-        )
-        self._conn, self._task = conn, None
-        self._refused = ""
-        self._wake()
-        self._notify(True)
-
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("%s: reconnect loop failed", self.name, exc_info=exc)
-            self._last_error = f"reconnect loop failed: {exc!r}"
-            if self._task is task:
-                self._task = None  # health: disconnected, saying why
-
-    async def _attempt(self) -> NbdClient | None:
-        """One connect attempt: the new connection if it is usable, else None."""
-        self._attempts += 1
-        try:
-            conn = await NbdClient.connect(
-                self.address, timeout=self._timeout, request_timeout=self._request_timeout
-            )
-        except (
-            BlockError,
-            ServerRefused,
-            ProtocolError,
-            OSError,
-            TimeoutError,
-            ConfigError,
-        ) as exc:
-            self._last_error = str(exc) or type(exc).__name__
-            log.debug("%s: reconnect attempt %d: %s", self.name, self._attempts, exc)
-            return None
-        if conn.size != self.size:
-            await conn.close()
-            why = (
-                f"export size changed from {self.size} to {conn.size} bytes: "
-                "not the same device, not using it"
-            )
-            if why != self._refused:
-                log.error("%s: %s: %s", self.name, self.uri, why)
-            self._last_error = self._refused = why
-            return None
-        if conn.caps != self.caps:
-            log.warning("%s: %s came back with other capabilities", self.name, self.uri)
-        return conn
-
-    async def _connection(self, started: float) -> NbdClient:
-        """The live connection, waiting for a reconnect until ``io_timeout`` after start.
-
-        Raises BlockError: ESHUTDOWN when closed, EIO when not waiting, ETIMEDOUT.
-        """
-        while True:
-            if self._closed:
-                raise BlockError(errno.ESHUTDOWN, f"{self.name}: {self.uri} is closed")
-            conn = self._conn
-            if conn is not None:
-                if conn.connected:
-                    return conn
-                self._lost(conn, None)
-            if not self._reconnect or not self._io_timeout:
-                why = " (reconnecting)" if self._reconnect else ""
-                raise BlockError(errno.EIO, f"{self.name}: not connected to {self.uri}{why}")
-            if not await self._wait_up(started + self._io_timeout):
-                waited = asyncio.get_running_loop().time() - started
-                raise BlockError(
-                    errno.ETIMEDOUT,
-                    f"{self.name}: {self.uri} did not come back: waited {waited:.1f}s "
-                    f"for a reconnect (io_timeout {self._io_timeout:g}s; {self._last_error})",
-                ) from None
-
-    async def _wait_up(self, deadline: float) -> bool:
-        """Wait for a reconnect (or close) until loop time ``deadline``; False: expired.
-
-        A bare future and a timer, not ``asyncio.timeout``: the NBD server runs the
-        first step of a request eagerly, outside any task.
-        """
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiters.add(waiter)
-        timer = loop.call_at(deadline, _settle, waiter, False)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self._waiters.discard(waiter)
-
-    async def _run(self, op: Callable[[NbdClient], Awaitable[T]]) -> T:
-        """Run ``op`` on the live connection; replay it when the connection is lost."""
-        started = asyncio.get_running_loop().time()
-        while True:
-            conn = await self._connection(started)
-            try:
-                return await op(conn)
-            except ConnectionLost as exc:
-                self._lost(conn, exc)
+        return self._link.subscribe(callback)
 
     # --- I/O --------------------------------------------------------------------------
 
     # read and write try the live connection directly (two coroutines less on the hot
-    # path) and fall back to _run, which waits for a reconnect and replays.
+    # path) and fall back to Link.run, which waits for a reconnect and replays.
 
     async def read(self, offset: int, length: int) -> Buffer:
-        conn = self._conn
+        link = self._link
+        conn = link.conn
         if conn is not None and conn.connected:
             try:
                 return await conn.read(offset, length)
             except ConnectionLost as exc:
-                self._lost(conn, exc)
-        return await self._run(lambda c: c.read(offset, length))
+                link.lost(conn, exc)
+        return await link.run(lambda c: c.read(offset, length))
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        conn = self._conn
+        link = self._link
+        conn = link.conn
         if conn is not None and conn.connected:
             try:
                 return await conn.write(offset, data, fua=fua)
             except ConnectionLost as exc:
-                self._lost(conn, exc)
-        await self._run(lambda c: c.write(offset, data, fua=fua))
+                link.lost(conn, exc)
+        await link.run(lambda c: c.write(offset, data, fua=fua))
 
     # The callback fast path (dst.device): the live connection's, and on a lost
     # connection the same replay as above, in a Task.
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
-        conn = self._conn
+        link = self._link
+        conn = link.conn
         if conn is None or not conn.connected:
             return None
-        req = _Replayable(self, conn, done, lambda c: c.read(offset, length))
+        req = Replayable(link, conn, done, lambda c: c.read(offset, length))
         return req.started(conn.submit_read(offset, length, req.finish))
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
-        conn = self._conn
+        link = self._link
+        conn = link.conn
         if conn is None or not conn.connected:
             return None
-        req = _Replayable(self, conn, done, lambda c: c.write(offset, data, fua=fua))
+        req = Replayable(link, conn, done, lambda c: c.write(offset, data, fua=fua))
         return req.started(conn.submit_write(offset, data, fua, req.finish))
 
     async def flush(self) -> None:
-        await self._run(lambda c: c.flush())
+        await self._link.run(lambda c: c.flush())
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         if self.caps.trim:
-            await self._run(lambda c: c.trim(offset, length, fua=fua))
+            await self._link.run(lambda c: c.trim(offset, length, fua=fua))
 
     async def write_zeroes(
         self,
@@ -361,16 +148,18 @@ class RemoteDevice(BlockDevice):
         if not self.caps.zeroes:
             await super().write_zeroes(offset, length, fua=fua, punch=punch, fast=fast)
             return
-        await self._run(lambda c: c.write_zeroes(offset, length, fua=fua, punch=punch, fast=fast))
+        await self._link.run(
+            lambda c: c.write_zeroes(offset, length, fua=fua, punch=punch, fast=fast)
+        )
 
     async def cache(self, offset: int, length: int) -> None:
         if self.caps.cache:
-            await self._run(lambda c: c.cache(offset, length))
+            await self._link.run(lambda c: c.cache(offset, length))
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         if not self.caps.block_status:
             return [Extent(length)]
-        return await self._run(lambda c: c.block_status(offset, length))
+        return await self._link.run(lambda c: c.block_status(offset, length))
 
     # --- status -----------------------------------------------------------------------
 
@@ -378,65 +167,5 @@ class RemoteDevice(BlockDevice):
         return {"type": "remote", "name": self.name, "uri": self.uri}
 
     def health(self) -> Health:
-        """connected (over TLS: ``tls`` in the detail, with the server certificate's
-        subject); reconnecting; or disconnected (closed, never opened, or lost
-        without ``reconnect``).  While reconnecting the detail has ``attempts``,
-        ``last_error``, ``down_since`` (seconds since the loss), ``waiting`` (requests
-        held for the reconnect) and, when a server answered with another export,
-        ``refused`` (why it was not used)."""
-        conn = self._conn
-        if self._closed:
-            return Health("disconnected")
-        if conn is not None and conn.connected:
-            return Health("connected", {"tls": conn.tls.as_dict()} if conn.tls else {})
-        if self._task is None:
-            return Health("disconnected", {"last_error": self._last_error or "connection lost"})
-        detail: dict[str, Any] = {
-            "attempts": self._attempts,
-            "last_error": self._last_error,
-            "down_since": round(time.monotonic() - self._down_since, 3),
-            "waiting": len(self._waiters),
-        }
-        if self._refused:
-            detail["refused"] = self._refused
-        return Health("reconnecting", detail)
-
-
-class _Replayable:
-    """A request on a connection's fast path that goes on as a replay in a Task
-    (:meth:`RemoteDevice._run`) if the connection is lost; the canceller handed out
-    reaches whichever of the two is running."""
-
-    __slots__ = ("conn", "dev", "done", "op", "running")
-
-    def __init__(
-        self,
-        dev: RemoteDevice,
-        conn: NbdClient,
-        done: Done,
-        op: Callable[[NbdClient], Awaitable[Any]],
-    ) -> None:
-        self.dev = dev
-        self.conn = conn
-        self.done = done
-        self.op = op
-        self.running: Cancel | None = None
-
-    def finish(self, exc: BaseException | None, value: Any) -> None:
-        if isinstance(exc, ConnectionLost):
-            self.dev._lost(self.conn, exc)
-            self.running = submit_coro(self.dev._run(self.op), self.done)
-        else:
-            self.done(exc, value)
-
-    def started(self, cancel: Cancel | None) -> Cancel | None:
-        """What the submit returns, given the connection's canceller (None: refused)."""
-        if cancel is None:
-            return None
-        if self.running is None:  # not replaying already
-            self.running = cancel
-        return self.cancel
-
-    def cancel(self) -> None:
-        if self.running is not None:
-            self.running()
+        """The link's: connected, reconnecting or disconnected (:meth:`Link.health`)."""
+        return self._link.health()

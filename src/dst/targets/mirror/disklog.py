@@ -15,11 +15,11 @@ I/O, :class:`DiskLog` decides what to write when.  Durability rules (DESIGN.md 1
   the failed leg missed is acknowledged.
 * A clean shutdown persists the bitmap and writes ``State.CLEAN``.
 
-Opening (:meth:`DiskLog.open`) reads every superblock, lets the pure functions of
-:mod:`dst.meta.members` pick the reference and judge each leg, and returns what every
-leg misses: after a crash (``DIRTY``) the dirty regions on every current leg but the
-lowest, which is the resync source.  Blank members are formatted; a set of blank
-members is a new array.
+Opening (:meth:`DiskLog.open`, :mod:`dst.targets.mirror.diskopen`) reads every
+superblock, lets the pure functions of :mod:`dst.meta.members` pick the reference and
+judge each leg, and returns what every leg misses: after a crash (``DIRTY``) the dirty
+regions on every current leg but the lowest, which is the resync source.  Blank
+members are formatted; a set of blank members is a new array.
 
 Metadata I/O is bounded by ``leg_timeout``; a leg whose metadata write fails is reported
 to ``on_fail``.  Writes to a member that is failed or left are best effort.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -37,13 +36,13 @@ from typing import Any
 from dst.aio import timed
 from dst.device import BlockDevice
 from dst.errors import BlockError
-from dst.meta.bitmap import PAGE_BITS, Bitmap
-from dst.meta.layout import BLOCK
-from dst.meta.members import LegState, check_member, identify, readd_relation, reference, verdict
+from dst.meta.bitmap import Bitmap
+from dst.meta.members import check_member, readd_relation
 from dst.meta.store import MetaStore
 from dst.meta.superblock import MetadataError, State, Superblock, adopt, rotate, synced
 from dst.targets.mirror.dirtylog import DirtyLog, Opening
-from dst.targets.mirror.stores import MemberStores, best_effort, layout_of, new_generation, shared
+from dst.targets.mirror.diskopen import open_members
+from dst.targets.mirror.stores import MemberStores, best_effort, new_generation, shared
 
 log = logging.getLogger(__name__)
 
@@ -63,100 +62,27 @@ class DiskLog(DirtyLog):
     # --- open ------------------------------------------------------------------------
 
     async def open(self, opened: Sequence[bool]) -> Opening:
-        """Load or format the metadata; what every leg is and misses.
+        """Load or format the metadata; what every leg is and misses
+        (:func:`~dst.targets.mirror.diskopen.open_members`).
 
         Raises MetadataError (foreign or inconsistent members, split brain) or
         BlockError (no leg usable).
         """
         self._need_one(opened)
-        states = [(LegState.IN_SYNC, "") if ok else (LegState.FAILED, "did not open")
-                  for ok in opened]  # fmt: skip
-        sbs: dict[int, Superblock] = {}
-        blank: list[int] = []
-        for i in (i for i, ok in enumerate(opened) if ok):
-            try:
-                if await self.stores.blank(i):
-                    blank.append(i)
-                else:
-                    sbs[i] = await self.stores.load(i)
-            except MetadataError as e:
-                states[i] = (LegState.FAILED, f"bad metadata: {e}")
-            except BlockError as e:
-                states[i] = (LegState.FAILED, f"metadata unreadable: {e!r}")
-        if not sbs:
-            return await self._create(blank, states)
-        names = [d.name for d in self.devices]
-        self.array_uuid = identify(sbs, expected=self.array_uuid, names=names, array=self.name)
-        on_disk = next(iter(sbs.values())).region_size
-        if on_disk != self.region_size:
-            log.warning("%s: the members were formatted with %d-byte regions; using that, "
-                        "not the %d asked for (a member's region size is fixed when it is "
-                        "formatted)", self.name, on_disk, self.region_size)  # fmt: skip
-        self.region_size = on_disk
-        ref = self.ref = sbs[reference(sbs, array=self.name)]
-        self.size = int(ref.spec.get("size") or min(sb.data_size for sb in sbs.values()))
-        for i in (i for i, ok in enumerate(opened) if ok):  # absent legs: checked on return
-            if layout_of(self.devices[i].size, self.region_size).data_size < self.size:
-                raise MetadataError(f"{self.name}: leg {i} is too small for the array")
-        return await self._classify(sbs, ref, blank, states)
-
-    async def _create(self, blank: list[int], states: list[tuple[LegState, str]]) -> Opening:
-        if len(blank) != len(self.devices):
-            bad = [f"leg {i}: {why}" for i, (_, why) in enumerate(states) if why]
-            raise MetadataError(f"{self.name}: no leg has valid metadata ({'; '.join(bad)})")
-        self.array_uuid = self.array_uuid or uuid.uuid4()
-        self.size = min(layout_of(d.size, self.region_size).data_size for d in self.devices)
-        gen = new_generation()
-        for i in blank:
-            self.ref = await self._format(i, gen)
-        self.current = set(range(len(self.devices)))
-        log.info("%s: new array %s over %d legs", self.name, self.array_uuid, len(blank))
-        return Opening(self.size, self.region_size, states)
-
-    async def _classify(
-        self,
-        sbs: dict[int, Superblock],
-        ref: Superblock,
-        blank: list[int],
-        states: list[tuple[LegState, str]],
-    ) -> Opening:
-        nregions = -(-self.size // self.region_size)
-        current = sorted(i for i, sb in sbs.items() if sb.current == ref.current)
-        union = 0
-        for i in current:
-            union |= await self.stores.raw_bitmap(i, self.size, self.region_size)
-        npages = -(-nregions // PAGE_BITS)
-        bm = Bitmap.from_bytes(nregions, union.to_bytes(npages * BLOCK, "little"))
-        bits = list(bm)
-        op = Opening(self.size, self.region_size, states, bitmap=bm)
-        self.current = set(current)
-        dirty = any(sbs[i].state is State.DIRTY for i in current)
-        for i in current[1:] if dirty else ():
-            op.missing[i] = bits  # crash: the lowest current leg is the source
-        for i, sb in sbs.items():
-            if i in self.current:
-                continue
-            v = verdict(ref, sb, nbits=len(bits), nregions=nregions)
-            states[i] = (v.state, v.reason)
-            if v.full_from is not None:
-                op.missing[i] = set(bits) | set(range(v.full_from, nregions))
-            elif v.state is LegState.RESYNCING:
-                op.missing[i] = bits
-        for i in blank:
-            await self._format(i, new_generation(self.stores.known()))
-            states[i] = (LegState.RESYNCING, "new member: full resync")
-            op.missing[i] = range(nregions)
-        failed = [i for i, (s, _) in enumerate(states) if s is LegState.FAILED]
-        for i in failed:
-            op.missing[i] = bits
-        op.settled = () if dirty else bits
-        # Started degraded, or a blank member took the place of one that is away: the
-        # survivors start a new generation, so the member that was there before is
-        # known as behind (not as current) if it ever comes back.
-        op.stale = self._stale = bool(failed or blank)
-        if op.stale:
+        got = await open_members(
+            self.stores,
+            self.devices,
+            opened,
+            name=self.name,
+            array_uuid=self.array_uuid,
+            region_size=self.region_size,
+        )
+        self.array_uuid, self.region_size, self.size = got.array_uuid, got.region_size, got.size
+        self.ref, self.current = got.ref, got.current
+        self._stale = got.opening.stale
+        if self._stale:
             self._settled.clear()
-        return op
+        return got.opening
 
     async def adopt_bitmap(self, legs: Iterable[int], bitmap: Bitmap) -> None:
         pages = {p: bitmap.page_bytes(p) for p in range(bitmap.npages)}
