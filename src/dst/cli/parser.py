@@ -173,6 +173,13 @@ def base_parser() -> tuple[argparse.ArgumentParser, Any]:
         default=0,
         help="log more to stderr (-v: info, -vv: debug)",
     )
+    parser.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        default=None,
+        help="bytes of client payload this process holds at most, over all its NBD "
+        "clients (default 512M; one client at most an eighth, 64M at most)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     serve = sub.add_parser(

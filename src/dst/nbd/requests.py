@@ -8,22 +8,28 @@ should put the next bytes, :meth:`RequestParser.buffer_updated` how many came.
 :meth:`RequestParser.requests` walks the buffer with one precompiled
 :class:`struct.Struct`, producing many :class:`~dst.nbd.events.Request` objects per
 call.  A WRITE payload wholly inside the buffer is copied out as ``bytes`` (the buffer
-is reused); one that is not is assembled in a ``bytearray`` of exactly its announced
-length -- allocated only after the length was checked against ``max_payload`` -- and
-``get_buffer`` then returns the rest of that payload, so the kernel copies it straight
-into place.  A larger payload is drained (counted, never
-buffered) and its request is reported with ``data=None`` so the server can answer
-EINVAL without losing framing.  Only a bad request magic breaks framing; it raises
-:class:`dst.errors.ProtocolError`.
+is reused); one that is not is assembled in a buffer of exactly its announced length --
+allocated only after the length was checked against ``max_payload``, and for a large one
+from an anonymous mapping whose pages exist only once data lands in them, so a header
+announcing 32 MiB costs nothing until the bytes arrive -- and ``get_buffer`` then
+returns the rest of that payload, so the kernel copies it straight into place
+(:attr:`RequestParser.pending` says how much of it came so far).  A larger payload is
+drained (counted, never buffered) and its request is reported with ``data=None`` so the
+server can answer EINVAL without losing framing.  Only a bad request magic breaks
+framing; it raises :class:`dst.errors.ProtocolError`.
 
-``requests(limit)`` parses at most ``limit`` requests so the shell can apply
-backpressure; the rest stays buffered for the next call.
+``requests(limit, budget)`` parses at most ``limit`` requests, and stops before a READ
+or a complete WRITE whose payload (:func:`cost`) would exceed ``budget`` bytes, so the
+shell can apply backpressure in requests and in bytes; the rest stays buffered for the
+next call (:attr:`RequestParser.blocked` is the cost of the request it stopped at).
 
 Replies are built as small header ``bytes`` to be written followed by the payload
 (``transport.writelines([header, data])``), never concatenated with it.
 """
 
 from __future__ import annotations
+
+import mmap
 
 from dst.errors import ProtocolError
 from dst.nbd import wire
@@ -38,34 +44,69 @@ from dst.nbd.constants import (
 from dst.nbd.events import Payload, Request
 
 _WRITE = int(Cmd.WRITE)
+_READ = int(Cmd.READ)
 _DONE = int(ReplyFlags.DONE)
 _REQ_SIZE = wire.REQUEST_SIZE
 _unpack_request = wire.REQUEST.unpack_from
 _pack_simple = wire.SIMPLE_REPLY.pack
 _pack_data = wire.CHUNK_DATA.pack
 RECV_BUFFER = 256 << 10  # receive buffer size; large WRITE payloads bypass it
+MAPPED_PAYLOAD = 1 << 20  # a partial payload this large is received into a mapping
+UNLIMITED = 1 << 62
+
+
+def cost(typ: int, length: int) -> int:
+    """The bytes a request holds while it is served: a READ's reply data, a WRITE's
+    payload; nothing for the other commands."""
+    return length if typ in (_READ, _WRITE) else 0
+
+
+def payload_buffer(length: int) -> bytearray | memoryview:
+    """A zeroed buffer of ``length`` bytes; a large one costs memory only as it fills
+    (an anonymous mapping: the kernel supplies a page when it is first written)."""
+    if length < MAPPED_PAYLOAD:
+        return bytearray(length)
+    return memoryview(mmap.mmap(-1, length))
 
 
 class RequestParser:
     """Incremental parser of client requests (see module docstring)."""
 
-    __slots__ = ("_end", "_fill", "_pos", "_ready", "_rx", "_skip", "_wbuf", "_wreq", "max_payload")
+    __slots__ = (
+        "_end",
+        "_fill",
+        "_pos",
+        "_ready",
+        "_rx",
+        "_skip",
+        "_wbuf",
+        "_wreq",
+        "blocked",
+        "max_payload",
+    )
 
     def __init__(self, *, max_payload: int = 32 << 20, bufsize: int = RECV_BUFFER) -> None:
         self.max_payload = max_payload
         self._rx = bytearray(bufsize)  # receive buffer; [_pos, _end) is unparsed
         self._pos = 0
         self._end = 0
-        self._wbuf: bytearray | None = None  # a WRITE payload being received
+        self._wbuf: bytearray | memoryview | None = None  # a WRITE payload being received
         self._wreq: Request | None = None
         self._fill = 0
         self._skip = 0  # bytes of an oversized WRITE payload still to drain
         self._ready: Request | None = None  # a WRITE whose payload just completed
+        self.blocked = 0  # cost of the request the last requests() stopped at (budget)
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet parsed."""
         return self._end - self._pos
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a WRITE payload received so far while it is incomplete (its buffer
+        grows in memory as they come)."""
+        return self._fill if self._wbuf is not None else 0
 
     def get_buffer(self) -> memoryview:
         """Where the next received bytes should go (``BufferedProtocol.get_buffer``).
@@ -111,10 +152,15 @@ class RequestParser:
             self.buffer_updated(n)
             mv = mv[n:]
 
-    def requests(self, limit: int = 1 << 30) -> list[Request]:
-        """Parse up to ``limit`` complete requests.  Raises ProtocolError on bad magic."""
+    def requests(
+        self, limit: int = 1 << 30, budget: int = UNLIMITED, *, first_free: bool = False
+    ) -> list[Request]:
+        """Parse up to ``limit`` complete requests holding at most ``budget`` bytes of
+        payload (module docstring); with ``first_free`` the first one goes whatever it
+        holds.  Raises ProtocolError on bad magic."""
         out: list[Request] = []
-        if self._ready is not None:
+        self.blocked = 0
+        if self._ready is not None:  # its bytes came in, counted as they did
             out.append(self._ready)
             self._ready = None
         if self._wbuf is not None:
@@ -130,6 +176,13 @@ class RequestParser:
             magic, flags, typ, handle, offset, length = _unpack_request(rx, pos)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic 0x{magic:08x}")
+            if length <= self.max_payload and (
+                typ == _READ or (typ == _WRITE and pos + _REQ_SIZE + length <= end)
+            ):  # a longer one holds nothing: it is refused (or drained) unserved
+                if length > budget and (out or not first_free):
+                    self.blocked = length
+                    break
+                budget -= length
             pos += _REQ_SIZE
             if typ != _WRITE:
                 out.append(Request(flags, typ, handle, offset, length))
@@ -146,7 +199,7 @@ class RequestParser:
                 out.append(Request(flags, typ, handle, offset, length, rx[pos : pos + length]))
                 pos += length
                 continue
-            wbuf = bytearray(length)
+            wbuf = payload_buffer(length)
             n = end - pos
             wbuf[:n] = memoryview(rx)[pos:end]
             pos = end

@@ -21,9 +21,13 @@ goes out whenever it completes, out of order.  Replies produced while handling o
 receive (or one loop iteration of completions) are written with a single
 ``writelines``; READ replies are a small header followed by the device's buffer.
 
-Backpressure: at most ``max_inflight`` suspended requests per connection, and nothing
-is parsed while the transport's write buffer is over its high-water mark; in either
-case reading from the socket pauses and unparsed bytes wait in the parser.
+Backpressure: at most ``max_inflight`` requests in flight per connection, at most the
+memory budget's bytes of payload (:mod:`dst.net.budget`: READ data until its reply left
+the transport buffer, WRITE payload from its arrival until completion; per connection
+and per process), and nothing is parsed while the transport's write buffer is over its
+high-water mark; in each case reading from the socket pauses and unparsed bytes wait in
+the parser or the kernel.  A client that neither reads its replies nor finishes a
+payload for ``stall_timeout`` seconds is dropped.
 
 Shutdown (:meth:`shutdown`): new requests get ESHUTDOWN, in-flight ones finish, then
 the transport closes.  Any error on one connection is logged and closes only it.
@@ -46,6 +50,7 @@ from dst.nbd import requests as rq
 from dst.nbd.constants import Cmd, CmdFlags, NbdErr, errno_to_nbd
 from dst.nbd.events import ExportInfo, Request
 from dst.nbd.server import ServerHandshake
+from dst.net.budget import Budget, Holdings
 from dst.net.edge import Binding, clip_extents, describe_peer, device_call, tune_socket
 from dst.net.negotiate import Exports, Negotiator
 from dst.net.tls import TlsInfo
@@ -69,6 +74,14 @@ class Server(Exports, Protocol):
     def max_inflight(self) -> int: ...
     @property
     def max_payload(self) -> int: ...
+    @property
+    def budget(self) -> Budget: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def stall_timeout(self) -> float: ...
+
+    def refuse(self, peer: str) -> None: ...
 
 
 class ServerConnection(asyncio.BufferedProtocol):
@@ -99,6 +112,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.closed = self.loop.create_future()
         self.scratch = bytearray(4096)  # receive buffer during the handshake
         self.hs_timer: asyncio.TimerHandle | None = None
+        self.holds = Holdings(server.budget, look=self._buffered, stalled=self._stalled,
+                              stall_timeout=server.stall_timeout)  # fmt: skip
+        self.blocked = False  # over budget: not parsing until bytes are given back
 
     # --- asyncio.BufferedProtocol ------------------------------------------------
 
@@ -106,6 +122,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peername = transport.get_extra_info("peername")
         self.peer = describe_peer(self.peername)
+        if len(self.server.connections) >= self.server.max_connections:
+            self.server.refuse(self.peer)
+            self.lost = True
+            self.transport.abort()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
@@ -131,6 +152,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.hs_timer.cancel()
         for task in self.tasks:
             task.cancel()
+        self.holds.close()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -140,6 +162,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.holds.output(self._buffered())
         self._pump()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -149,9 +172,12 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            if self.parser is not None:
-                self.parser.buffer_updated(nbytes)
+            parser = self.parser
+            if parser is not None:
+                parser.buffer_updated(nbytes)
                 self._pump()
+                if self.holds.pending or parser.pending:
+                    self._payload_arriving(parser.pending)
             elif self.neg is not None:
                 self.neg.receive(bytes(self.scratch[:nbytes]))
         except ProtocolError as exc:
@@ -237,19 +263,27 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _pump(self) -> None:
         """Parse and dispatch buffered requests as far as backpressure allows."""
         parser = self.parser
-        if parser is None or self.in_receive:
+        if parser is None or self.in_receive or self.lost:
             return
         self.in_receive = True
+        self.blocked = False
+        holds = self.holds
         try:
             limit = self.server.max_inflight
             while not self.disconnected and not self.write_paused and self.inflight < limit:
-                reqs = parser.requests(limit - self.inflight)
-                if not reqs:
-                    break
+                reqs = parser.requests(
+                    limit - self.inflight, max(holds.allowance(), 0), first_free=holds.idle()
+                )
                 for req in reqs:
                     self._dispatch(req)
                     if self.disconnected:
                         break
+                if parser.blocked:  # over budget: wait for bytes to be given back
+                    self.blocked = True
+                    holds.short(self._pump)
+                    break
+                if not reqs:
+                    break
                 if self.out_bytes > _OUT_HIGH:
                     self._flush()
         finally:
@@ -262,7 +296,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        busy = self.write_paused or self.inflight >= self.server.max_inflight
+        busy = self.write_paused or self.blocked or self.inflight >= self.server.max_inflight
         if busy and not self.read_paused:
             self.read_paused = True
             t.pause_reading()
@@ -285,6 +319,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         device = bound.device
         if typ in (_WRITE, _READ):  # the callback fast path first (dst.device)
             self.inflight += 1
+            self.holds.take(req.length)
             done = partial(self._done, req)
             if typ == _WRITE:
                 assert req.data is not None
@@ -294,16 +329,21 @@ class ServerConnection(asyncio.BufferedProtocol):
             if taken is not None:
                 return
             self.inflight -= 1
+            self._release(req)
         coro = device_call(device, req)
         if coro is None:  # DISC
             self.disconnected = True
             return
+        if typ in (_WRITE, _READ):
+            self.holds.take(req.length)
         try:
             first = coro.send(None)
         except StopIteration as stop:
+            self._release(req)
             self._complete(req, stop.value)
             return
         except BaseException as exc:
+            self._release(req)
             self._failed(req, exc)
             return
         self.inflight += 1
@@ -311,9 +351,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def _release(self, req: Request) -> None:
+        """Give back what a dispatched request held (its reply, if any, is charged
+        again as it sits in the transport buffer)."""
+        if req.type in (_WRITE, _READ):
+            self.holds.give(req.length)
+
     def _done(self, req: Request, exc: BaseException | None, value: Any) -> None:
         """Completion of a request taken by the device's fast path."""
         self.inflight -= 1
+        self._release(req)
         if exc is None:
             self._complete(req, value)
         elif isinstance(exc, Exception):
@@ -339,6 +386,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._complete(req, value)
         finally:
             self.inflight -= 1
+            self._release(req)
         self._completed()
 
     def _complete(self, req: Request, value: Any) -> None:
@@ -398,3 +446,29 @@ class ServerConnection(asyncio.BufferedProtocol):
             t.writelines(self.out)
         self.out = []
         self.out_bytes = 0
+        self.holds.output(self._buffered())
+
+    # --- the budget of replies and payloads --------------------------------------------
+
+    def _buffered(self) -> int:
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None and not self.lost else 0
+
+    def _payload_arriving(self, pending: int) -> None:
+        """Bytes of an incomplete WRITE payload came in: charge them; over budget, stop
+        reading until bytes are given back."""
+        holds = self.holds
+        holds.payload(pending)
+        if pending and holds.allowance() < 0:
+            self.blocked = True
+            holds.short(self._unblock)
+            self._update_reading()
+
+    def _unblock(self) -> None:
+        self.blocked = False
+        self._pump()
+
+    def _stalled(self, what: str) -> None:
+        log.warning("%s: has not %s for %.0fs; closing", self.peer, what,
+                    self.server.stall_timeout)  # fmt: skip
+        self.abort()

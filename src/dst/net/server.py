@@ -15,6 +15,11 @@ or an :class:`~dst.net.acl.AclFile` that :meth:`reload` re-reads) decides who ma
 connect; :mod:`dst.net.negotiate` applies them.  :meth:`clients` lists the live
 connections with their TLS session and peer identity.
 
+Resources: every connection's payload bytes are charged to a :class:`~dst.net.budget.
+Budget` (the process's by default), at most ``max_connections`` clients are served at
+once (more are closed at accept, logged), and a client that stops reading its replies or
+sending a payload it announced for ``stall_timeout`` seconds is dropped.
+
 ``await close()``: stop accepting, tell every connection to finish its in-flight
 requests (new ones get ESHUTDOWN), wait for them to close -- aborting the stragglers
 after ``timeout`` -- and remove unix socket files we created.
@@ -40,8 +45,10 @@ from types import TracebackType
 from typing import Any
 
 from dst.device import BlockDevice
+from dst.net import budget as budgets
 from dst.net.acl import AccessList, AclFile
 from dst.net.address import Address, parse_address
+from dst.net.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_STALL_TIMEOUT, Budget
 from dst.net.connection import ServerConnection
 from dst.net.tls import ServerTls
 
@@ -59,6 +66,9 @@ class NbdServer:
         max_inflight: int = 128,
         max_payload: int = 32 << 20,
         handshake_timeout: float = 30.0,
+        budget: Budget | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         tls: ServerTls | None = None,
         tls_only: Collection[str] = (),
         acl: AccessList | AclFile | None = None,
@@ -70,6 +80,10 @@ class NbdServer:
         self.max_inflight = max_inflight
         self.max_payload = max_payload
         self.handshake_timeout = handshake_timeout  # idle negotiations are dropped
+        self.budget = budget if budget is not None else budgets.DEFAULT
+        self.max_connections = max_connections  # more are refused at once
+        self.stall_timeout = stall_timeout  # a client that reads or sends nothing more
+        self.refused = 0  # connections refused over max_connections
         self.tls = tls
         self.tls_only = frozenset(tls_only)
         self.acl = acl
@@ -158,6 +172,13 @@ class NbdServer:
         self._addresses += bound
         log.info("NBD server listening on %s", ", ".join(map(str, bound)))
         return bound
+
+    def refuse(self, peer: str) -> None:
+        """A client over ``max_connections`` was closed at accept (logged now and then)."""
+        self.refused += 1
+        if self.refused == 1 or self.refused % 100 == 0:
+            log.warning("%s: refused: %d clients already (max_connections); %d refused so far",
+                        peer, len(self.connections), self.refused)  # fmt: skip
 
     def _factory(self) -> ServerConnection:
         return ServerConnection(self)
