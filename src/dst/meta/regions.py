@@ -112,7 +112,10 @@ class RegionTracker:
         self._held: dict[int, int] = {}  # region -> waiting + proceeding writes
         self._resync: set[int] = set()
         self._resync_wait: dict[int, None] = {}
-        self._idle: dict[int, float] = {}  # region -> idle since (clear candidates)
+        # region -> idle since (clear candidates), oldest first: a region is always
+        # (re)inserted at the end with the time it became idle, so a scan for due ones
+        # stops at the first that is not (every clear delay is clear_delay or longer).
+        self._idle: dict[int, float] = {}
         # Adaptive lazy clear: a region marked again soon after its bit was cleared
         # (a mark and a clear wasted, each a metadata write + flush) waits twice as
         # long before its next clear, up to MAX_BACKOFF times clear_delay; it is
@@ -250,9 +253,11 @@ class RegionTracker:
     def settled(self, regions: Iterable[int], now: float) -> None:
         """``regions`` hold the same data on every leg (e.g. bits loaded after a clean
         shutdown, or checked by a resync): let their bits be cleared lazily."""
+        idle = self._idle
         for r in regions:
             if r not in self._held and r not in self._resync and r not in self._resync_wait:
-                self._idle[r] = now
+                idle.pop(r, None)
+                idle[r] = now
 
     # --- resync --------------------------------------------------------------------
 
@@ -269,6 +274,7 @@ class RegionTracker:
         for leg in synced:
             self.oos[leg].clear(region)
         if region not in self._held:
+            self._idle.pop(region, None)
             self._idle[region] = now
         return self._progress()
 
@@ -283,24 +289,34 @@ class RegionTracker:
         return self._progress()
 
     def clears_due(self, now: float) -> bool:
-        """Whether :meth:`due_clears` at ``now`` would consider some region."""
-        base, delays = self.clear_delay, self._delay
-        return any(now - since >= delays.get(r, base) for r, since in self._idle.items())
+        """Whether :meth:`due_clears` at ``now`` may clear some region (the oldest idle
+        one is past ``clear_delay``): O(1)."""
+        for since in self._idle.values():
+            return now - since >= self.clear_delay
+        return False
 
     def due_clears(self, now: float) -> Out:
         """Clear the bits of regions idle for their clear delay (``clear_delay``, longer
         for regions that keep being marked again right after a clear) that every leg
         holds."""
         base, delays, cleared = self.clear_delay, self._delay, self._cleared
-        if cleared:
+        if cleared:  # oldest first, as _idle
             forget = base * MAX_BACKOFF
-            for r, when in list(cleared.items()):
-                if now - when >= forget:  # stayed clean: back to the base delay
-                    del cleared[r]
-                    delays.pop(r, None)
-        for r, since in list(self._idle.items()):
-            if now - since < delays.get(r, base):
-                continue
+            stale = []
+            for r, when in cleared.items():
+                if now - when < forget:
+                    break
+                stale.append(r)
+            for r in stale:  # stayed clean: back to the base delay
+                del cleared[r]
+                delays.pop(r, None)
+        due = []
+        for r, since in self._idle.items():
+            if now - since < base:
+                break  # neither it nor any younger one is due
+            if now - since >= delays.get(r, base):
+                due.append(r)
+        for r in due:
             if any(o.test(r) for o in self.oos):
                 del self._idle[r]  # back when a resync ends
                 continue

@@ -47,7 +47,7 @@ class Budget:
         self.per_connection = min(per_connection, limit)
         self.used = 0
         self.peak = 0
-        self._waiting: collections.OrderedDict[int, Callable[[], None]] = collections.OrderedDict()
+        self.waiting: collections.OrderedDict[int, Callable[[], None]] = collections.OrderedDict()
 
     def allowance(self, held: int) -> int:
         """Bytes a connection holding ``held`` may take now (<= 0: none)."""
@@ -62,27 +62,27 @@ class Budget:
         self.used += delta
         if self.used > self.peak:
             self.peak = self.used
-        if delta < 0 and self._waiting:
-            self._wake()
+        if delta < 0 and self.waiting:
+            self.wake()
 
     def wait(self, key: int, wake: Callable[[], None]) -> None:
         """Call ``wake()`` once bytes are given back (once per registration)."""
-        if key not in self._waiting:
-            self._waiting[key] = wake
+        if key not in self.waiting:
+            self.waiting[key] = wake
 
     def forget(self, key: int) -> None:
-        self._waiting.pop(key, None)
+        self.waiting.pop(key, None)
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         """Wake waiters in arrival order while there is room; one that is still short
         waits again, behind the others."""
-        items = list(self._waiting.items())
-        self._waiting.clear()
+        items = list(self.waiting.items())
+        self.waiting.clear()
         for n, (_, wake) in enumerate(items):
             if self.used >= self.limit:
-                again = self._waiting
-                self._waiting = collections.OrderedDict(items[n:])
-                self._waiting.update(again)
+                again = self.waiting
+                self.waiting = collections.OrderedDict(items[n:])
+                self.waiting.update(again)
                 break
             wake()
 
@@ -161,12 +161,20 @@ class Holdings:
             self.budget.wait(self.key, wake)
 
     def take(self, n: int) -> None:
+        """A request holding ``n`` bytes was dispatched (every READ and WRITE: no
+        further call on this path)."""
         self.inflight += n
-        self.budget.charge(n)
+        b = self.budget
+        b.used += n
+        if b.used > b.peak:
+            b.peak = b.used
 
     def give(self, n: int) -> None:
         self.inflight -= n
-        self.budget.charge(-n)
+        b = self.budget
+        b.used -= n
+        if b.waiting:
+            b.wake()
 
     def output(self, buffered: int) -> None:
         """The transport's buffer holds ``buffered`` reply bytes now."""

@@ -95,6 +95,7 @@ class Binding:
     max_block: int  # the largest READ or WRITE payload
     structured: bool
     context_id: int  # base:allocation's id, 0 when not negotiated
+    read_only: bool = False  # as the export was offered (its flags say so)
 
     @classmethod
     def of(
@@ -108,6 +109,7 @@ class Binding:
             max_block=min(info.max_block, max_payload),
             structured=hs.structured_replies,
             context_id=hs.meta_contexts.get(BASE_ALLOCATION, 0),
+            read_only=bool(info.flags & TransmissionFlags.READ_ONLY),
         )
 
     def check(self, req: Request) -> tuple[int, str] | None:
@@ -120,7 +122,7 @@ class Binding:
             return _EINVAL, f"flags 0x{req.flags:x} not valid for command {typ}"
         if typ in (_FLUSH, _DISC):
             return None
-        if typ in _WRITES and self.device.caps.read_only:
+        if typ in _WRITES and self.read_only:
             return int(NbdErr.EPERM), "export is read-only"
         length = req.length
         if req.offset + length > self.size:

@@ -103,10 +103,20 @@ class Gate:
                 self._held.remove(fut)
             raise
 
+    @property
+    def draining(self) -> bool:
+        """A :meth:`close` waits for the requests in flight."""
+        return self._drained is not None
+
     def leave(self) -> None:
         """A request admitted by the gate completed (successfully or not)."""
         self.inflight -= 1
-        if self.inflight == 0 and self._drained is not None and not self._drained.done():
+        if self.inflight == 0:
+            self.leave_last()
+
+    def leave_last(self) -> None:
+        """The last request in flight left: a waiting :meth:`close` returns."""
+        if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
     async def close(self) -> None:
@@ -270,29 +280,30 @@ class GateDevice(BlockDevice):
         c.write_bytes += len(data)
         await self._through(lambda d: d.write(offset, data, fua=fua))
 
-    def _finisher(self, done: Done) -> Done:
-        g = self._gate
-
-        def fin(exc: BaseException | None, value: Any) -> None:
-            g.leave()
-            if isinstance(exc, BlockError):
-                self.counters.errors += 1
-            done(exc, value)
-
-        return fin
+    # The callback faces count the request in flight and give it back from the
+    # completion (a closure made inline: this is every request's path).
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         g = self._gate
         if g.closed:
             return None
         g.inflight += 1
-        cancel = self.inner.submit_read(offset, length, self._finisher(done))
+        counters = self.counters
+
+        def fin(exc: BaseException | None, value: Any) -> None:
+            g.inflight -= 1
+            if not g.inflight and g.draining:
+                g.leave_last()
+            if exc is not None and isinstance(exc, BlockError):
+                counters.errors += 1
+            done(exc, value)
+
+        cancel = self.inner.submit_read(offset, length, fin)
         if cancel is None:
             g.leave()
             return None
-        c = self.counters
-        c.reads += 1
-        c.read_bytes += length
+        counters.reads += 1
+        counters.read_bytes += length
         return cancel
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
@@ -300,13 +311,22 @@ class GateDevice(BlockDevice):
         if g.closed:
             return None
         g.inflight += 1
-        cancel = self.inner.submit_write(offset, data, fua, self._finisher(done))
+        counters = self.counters
+
+        def fin(exc: BaseException | None, value: Any) -> None:
+            g.inflight -= 1
+            if not g.inflight and g.draining:
+                g.leave_last()
+            if exc is not None and isinstance(exc, BlockError):
+                counters.errors += 1
+            done(exc, value)
+
+        cancel = self.inner.submit_write(offset, data, fua, fin)
         if cancel is None:
             g.leave()
             return None
-        c = self.counters
-        c.writes += 1
-        c.write_bytes += len(data)
+        counters.writes += 1
+        counters.write_bytes += len(data)
         return cancel
 
     async def flush(self) -> None:

@@ -98,6 +98,7 @@ class Link:
         self._request_timeout = request_timeout
         self._reconnect = reconnect  # keep reconnecting in the background after a loss
         self._io_timeout = io_timeout  # how long a request waits for a reconnect (None/0: not)
+        self.replays = bool(reconnect and io_timeout)  # a request caught by a loss waits
         self._backoff = (backoff_min, backoff_max)
         self._rng = rng or random.Random()
         self._waiters: set[asyncio.Future[bool]] = set()  # requests waiting for a reconnect
@@ -326,6 +327,23 @@ class Link:
         return Health("reconnecting", detail)
 
 
+class Reporting:
+    """A request on a connection that is not replayed (a mirror leg: it fails at once
+    and the mirror degrades): a loss it meets is only reported to the link."""
+
+    __slots__ = ("conn", "done", "link")
+
+    def __init__(self, link: Link, conn: NbdClient, done: Done) -> None:
+        self.link = link
+        self.conn = conn
+        self.done = done
+
+    def finish(self, exc: BaseException | None, value: Any) -> None:
+        if exc is not None and isinstance(exc, ConnectionLost):
+            self.link.lost(self.conn, exc)
+        self.done(exc, value)
+
+
 class Replayable:
     """A request on a connection's fast path that goes on as a replay in a Task
     (:meth:`Link.run`) if the connection is lost; the canceller handed out reaches
@@ -347,7 +365,7 @@ class Replayable:
         self.running: Cancel | None = None
 
     def finish(self, exc: BaseException | None, value: Any) -> None:
-        if isinstance(exc, ConnectionLost):
+        if exc is not None and isinstance(exc, ConnectionLost):
             self.link.lost(self.conn, exc)
             self.running = submit_coro(self.link.run(self.op), self.done)
         else:

@@ -25,7 +25,7 @@ from typing import Any
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.net.address import Address
 from dst.net.client import ConnectionLost
-from dst.targets.reconnect import Link, Listener, Replayable
+from dst.targets.reconnect import Link, Listener, Replayable, Reporting
 
 
 class RemoteDevice(BlockDevice):
@@ -118,6 +118,8 @@ class RemoteDevice(BlockDevice):
         conn = link.conn
         if conn is None or not conn.connected:
             return None
+        if not link.replays:  # a loss only needs reporting: no replay to prepare
+            return conn.submit_read(offset, length, Reporting(link, conn, done).finish)
         req = Replayable(link, conn, done, lambda c: c.read(offset, length))
         return req.started(conn.submit_read(offset, length, req.finish))
 
@@ -126,6 +128,8 @@ class RemoteDevice(BlockDevice):
         conn = link.conn
         if conn is None or not conn.connected:
             return None
+        if not link.replays:  # a loss only needs reporting: no replay to prepare
+            return conn.submit_write(offset, data, fua, Reporting(link, conn, done).finish)
         req = Replayable(link, conn, done, lambda c: c.write(offset, data, fua=fua))
         return req.started(conn.submit_write(offset, data, fua, req.finish))
 

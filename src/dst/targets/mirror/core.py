@@ -70,6 +70,7 @@ class MirrorCore:
             leg_timeout=leg_timeout, on_fail=self.fail_index,
         )  # fmt: skip
         self._regions: RegionHash | None = None
+        self.rh: RegionHash = None  # type: ignore[assignment]  # set by open()
         self.deadlines = Deadlines(leg_timeout) if leg_timeout else None
         self.locks = RangeLock()
         self.tasks = TaskSet(name)
@@ -110,7 +111,7 @@ class MirrorCore:
         tracker = RegionTracker(op.size, op.region_size, len(self.legs),
                                 clear_delay=self.clear_delay, bitmap=op.bitmap)  # fmt: skip
         attached = [i for i, (s, _) in enumerate(op.legs) if s is not LegState.FAILED]
-        rh = self._regions = RegionHash(self.log, tracker, attached, name=self.name)
+        rh = self._regions = self.rh = RegionHash(self.log, tracker, attached, name=self.name)
         for leg, (state, why) in zip(self.legs, op.legs, strict=True):
             leg.state, leg.reason = state, why
         for i, regions in op.missing.items():

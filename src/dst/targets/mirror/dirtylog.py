@@ -92,8 +92,8 @@ class DirtyLog:
         self.leg_timeout = leg_timeout
         self.current: set[int] = set()
         self.lock = asyncio.Lock()  # superblock writes; membership changes hold it
-        self._settled = asyncio.Event()
-        self._settled.set()
+        self.unsettled = False  # a leg failure not yet recorded by the survivors
+        self.needs_mark = False  # the first write must first mark the array dirty
 
     # --- open and close --------------------------------------------------------------
 
@@ -118,11 +118,6 @@ class DirtyLog:
 
     # --- writes and bitmap batches ---------------------------------------------------
 
-    @property
-    def needs_mark(self) -> bool:
-        """The first write must first mark the array dirty (:meth:`mark_dirty`)."""
-        return False
-
     async def mark_dirty(self) -> None:
         pass
 
@@ -137,11 +132,6 @@ class DirtyLog:
     def leg_down(self, leg: int) -> None:
         """``leg`` failed; a current leg makes the log unsettled (persistent logs)."""
         self.current.discard(leg)
-
-    @property
-    def unsettled(self) -> bool:
-        """A leg failure is not yet recorded by the survivors."""
-        return not self._settled.is_set()
 
     async def settle(self) -> None:
         """Record every leg failure so far.  Raises BlockError(EIO) if no current leg

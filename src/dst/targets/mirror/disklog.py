@@ -56,7 +56,7 @@ class DiskLog(DirtyLog):
         super().__init__(devices, **kw)
         self.stores = MemberStores(devices, name=self.name, leg_timeout=self.leg_timeout)
         self.size = 0
-        self.ref: Superblock | None = None  # the array's shared superblock fields
+        self._ref: Superblock | None = None
         self._stale = False  # a current leg failed: rotation not yet persisted
 
     # --- open ------------------------------------------------------------------------
@@ -81,7 +81,7 @@ class DiskLog(DirtyLog):
         self.ref, self.current = got.ref, got.current
         self._stale = got.opening.stale
         if self._stale:
-            self._settled.clear()
+            self.unsettled = True
         return got.opening
 
     async def adopt_bitmap(self, legs: Iterable[int], bitmap: Bitmap) -> None:
@@ -96,8 +96,14 @@ class DiskLog(DirtyLog):
     # --- writes and bitmap batches ---------------------------------------------------
 
     @property
-    def needs_mark(self) -> bool:
-        return self.ref is not None and self.ref.state is State.CLEAN
+    def ref(self) -> Superblock | None:
+        """The array's shared superblock fields (as last written)."""
+        return self._ref
+
+    @ref.setter
+    def ref(self, ref: Superblock | None) -> None:
+        self._ref = ref
+        self.needs_mark = ref is not None and ref.state is State.CLEAN
 
     async def mark_dirty(self) -> None:
         async with self.lock:
@@ -119,7 +125,7 @@ class DiskLog(DirtyLog):
     def leg_down(self, leg: int) -> None:
         if leg in self.current:
             self._stale = True
-            self._settled.clear()
+            self.unsettled = True
         super().leg_down(leg)
 
     async def settle(self) -> None:
@@ -130,7 +136,7 @@ class DiskLog(DirtyLog):
                 ref = rotate(self.ref, new_generation(self.stores.known()))
                 await self._write_current(replace(ref, resync_pos=None))
             await super().settle()  # EIO if no current leg is left
-            self._settled.set()
+            self.unsettled = False
 
     async def leg_synced(self, leg: int, *, everyone: bool) -> None:
         """The leg counts as current *before* its superblock says so, so that a failure

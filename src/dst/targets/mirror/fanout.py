@@ -76,7 +76,7 @@ def submit_mutation(
         return Mutation(core, kind, 0, 0, None, 0, done, data, fua, op).start()
     locks = core.locks
     hold = locks.register(offset, length)  # arrival order, before anything else
-    wid = 0 if hold.earlier else core.regions.try_begin_write(offset, length)
+    wid = 0 if hold.earlier else core.rh.try_begin_write(offset, length)
     if wid:
         return Mutation(core, kind, offset, length, hold, wid, done, data, fua, op).start()
     return submit_coro(_admit(core, kind, offset, length, hold, data, fua, op), done)
@@ -116,7 +116,6 @@ class Mutation:
         "done",
         "fua",
         "hold",
-        "holders",
         "kind",
         "left",
         "legs",
@@ -152,35 +151,56 @@ class Mutation:
         self.op = op
         self.cancelled = False
         self.legs: list[Leg] = []
-        self.holders: list[bool] = []
         self.results: list[Any] = []
         self.calls: list[LegCall] = []
         self.left = 0
 
     def start(self) -> Cancel:
         core = self.core
-        rh = core.regions
-        attached = rh.attached  # the legs that get writes: what they miss is recorded
+        attached = core.rh.attached  # the legs that get writes: what they miss is recorded
         legs = self.legs = [leg for leg in core.legs if leg.index in attached]
-        if self.wid:
-            regions = rh.regions(self.offset, self.length)
-            self.holders = [rh.holds(leg.index, regions) for leg in legs]
-        else:  # a flush: the legs holding the current generation
-            current = core.log.current
-            self.holders = [leg.index in current for leg in legs]
         n = self.left = len(legs)
         self.results = [_PENDING] * n
         if not n:
             self.settle()
             return self.cancel
-        calls = self.calls = [LegCall(self, leg, core.deadlines, i) for i, leg in enumerate(legs)]
-        for call in calls:
-            if self.kind is Kind.WRITE:
-                call.write(self.offset, self.data, self.fua)
-            else:
-                assert self.op is not None
-                call.run(self.op(call.leg.dev))
+        # One deadline for the fan-out: its legs start together (Deadlines).
+        calls = self.calls = [LegCall(self, leg, None, i) for i, leg in enumerate(legs)]
+        if self.kind is Kind.WRITE:
+            offset, data, fua = self.offset, self.data, self.fua
+            for call in calls:
+                call.write(offset, data, fua)
+        else:
+            op = self.op
+            assert op is not None
+            for call in calls:
+                call.run(op(call.leg.dev))
+        if self.left and core.deadlines is not None:
+            core.deadlines.add(self)
         return self.cancel
+
+    def expire(self, timeout: float) -> None:
+        """``leg_timeout`` passed: the legs that did not answer failed (ETIMEDOUT)."""
+        for call in self.calls:
+            call.expire(timeout)
+
+    def _holders(self) -> list[bool]:
+        """Per leg: does it hold the regions (a flush: the current generation)?"""
+        core = self.core
+        if not self.wid:
+            current = core.log.current
+            return [leg.index in current for leg in self.legs]
+        rh = core.rh
+        regions = rh.regions(self.offset, self.length)
+        return [rh.holds(leg.index, regions) for leg in self.legs]
+
+    def _held(self) -> bool:
+        """A leg that acknowledged holds the regions: the common case checks one leg."""
+        rh = self.core.rh
+        rs = rh.region_size
+        regions = range(self.offset // rs, (self.offset + self.length - 1) // rs + 1)
+        return any(r is None and rh.holds(leg.index, regions)
+                   for leg, r in zip(self.legs, self.results, strict=True))  # fmt: skip
 
     def leg_done(self, call: LegCall, exc: BaseException | None, value: Any) -> None:
         if exc is None:
@@ -211,6 +231,8 @@ class Mutation:
         """Every leg answered: the verdict, then ``done``."""
         core = self.core
         results = self.results
+        if self.calls and core.deadlines is not None:
+            core.deadlines.discard(self)
         if self.cancelled:
             missed: set[int] = set()
             if self.wid:
@@ -219,11 +241,11 @@ class Mutation:
             self._end(missed)
             self.done(asyncio.CancelledError(), None)
             return
-        if self.wid and not any(results) and not core.log.unsettled and any(self.holders):
+        if self.wid and not any(results) and not core.log.unsettled and self._held():
             self._end(())  # the common case: nothing to degrade or record
             self.done(None, None)
             return
-        held = any(r is None and h for r, h in zip(results, self.holders, strict=True))
+        held = any(r is None and h for r, h in zip(results, self._holders(), strict=True))
         failed = [(leg, r) for leg, r in zip(self.legs, results, strict=True) if r is not None]
         missed = set()
         err: BlockError | None = None

@@ -86,12 +86,16 @@ class LegCall:
         self.cancel_: Cancel | None = None
 
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
-        self.leg.inflight += 1
-        dev = self.leg.dev
+        leg = self.leg
+        leg.inflight += 1
+        dev = leg.dev
         cancel = dev.submit_write(offset, data, fua, self.finish)
         if cancel is None:
             cancel = submit_coro(dev.write(offset, data, fua=fua), self.finish)
-        self._started(cancel)
+        if not self.over:  # (_started, inline: every mirrored write comes here twice)
+            self.cancel_ = cancel
+            if self.deadlines is not None:
+                self.deadlines.add(self)
 
     def read(self, offset: int, length: int) -> None:
         self.leg.inflight += 1
@@ -122,11 +126,12 @@ class LegCall:
         leg.inflight -= 1
         if self.deadlines is not None and self.cancel_ is not None:
             self.deadlines.discard(self)
-        if exc is not None and not isinstance(exc, BlockError | asyncio.CancelledError):
-            log.error("leg %d (%s): unexpected error", leg.index, leg.dev.name, exc_info=exc)
-            exc = BlockError(errno.EIO, f"leg {leg.index}: internal error: {exc!r}")
-        if isinstance(exc, BlockError):
-            leg.counters.errors += 1
+        if exc is not None:
+            if not isinstance(exc, BlockError | asyncio.CancelledError):
+                log.error("leg %d (%s): unexpected error", leg.index, leg.dev.name, exc_info=exc)
+                exc = BlockError(errno.EIO, f"leg {leg.index}: internal error: {exc!r}")
+            if isinstance(exc, BlockError):
+                leg.counters.errors += 1
         self.owner.leg_done(self, exc, value)
 
     def stop(self, exc: BaseException) -> None:
@@ -142,16 +147,23 @@ class LegCall:
         self.stop(BlockError(errno.ETIMEDOUT, f"no answer within {timeout} s"))
 
 
+class Expiring(Protocol):
+    """A request that can be timed out (a :class:`LegCall`, or a fan-out of them)."""
+
+    def expire(self, timeout: float) -> None: ...
+
+
 class Deadlines:
-    """Leg calls in flight, oldest first; one sweep timer expires those past ``timeout``."""
+    """Leg requests in flight, oldest first; one sweep timer expires those past
+    ``timeout``.  A fan-out registers once for all its legs (they start together)."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._items: dict[LegCall, float] = {}
+        self._items: dict[Expiring, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, call: LegCall) -> None:
+    def add(self, call: Expiring) -> None:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -159,7 +171,7 @@ class Deadlines:
         if self._timer is None:
             self._timer = loop.call_later(self.timeout / 4, self._sweep)
 
-    def discard(self, call: LegCall) -> None:
+    def discard(self, call: Expiring) -> None:
         self._items.pop(call, None)
 
     def _sweep(self) -> None:

@@ -47,6 +47,7 @@ class RegionHash:
         self.tracker = tracker
         self.attached = set(attached)
         self.name = name
+        self.region_size = tracker.region_size  # fixed for the tracker's life
         self._wid = 0
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._rs_waiters: dict[int, asyncio.Future[None]] = {}
@@ -65,10 +66,6 @@ class RegionHash:
         self._clear = tasks.spawn(self._clear_loop(), name="lazy-clear")
 
     # --- queries -----------------------------------------------------------------------
-
-    @property
-    def region_size(self) -> int:
-        return self.tracker.region_size
 
     @property
     def nregions(self) -> int:
