@@ -315,7 +315,9 @@ def test_daemon_killed_mid_mirror_replace_then_assemble(cluster: Cluster, sockdi
     cluster.daemon = again
     back = sockdir / "back.sock"
     members = [cluster.nodes[n].uri for n in ("n2", "n0", "n1")]
-    again.dst("assemble", *members, "--name", "a", "--listen", f"unix:{back}")
+    out = again.dst("assemble", *members, "--name", "a", "--listen", f"unix:{back}").stdout
+    for uri, role in zip(members, (2, 0, 1), strict=True):  # n2 recorded as joining
+        assert f"{uri}: member {role} of " in out, out
     assert cluster.names() == ["n0", "n1", "n2"]
     wait_until(lambda: cluster.states() == ["in_sync"] * 3, "n2 converged", timeout=60)
     expected = c.apply(image, ops)
