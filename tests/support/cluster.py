@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -131,6 +131,7 @@ class Process:
         *,
         python: bool = True,
         check_exit: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.name, self.cmd, self.stderr_path = name, list(cmd), stderr_path
         self.python = python  # a traceback on stderr is a failure
@@ -139,7 +140,12 @@ class Process:
         self.lines: list[str] = []
         with open(stderr_path, "w") as err:
             self.proc = subprocess.Popen(
-                self.cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True
+                self.cmd,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env={**os.environ, **env} if env else None,
             )
         self._queue: queue.Queue[str | None] = queue.Queue()
         stdout = self.proc.stdout
@@ -228,8 +234,15 @@ class Node(Process):
 class Daemon(Process):
     """A ``dst daemon --control PATH`` process."""
 
-    def __init__(self, name: str, cmd: Sequence[str], stderr_path: Path, control: Path) -> None:
-        super().__init__(name, cmd, stderr_path)
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        stderr_path: Path,
+        control: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(name, cmd, stderr_path, env=env)
         self.control = control
 
     def dst(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -295,11 +308,13 @@ def start_daemon(
     specs: Sequence[Path] = (),
     *,
     name: str = "daemon",
+    env: Mapping[str, str] | None = None,
     timeout: float = START_TIMEOUT,
 ) -> Daemon:
-    """Start ``dst daemon --control CONTROL SPECS`` and wait for its readiness line."""
+    """Start ``dst daemon --control CONTROL SPECS`` (``env``: extra environment, e.g.
+    PYTHONPATH for another checkout's dst) and wait for its readiness line."""
     cmd = [*DST, "daemon", "--control", str(control), *map(str, specs)]
-    daemon = Daemon(name, cmd, stderr_path, control)
+    daemon = Daemon(name, cmd, stderr_path, control, env)
     try:
         line = daemon.next_line(timeout)
     except AssertionError:
@@ -430,12 +445,13 @@ class Cluster:
         self.processes.append(node)
         return node
 
-    def start_daemon(self, *specs: Path) -> Daemon:
-        """Start a ``dst daemon`` (with these spec files); :attr:`daemon` is the latest."""
+    def start_daemon(self, *specs: Path, env: Mapping[str, str] | None = None) -> Daemon:
+        """Start a ``dst daemon`` (with these spec files, ``env`` added to the
+        environment); :attr:`daemon` is the latest."""
         n = len(self.daemons)
         control = self.sockets / ("control.sock" if n == 0 else f"control{n + 1}.sock")
         name = "daemon" if n == 0 else f"daemon{n + 1}"
-        daemon = start_daemon(control, self._stderr(name), specs, name=name)
+        daemon = start_daemon(control, self._stderr(name), specs, name=name, env=env)
         self.daemons.append(daemon)
         self.processes.append(daemon)
         return daemon
