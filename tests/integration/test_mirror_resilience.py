@@ -133,16 +133,21 @@ def test_node_killed_twice_under_load_resync_resumes_and_copies_only_dirty_regio
     cl: Mirrors, tmp_path: Path
 ) -> None:
     n0, n1 = cl.node(0), cl.node(1)
-    # Throttled to 4 MiB/s so the resync of a few MiB is long enough to be caught.
-    cl.create("r", legs_of(n0, n1), resync_rate="4M")
+    # Throttled to 4 regions/s so that the resync of 16 or more regions is caught midway
+    # however slowly `dst status` answers on a loaded machine.
+    cl.create("r", legs_of(n0, n1), resync_rate="256K")
     image = fill(cl.uri, tmp_path, DATA)
     span = 4 * MiB  # the client's range: 64 regions of the 512
     c = cl.client(0, span // BLOCK, base=tmp_path / "base.bin")
     n1.kill()
     wait_until(lambda: states(cl.daemon, "r")[1] == "failed", "leg1 failed")
     c.wait_count(c.count() + 100)  # degraded: the client goes on, leg1's misses recorded
-    missed = mirror(cl.daemon, "r")["detail"]["legs"][1]["missing_regions"]
-    assert 0 < missed <= span // REGION, missed
+
+    def missed() -> int:
+        return int(mirror(cl.daemon, "r")["detail"]["legs"][1]["missing_regions"])
+
+    wait_until(lambda: missed() >= 16, "leg1 missing 16 regions")
+    assert missed() <= span // REGION, missed()
     n1 = cl.node(1)  # back on the same socket and file: re-added by itself
 
     def resyncing_midway() -> bool:
@@ -156,6 +161,7 @@ def test_node_killed_twice_under_load_resync_resumes_and_copies_only_dirty_regio
     wait_until(lambda: states(cl.daemon, "r")[1] == "failed", "leg1 failed again")
     c.wait_count(c.count() + 50)
     n1 = cl.node(1)
+    cl.daemon.dst("resync-rate", "r", "0")  # unlimited: the rest at once
     wait_until(lambda: states(cl.daemon, "r") == ["in_sync", "in_sync"], "leg1 back in sync")
     ops = c.finish()
     assert writes(ops) > 100, len(ops)
