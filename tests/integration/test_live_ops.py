@@ -15,8 +15,8 @@ request and checks every read against what it wrote (or the base), so afterwards
   (data area of a mirror member; a stripe's members destriped);
 * a write in flight when the daemon was killed is the only block allowed either
   version (:meth:`PatternClient.in_doubt`), and a mirror's members must still agree;
-* the log's timestamps give each request's latency inside a window (while a node was
-  suspended) and prove the client made progress during a copy.
+* the log's timestamps tell which requests completed inside a window (while a node
+  was suspended) and prove the client made progress during a copy.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ MiB = 1 << 20
 NODE = 16 * MiB  # data per node; a mirror's size
 NB = NODE // BLOCK
 CHUNK = 64 << 10
-MAX_LATENCY = 0.2  # the other node's worst request while one node is suspended
 
 
 class Live:
@@ -144,38 +143,37 @@ def ranges(kind: str, node: int) -> dict[str, int]:
 
 @pytest.mark.parametrize("kind", ["linear", "stripe", "mirror"])
 def test_suspend_one_node_the_other_keeps_serving(live: Live, kind: str) -> None:
-    """While n1 is suspended, requests to n0's part complete within MAX_LATENCY and
-    n1's wait (linear, stripe: none completes, ``held`` is 1) or go on without it
-    (mirror: its missed regions recorded); resume releases or resyncs; nothing lost."""
+    """While n1 is suspended, requests to n0's part go on (the test waits for 100 of
+    them, reads and writes) and n1's wait (linear, stripe: none completes, ``held`` is
+    1 before and after) or go on without it (mirror: its missed regions recorded);
+    resume releases or resyncs; nothing lost."""
     uri = live.create(kind, ["n0", "n1"])
     size = NODE if kind == "mirror" else 2 * NODE
     image = live.fill(uri, size)
     held = client(live, uri, 1, size, **ranges(kind, 1))
     free = client(live, uri, 2, size, read_every=2, **ranges(kind, 0))
     live.daemon.dst("suspend", "a", "n1")
-    t0 = time.monotonic()
     assert live.states()[1] == "suspended"
-    if kind == "mirror":
-        n_held = held.count()
-    else:
+    if kind != "mirror":
         wait_until(lambda: live.members()[1]["detail"]["held"] == 1, "n1's request held")
-        n_held = held.count()
-    time.sleep(1.5)  # the window measured: n1 suspended, n0 serving
+    n_held = held.count()
+    t0 = time.monotonic()
+    free.wait_count(free.count() + 100)  # the window: n0's part served, n1 suspended
+    if kind == "mirror":
+        held.wait_count(n_held + 50)  # a suspended leg does not hold mirror writes
     t1 = time.monotonic()
     n1 = live.members()[1]
     if kind == "mirror":
         missing = live.status()["root"]["detail"]["legs"][1]["missing_regions"]
         assert 1 <= missing <= 2 * MiB // (64 << 10), missing  # the clients' 2 MiB at most
-        assert held.count() > n_held + 50, "a suspended leg must not hold mirror writes"
     else:
         assert n1["detail"]["held"] == 1, n1
         assert held.count() == n_held, "a request to the suspended node completed"
     live.daemon.dst("resume", "a", "n1")
-    held.wait_count(n_held + 50)  # released, and going on
+    held.wait_count(held.count() + 50)  # released, and going on
     free_ops, held_ops = free.finish(), held.finish()
     during = window(free_ops, t0, t1)
-    worst = max(op.latency for op in during)
-    assert len(during) > 100 and worst < MAX_LATENCY, (len(during), worst)
+    assert len(during) >= 100, len(during)
     assert any(op.kind == "r" for op in during) and any(op.kind == "w" for op in during)
     if kind == "mirror":
         wait_until(lambda: live.states() == ["in_sync", "in_sync"], "n1 resynced")
@@ -366,16 +364,20 @@ def test_stripe_grows_by_a_node(live: Live) -> None:
 
 
 def test_replace_rate_limits_a_mirror_leg(live: Live) -> None:
-    """``dst replace --rate 256K`` of a mirror leg: 1 s later at most ~256 KiB copied,
-    the limit being n2's own (the mirror's resync rate, unlimited, is left as it is);
+    """``dst replace --rate 256K`` of a mirror leg: about 256 KiB copied per second, the
+    limit being n2's own (the mirror's resync rate, unlimited, is left as it is);
     ``dst resync-rate`` of the array lifts it, and once finished n2's limit is gone."""
     uri = live.create("mirror", ["n0", "n1"])
     live.node("n2", "mirror")
     live.fill(uri, NODE)
+    t0 = time.monotonic()
     live.replace("n1", "n2", "--no-wait", "--rate", "256K")
-    time.sleep(1.0)  # the window measured
+    time.sleep(1.0)  # let it copy a while
     job = live.job()
-    assert job["state"] == "copying" and job["bytes"] <= MiB, job
+    elapsed = time.monotonic() - t0
+    # 256 KiB/s over the time it had, plus the regions copied at once (up to 8)
+    assert job["state"] == "copying", job
+    assert job["bytes"] <= (256 << 10) * elapsed + 8 * (64 << 10), (job, elapsed)
     keeper = live.status()["root"]["detail"]["keeper"]
     assert keeper["leg_limits"] == {"n2": {"max_rate": 256 << 10, "min_rate": None}}, keeper
     assert keeper["resync_limit"] == {"max_rate": None, "min_rate": None}, keeper
