@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.support.cluster import Cluster
 
 # A server on a unix socket that ends its own way on SIGTERM: exit status 3, or a
