@@ -102,6 +102,23 @@ def accepts(path: Path) -> bool:
     return True
 
 
+def accepts_tcp(host: str, port: int) -> bool:
+    """True when ``host:port`` accepts a TCP connection."""
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (for a server that cannot be given port 0)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
 def unix_uri(sock: Path, export: str = "") -> str:
     return f"nbd+unix:///{export}?socket={sock}"
 
@@ -257,22 +274,30 @@ class Daemon(Process):
 
 
 class Server(Process):
-    """Any NBD server on a unix socket (nbdkit, qemu-nbd, a bench helper)."""
+    """Any NBD server (nbdkit, qemu-nbd, a bench helper) on a unix socket ``sock`` or
+    on TCP port ``port`` of 127.0.0.1."""
 
     def __init__(
         self,
         name: str,
         cmd: Sequence[str],
         stderr_path: Path,
-        sock: Path,
+        sock: Path | None,
         *,
+        port: int | None = None,
         python: bool,
         check_exit: bool,
         export: str = "",
     ) -> None:
         super().__init__(name, cmd, stderr_path, python=python, check_exit=check_exit)
-        self.sock = sock
-        self.uri = unix_uri(sock, export)
+        self.sock, self.port = sock, port
+        self.uri = unix_uri(sock, export) if sock else f"nbd://127.0.0.1:{port}/{export}"
+
+    def ready(self) -> bool:
+        if self.sock is not None:
+            return accepts(self.sock)
+        assert self.port is not None
+        return accepts_tcp("127.0.0.1", self.port)
 
 
 def start_node(
@@ -330,27 +355,32 @@ def start_daemon(
 
 def start_server(
     cmd: Sequence[str],
-    sock: Path,
+    sock: Path | None,
     stderr_path: Path,
     *,
     name: str,
+    port: int | None = None,
     export: str = "",
     python: bool = False,
     check_exit: bool = True,
     timeout: float = START_TIMEOUT,
 ) -> Server:
-    """Start ``cmd`` and wait until its unix socket ``sock`` accepts."""
-    sock.unlink(missing_ok=True)
+    """Start ``cmd`` and wait until its unix socket ``sock`` (or, without one, TCP
+    port ``port`` of 127.0.0.1) accepts."""
+    if sock is not None:
+        sock.unlink(missing_ok=True)
     server = Server(
-        name, cmd, stderr_path, sock, python=python, check_exit=check_exit, export=export
-    )
+        name, cmd, stderr_path, sock, port=port, python=python, check_exit=check_exit,
+        export=export,
+    )  # fmt: skip
+    where = sock or f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
-    while not accepts(sock):
+    while not server.ready():
         if not server.alive():
-            server.started_or_fail(f"{sock} accepted")
+            server.started_or_fail(f"{where} accepted")
         if time.monotonic() > deadline:
             server.stop(signal.SIGKILL)
-            raise AssertionError(f"{name}: {sock} not accepting after {timeout:g} s")
+            raise AssertionError(f"{name}: {where} not accepting after {timeout:g} s")
         time.sleep(0.02)
     return server
 
@@ -468,15 +498,18 @@ class Cluster:
         cmd: Sequence[str],
         *,
         sock: Path | None = None,
+        port: int | None = None,
         export: str = "",
         python: bool = False,
         check_exit: bool = True,
     ) -> Server:
-        """Start another NBD server on ``sock`` (default ``SOCKETS/NAME.sock``)."""
-        sock = sock or self.sockets / f"{name}.sock"
+        """Start another NBD server on ``sock`` (default ``SOCKETS/NAME.sock``), or on
+        TCP port ``port`` of 127.0.0.1 if given."""
+        if port is None:
+            sock = sock or self.sockets / f"{name}.sock"
         server = start_server(
-            cmd, sock, self._stderr(name), name=name, export=export, python=python,
-            check_exit=check_exit,
+            cmd, sock, self._stderr(name), name=name, port=port, export=export,
+            python=python, check_exit=check_exit,
         )  # fmt: skip
         self.processes.append(server)
         return server
