@@ -10,9 +10,11 @@ sockets:
 
 * ``dst-linear``, ``dst-stripe``, ``dst-mirror``: two ``dst serve`` nodes and a
   ``dst daemon`` running a generated spec (``remote`` members ``nbd+unix:///nI?socket=``),
-  exporting the array on its own unix socket.  The linear array uses the first half of
-  each leg (so fio's range covers both nodes); the stripe uses 64 KiB chunks; the mirror
-  runs as ``dst up`` runs it (region tracking at the default 64 KiB grain).
+  exporting the array on its own unix socket, all started and stopped by the test
+  suite's harness (``tests/support/cluster.py``, see ``bench.py``).  The linear array
+  uses the first half of each leg (so fio's range covers both nodes); the stripe uses
+  64 KiB chunks; the mirror runs as ``dst up`` runs it (region tracking at the default
+  64 KiB grain).
 * ``qemu-quorum``, the peer that does the mirror's job: two nbdkit file-plugin nodes and
   ``qemu-nbd --image-opts driver=quorum,vote-threshold=2,read-pattern=fifo,...`` over
   them (every write goes to both children and completes when both acknowledged it, as a
@@ -37,13 +39,14 @@ Run ``python bench/arrays.py --help``.  This is not a test: it prints numbers.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from bench import TARGETS, WORKLOADS, Context, MiB, Target, _server, fill_random, main
+from bench import TARGETS, WORKLOADS, Context, MiB, Target, cluster, fill_random, main
+from tests.support.cluster import Cluster, remote  # importable once bench is imported
 
 LEGS = 2
 LEG_SLACK = 1 * MiB  # room for a mirror's bitmap and superblocks at the end of a leg
@@ -60,75 +63,42 @@ def prepare_legs(ctx: Context) -> None:
             fill_random(path, ctx.size + LEG_SLACK)
 
 
-def _toml(value: object) -> str:
-    """A TOML value: strings and ints (JSON's escapes are TOML's), inline tables."""
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
-
-
-def array_spec(kind: str, uris: list[str], listen: str, ctx: Context) -> str:
-    members: list[dict[str, object]] = [
-        {"type": "remote", "name": f"n{i}", "uri": uri} for i, uri in enumerate(uris)
-    ]
+def array_target(kind: str, uris: list[str], ctx: Context) -> dict[str, Any]:
+    """The array's target: ``remote`` members over the nodes."""
+    members: list[dict[str, Any]] = [remote(f"n{i}", uri) for i, uri in enumerate(uris)]
     if kind == "linear":  # half of each leg: the array is --size, spread over both nodes
         for m in members:
             m["length"] = ctx.size // LEGS
-    lines = [
-        "[array]",
-        f'name = "bench-{kind}"',
-        f"listen = [{_toml(listen)}]",
-        'export = "bench"',
-        "",
-        "[array.target]",
-        f'type = "{kind}"',
-        "members = [",
-        *(f"  {_toml(m)}," for m in members),
-        "]",
-    ]
-    return "\n".join(lines) + "\n"
+    return {"type": kind, "members": members}
+
+
+def _nodes(ctx: Context, c: Cluster) -> list[str]:
+    """Start the two ``dst serve`` nodes on the leg files; their URIs."""
+    nodes = [c.node(f"n{i}", path=leg, args=["--name", f"n{i}"]) for i, leg in
+             enumerate(leg_paths(ctx))]  # fmt: skip
+    return [n.uri for n in nodes]
 
 
 @contextlib.contextmanager
 def _dst_array(ctx: Context, kind: str, *, base: str | None = None) -> Iterator[str]:
     """A ``dst daemon`` over two nodes; with ``base``, that source tree's daemon."""
-    with contextlib.ExitStack() as stack:  # unwinds daemon first, then the nodes
-        uris = stack.enter_context(_nodes(ctx, stack))
-        sock = ctx.workdir / "array.sock"
-        spec = ctx.workdir / f"{kind}.toml"
-        spec.write_text(array_spec(kind, uris, f"unix:{sock}", ctx))
-        control = ctx.workdir / "control.sock"
-        cmd = [sys.executable, "-m", "dst", "daemon", "--control", str(control), str(spec)]
-        if base is not None:
-            cmd = ["env", f"PYTHONPATH={base}", *cmd]
-        log = ctx.workdir / "daemon.log"
-        yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///bench?socket={sock}", log))
-
-
-@contextlib.contextmanager
-def _nodes(ctx: Context, stack: contextlib.ExitStack) -> Iterator[list[str]]:
-    """Start the two ``dst serve`` nodes (on ``stack``); their URIs."""
-    uris = []
-    for i, leg in enumerate(leg_paths(ctx)):
-        sock = ctx.workdir / f"node{i}.sock"
-        cmd = [sys.executable, "-m", "dst", "serve", str(leg), "--name", f"n{i}"]
-        cmd += ["--listen", f"unix:{sock}"]
-        uri = f"nbd+unix:///n{i}?socket={sock}"
-        uris.append(stack.enter_context(_server(cmd, sock, uri, ctx.workdir / f"node{i}.log")))
-    yield uris
+    with cluster(ctx) as c:  # stops the daemon first, then the nodes
+        name = f"bench-{kind}"
+        spec = c.spec(name, array_target(kind, _nodes(ctx, c), ctx), export="bench")
+        c.start_daemon(spec, env={"PYTHONPATH": base} if base is not None else None)
+        yield c.uri(name, "bench")
 
 
 @contextlib.contextmanager
 def _bare_mirror(ctx: Context, mode: str) -> Iterator[str]:
     """``bench/mirror_serve.py --mode MODE`` over two ``dst serve`` nodes."""
-    with contextlib.ExitStack() as stack:
-        uris = stack.enter_context(_nodes(ctx, stack))
-        sock = ctx.workdir / f"mirror-{mode}.sock"
+    with cluster(ctx) as c:
+        uris = _nodes(ctx, c)
+        name = f"mirror-{mode}"
         here = Path(__file__).resolve().parent
         cmd = [sys.executable, str(here / "mirror_serve.py"), "--mode", mode]
-        cmd += ["--listen", f"unix:{sock}", *uris]
-        log = ctx.workdir / f"mirror-{mode}.log"
-        yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///bench?socket={sock}", log))
+        cmd += ["--listen", f"unix:{c.sockets / name}.sock", *uris]
+        yield c.server(name, cmd, export="bench", python=True).uri
 
 
 def start_mirror_memory(ctx: Context) -> contextlib.AbstractContextManager[str]:
@@ -165,20 +135,17 @@ def quorum_opts(sockets: list[str]) -> str:
 
 @contextlib.contextmanager
 def _quorum(ctx: Context) -> Iterator[str]:
-    with contextlib.ExitStack() as stack:
+    with cluster(ctx) as c:  # stops qemu-nbd first, then the nbdkit nodes
         socks = []
         for i, leg in enumerate(leg_paths(ctx)):
-            sock = ctx.workdir / f"kit{i}.sock"
-            cmd = ["nbdkit", "--foreground", "-U", str(sock), "file", str(leg)]
-            log = ctx.workdir / f"kit{i}.log"
-            stack.enter_context(_server(cmd, sock, f"nbd+unix:///?socket={sock}", log))
+            sock = c.sockets / f"kit{i}.sock"
+            c.server(f"kit{i}", ["nbdkit", "--foreground", "-U", str(sock), "file", str(leg)])
             socks.append(str(sock))
-        sock = ctx.workdir / "quorum.sock"
+        sock = c.sockets / "quorum.sock"
         # as bench.py's qemu-nbd: writeback cache, -e 8 clients, -t persistent
         cmd = ["qemu-nbd", "-k", str(sock), "--cache=writeback", "-e", "8", "-t"]
         cmd += ["--image-opts", quorum_opts(socks)]
-        log = ctx.workdir / "quorum.log"
-        yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///?socket={sock}", log))
+        yield c.server("quorum", cmd).uri
 
 
 def start_quorum(ctx: Context) -> contextlib.AbstractContextManager[str]:

@@ -8,6 +8,10 @@ random data so reads are not answered from holes) and reached over a unix socket
 A target is a name plus a ``start`` function: a context manager that starts the
 server and yields its NBD URI, and stops it on exit; an optional ``prepare(ctx)``
 creates extra files (the members of an array) once, before the first repetition.
+Servers are started and stopped by the test suite's harness
+(``tests/support/cluster.py``, imported with the repository root on ``sys.path``):
+ready on their own signal, stopped with SIGTERM, their exit status and stderr
+checked.
 Array targets (a dst array over nodes, qemu's quorum) live in ``bench/arrays.py``,
 which reuses this module's driver with its own target list.
 
@@ -30,8 +34,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,9 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for the harness, tests/support/cluster.py
+from tests.support.cluster import Cluster  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 MiB = 1 << 20
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -77,70 +82,57 @@ class Target:
     prepare: Callable[[Context], None] | None = None
 
 
-def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Wait until ``path`` accepts connections (or the server died)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(path))
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.args!r}: {path} not ready after {timeout}s")
-        time.sleep(0.05)
+CLUSTERS: list[Cluster] = []  # the harnesses running now: their processes are the servers
 
 
 @contextlib.contextmanager
-def _server(cmd: list[str], sock: Path, uri: str, log: Path) -> Iterator[str]:
-    with open(log, "ab") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    SERVERS.add(proc.pid)
-    try:
-        _wait_socket(sock, proc)
-        yield uri
-    finally:
-        SERVERS.discard(proc.pid)
-        proc.send_signal(signal.SIGTERM)
+def cluster(ctx: Context) -> Iterator[Cluster]:
+    """The harness in ``ctx.workdir``: every process it starts is stopped on exit and
+    must have exited cleanly (status 0, no traceback); while it runs, its processes
+    count as servers in :func:`server_cpu`."""
+    with Cluster(ctx.workdir) as c:
+        CLUSTERS.append(c)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
+            yield c
+        finally:
+            CLUSTERS.remove(c)
+
+
+@contextlib.contextmanager
+def _dst(ctx: Context) -> Iterator[str]:
+    with cluster(ctx) as c:
+        yield c.node("dst", path=ctx.file).uri
+
+
+@contextlib.contextmanager
+def _nbdkit(ctx: Context) -> Iterator[str]:
+    with cluster(ctx) as c:
+        sock = c.sockets / "nbdkit.sock"
+        yield c.server("nbdkit", ["nbdkit", "--foreground", "-U", str(sock), "file",
+                                  str(ctx.file)]).uri  # fmt: skip
+
+
+@contextlib.contextmanager
+def _qemu_nbd(ctx: Context) -> Iterator[str]:
+    # writeback + aio=threads: page cache like dst and nbdkit; -e 8 lets nbdcopy
+    # open its several connections; -t keeps serving after a client leaves.
+    with cluster(ctx) as c:
+        sock = c.sockets / "qemu-nbd.sock"
+        cmd = ["qemu-nbd", "-k", str(sock), "-f", "raw", "--cache=writeback", "--aio=threads",
+               "-e", "8", "-t", str(ctx.file)]  # fmt: skip
+        yield c.server("qemu-nbd", cmd).uri
 
 
 def start_dst(ctx: Context) -> contextlib.AbstractContextManager[str]:
-    sock = ctx.workdir / "dst.sock"
-    cmd = [sys.executable, "-m", "dst", "serve", str(ctx.file), "--listen", f"unix:{sock}"]
-    return _server(cmd, sock, f"nbd+unix:///?socket={sock}", ctx.workdir / "dst.log")
+    return _dst(ctx)
 
 
 def start_nbdkit(ctx: Context) -> contextlib.AbstractContextManager[str]:
-    sock = ctx.workdir / "nbdkit.sock"
-    cmd = ["nbdkit", "--foreground", "-U", str(sock), "file", str(ctx.file)]
-    return _server(cmd, sock, f"nbd+unix:///?socket={sock}", ctx.workdir / "nbdkit.log")
+    return _nbdkit(ctx)
 
 
 def start_qemu_nbd(ctx: Context) -> contextlib.AbstractContextManager[str]:
-    # writeback + aio=threads: page cache like dst and nbdkit; -e 8 lets nbdcopy
-    # open its several connections; -t keeps serving after a client leaves.
-    sock = ctx.workdir / "qemu-nbd.sock"
-    cmd = [
-        "qemu-nbd",
-        "-k",
-        str(sock),
-        "-f",
-        "raw",
-        "--cache=writeback",
-        "--aio=threads",
-        "-e",
-        "8",
-        "-t",
-        str(ctx.file),
-    ]
-    return _server(cmd, sock, f"nbd+unix:///?socket={sock}", ctx.workdir / "qemu-nbd.log")
+    return _qemu_nbd(ctx)
 
 
 TARGETS: list[Target] = [
@@ -174,15 +166,15 @@ WORKLOADS: list[Workload] = [
 ]
 
 
-SERVERS: set[int] = set()  # pids of the server processes running now (nodes, daemons)
 RAMP = 1.0  # fio's --ramp_time: I/O done but not counted in its rates
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def server_cpu() -> float:
-    """user + system CPU seconds used so far by every server process running now."""
+    """user + system CPU seconds used so far by every server process running now (the
+    harnesses' processes: nodes, daemons, peers)."""
     total = 0
-    for pid in SERVERS:
+    for pid in [p.pid for c in CLUSTERS for p in c.processes if p.alive()]:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

@@ -5,7 +5,8 @@ the foreground load gets during it compared with before.
 Theory of operation
 -------------------
 For a linear array (two nodes of SIZE) and a mirror (two legs of SIZE of data), one
-run each: three ``dst serve`` nodes and a ``dst daemon`` on unix sockets.  The array is
+run each: three ``dst serve`` nodes and a ``dst daemon`` on unix sockets, started and
+stopped by the test suite's harness (``tests/support/cluster.py``).  The array is
 first written end to end (fio, 1 MiB sequential) so the copy moves real data, not holes
 (a linear replace zeroes holes instead of copying them).  Then one long fio job (nbd
 engine, 4 KiB random writes, depth 8) runs with an IOPS log averaged over 250 ms
@@ -29,71 +30,40 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for the harness
+from tests.support.cluster import Cluster, remote
+
 MiB = 1 << 20
-DST = [sys.executable, "-m", "dst"]
 BASELINE = 8.0  # seconds of load before the replace
 LOG_MS = 250
 
 
 class Bench:
-    """Nodes n0, n1, n2 and a daemon in ``work``; array "a" over n0 and n1."""
+    """Nodes n0, n1, n2 and a daemon (the harness's cluster); array "a" over n0 and n1."""
 
-    def __init__(self, work: Path, kind: str, size: int) -> None:
+    def __init__(self, c: Cluster, kind: str, size: int) -> None:
         from dst.meta.layout import member_size_for
 
-        self.work, self.kind, self.size = work, kind, size
+        self.c, self.work, self.kind, self.size = c, c.work, kind, size
         node_size = member_size_for(size) if kind == "mirror" else size
-        self.procs = [self._start_node(n, node_size) for n in ("n0", "n1", "n2")]
-        self.control = work / "control.sock"
-        with open(work / "daemon.log", "wb") as log:
-            self.daemon = subprocess.Popen(
-                [*DST, "daemon", "--control", str(self.control)], stdout=subprocess.PIPE, stderr=log
-            )
-        assert self.daemon.stdout is not None
-        self.daemon.stdout.readline()  # "control socket PATH": ready
-        legs = ", ".join(
-            f'{{ type = "remote", name = "{n}", uri = "{self.uri(n)}" }}' for n in ("n0", "n1")
-        )
-        spec = work / "a.toml"
-        spec.write_text(
-            f'[array]\nname = "a"\nlisten = ["unix:{work}/a.sock"]\n'
-            f'target = {{ type = "{kind}", name = "t", members = [{legs}] }}\n'
-        )
-        self.dst("create", str(spec))
-        self.array_uri = self.uri("a")
+        for n in ("n0", "n1", "n2"):
+            c.node(n, node_size)
+        c.start_daemon()
+        legs = [remote(n, c.nodes[n].uri) for n in ("n0", "n1")]
+        self.array_uri = c.create("a", {"type": kind, "name": "t", "members": legs})
         self.array_size = 2 * size if kind == "linear" else size
 
-    def uri(self, name: str) -> str:
-        return f"nbd+unix:///?socket={self.work}/{name}.sock"
-
-    def _start_node(self, name: str, size: int) -> subprocess.Popen[bytes]:
-        cmd = [*DST, "serve", str(self.work / f"{name}.img"), "--size", str(size)]
-        cmd += ["--listen", f"unix:{self.work}/{name}.sock"]
-        with open(self.work / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
-        assert proc.stdout is not None
-        proc.stdout.readline()  # "listening on URI": ready
-        return proc
-
     def dst(self, *args: str) -> str:
-        cmd = [*DST, *args, "--control", str(self.control)]
-        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return self.c.daemon.dst(*args).stdout
 
     def job(self) -> dict[str, Any]:
-        job: dict[str, Any] = json.loads(self.dst("status", "a", "--json"))["arrays"][0]["replace"]
+        job: dict[str, Any] = self.c.status("a")["replace"]
         return job
 
     def fio(self, *args: str) -> subprocess.Popen[str]:
         cmd = ["fio", "--name=load", "--ioengine=nbd", f"--uri={self.array_uri}"]
         cmd += [f"--size={self.array_size}", *args]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def close(self) -> None:
-        self.daemon.send_signal(signal.SIGTERM)
-        self.daemon.wait(timeout=60)
-        for p in self.procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=60)
 
 
 def iops_log(path: Path) -> list[tuple[float, float]]:
@@ -110,8 +80,8 @@ def mean(xs: list[float]) -> float:
 
 
 def run_one(work: Path, kind: str, size: int) -> dict[str, Any]:
-    b = Bench(work, kind, size)
-    try:
+    with Cluster(work) as c:
+        b = Bench(c, kind, size)
         fill = b.fio("--rw=write", "--bs=1M", "--iodepth=8")
         _, err = fill.communicate()
         assert fill.returncode == 0, err
@@ -122,7 +92,8 @@ def run_one(work: Path, kind: str, size: int) -> dict[str, Any]:
         t_fio = time.monotonic()  # fio's log clock starts about here (+ its set-up)
         time.sleep(BASELINE)
         t0 = time.monotonic()
-        b.dst("replace", "a", "n1", "--uri", b.uri("n2"), "--name", "n2", "--no-wait")
+        n2 = c.nodes["n2"].uri
+        b.dst("replace", "a", "n1", "--uri", n2, "--name", "n2", "--no-wait")
         while (job := b.job())["state"] in ("starting", "copying"):
             time.sleep(0.1)
         t1 = time.monotonic()
@@ -131,21 +102,19 @@ def run_one(work: Path, kind: str, size: int) -> dict[str, Any]:
         _, err = load.communicate(timeout=60)
         assert load.returncode in (0, 128), (load.returncode, err)  # 128: stopped by signal
         assert job["state"] == "finished", job
-        log = iops_log(Path(f"{prefix}_iops.1.log"))
-        s0, s1 = t0 - t_fio, t1 - t_fio
-        before = [v for t, v in log if 1.0 <= t <= s0]  # the first second: ramp-up
-        during = [v for t, v in log if s0 + LOG_MS / 1000 <= t <= s1]
-        return {
-            "kind": kind,
-            "node_mib": size // MiB,
-            "replace_s": t1 - t0,
-            "copy_mb_s": size / (t1 - t0) / 1e6,
-            "iops_before": mean(before),
-            "iops_during": mean(during),
-            "windows": [len(before), len(during)],
-        }
-    finally:
-        b.close()
+    log = iops_log(Path(f"{prefix}_iops.1.log"))
+    s0, s1 = t0 - t_fio, t1 - t_fio
+    before = [v for t, v in log if 1.0 <= t <= s0]  # the first second: ramp-up
+    during = [v for t, v in log if s0 + LOG_MS / 1000 <= t <= s1]
+    return {
+        "kind": kind,
+        "node_mib": size // MiB,
+        "replace_s": t1 - t0,
+        "copy_mb_s": size / (t1 - t0) / 1e6,
+        "iops_before": mean(before),
+        "iops_during": mean(during),
+        "windows": [len(before), len(during)],
+    }
 
 
 def main() -> int:

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Resync after a 10-second node outage, with the write load stopped or still running.
+"""Resync after a node outage, with the write load stopped or still running.
 
 Theory of operation
 -------------------
 Two ``dst serve`` nodes and a ``dst daemon`` mirror over them on unix sockets, member
-files in a temporary directory.  First the array's 1 MiB sequential write speed is
+files in a temporary directory, all started and stopped by the test suite's harness
+(``tests/support/cluster.py``).  First the array's 1 MiB sequential write speed is
 measured twice: nbdcopy of a random file (1 MiB requests, its default 64 in flight)
-and fio's nbd engine (1 MiB, depth 8).  Then, for each case, fio writes 4 KiB random
-blocks over a hot set through the array; one node is SIGKILLed and restarted
-``--outage`` seconds later on the same socket and file.  The daemon re-adds the leg by
-itself and copies what it missed.  Reported per case:
+and fio's nbd engine (1 MiB, depth 8).  Then, for each case, fio writes random
+``--bs`` blocks (default 4 KiB; ``--load-rate`` caps it) over a hot set of ``--hot``
+MiB through the array; one node is SIGKILLed and restarted ``--outage`` seconds later
+on the same socket and file.  The daemon re-adds the leg by itself and copies what it
+missed.  Reported per case:
 
 * regions dirtied while the node was away (the leg's ``missing_regions`` in status just
   before it returns) and bytes the resync copied (goal: within 2x);
@@ -19,6 +21,10 @@ itself and copies what it missed.  Reported per case:
 
 In the "running" case fio goes on writing during the resync (the resync competes with
 it; its rate is then not comparable with the goal, which is for an idle array).
+
+The cases of the retired ``bench/outage.py``: ``--size 1024 --load stopped`` (4 KiB
+over a 128 MiB hot set), ``--size 1024 --hot 1024 --load stopped`` (the whole device),
+``--size 1024 --hot 1024 --bs 64k --load-rate 20m --load stopped``.
 
 Not a test: ``python bench/resilience.py --help``.
 """
@@ -36,81 +42,47 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for the harness
+from tests.support.cluster import Cluster, remote
+
 MiB = 1 << 20
-DST = [sys.executable, "-m", "dst"]
 
 
 class Mirror:
-    """Nodes ``n0``/``n1`` and a daemon exporting the mirror ``m`` on ``array.sock``."""
+    """Nodes ``n0``/``n1`` and a daemon exporting the mirror ``m`` on ``m.sock``."""
 
-    def __init__(self, work: Path, size: int) -> None:
+    def __init__(self, c: Cluster, size: int) -> None:
         from dst.meta.layout import member_size_for
 
-        self.work, self.member = work, member_size_for(size)
-        self.nodes: dict[int, subprocess.Popen[bytes]] = {}
+        self.c, self.member = c, member_size_for(size)
         for i in (0, 1):
             self.start_node(i)
-        self.control = work / "control.sock"
-        with open(work / "daemon.log", "wb") as log:
-            self.daemon = subprocess.Popen(
-                [*DST, "daemon", "--control", str(self.control)], stdout=subprocess.PIPE, stderr=log
-            )
-        assert self.daemon.stdout is not None
-        self.daemon.stdout.readline()  # "control socket ...": ready
-        legs = ", ".join(
-            f'{{ type = "remote", name = "n{i}", uri = "nbd+unix:///?socket={work}/n{i}.sock" }}'
-            for i in (0, 1)
-        )
-        spec = work / "m.toml"
-        spec.write_text(
-            f'[array]\nname = "m"\nlisten = ["unix:{work}/array.sock"]\n'
-            f'target = {{ type = "mirror", name = "m", members = [{legs}] }}\n'
-        )
-        self.dst("create", str(spec))
-        self.uri = f"nbd+unix:///?socket={work}/array.sock"
+        c.start_daemon()
+        legs = [remote(f"n{i}", c.nodes[f"n{i}"].uri) for i in (0, 1)]
+        self.uri = c.create("m", {"type": "mirror", "name": "m", "members": legs})
 
     def start_node(self, i: int) -> None:
-        sock, img = self.work / f"n{i}.sock", self.work / f"n{i}.img"
-        sock.unlink(missing_ok=True)
-        with open(self.work / f"n{i}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [*DST, "serve", str(img), "--size", str(self.member), "--listen", f"unix:{sock}"],
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        assert proc.stdout is not None
-        proc.stdout.readline()  # "listening on ...": ready
-        self.nodes[i] = proc
+        """Start (or restart: same file, same socket) node ``n<i>``."""
+        self.c.node(f"n{i}", self.member)
 
     def kill_node(self, i: int) -> None:
-        self.nodes[i].send_signal(signal.SIGKILL)
-        self.nodes[i].wait()
-
-    def dst(self, *args: str) -> str:
-        cmd = [*DST, *args, "--control", str(self.control)]
-        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        self.c.nodes[f"n{i}"].kill()
 
     def status(self) -> dict[str, Any]:
-        out = json.loads(self.dst("status", "m", "--json"))
-        root: dict[str, Any] = out["arrays"][0]["root"]
+        root: dict[str, Any] = self.c.status("m")["root"]
         return root
 
     def states(self) -> list[str]:
         return [k["state"] for k in self.status()["members"]]
 
-    def close(self) -> None:
-        self.daemon.send_signal(signal.SIGTERM)
-        self.daemon.wait(timeout=60)
-        for p in self.nodes.values():
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=60)
 
-
-def fio(uri: str, size: int, runtime: float, rw: str, bs: str, depth: int) -> subprocess.Popen[str]:
+def fio(
+    uri: str, size: int, runtime: float, rw: str, bs: str, depth: int, *extra: str
+) -> subprocess.Popen[str]:
     cmd = ["fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
            "--time_based", f"--runtime={runtime:g}", f"--rw={rw}", f"--bs={bs}",
            f"--iodepth={depth}", "--norandommap", "--randrepeat=0",
-           "--output-format=json"]  # fmt: skip
+           "--output-format=json", *extra]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -134,14 +106,17 @@ def nbdcopy_speed(uri: str, size: int, work: Path) -> float:
     return size / seconds / 1e6
 
 
-def one_case(work: Path, size: int, hot: int, outage: float, keep_load: bool) -> dict[str, Any]:
-    c = Mirror(work, size)
-    try:
+def one_case(
+    work: Path, size: int, hot: int, outage: float, keep_load: bool, bs: str, rate: str | None
+) -> dict[str, Any]:
+    with Cluster(work) as cluster:
+        c = Mirror(cluster, size)
         seq_copy = nbdcopy_speed(c.uri, size, work)
         seq_fio = fio_write(fio(c.uri, size, 5, "write", "1m", 8))["MBps"]
         lead = 3.0
-        tail = 30.0 if keep_load else 0.0  # a long tail: killed once the leg is in sync
-        load = fio(c.uri, hot, lead + outage + tail, "randwrite", "4k", 8)
+        tail = 30.0 if keep_load else 0.0  # a long tail: stopped once the leg is in sync
+        extra = [f"--rate={rate}"] if rate else []
+        load = fio(c.uri, hot, lead + outage + tail, "randwrite", bs, 8, *extra)
         time.sleep(lead)
         c.kill_node(1)
         down = time.monotonic()
@@ -157,23 +132,23 @@ def one_case(work: Path, size: int, hot: int, outage: float, keep_load: bool) ->
             load.send_signal(signal.SIGINT)  # fio stops early and still reports
         written = fio_write(load)
         resync = c.status()["detail"]["resync"]
-        copy_s = float(resync.get("elapsed") or (synced - back))
-        load_s = lead + outage + ((synced - down - outage) if keep_load else 0.0)
-        return {
-            "load": "running" if keep_load else "stopped",
-            "seq_nbdcopy_MBps": seq_copy,
-            "seq_fio_MBps": seq_fio,
-            "load_MBps": written["bytes"] / load_s / 1e6,
-            "written_during_outage": written["bytes"] * outage / load_s,
-            "regions_dirtied": missing,
-            "dirtied_bytes": missing * region,
-            "copied_bytes": int(resync["bytes"]),
-            "back_in_sync_s": synced - back,
-            "copy_s": copy_s,
-            "copy_MBps": resync["bytes"] / copy_s / 1e6 if copy_s else 0.0,
-        }
-    finally:
-        c.close()
+    copy_s = float(resync.get("elapsed") or (synced - back))
+    load_s = lead + outage + ((synced - down - outage) if keep_load else 0.0)
+    return {
+        "load": "running" if keep_load else "stopped",
+        "bs": bs,
+        "hot_MiB": hot // MiB,
+        "seq_nbdcopy_MBps": seq_copy,
+        "seq_fio_MBps": seq_fio,
+        "load_MBps": written["bytes"] / load_s / 1e6,
+        "written_during_outage": written["bytes"] * outage / load_s,
+        "regions_dirtied": missing,
+        "dirtied_bytes": missing * region,
+        "copied_bytes": int(resync["bytes"]),
+        "back_in_sync_s": synced - back,
+        "copy_s": copy_s,
+        "copy_MBps": resync["bytes"] / copy_s / 1e6 if copy_s else 0.0,
+    }
 
 
 def main() -> int:
@@ -183,23 +158,34 @@ def main() -> int:
     p.add_argument("--size", type=int, default=512, help="array size in MiB (default 512)")
     p.add_argument("--hot", type=int, default=128, help="hot set of the load, MiB (128)")
     p.add_argument("--outage", type=float, default=10.0, help="seconds the node is away")
+    p.add_argument("--bs", default="4k", help="fio block size of the load (default 4k)")
+    p.add_argument("--load-rate", default=None, help="cap the load, fio --rate (e.g. 20m)")
+    p.add_argument(
+        "--load",
+        choices=["stopped", "running", "both"],
+        default="both",
+        help="the load during the resync: stopped, running or both cases (default both)",
+    )
     p.add_argument("--dir", default=None, help="where to put the member files")
     args = p.parse_args()
     rows = []
-    for keep in (False, True):
+    cases = {"stopped": [False], "running": [True], "both": [False, True]}[args.load]
+    for keep in cases:
         with tempfile.TemporaryDirectory(prefix="dst-resil-", dir=args.dir) as tmp:
-            row = one_case(Path(tmp), args.size * MiB, args.hot * MiB, args.outage, keep)
+            row = one_case(Path(tmp), args.size * MiB, args.hot * MiB, args.outage, keep,
+                           args.bs, args.load_rate)  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| load during resync | seq write 1M (nbdcopy / fio) | load | written while away "
-          "| dirtied | copied | copied/dirtied | back in sync after | copy time | copy rate "
-          "| rate/seq (fio) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| load during resync | load bs / hot set | seq write 1M (nbdcopy / fio) | load "
+          "| written while away | dirtied | copied | copied/dirtied | back in sync after "
+          "| copy time | copy rate | rate/seq (fio) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = r["copied_bytes"] / r["dirtied_bytes"] if r["dirtied_bytes"] else 0.0
         print(
-            f"| {r['load']} | {r['seq_nbdcopy_MBps']:.0f} / {r['seq_fio_MBps']:.0f} MB/s "
+            f"| {r['load']} | {r['bs']} / {r['hot_MiB']} MiB "
+            f"| {r['seq_nbdcopy_MBps']:.0f} / {r['seq_fio_MBps']:.0f} MB/s "
             f"| {r['load_MBps']:.1f} MB/s | {r['written_during_outage'] / MiB:.0f} MiB "
             f"| {r['regions_dirtied']} regions ({r['dirtied_bytes'] / MiB:.0f} MiB) "
             f"| {r['copied_bytes'] / MiB:.0f} MiB | {ratio:.2f}x | {r['back_in_sync_s']:.1f} s "

@@ -13,6 +13,8 @@ drift is spread over all of them.  The TLS client does not verify the server
 URI): verification happens once per connection and does not change the cost per I/O
 measured here.
 
+The servers are started and stopped by the test suite's harness
+(``tests/support/cluster.py``): ready on their own signal, their exit status checked.
 Beside throughput it reports server CPU per I/O: user+sys time of the server process
 (``/proc/PID/stat``, all threads) over the run divided by the I/Os fio completed.  The
 table gives medians and the ratios TLS/plain for each server and dst/nbdkit with TLS.
@@ -32,12 +34,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for the harness, tests/support/cluster.py
+from tests.support.cluster import Cluster, Process, free_port  # noqa: E402
+
 MiB = 1 << 20
 TICK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = {
@@ -57,57 +61,22 @@ def cpu_seconds(pid: int) -> float:
 
 @contextlib.contextmanager
 def server(name: str, disk: Path, pki: Path, work: Path) -> Iterator[tuple[str, int]]:
-    """Start target ``name`` on 127.0.0.1; yield (fio URI, server pid)."""
+    """Start target ``name`` on 127.0.0.1 (the harness checks its exit); yield (fio URI,
+    server pid)."""
     tls = name.endswith("-tls")
-    if name.startswith("dst"):
-        cmd = [sys.executable, "-m", "dst", "serve", str(disk), "--listen", "127.0.0.1:0"]
-        cmd += ["--tls-certificates", str(pki / "node")] if tls else []
-    else:
-        port = _free_port()
-        cmd = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(disk)]
-        if tls:
-            cmd[1:1] = ["--tls=require", f"--tls-certificates={pki / 'node'}"]
-    with open(work / f"{name}.log", "ab") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
+    with Cluster(work) as c:
         if name.startswith("dst"):
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if not line.startswith("listening on "):
-                raise RuntimeError(f"{name} did not start (see {work / (name + '.log')})")
-            uri = line.removeprefix("listening on ").strip()
+            args = ["--tls-certificates", str(pki / "node")] if tls else []
+            proc: Process = c.node(name, path=disk, listen=["tcp"], args=args)
+            uri = c.nodes[name].uri
         else:
+            port = free_port()
+            cmd = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(disk)]
+            if tls:
+                cmd[1:1] = ["--tls=require", f"--tls-certificates={pki / 'node'}"]
+            proc = c.server(name, cmd, port=port)
             uri = f"{'nbds' if tls else 'nbd'}://127.0.0.1:{port}/"
-            _wait_port(port, proc)
         yield (uri + "?tls-verify-peer=false" if tls else uri), proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[str]) -> None:
-    import socket
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"port {port} not ready")
 
 
 def fio(uri: str, name: str, *, size: int, runtime: float, pid: int) -> dict[str, float]:

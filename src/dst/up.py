@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import shutil
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -191,38 +192,59 @@ def demo_spec(nodes: list[Node], listen: tuple[Address, ...], *, pki: Path | Non
     )
 
 
+def _dst_command() -> str:
+    """How a shell runs this installation of dst: ``dst`` if that is what PATH finds,
+    else its full path (e.g. in a virtualenv that is not activated)."""
+    here = Path(sys.executable).parent / "dst"
+    found = shutil.which("dst")
+    if found is not None and Path(found).resolve() == here.resolve():
+        return "dst"
+    return str(here) if here.exists() else f"{sys.executable} -m dst"
+
+
 def usage(exports: list[str], control: str, *, pki: Path | None = None) -> str:
-    tcp = next((e for e in exports if "+unix" not in e), exports[0] if exports else "")
-    unix = next((e for e in exports if "+unix" in e), tcp)
-    qemu = f"qemu-system-x86_64 -drive file={tcp},format=raw ..."
-    kernel = "nbd-client 127.0.0.1 10809 /dev/nbd0     # with the kernel's nbd module"
+    """How to use the running array: the commands shown once it is up, only those that
+    fit its exports (no TCP hints without a TCP export; with ``pki``, the user's TLS
+    certificate in every one)."""
     if pki is not None:  # clients need the user's certificate
         u = pki / "user"
         exports = [f"{e}{'&' if '?' in e else '?'}tls-certificates={u}" for e in exports]
-        tcp = next((e for e in exports if "+unix" not in e), exports[0] if exports else "")
-        unix = next((e for e in exports if "+unix" in e), tcp)
-        addr = parse_address(tcp) if tcp.startswith("nbds://") else Address("127.0.0.1", 10809)
-        qemu = (
-            f"qemu-system-x86_64 -object tls-creds-x509,id=tls0,dir={u},endpoint=client "
-            f"-drive driver=nbd,host={addr.host},port={addr.port},tls-creds=tls0 ..."
-        )
-        kernel = (
-            f"nbd-client -cacertfile {u}/ca-cert.pem -certfile {u}/client-cert.pem "
-            f"-keyfile {u}/client-key.pem {addr.host} {addr.port} /dev/nbd0"
-        )
+    tcp = next((e for e in exports if "+unix" not in e), None)
+    unix = next((e for e in exports if "+unix" in e), None)
+    any_uri = unix or tcp or ""
     where = "\n  ".join(exports)
+    lines = [
+        f"  nbdinfo '{any_uri}'",
+        f"  nbdcopy disk.raw '{tcp or any_uri}'                # write an image onto it",
+        f"  mkdir -p /mnt/dst /mnt/disk && nbdfuse /mnt/dst '{any_uri}' &",
+        "      mkfs.ext4 /mnt/dst/nbd && mount -o loop /mnt/dst/nbd /mnt/disk",
+    ]
+    if tcp is not None:
+        addr = parse_address(tcp)
+        name = f" -N {addr.export}" if addr.export else ""
+        if pki is None:
+            lines.append(f"  qemu-system-x86_64 -drive file={tcp},format=raw ...")
+            lines.append(
+                f"  nbd-client {addr.host} {addr.port}{name} /dev/nbd0"
+                "     # with the kernel's nbd module"
+            )
+        else:
+            lines.append(
+                f"  qemu-system-x86_64 -object tls-creds-x509,id=tls0,dir={u},endpoint=client "
+                f"-drive driver=nbd,host={addr.host},port={addr.port},tls-creds=tls0 ..."
+            )
+            lines.append(
+                f"  nbd-client -cacertfile {u}/ca-cert.pem -certfile {u}/client-cert.pem "
+                f"-keyfile {u}/client-key.pem {addr.host} {addr.port}{name} /dev/nbd0"
+            )
+    lines.append(f"  DST_CONTROL={control} {_dst_command()} status")
+    body = "\n".join(lines)
     return f"""\
 dst is up: the array is exported at
   {where}
 
 Use it:
-  nbdinfo '{unix}'
-  nbdcopy disk.raw '{tcp}'                # write an image onto it
-  mkdir -p /mnt/dst && nbdfuse /mnt/dst '{unix}' &
-      mkfs.ext4 /mnt/dst/nbd && mount -o loop /mnt/dst/nbd /mnt/disk
-  {qemu}
-  {kernel}
-  DST_CONTROL={control} dst status
+{body}
 Ctrl-C stops the array, then the nodes.
 """
 
@@ -289,5 +311,6 @@ async def _show(daemon: Daemon, stop: asyncio.Event, *, live: bool) -> None:
 def run(opts: UpOptions) -> int:
     from dst.net.loop import run as loop_run
 
-    print(f"data in {opts.data_dir} ({format_size(opts.size)} mirrored)", flush=True)
+    if opts.config is None:
+        print(f"data in {opts.data_dir} ({format_size(opts.size)} mirrored)", flush=True)
     return loop_run(up(opts))

@@ -25,7 +25,7 @@ def test_example_round_trips() -> None:
     assert spec.tls is not None and spec.tls.mode is TlsMode.REQUIRE and spec.tls.verify_peer
     assert spec.acl == "/etc/dst/array.acl"
     leg = spec_to_dict(spec)["array"]["target"]["members"][0]
-    assert leg["uri"] == "nbds://10.0.0.1:10809/?tls-certificates=/etc/dst/pki/array"
+    assert leg["uri"] == "nbds://127.0.0.1:10810/?tls-certificates=/etc/dst/pki/array"
     assert spec_from_dict(spec_to_dict(spec)) == spec
 
 

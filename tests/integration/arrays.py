@@ -1,137 +1,21 @@
-"""Array test machinery: a ``dst daemon`` process, spec files, data checks, ext4 on nbdfuse.
+"""Data checks for arrays: fill and read back through NBD, placement on the members,
+mirror member data and bitmaps, ext4 on nbdfuse.
 
-The daemon prints ``control socket PATH`` once its socket accepts; that line is the
-readiness signal.  Spec files are written as TOML into the test's directory.  Data
-checks compare whole files byte for byte (sha256 for the round trip, slices for the
-placement on the members).
+Data checks compare whole images byte for byte (sha256 for the round trip, slices for
+the placement on the members); the processes come from :mod:`tests.support.cluster`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import socket
 import subprocess
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from .helpers import DST, run
+from tests.support.cluster import run, wait_until
 
 MiB = 1 << 20
-READY = "control socket "
-DEADLINE = 30.0
-
-
-def wait_until(cond: Callable[[], bool], what: str, *, timeout: float = DEADLINE) -> None:
-    """Poll ``cond`` until it holds; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def accepts(path: Path) -> bool:
-    """True when a unix socket at ``path`` accepts a connection."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def unix_uri(sock: Path, export: str = "") -> str:
-    return f"nbd+unix:///{export}?socket={sock}"
-
-
-@dataclass
-class Daemon:
-    """A running ``dst daemon --control PATH`` process."""
-
-    proc: subprocess.Popen[str]
-    control: Path
-    stderr_path: Path
-
-    def dst(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``dst ARGS --control PATH``."""
-        return run([*DST, *args, "--control", str(self.control)], check=check, timeout=60)
-
-    def status(self, name: str | None = None) -> dict[str, Any]:
-        import json
-
-        out = self.dst("status", *([name] if name else []), "--json").stdout
-        result: dict[str, Any] = json.loads(out)
-        return result
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"dst daemon did not stop\n{self.stderr()}") from None
-        return self.proc.returncode
-
-
-def start_daemon(control: Path, stderr_path: Path, specs: Sequence[Path] = ()) -> Daemon:
-    """Start ``dst daemon`` and wait for its readiness line."""
-    cmd = [*DST, "daemon", "--control", str(control), *map(str, specs)]
-    with open(stderr_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    daemon = Daemon(proc, control, stderr_path)
-    line = proc.stdout.readline()  # the process prints it, or exits (EOF)
-    if not line.startswith(READY):
-        daemon.stop()
-        raise AssertionError(f"dst daemon did not start: {line!r}\n{daemon.stderr()}")
-    return daemon
-
-
-# -- specs --------------------------------------------------------------------------
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-def write_spec(path: Path, name: str, listen: Sequence[str], target: dict[str, Any]) -> Path:
-    """Write an array spec: ``[array]`` then the target as one inline table."""
-    lines = [
-        "[array]",
-        f"name = {toml_value(name)}",
-        f"listen = {toml_value(list(listen))}",
-        f"target = {toml_value(target)}",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def remote(name: str, uri: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "remote", "name": name, "uri": uri, **extra}
-
-
-def file_member(name: str, path: Path, size: int, **extra: Any) -> dict[str, Any]:
-    return {"type": "file", "name": name, "path": str(path), "size": size, **extra}
 
 
 # -- data -------------------------------------------------------------------------------
@@ -144,6 +28,20 @@ def sha256(data: bytes) -> str:
 def export_size(uri: str) -> int:
     """The size nbdinfo reports for ``uri``."""
     return int(run(["nbdinfo", "--size", uri]).stdout)
+
+
+def fill(uri: str, tmp: Path, size: int, *, name: str = "base.bin") -> bytearray:
+    """nbdcopy ``size`` random bytes (kept in ``tmp/name``) onto ``uri``; the data."""
+    data = bytearray(os.urandom(size))
+    (tmp / name).write_bytes(data)
+    run(["nbdcopy", "--flush", tmp / name, uri])
+    return data
+
+
+def read_all(uri: str, tmp: Path) -> bytes:
+    """Everything ``uri`` holds, read with nbdcopy."""
+    run(["nbdcopy", uri, tmp / "out.bin"])
+    return (tmp / "out.bin").read_bytes()
 
 
 def copy_in_out(uri: str, tmp: Path, size: int | None = None) -> bytes:

@@ -4,62 +4,39 @@ members; ext4 on a stripe via nbdfuse."""
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .arrays import (
-    Daemon,
-    MiB,
-    accepts,
-    check_ext4_image,
-    copy_in_out,
-    destripe,
-    ext4_on_nbdfuse,
-    file_member,
-    remote,
-    start_daemon,
-    unix_uri,
-    wait_until,
-    write_spec,
-)
-from .conftest import NodeFactory
-from .helpers import require, require_root_dev, run
+from tests.support.cluster import Cluster, Daemon, file_member, remote, run
+
+from .arrays import MiB, check_ext4_image, copy_in_out, destripe, ext4_on_nbdfuse
+from .helpers import require, require_root_dev
 
 CHUNK = 64 << 10
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, sockdir: Path) -> Iterator[Daemon]:
+@pytest.fixture(autouse=True)
+def _tools() -> None:
     require("nbdcopy", "nbdinfo")
-    d = start_daemon(sockdir / "control.sock", tmp_path / "daemon.stderr")
-    yield d
-    rc = d.stop()
-    assert rc == 0 and "Traceback" not in d.stderr(), d.stderr()
 
 
-def create(daemon: Daemon, tmp: Path, sockdir: Path, name: str, target: dict[str, Any]) -> str:
+def create(cluster: Cluster, name: str, target: dict[str, Any]) -> str:
     """Write the spec, ``dst create`` it; return the array's unix URI."""
-    sock = sockdir / f"{name}.sock"
-    spec = write_spec(tmp / f"{name}.toml", name, [f"unix:{sock}"], target)
-    out = daemon.dst("create", str(spec)).stdout
+    out = cluster.daemon.dst("create", str(cluster.spec(name, target))).stdout
     assert out.startswith(f"{name}: running"), out
-    return unix_uri(sock)
+    return cluster.uri(name)
 
 
-def test_linear_placement(
-    daemon: Daemon, node_factory: NodeFactory, tmp_path: Path, sockdir: Path
-) -> None:
-    n0 = node_factory(size="8M")
-    n1 = node_factory(size="16M")
+def test_linear_placement(daemon: Daemon, cluster: Cluster, tmp_path: Path) -> None:
+    n0 = cluster.node("n0", "8M")
+    n1 = cluster.node("n1", "16M")
     target = {
         "type": "linear",
         "members": [remote("n0", n0.uri), remote("n1", n1.uri, start="4M", length="6M")],
     }
-    uri = create(daemon, tmp_path, sockdir, "lin", target)
+    uri = create(cluster, "lin", target)
     data = copy_in_out(uri, tmp_path, 14 * MiB)
     a, b = n0.path.read_bytes(), n1.path.read_bytes()
     assert a == data[: 8 * MiB]
@@ -72,16 +49,14 @@ def test_linear_placement(
     ]
 
 
-def test_stripe_placement(
-    daemon: Daemon, node_factory: NodeFactory, tmp_path: Path, sockdir: Path
-) -> None:
-    nodes = [node_factory(size="8M") for _ in range(2)]
+def test_stripe_placement(daemon: Daemon, cluster: Cluster, tmp_path: Path) -> None:
+    nodes = [cluster.node(f"n{i}", "8M") for i in range(2)]
     target = {
         "type": "stripe",
         "chunk_size": "64K",
         "members": [remote(f"s{i}", n.uri) for i, n in enumerate(nodes)],
     }
-    uri = create(daemon, tmp_path, sockdir, "str", target)
+    uri = create(cluster, "str", target)
     data = copy_in_out(uri, tmp_path, 16 * MiB)
     members = [n.path.read_bytes() for n in nodes]
     for i in range(len(data) // CHUNK):
@@ -89,12 +64,10 @@ def test_stripe_placement(
         assert members[i % 2][off : off + CHUNK] == data[i * CHUNK : (i + 1) * CHUNK], i
 
 
-def test_mirror_legs_identical(
-    daemon: Daemon, node_factory: NodeFactory, tmp_path: Path, sockdir: Path
-) -> None:
-    nodes = [node_factory(size="16M") for _ in range(2)]
+def test_mirror_legs_identical(daemon: Daemon, cluster: Cluster, tmp_path: Path) -> None:
+    nodes = [cluster.node(f"n{i}", "16M") for i in range(2)]
     target = {"type": "mirror", "members": [remote(f"m{i}", n.uri) for i, n in enumerate(nodes)]}
-    uri = create(daemon, tmp_path, sockdir, "mir", target)
+    uri = create(cluster, "mir", target)
     data = copy_in_out(uri, tmp_path)
     assert 15 * MiB < len(data) < 16 * MiB  # the rest holds superblocks and bitmap
     assert nodes[0].path.read_bytes()[: len(data)] == data
@@ -104,12 +77,10 @@ def test_mirror_legs_identical(
     assert all(leg["counters"]["write_bytes"] >= 16 * MiB for leg in legs)
 
 
-def test_nested_mirror_of_stripes(
-    daemon: Daemon, node_factory: NodeFactory, tmp_path: Path, sockdir: Path
-) -> None:
+def test_nested_mirror_of_stripes(daemon: Daemon, cluster: Cluster, tmp_path: Path) -> None:
     """A mirror of a stripe of two local files and a stripe of two dst nodes."""
     files = [tmp_path / f"f{i}.img" for i in range(2)]
-    nodes = [node_factory(size="4M") for _ in range(2)]
+    nodes = [cluster.node(f"n{i}", "4M") for i in range(2)]
     target = {
         "type": "mirror",
         "members": [
@@ -125,7 +96,7 @@ def test_nested_mirror_of_stripes(
             },
         ],
     }
-    uri = create(daemon, tmp_path, sockdir, "tree", target)
+    uri = create(cluster, "tree", target)
     data = copy_in_out(uri, tmp_path)
     local = destripe([p.read_bytes() for p in files], CHUNK, 8 * MiB)
     far = destripe([n.path.read_bytes() for n in nodes], CHUNK, 8 * MiB)
@@ -136,54 +107,32 @@ def test_nested_mirror_of_stripes(
     assert [g["name"] for k in root["members"] for g in k["members"]] == ["f0", "f1", "r0", "r1"]
 
 
-def _server(cmd: list[str], sock: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def up() -> bool:
-        assert proc.poll() is None, f"{cmd[0]} exited {proc.returncode}"
-        return accepts(sock)
-
-    wait_until(up, f"{cmd[0]} on {sock}")
-    return proc
-
-
-def test_nbdkit_and_qemu_nbd_as_members(daemon: Daemon, tmp_path: Path, sockdir: Path) -> None:
+def test_nbdkit_and_qemu_nbd_as_members(daemon: Daemon, cluster: Cluster, tmp_path: Path) -> None:
     require("nbdkit", "qemu-nbd")
-    kit_sock, qemu_sock = sockdir / "kit.sock", sockdir / "qemu.sock"
     qemu_file = tmp_path / "qemu.img"
     with open(qemu_file, "wb") as f:
         f.truncate(8 * MiB)
-    procs = [
-        _server(["nbdkit", "-U", str(kit_sock), "--foreground", "memory", "8M"], kit_sock),
-        _server(["qemu-nbd", "-k", str(qemu_sock), "-f", "raw", "-t", str(qemu_file)], qemu_sock),
-    ]
-    try:
-        target = {
-            "type": "mirror",
-            "members": [remote("kit", unix_uri(kit_sock)), remote("qemu", unix_uri(qemu_sock))],
-        }
-        uri = create(daemon, tmp_path, sockdir, "peers", target)
-        data = copy_in_out(uri, tmp_path)
-        assert qemu_file.read_bytes()[: len(data)] == data
-        out = tmp_path / "kit.bin"
-        run(["nbdcopy", unix_uri(kit_sock), out])
-        assert out.read_bytes()[: len(data)] == data
-        daemon.dst("stop", "peers")
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=20)
+    kit = cluster.server("kit", ["nbdkit", "-U", str(cluster.sockets / "kit.sock"), "--foreground",
+                                 "memory", "8M"])  # fmt: skip
+    qemu = cluster.server("qemu", ["qemu-nbd", "-k", str(cluster.sockets / "qemu.sock"), "-f",
+                                   "raw", "-t", str(qemu_file)])  # fmt: skip
+    target = {"type": "mirror", "members": [remote("kit", kit.uri), remote("qemu", qemu.uri)]}
+    uri = create(cluster, "peers", target)
+    data = copy_in_out(uri, tmp_path)
+    assert qemu_file.read_bytes()[: len(data)] == data
+    out = tmp_path / "kit.bin"
+    run(["nbdcopy", kit.uri, out])
+    assert out.read_bytes()[: len(data)] == data
+    daemon.dst("stop", "peers")
 
 
 @pytest.mark.slow
-def test_ext4_on_stripe(
-    daemon: Daemon, node_factory: NodeFactory, tmp_path: Path, sockdir: Path
-) -> None:
+def test_ext4_on_stripe(daemon: Daemon, cluster: Cluster, tmp_path: Path) -> None:
     require("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount", "umount")
     require_root_dev("/dev/fuse", "/dev/loop-control")
-    nodes = [node_factory(size="32M") for _ in range(2)]
+    nodes = [cluster.node(f"n{i}", "32M") for i in range(2)]
     target = {"type": "stripe", "members": [remote(f"s{i}", n.uri) for i, n in enumerate(nodes)]}
-    uri = create(daemon, tmp_path, sockdir, "fs", target)
+    uri = create(cluster, "fs", target)
     digests = ext4_on_nbdfuse(uri, tmp_path)
     daemon.dst("stop", "fs")  # flushes every member
     image = tmp_path / "image.img"

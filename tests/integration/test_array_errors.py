@@ -6,22 +6,12 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .arrays import Daemon, start_daemon, write_spec
-from .helpers import DST
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, sockdir: Path) -> Iterator[Daemon]:
-    d = start_daemon(sockdir / "control.sock", tmp_path / "daemon.stderr")
-    yield d
-    rc = d.stop()
-    assert rc == 0 and "Traceback" not in d.stderr(), d.stderr()
+from tests.support.cluster import DST, Daemon, write_spec
 
 
 def fails(daemon_or_control: Daemon | Path, *args: str) -> str:
@@ -78,17 +68,17 @@ def test_bad_spec_file(
     assert daemon.status() == {"arrays": []}
 
 
-def test_unreachable_node(daemon: Daemon, tmp_path: Path, sockdir: Path) -> None:
+def test_unreachable_node(daemon: Daemon, tmp_path: Path, sock_dir: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = f"nbd://127.0.0.1:{port}/"
     target = {"type": "linear", "members": [{"type": "remote", "name": "gone", "uri": uri}]}
-    spec = write_spec(tmp_path / "x.toml", "x", [f"unix:{sockdir}/x.sock"], target)
+    spec = write_spec(tmp_path / "x.toml", "x", [f"unix:{sock_dir}/x.sock"], target)
     msg = fails(daemon, "create", str(spec))
     assert "gone" in msg and uri in msg, msg
     assert daemon.status() == {"arrays": []}
-    assert not (sockdir / "x.sock").exists()
+    assert not (sock_dir / "x.sock").exists()
 
 
 def test_unknown_array(daemon: Daemon) -> None:
@@ -96,8 +86,8 @@ def test_unknown_array(daemon: Daemon) -> None:
         assert "no array named 'nope'" in fails(daemon, *args)
 
 
-def test_no_daemon(sockdir: Path) -> None:
-    control = sockdir / "none.sock"
+def test_no_daemon(sock_dir: Path) -> None:
+    control = sock_dir / "none.sock"
     assert f"no array daemon at {control}" in fails(control, "status")
 
 

@@ -5,29 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from dst.net.client import NbdClient
+from tests.support.cluster import DST, Cluster, Daemon, remote, run
 
-from .arrays import Daemon, MiB, remote, start_daemon, unix_uri, write_spec
-from .conftest import NodeFactory
-from .helpers import DST, nbdsh, require, run
+from .arrays import MiB
+from .helpers import nbdsh, require
 
 BLOCK = 64 << 10
 WORKERS = 8
 ROUNDS_AFTER = 3
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, sockdir: Path) -> Iterator[Daemon]:
-    require("nbdinfo", "nbdsh")
-    d = start_daemon(sockdir / "control.sock", tmp_path / "daemon.stderr")
-    yield d
-    rc = d.stop()
-    assert rc == 0 and "Traceback" not in d.stderr(), d.stderr()
 
 
 def pattern(generation: int, block: int) -> bytes:
@@ -39,19 +28,10 @@ def export_size(uri: str) -> int:
 
 
 @pytest.mark.timeout(60)
-async def test_add_while_writing_then_remove(
-    daemon: Daemon, node_factory: NodeFactory, tmp_path: Path, sockdir: Path
-) -> None:
-    first, second = node_factory(size="8M"), node_factory(size="8M")
-    sock = sockdir / "lin.sock"
-    spec = write_spec(
-        tmp_path / "lin.toml",
-        "lin",
-        [f"unix:{sock}"],
-        {"type": "linear", "members": [remote("n0", first.uri)]},
-    )
-    daemon.dst("create", str(spec))
-    uri = unix_uri(sock)
+async def test_add_while_writing_then_remove(daemon: Daemon, cluster: Cluster) -> None:
+    require("nbdinfo", "nbdsh")
+    first, second = cluster.node("n0", "8M"), cluster.node("n1", "8M")
+    uri = cluster.create("lin", {"type": "linear", "members": [remote("n0", first.uri)]})
     blocks = 8 * MiB // BLOCK
     written: dict[int, int] = {}  # block -> generation last acknowledged
     adding = asyncio.Event()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NodeFactory
-from .helpers import Node, nbdsh, random_file, require, run, sha256_file
+from tests.support.cluster import Cluster, Node, run
+
+from .helpers import nbdsh, random_file, require, sha256_file
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -45,9 +46,9 @@ def test_nbdinfo_json_tcp(tcp_node: Node) -> None:
     assert info["export-size"] == SIZE
 
 
-def test_nbdinfo_list_shows_name_and_description(node_factory: NodeFactory) -> None:
+def test_nbdinfo_list_shows_name_and_description(cluster: Cluster) -> None:
     require("nbdinfo")
-    node = node_factory(args=["--name", "disk-a", "--description", "test disk A"])
+    node = cluster.node("node", "64M", args=["--name", "disk-a", "--description", "test disk A"])
     assert node.uri.startswith("nbd+unix:///disk-a?socket=")
     out = run(["nbdinfo", "--list", "--json", node.uri]).stdout
     exports = json.loads(out)["exports"]
@@ -169,11 +170,11 @@ def test_nbdsh_script(node: Node) -> None:
     assert "nbdsh ok" in out
 
 
-def test_readonly_export_refuses_writes_with_eperm(node_factory: NodeFactory) -> None:
-    rw = node_factory()
+def test_readonly_export_refuses_writes_with_eperm(cluster: Cluster) -> None:
+    rw = cluster.node("rw", "64M")
     nbdsh(rw.uri, "h.pwrite(b'\\x42' * 4096, 0); h.flush()")
     rw.stop()
-    node = node_factory(size=None, args=["--read-only"], path=rw.path)
+    node = cluster.node("ro", None, args=["--read-only"], path=rw.path)
     script = """
 assert h.is_read_only()
 assert h.pread(4096, 0) == b"\\x42" * 4096

@@ -1,141 +1,76 @@
 """A linear array hides a short outage of one member from a real client.
 
 Two ``dst serve`` nodes; the daemon reaches node 2 through a cuttable proxy (its own
-process).  An nbdsh writer fills the whole array with known patterns, pass after
-pass, while the proxy is cut for ~2 s and restored: the writer must see no error (it
-only stalls), and afterwards every byte is checked through the array (nbdcopy) and
-on the member files.
+process).  The verifying client (:class:`~tests.support.pattern_client.PatternClient`)
+reads and writes 4 KiB blocks all over the array while the proxy is cut for ~2 s and
+restored: it must see no error (it only stalls), no request to the cut node may
+complete meanwhile, and afterwards every byte is checked through the array (nbdcopy)
+and on the member files.
 """
 
 from __future__ import annotations
 
-import struct
-import subprocess
 import time
 from pathlib import Path
 
+from tests.support.cluster import Cluster, remote, wait_until
+from tests.support.pattern_client import BLOCK, PatternClient, compare
 from tests.support.proxy_process import ProxyProcess
 
-from .arrays import Daemon, MiB, accepts, remote, start_daemon, toml_value, unix_uri, wait_until
-from .conftest import NodeFactory
-from .helpers import nbd_python, require, run
+from .arrays import MiB, fill, read_all
+from .helpers import require
 
-BLOCK = 256 << 10
 NODE_SIZE = 8 * MiB
 OUTAGE = 2.0
 
-WRITER = """
-import os, struct, sys, time
-size = h.get_size()
-gen = done = 0
-worst = 0.0
-while True:
-    gen += 1
-    for off in range(0, size, BLOCK):
-        data = struct.pack("<QQ", gen, off) * (BLOCK // 16)
-        t0 = time.monotonic()
-        h.pwrite(data, off)
-        worst = max(worst, time.monotonic() - t0)
-        done += 1
-        with open(PROGRESS + ".tmp", "w") as f:
-            f.write(str(done))
-        os.replace(PROGRESS + ".tmp", PROGRESS)
-    t0 = time.monotonic()
-    h.flush()
-    worst = max(worst, time.monotonic() - t0)
-    if os.path.exists(STOP):
-        break
-print(gen, worst)
-"""
 
-
-def image(gen: int, size: int) -> bytes:
-    """What the writer's pass ``gen`` leaves on an array of ``size`` bytes."""
-    return b"".join(struct.pack("<QQ", gen, off) * (BLOCK // 16) for off in range(0, size, BLOCK))
-
-
-def progress(path: Path) -> int:
-    try:
-        return int(path.read_text() or 0)
-    except FileNotFoundError:
-        return 0
-
-
-def member_state(daemon: Daemon, name: str) -> str:
-    root = daemon.status("lin")["arrays"][0]["root"]
-    states = {k["name"]: k["state"] for k in root["members"]}
+def member_state(cluster: Cluster, name: str) -> str:
+    states = {k["name"]: k["state"] for k in cluster.status("lin")["root"]["members"]}
     return str(states[name])
 
 
-def test_linear_array_hides_a_two_second_cut(
-    tmp_path: Path, sockdir: Path, node_factory: NodeFactory
-) -> None:
+def test_linear_array_hides_a_two_second_cut(cluster: Cluster, tmp_path: Path) -> None:
     require("nbdsh", "nbdcopy")
-    if not nbd_python():
-        require("python3-libnbd (import nbd)")
-    n0 = node_factory(size="8M", listen=[f"unix:{sockdir}/n0.sock"])
-    n1 = node_factory(size="8M", listen=[f"unix:{sockdir}/n1.sock"])
-    proxy = ProxyProcess(sockdir / "p1.sock", sockdir / "n1.sock")
-    spec = tmp_path / "lin.toml"
-    target = {
-        "type": "linear",
-        "members": [remote("n0", n0.uri), remote("n1", unix_uri(sockdir / "p1.sock"))],
-    }
-    spec.write_text(
-        "[array]\n"
-        'name = "lin"\n'
-        f"listen = {toml_value([f'unix:{sockdir}/lin.sock'])}\n"
-        'io_timeout = "10s"\n'
-        f"target = {toml_value(target)}\n"
-    )
-    daemon = start_daemon(sockdir / "control.sock", tmp_path / "daemon.stderr", [spec])
-    writer: subprocess.Popen[str] | None = None
+    n0, n1 = cluster.node("n0", "8M"), cluster.node("n1", "8M")
+    proxy = ProxyProcess(cluster.sockets / "p1.sock", cluster.sockets / "n1.sock")
     try:
-        wait_until(lambda: accepts(sockdir / "lin.sock"), "the array's socket")
-        uri = unix_uri(sockdir / "lin.sock")
-        blocks = 2 * NODE_SIZE // BLOCK
-        done, stop = tmp_path / "progress", tmp_path / "stop"
-        script = f"BLOCK = {BLOCK}\nPROGRESS = {str(done)!r}\nSTOP = {str(stop)!r}\n" + WRITER
-        writer = subprocess.Popen(
-            [nbd_python(), "-m", "nbd", "-u", uri, "-c", script],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_until(lambda: progress(done) >= 2 * blocks, "two passes before the cut")
+        target = {
+            "type": "linear",
+            "members": [remote("n0", n0.uri), remote("n1", cluster.uri("p1"))],
+        }
+        cluster.start_daemon(cluster.spec("lin", target, io_timeout="10s"))
+        uri = cluster.uri("lin")
+        image = fill(uri, tmp_path, 2 * NODE_SIZE)
+        c = PatternClient(uri, tmp_path, client=1, first=0, last=2 * NODE_SIZE // BLOCK,
+                          read_every=3, base=tmp_path / "base.bin")  # fmt: skip
+        c.wait_count(200)
 
         proxy.cut()
         cut_at = time.monotonic()
-        wait_until(lambda: member_state(daemon, "n1") == "reconnecting", "n1 to be reconnecting")
-        stalled_at = progress(done)
+        wait_until(lambda: member_state(cluster, "n1") == "reconnecting", "n1 reconnecting")
         time.sleep(max(0.0, cut_at + OUTAGE - time.monotonic()))  # the outage itself
-        assert progress(done) == stalled_at, "writes to n1 completed while it was cut off"
-        assert writer.poll() is None, writer.communicate()
+        assert c.proc.poll() is None, c.tail()
+        before = c.count()
         proxy.restore()
-        outage = time.monotonic() - cut_at
+        restored_at = time.monotonic()
+        c.wait_count(before + 500)  # going on after the restore
+        ops = c.finish()
 
-        wait_until(lambda: progress(done) >= stalled_at + blocks, "a full pass after restore")
-        stop.touch()
-        out, err = writer.communicate(timeout=60)
-        assert writer.returncode == 0, f"the client saw an error:\n{err}"
-        gen_text, worst_text = out.split()
-        gen, worst = int(gen_text), float(worst_text)
-        # it waited for n1 (the backoff adds up to 2 s after the restore), and no longer
+        outage = restored_at - cut_at
+        on_n1 = [op for op in ops if op.block >= NODE_SIZE // BLOCK]
+        during = [op for op in on_n1 if cut_at < op.done < restored_at]
+        assert not during, f"requests to n1 completed while it was cut off: {during[:3]}"
+        # The client waited for n1 (the backoff adds up to 2 s after the restore), no longer.
+        worst = max(op.latency for op in ops)
         assert OUTAGE * 0.8 < worst < outage + 4.0, (worst, outage)
-        assert member_state(daemon, "n1") == "connected"
+        assert member_state(cluster, "n1") == "connected"
 
-        expected = image(gen, 2 * NODE_SIZE)
-        copy = tmp_path / "out.bin"
-        run(["nbdcopy", uri, copy])
-        assert copy.read_bytes() == expected, "data read back through the array differs"
+        expected = c.apply(image, ops)
+        compare(read_all(uri, tmp_path), expected, what="array")
+        cluster.daemon.dst("stop", "lin")  # flushed to the nodes
+        log = cluster.daemon.stderr()
+        assert "n1: lost connection" in log and "n1: reconnected" in log, log
+        compare(n0.path.read_bytes(), expected[:NODE_SIZE], what="n0")
+        compare(n1.path.read_bytes(), expected[NODE_SIZE:], what="n1")
     finally:
-        if writer is not None and writer.poll() is None:
-            writer.kill()
-            writer.communicate()
-        rc = daemon.stop()
         proxy.stop()
-    log = daemon.stderr()
-    assert rc == 0 and "Traceback" not in log, log
-    assert "n1: lost connection" in log and "n1: reconnected" in log, log
-    assert n0.path.read_bytes() == expected[:NODE_SIZE]
-    assert n1.path.read_bytes() == expected[NODE_SIZE:]

@@ -15,93 +15,63 @@ request and checks every read against what it wrote (or the base), so afterwards
   (data area of a mirror member; a stripe's members destriped);
 * a write in flight when the daemon was killed is the only block allowed either
   version (:meth:`PatternClient.in_doubt`), and a mirror's members must still agree;
-* the log's timestamps give each request's latency inside a window (while a node was
-  suspended) and prove the client made progress during a copy.
+* the log's timestamps tell which requests completed inside a window (while a node
+  was suspended) and prove the client made progress during a copy.
 """
 
 from __future__ import annotations
 
-import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dst.meta.layout import layout_for, member_size_for
+from tests.support.cluster import Cluster, Node, remote, run, wait_until
 from tests.support.pattern_client import BLOCK, Op, PatternClient, compare, window
 
-from .arrays import (
-    check_ext4_image,
-    destripe,
-    ext4_on_nbdfuse,
-    remote,
-    start_daemon,
-    unix_uri,
-    wait_until,
-    write_spec,
-)
-from .helpers import Node, require, require_root_dev, run, start_node
+from .arrays import check_ext4_image, destripe, ext4_on_nbdfuse, fill, read_all
+from .helpers import require, require_root_dev
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
 NODE = 16 * MiB  # data per node; a mirror's size
 NB = NODE // BLOCK
 CHUNK = 64 << 10
-MAX_LATENCY = 0.2  # the other node's worst request while one node is suspended
 
 
-class Cluster:
-    """``dst serve`` nodes started on demand, one ``dst daemon``, array "a"."""
+class Live:
+    """The harness's cluster with one daemon and array "a" (linear, stripe or mirror)."""
 
-    def __init__(self, tmp: Path, sockdir: Path) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         require("nbdcopy", "nbdsh", "nbdinfo")
-        self.tmp, self.sockdir = tmp, sockdir
-        self.nodes: dict[str, Node] = {}
-        self.daemon = start_daemon(sockdir / "control.sock", tmp / "daemon.stderr")
-        self.base_path = tmp / "base.bin"
+        self.c, self.tmp = cluster, cluster.work
+        self.daemon = cluster.start_daemon()
+        self.base_path = self.tmp / "base.bin"
 
     def node(self, name: str, kind: str) -> Node:
-        size = member_size_for(NODE) if kind == "mirror" else NODE
-        n = start_node(
-            self.tmp / f"{name}.img",
-            listen=[f"unix:{self.sockdir}/{name}.sock"],
-            args=["--size", str(size)],
-            stderr_path=self.tmp / f"{name}.stderr",
-        )
-        self.nodes[name] = n
-        return n
+        """A node sized for ``kind``: NODE bytes of data (plus a mirror's metadata)."""
+        return self.c.node(name, member_size_for(NODE) if kind == "mirror" else NODE)
 
     def create(self, kind: str, names: list[str]) -> str:
         for name in names:
-            if name not in self.nodes:
+            if name not in self.c.nodes:
                 self.node(name, kind)
-        members = [remote(n, self.nodes[n].uri) for n in names]
+        members = [remote(n, self.c.nodes[n].uri) for n in names]
         target: dict[str, Any] = {"type": kind, "name": "t", "members": members}
         if kind == "stripe":
             target["chunk_size"] = CHUNK
-        sock = self.sockdir / "a.sock"
-        spec = write_spec(self.tmp / "a.toml", "a", [f"unix:{sock}"], target)
-        self.daemon.dst("create", str(spec))
-        return unix_uri(sock)
+        return self.c.create("a", target)
 
     def fill(self, uri: str, size: int) -> bytearray:
-        """nbdcopy random data over the whole array: the base image."""
-        data = bytearray(size)
-        data[:] = open("/dev/urandom", "rb").read(size)  # noqa: SIM115
-        self.base_path.write_bytes(data)
-        run(["nbdcopy", "--flush", self.base_path, uri])
-        return data
+        """nbdcopy random data over the whole array: the base image (``base_path``)."""
+        return fill(uri, self.tmp, size, name=self.base_path.name)
 
     def read_all(self, uri: str) -> bytes:
-        out = self.tmp / "out.bin"
-        run(["nbdcopy", uri, out])
-        return out.read_bytes()
+        return read_all(uri, self.tmp)
 
     def status(self) -> dict[str, Any]:
-        array: dict[str, Any] = self.daemon.status("a")["arrays"][0]
-        return array
+        return self.c.status("a")
 
     def members(self) -> list[dict[str, Any]]:
         members: list[dict[str, Any]] = self.status()["root"]["members"]
@@ -118,33 +88,26 @@ class Cluster:
         return job
 
     def replace(self, old: str, new: str, *extra: str) -> str:
-        uri = self.nodes[new].uri
+        uri = self.c.nodes[new].uri
         out = self.daemon.dst("replace", "a", old, "--uri", uri, "--name", new, *extra)
         return out.stdout
 
     def file(self, name: str, size: int = NODE) -> bytes:
-        with open(self.nodes[name].path, "rb") as f:
+        with open(self.c.nodes[name].path, "rb") as f:
             return f.read(size)
 
     def leg_data(self, name: str) -> bytes:
         """A mirror member's data area."""
-        path = self.nodes[name].path
+        path = self.c.nodes[name].path
         return self.file(name, layout_for(path.stat().st_size).data_size)
-
-    def close(self) -> None:
-        self.daemon.stop()
-        for n in self.nodes.values():
-            n.stop(signal.SIGKILL)
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, sockdir: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, sockdir)
-    yield c
-    c.close()
+def live(cluster: Cluster) -> Live:
+    return Live(cluster)
 
 
-def client(c: Cluster, uri: str, n: int, size: int, **geometry: int) -> PatternClient:
+def client(c: Live, uri: str, n: int, size: int, **geometry: int) -> PatternClient:
     """Client ``n`` over the whole array, reading every third request (all verified
     against the base file, ``base_path``, or the client's own writes)."""
     geometry = {"first": 0, "last": size // BLOCK, "read_every": 3} | geometry
@@ -153,7 +116,7 @@ def client(c: Cluster, uri: str, n: int, size: int, **geometry: int) -> PatternC
     return pc
 
 
-def check_members(c: Cluster, kind: str, names: list[str], image: bytes | bytearray) -> None:
+def check_members(c: Live, kind: str, names: list[str], image: bytes | bytearray) -> None:
     """Each member's file holds its part of ``image`` (the array stopped)."""
     if kind == "linear":
         for i, name in enumerate(names):
@@ -179,263 +142,266 @@ def ranges(kind: str, node: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("kind", ["linear", "stripe", "mirror"])
-def test_suspend_one_node_the_other_keeps_serving(cluster: Cluster, kind: str) -> None:
-    """While n1 is suspended, requests to n0's part complete within MAX_LATENCY and
-    n1's wait (linear, stripe: none completes, ``held`` is 1) or go on without it
-    (mirror: its missed regions recorded); resume releases or resyncs; nothing lost."""
-    uri = cluster.create(kind, ["n0", "n1"])
+def test_suspend_one_node_the_other_keeps_serving(live: Live, kind: str) -> None:
+    """While n1 is suspended, requests to n0's part go on (the test waits for 100 of
+    them, reads and writes) and n1's wait (linear, stripe: none completes, ``held`` is
+    1 before and after) or go on without it (mirror: its missed regions recorded);
+    resume releases or resyncs; nothing lost."""
+    uri = live.create(kind, ["n0", "n1"])
     size = NODE if kind == "mirror" else 2 * NODE
-    image = cluster.fill(uri, size)
-    held = client(cluster, uri, 1, size, **ranges(kind, 1))
-    free = client(cluster, uri, 2, size, read_every=2, **ranges(kind, 0))
-    cluster.daemon.dst("suspend", "a", "n1")
+    image = live.fill(uri, size)
+    held = client(live, uri, 1, size, **ranges(kind, 1))
+    free = client(live, uri, 2, size, read_every=2, **ranges(kind, 0))
+    live.daemon.dst("suspend", "a", "n1")
+    assert live.states()[1] == "suspended"
+    if kind != "mirror":
+        wait_until(lambda: live.members()[1]["detail"]["held"] == 1, "n1's request held")
+    n_held = held.count()
     t0 = time.monotonic()
-    assert cluster.states()[1] == "suspended"
+    free.wait_count(free.count() + 100)  # the window: n0's part served, n1 suspended
     if kind == "mirror":
-        n_held = held.count()
-    else:
-        wait_until(lambda: cluster.members()[1]["detail"]["held"] == 1, "n1's request held")
-        n_held = held.count()
-    time.sleep(1.5)  # the window measured: n1 suspended, n0 serving
+        held.wait_count(n_held + 50)  # a suspended leg does not hold mirror writes
     t1 = time.monotonic()
-    n1 = cluster.members()[1]
+    n1 = live.members()[1]
     if kind == "mirror":
-        missing = cluster.status()["root"]["detail"]["legs"][1]["missing_regions"]
+        missing = live.status()["root"]["detail"]["legs"][1]["missing_regions"]
         assert 1 <= missing <= 2 * MiB // (64 << 10), missing  # the clients' 2 MiB at most
-        assert held.count() > n_held + 50, "a suspended leg must not hold mirror writes"
     else:
         assert n1["detail"]["held"] == 1, n1
         assert held.count() == n_held, "a request to the suspended node completed"
-    cluster.daemon.dst("resume", "a", "n1")
-    held.wait_count(n_held + 50)  # released, and going on
+    live.daemon.dst("resume", "a", "n1")
+    held.wait_count(held.count() + 50)  # released, and going on
     free_ops, held_ops = free.finish(), held.finish()
     during = window(free_ops, t0, t1)
-    worst = max(op.latency for op in during)
-    assert len(during) > 100 and worst < MAX_LATENCY, (len(during), worst)
+    assert len(during) >= 100, len(during)
     assert any(op.kind == "r" for op in during) and any(op.kind == "w" for op in during)
     if kind == "mirror":
-        wait_until(lambda: cluster.states() == ["in_sync", "in_sync"], "n1 resynced")
-        legs = cluster.status()["root"]["detail"]["legs"]
+        wait_until(lambda: live.states() == ["in_sync", "in_sync"], "n1 resynced")
+        legs = live.status()["root"]["detail"]["legs"]
         assert [leg["missing_regions"] for leg in legs] == [0, 0], legs
     expected = held.apply(free.apply(image, free_ops), held_ops)
-    compare(cluster.read_all(uri), expected, what="array")
-    cluster.daemon.dst("stop", "a")
-    check_members(cluster, kind, ["n0", "n1"], expected)
+    compare(live.read_all(uri), expected, what="array")
+    live.daemon.dst("stop", "a")
+    check_members(live, kind, ["n0", "n1"], expected)
 
 
 # -- replace ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["linear", "stripe", "mirror", "mirror-dead-old"])
-def test_replace_a_node_under_a_client(cluster: Cluster, kind: str) -> None:
+def test_replace_a_node_under_a_client(live: Live, kind: str) -> None:
     """``dst replace`` (waiting) of n1 by a new node, rate limited so the copy takes
     about 2 s under the client; the array then runs on n0 and n2, which hold every
     acknowledged write; restarted from its updated spec it still does."""
     algo = kind.split("-")[0]
-    uri = cluster.create(algo, ["n0", "n1"])
-    cluster.node("n2", algo)
+    uri = live.create(algo, ["n0", "n1"])
+    live.node("n2", algo)
     size = NODE if algo == "mirror" else 2 * NODE
-    image = cluster.fill(uri, size)
-    c = client(cluster, uri, 1, size)
+    image = live.fill(uri, size)
+    c = client(live, uri, 1, size)
     if kind == "mirror-dead-old":
-        cluster.nodes["n1"].stop(signal.SIGKILL)
-        wait_until(lambda: cluster.states()[1] == "failed", "n1 failed")
+        live.c.nodes["n1"].kill()
+        wait_until(lambda: live.states()[1] == "failed", "n1 failed")
     before = c.count()
-    out = cluster.replace("n1", "n2", "--rate", "8M")
+    out = live.replace("n1", "n2", "--rate", "8M")
     assert "n1 replaced by n2" in out, out
     during = c.count() - before
     assert during > 50, f"the client stalled during the replace ({during} requests)"
-    job = cluster.job()
+    job = live.job()
     assert job["state"] == "finished" and job["new"] == "n2", job
     assert job["regions_done"] == job["regions_total"] > 0, job
-    assert cluster.names() == ["n0", "n2"]
+    assert live.names() == ["n0", "n2"]
     c.wait_count(c.count() + 50)  # and after the swap
     expected = c.apply(image, c.finish())
-    compare(cluster.read_all(uri), expected, what="array")
-    cluster.daemon.dst("stop", "a")
-    check_members(cluster, algo, ["n0", "n2"], expected)
-    cluster.daemon.dst("start", "a")  # the spec names n2 now
-    compare(cluster.read_all(uri), expected, what="array restarted")
+    compare(live.read_all(uri), expected, what="array")
+    live.daemon.dst("stop", "a")
+    check_members(live, algo, ["n0", "n2"], expected)
+    live.daemon.dst("start", "a")  # the spec names n2 now
+    compare(live.read_all(uri), expected, what="array restarted")
 
 
 @pytest.mark.parametrize("kind", ["linear", "stripe", "mirror"])
-def test_cancel_a_replace_midway(cluster: Cluster, kind: str) -> None:
+def test_cancel_a_replace_midway(live: Live, kind: str) -> None:
     """A replace at 2 MB/s slowed by ``dst resync-rate`` to 256 KiB/s (it then copies
     at most a few regions in 2.5 s) is cancelled midway: the array goes back to n0 and n1,
     which hold every acknowledged write."""
-    uri = cluster.create(kind, ["n0", "n1"])
-    cluster.node("n2", kind)
+    uri = live.create(kind, ["n0", "n1"])
+    live.node("n2", kind)
     size = NODE if kind == "mirror" else 2 * NODE
-    image = cluster.fill(uri, size)
-    c = client(cluster, uri, 1, size)
-    cluster.replace("n1", "n2", "--no-wait", "--rate", "2M")
-    wait_until(lambda: cluster.job().get("regions_done", 0) >= 1, "copy under way")
-    cluster.daemon.dst("resync-rate", "a", "256K")
-    before = cluster.job()["regions_done"]
+    image = live.fill(uri, size)
+    c = client(live, uri, 1, size)
+    live.replace("n1", "n2", "--no-wait", "--rate", "2M")
+    wait_until(lambda: live.job().get("regions_done", 0) >= 1, "copy under way")
+    live.daemon.dst("resync-rate", "a", "256K")
+    before = live.job()["regions_done"]
     time.sleep(2.5)  # not a synchronisation: a time span the new limit is measured over
-    job = cluster.job()
+    job = live.job()
     assert job["state"] == "copying" and job["regions_done"] < job["regions_total"], job
     # 256 KiB/s for 2.5 s is under one region (1 MiB linear/stripe, 64 KiB mirror); the
     # copies already paced and in flight (up to 8) may still land
     per_region = 64 << 10 if kind == "mirror" else 1 << 20
     assert job["regions_done"] - before <= 8 + (640 << 10) // per_region, (before, job)
     if kind == "mirror":
-        assert cluster.names() == ["n0", "n1", "n2"]  # NEW joined as an extra leg
-    cluster.daemon.dst("cancel-replace", "a")
-    wait_until(lambda: cluster.job()["state"] == "cancelled", "cancelled")
-    assert cluster.job()["regions_done"] < cluster.job()["regions_total"]
-    assert cluster.names() == ["n0", "n1"]
+        assert live.names() == ["n0", "n1", "n2"]  # NEW joined as an extra leg
+    live.daemon.dst("cancel-replace", "a")
+    wait_until(lambda: live.job()["state"] == "cancelled", "cancelled")
+    assert live.job()["regions_done"] < live.job()["regions_total"]
+    assert live.names() == ["n0", "n1"]
     if kind == "mirror":
-        assert cluster.states() == ["in_sync", "in_sync"]
+        assert live.states() == ["in_sync", "in_sync"]
     c.wait_count(c.count() + 50)
     expected = c.apply(image, c.finish())
-    compare(cluster.read_all(uri), expected, what="array")
-    cluster.daemon.dst("stop", "a")
-    check_members(cluster, kind, ["n0", "n1"], expected)
+    compare(live.read_all(uri), expected, what="array")
+    live.daemon.dst("stop", "a")
+    check_members(live, kind, ["n0", "n1"], expected)
 
 
-def test_daemon_killed_mid_mirror_replace_then_assemble(cluster: Cluster, sockdir: Path) -> None:
+def test_daemon_killed_mid_mirror_replace_then_assemble(live: Live) -> None:
     """kill -9 of ``dst daemon`` while n2 is being resynced as n1's replacement under a
     client; ``dst assemble`` of the three members finds n0, n1 and n2 (joining), n2
     converges; every acknowledged write is there and the three data areas agree."""
-    uri = cluster.create("mirror", ["n0", "n1"])
-    cluster.node("n2", "mirror")
-    image = cluster.fill(uri, NODE)
-    c = client(cluster, uri, 1, NODE, read_every=0)
-    cluster.replace("n1", "n2", "--no-wait", "--rate", "2M")
-    wait_until(lambda: cluster.job().get("regions_done", 0) >= 8, "copy under way")
+    uri = live.create("mirror", ["n0", "n1"])
+    live.node("n2", "mirror")
+    image = live.fill(uri, NODE)
+    c = client(live, uri, 1, NODE, read_every=0)
+    live.replace("n1", "n2", "--no-wait", "--rate", "2M")
+    wait_until(lambda: live.job().get("regions_done", 0) >= 8, "copy under way")
     c.wait_count(c.count() + 50)
-    job = cluster.job()
+    job = live.job()
     assert job["state"] == "copying" and job["regions_done"] < job["regions_total"], job
-    cluster.daemon.proc.send_signal(signal.SIGKILL)
-    cluster.daemon.proc.wait()
+    live.daemon.kill()
     ops = c.finish(expect="error")  # its connection died with the daemon
     doubt = c.in_doubt()
-    again = start_daemon(sockdir / "control2.sock", cluster.tmp / "daemon2.stderr")
-    cluster.daemon = again
-    back = sockdir / "back.sock"
-    members = [cluster.nodes[n].uri for n in ("n2", "n0", "n1")]
-    again.dst("assemble", *members, "--name", "a", "--listen", f"unix:{back}")
-    assert cluster.names() == ["n0", "n1", "n2"]
-    wait_until(lambda: cluster.states() == ["in_sync"] * 3, "n2 converged", timeout=60)
+    again = live.daemon = live.c.start_daemon()
+    back = live.c.sock("back")
+    members = [live.c.nodes[n].uri for n in ("n2", "n0", "n1")]
+    out = again.dst("assemble", *members, "--name", "a", "--listen", f"unix:{back}").stdout
+    for uri, role in zip(members, (2, 0, 1), strict=True):  # n2 recorded as joining
+        assert f"{uri}: member {role} of " in out, out
+    assert live.names() == ["n0", "n1", "n2"]
+    wait_until(lambda: live.states() == ["in_sync"] * 3, "n2 converged", timeout=60)
     expected = c.apply(image, ops)
     doubts = [doubt] if doubt else []
-    compare(cluster.read_all(unix_uri(back)), expected, doubts=doubts, what="assembled")
+    compare(live.read_all(live.c.uri("back")), expected, doubts=doubts, what="assembled")
     again.dst("stop", "a")
-    n0 = cluster.leg_data("n0")
+    n0 = live.leg_data("n0")
     compare(n0, expected, doubts=doubts, what="n0")
-    assert cluster.leg_data("n1") == n0 and cluster.leg_data("n2") == n0, "legs differ"
+    assert live.leg_data("n1") == n0 and live.leg_data("n2") == n0, "legs differ"
 
 
-def test_ext4_made_during_a_stripe_replace(cluster: Cluster) -> None:
+def test_ext4_made_during_a_stripe_replace(live: Live) -> None:
     """mkfs.ext4 and files written through nbdfuse while n1 of a stripe is copied to
     n2; after the replace, n0 and n2 destriped are a clean ext4 with the files."""
     require("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount")
     require_root_dev("/dev/fuse", "/dev/loop-control")
-    uri = cluster.create("stripe", ["n0", "n1"])
-    cluster.node("n2", "stripe")
-    cluster.fill(uri, 2 * NODE)
-    cluster.replace("n1", "n2", "--no-wait", "--rate", "1M")
-    wait_until(lambda: cluster.job().get("state") == "copying", "copy under way")
-    digests = ext4_on_nbdfuse(uri, cluster.tmp)
-    job = cluster.job()
+    uri = live.create("stripe", ["n0", "n1"])
+    live.node("n2", "stripe")
+    live.fill(uri, 2 * NODE)
+    live.replace("n1", "n2", "--no-wait", "--rate", "1M")
+    wait_until(lambda: live.job().get("state") == "copying", "copy under way")
+    digests = ext4_on_nbdfuse(uri, live.tmp)
+    job = live.job()
     assert job["state"] == "copying", f"the copy ended before ext4 was written: {job}"
-    cluster.daemon.dst("resync-rate", "a", "0")  # unlimited: finish now
-    wait_until(lambda: cluster.job()["state"] == "finished", "replace finished")
-    cluster.daemon.dst("stop", "a")
-    image = cluster.tmp / "stripe.img"
-    image.write_bytes(destripe([cluster.file("n0"), cluster.file("n2")], CHUNK, 2 * NODE))
-    check_ext4_image(image, digests, cluster.tmp)
+    live.daemon.dst("resync-rate", "a", "0")  # unlimited: finish now
+    wait_until(lambda: live.job()["state"] == "finished", "replace finished")
+    live.daemon.dst("stop", "a")
+    image = live.tmp / "stripe.img"
+    image.write_bytes(destripe([live.file("n0"), live.file("n2")], CHUNK, 2 * NODE))
+    check_ext4_image(image, digests, live.tmp)
 
 
 # -- grow and shrink --------------------------------------------------------------------
 
 
-def test_mirror_grows_to_three_legs_and_back(cluster: Cluster) -> None:
+def test_mirror_grows_to_three_legs_and_back(live: Live) -> None:
     """Under a client: ``dst add`` a third leg (resynced to in_sync), then ``dst
     remove`` the first; the two legs left hold every acknowledged write."""
-    uri = cluster.create("mirror", ["n0", "n1"])
-    cluster.node("n2", "mirror")
-    image = cluster.fill(uri, NODE)
-    c = client(cluster, uri, 1, NODE)
-    cluster.daemon.dst("add", "a", "--uri", cluster.nodes["n2"].uri, "--name", "n2")
-    assert cluster.names() == ["n0", "n1", "n2"]
-    wait_until(lambda: cluster.states() == ["in_sync"] * 3, "n2 in sync")
+    uri = live.create("mirror", ["n0", "n1"])
+    live.node("n2", "mirror")
+    image = live.fill(uri, NODE)
+    c = client(live, uri, 1, NODE)
+    live.daemon.dst("add", "a", "--uri", live.c.nodes["n2"].uri, "--name", "n2")
+    assert live.names() == ["n0", "n1", "n2"]
+    wait_until(lambda: live.states() == ["in_sync"] * 3, "n2 in sync")
     c.wait_count(c.count() + 50)
-    cluster.daemon.dst("remove", "a", "n0")
-    assert cluster.names() == ["n1", "n2"] and cluster.states() == ["in_sync"] * 2
+    live.daemon.dst("remove", "a", "n0")
+    assert live.names() == ["n1", "n2"] and live.states() == ["in_sync"] * 2
     c.wait_count(c.count() + 50)
     expected = c.apply(image, c.finish())
-    run_uri = cluster.read_all(uri)
+    run_uri = live.read_all(uri)
     compare(run_uri, expected, what="array")
-    cluster.daemon.dst("stop", "a")
-    check_members(cluster, "mirror", ["n1", "n2"], expected)
+    live.daemon.dst("stop", "a")
+    check_members(live, "mirror", ["n1", "n2"], expected)
 
 
-def test_stripe_grows_by_a_node(cluster: Cluster) -> None:
+def test_stripe_grows_by_a_node(live: Live) -> None:
     """Under a client: ``dst add`` to a stripe appends n2 as a linear segment; the
     array is 48 MiB to a new connection, a second client fills the new space, and the
     stripe's data stayed in place (no restripe)."""
-    uri = cluster.create("stripe", ["n0", "n1"])
-    cluster.node("n2", "linear")
-    image = cluster.fill(uri, 2 * NODE)
-    c1 = client(cluster, uri, 1, 2 * NODE)
-    cluster.daemon.dst("add", "a", "--uri", cluster.nodes["n2"].uri, "--name", "n2")
-    root = cluster.status()["root"]
+    uri = live.create("stripe", ["n0", "n1"])
+    live.node("n2", "linear")
+    image = live.fill(uri, 2 * NODE)
+    c1 = client(live, uri, 1, 2 * NODE)
+    live.daemon.dst("add", "a", "--uri", live.c.nodes["n2"].uri, "--name", "n2")
+    root = live.status()["root"]
     assert root["type"] == "linear" and [m["name"] for m in root["members"]] == ["t", "n2"]
     assert int(run(["nbdinfo", "--size", uri]).stdout) == 3 * NODE
     c1.wait_count(c1.count() + 50)
     image += bytes(NODE)  # a fresh node reads as zeroes
-    grown = cluster.tmp / "grown.bin"  # not base_path: c1 still reads that
+    grown = live.tmp / "grown.bin"  # not base_path: c1 still reads that
     grown.write_bytes(image)
-    c2 = PatternClient(uri, cluster.tmp, client=2, first=2 * NB, last=3 * NB, read_every=2,
+    c2 = PatternClient(uri, live.tmp, client=2, first=2 * NB, last=3 * NB, read_every=2,
                        base=grown)  # fmt: skip
     c2.wait_count(100)
     ops1: list[Op] = c1.finish()
     expected = c2.apply(c1.apply(image, ops1), c2.finish())
-    compare(cluster.read_all(uri), expected, what="array")
-    cluster.daemon.dst("stop", "a")
-    check_members(cluster, "stripe", ["n0", "n1"], expected[: 2 * NODE])
-    compare(cluster.file("n2"), expected[2 * NODE :], what="n2")
-    cluster.daemon.dst("start", "a")
-    compare(cluster.read_all(uri), expected, what="array restarted")
+    compare(live.read_all(uri), expected, what="array")
+    live.daemon.dst("stop", "a")
+    check_members(live, "stripe", ["n0", "n1"], expected[: 2 * NODE])
+    compare(live.file("n2"), expected[2 * NODE :], what="n2")
+    live.daemon.dst("start", "a")
+    compare(live.read_all(uri), expected, what="array restarted")
 
 
-def test_replace_rate_limits_a_mirror_leg(cluster: Cluster) -> None:
-    """``dst replace --rate 256K`` of a mirror leg: 1 s later at most ~256 KiB copied,
-    the limit being n2's own (the mirror's resync rate, unlimited, is left as it is);
+def test_replace_rate_limits_a_mirror_leg(live: Live) -> None:
+    """``dst replace --rate 256K`` of a mirror leg: about 256 KiB copied per second, the
+    limit being n2's own (the mirror's resync rate, unlimited, is left as it is);
     ``dst resync-rate`` of the array lifts it, and once finished n2's limit is gone."""
-    uri = cluster.create("mirror", ["n0", "n1"])
-    cluster.node("n2", "mirror")
-    cluster.fill(uri, NODE)
-    cluster.replace("n1", "n2", "--no-wait", "--rate", "256K")
-    time.sleep(1.0)  # the window measured
-    job = cluster.job()
-    assert job["state"] == "copying" and job["bytes"] <= MiB, job
-    keeper = cluster.status()["root"]["detail"]["keeper"]
+    uri = live.create("mirror", ["n0", "n1"])
+    live.node("n2", "mirror")
+    live.fill(uri, NODE)
+    t0 = time.monotonic()
+    live.replace("n1", "n2", "--no-wait", "--rate", "256K")
+    time.sleep(1.0)  # let it copy a while
+    job = live.job()
+    elapsed = time.monotonic() - t0
+    # 256 KiB/s over the time it had, plus the regions copied at once (up to 8)
+    assert job["state"] == "copying", job
+    assert job["bytes"] <= (256 << 10) * elapsed + 8 * (64 << 10), (job, elapsed)
+    keeper = live.status()["root"]["detail"]["keeper"]
     assert keeper["leg_limits"] == {"n2": {"max_rate": 256 << 10, "min_rate": None}}, keeper
     assert keeper["resync_limit"] == {"max_rate": None, "min_rate": None}, keeper
-    cluster.daemon.dst("resync-rate", "a", "0")
-    wait_until(lambda: cluster.job()["state"] == "finished", "replace finished")
-    assert cluster.status()["root"]["detail"]["keeper"]["leg_limits"] == {}
+    live.daemon.dst("resync-rate", "a", "0")
+    wait_until(lambda: live.job()["state"] == "finished", "replace finished")
+    assert live.status()["root"]["detail"]["keeper"]["leg_limits"] == {}
 
 
 @pytest.mark.parametrize("node", ["n1", "whole"])
-def test_stop_while_requests_are_held(cluster: Cluster, node: str) -> None:
+def test_stop_while_requests_are_held(live: Live, node: str) -> None:
     """``dst stop`` of an array whose node (or itself) is suspended with a request held
     returns (it used to wait forever for the held request), the daemon then exits on
     SIGTERM, and a restart has every acknowledged write (the held one in doubt)."""
-    uri = cluster.create("linear", ["n0", "n1"])
-    image = cluster.fill(uri, 2 * NODE)
-    c = client(cluster, uri, 1, 2 * NODE, read_every=0, **ranges("linear", 1))
-    cluster.daemon.dst("suspend", "a", *([node] if node != "whole" else []))
+    uri = live.create("linear", ["n0", "n1"])
+    image = live.fill(uri, 2 * NODE)
+    c = client(live, uri, 1, 2 * NODE, read_every=0, **ranges("linear", 1))
+    live.daemon.dst("suspend", "a", *([node] if node != "whole" else []))
     if node == "whole":
-        wait_until(lambda: cluster.status()["held"] == 1, "the request held at the root")
+        wait_until(lambda: live.status()["held"] == 1, "the request held at the root")
     else:
-        wait_until(lambda: cluster.members()[1]["detail"]["held"] == 1, "n1's request held")
-    cluster.daemon.dst("stop", "a")
+        wait_until(lambda: live.members()[1]["detail"]["held"] == 1, "n1's request held")
+    live.daemon.dst("stop", "a")
     ops = c.finish(expect="error")  # the stop ended its connection
     doubt = c.in_doubt()
-    cluster.daemon.dst("start", "a")
+    live.daemon.dst("start", "a")
     expected = c.apply(image, ops)
-    compare(cluster.read_all(uri), expected, doubts=[doubt] if doubt else [], what="array")
+    compare(live.read_all(uri), expected, doubts=[doubt] if doubt else [], what="array")

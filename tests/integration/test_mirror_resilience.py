@@ -1,30 +1,31 @@
-"""Mirror resilience with real processes, second set: what issue 4 lists, each case
-pushed one step further than test_resilience.py.
+"""A mirror's resilience with real processes: crashes, bad members, faults, the operator.
 
-* a node killed twice under a writer, the second time in the middle of a throttled
-  resync: re-added by itself both times, resync resumes, copies only dirty regions;
-* the array daemon killed mid-writes and restarted from the *same spec file* (not
-  assemble): writes the client saw acknowledged survive, only dirty regions resync, an
-  ext4 made before the crash checks clean;
+* a node killed under load, twice, the second time in the middle of a throttled
+  resync: re-added by itself both times, the resync resumes and copies only the regions
+  the leg missed;
+* the array daemon killed mid-writes, brought back either from the *same spec file*
+  or by ``dst assemble`` of the members alone: writes the client saw acknowledged
+  survive, only dirty regions are resynced, an ext4 made before the crash checks clean;
 * split brain made with processes (each leg written while the other was away): refused
   at re-add and at start, until the operator picks a side with ``readd --full``;
-* a member of another array in a spec is refused; a corrupted superblock copy falls
-  back to the other one; both copies corrupted: that leg alone is refused;
-* one nbdkit leg with per-method error triggers (reads, then writes);
-* ``dst fail``/``readd``/``verify`` under a writer, the corruption made through a second
-  NBD connection to the live node.
+* a member of another array is refused by ``dst create`` and ``dst assemble``, naming
+  it; a corrupted superblock copy falls back to the other one; both copies corrupted:
+  that leg alone is refused;
+* one nbdkit leg with per-method error triggers (every read fails, then every write);
+* ``dst fail``/``readd``/``verify --repair`` under a client, the corruption made
+  through a second NBD connection to the live node.
 
-Every test checks every byte of the array and of each leg's data area.
+The client is :class:`~tests.support.pattern_client.PatternClient`: it checks every
+read against the base image or its own writes and logs every acknowledged request, so
+the expected image is known exactly.  Every test checks every byte of the array and of
+each leg's data area.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +33,18 @@ import pytest
 
 from dst.meta.layout import BLOCK, member_size_for, sb_offsets
 from dst.meta.superblock import decode, pick
+from tests.support.cluster import DST, Cluster, Daemon, Node, remote, run, unix_uri, wait_until
+from tests.support.pattern_client import PatternClient, compare
 
 from .arrays import (
-    Daemon,
     check_ext4_image,
     dirty_regions,
     ext4_on_nbdfuse,
+    fill,
     member_data,
-    remote,
-    start_daemon,
-    unix_uri,
-    wait_until,
-    write_spec,
+    read_all,
 )
-from .helpers import Node, nbd_python, nbdsh, require, require_root_dev, run, start_node
-from .writer import PICK, Writer
+from .helpers import nbdsh, require, require_root_dev
 
 pytestmark = pytest.mark.timeout(180)
 MiB = 1 << 20
@@ -55,22 +53,6 @@ DATA = 32 * MiB  # the array's size
 MEMBER = member_size_for(DATA)
 NREGIONS = DATA // REGION
 
-# A writer that records how many of its writes were acknowledged (in a file, after each
-# one), so a crash of the array daemon under it leaves a known set of possible images.
-ACK_WRITER = (
-    PICK
-    + """
-import os, sys
-ack, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-fd = os.open(ack, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-i = 0
-while True:
-    h.pwrite(bytes([i % 251 + 1]) * 4096, pick(i, first, last, 1, 0, 1) * 4096)
-    i += 1
-    os.pwrite(fd, b"%12d" % i, 0)
-"""
-)
-
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -78,18 +60,6 @@ while True:
 def leg_data(path: Path) -> bytes:
     """The array's bytes on the leg whose member file is ``path``."""
     return member_data(path, REGION)[:DATA]
-
-
-def read_all(uri: str, tmp: Path) -> bytes:
-    run(["nbdcopy", uri, tmp / "out.bin"])
-    return (tmp / "out.bin").read_bytes()
-
-
-def fill(uri: str, tmp: Path) -> bytearray:
-    data = os.urandom(DATA)
-    (tmp / "fill.bin").write_bytes(data)
-    run(["nbdcopy", "--flush", tmp / "fill.bin", uri])
-    return bytearray(data)
 
 
 def mirror(daemon: Daemon, name: str) -> dict[str, Any]:
@@ -101,86 +71,83 @@ def states(daemon: Daemon, name: str) -> list[str]:
     return [k["state"] for k in mirror(daemon, name)["members"]]
 
 
-def apply_writes(base: bytearray, first: int, last: int, count: int) -> bytearray:
-    """``base`` after ``count`` writes of ACK_WRITER (the same sequence as Writer's)."""
-    ns: dict[str, Any] = {}
-    exec(PICK, ns)
-    for i in range(count):
-        b = ns["pick"](i, first, last, 1, 0, 1)
-        base[b * BLOCK : (b + 1) * BLOCK] = bytes([i % 251 + 1]) * BLOCK
-    return base
+class Mirrors:
+    """The harness's cluster as these tests use it: nodes ``leg<i>`` of MEMBER bytes
+    (restartable on the same socket and file), a daemon, and mirror arrays (one at a
+    time) exported on one socket."""
 
-
-class Cluster:
-    """``dst serve`` nodes restartable on the same socket and file, and one daemon."""
-
-    def __init__(self, tmp: Path, sockdir: Path) -> None:
-        self.tmp, self.sockdir = tmp, sockdir
-        self.nodes: dict[int, Node] = {}
-        self.daemons = [start_daemon(sockdir / "control.sock", tmp / "daemon.stderr")]
-        self.sock = sockdir / "array.sock"
+    def __init__(self, cluster: Cluster) -> None:
+        require("nbdcopy", "nbdinfo", "nbdsh")
+        self.c, self.tmp = cluster, cluster.work
+        cluster.start_daemon()
+        self.sock = cluster.sock("array")
         self.uri = unix_uri(self.sock)
 
     @property
     def daemon(self) -> Daemon:
-        return self.daemons[-1]
+        return self.c.daemon
+
+    @property
+    def nodes(self) -> dict[int, Node]:
+        return {int(k[3:]): n for k, n in self.c.nodes.items() if k.startswith("leg")}
 
     def node(self, i: int) -> Node:
-        n = start_node(
-            self.tmp / f"leg{i}.img",
-            listen=[f"unix:{self.sockdir}/leg{i}.sock"],
-            args=["--size", str(MEMBER)],
-            stderr_path=self.tmp / f"leg{i}.{time.monotonic_ns()}.stderr",
-        )
-        self.nodes[i] = n
-        return n
+        """Start (or restart) node ``leg<i>``."""
+        return self.c.node(f"leg{i}", MEMBER)
 
     def spec(self, name: str, legs: list[dict[str, Any]], **extra: Any) -> Path:
         target = {"type": "mirror", "name": "m", "members": legs, **extra}
-        return write_spec(self.tmp / f"{name}.toml", name, [f"unix:{self.sock}"], target)
+        return self.c.spec(name, target, listen=[f"unix:{self.sock}"])
 
     def create(self, name: str, legs: list[dict[str, Any]], **extra: Any) -> Path:
         spec = self.spec(name, legs, **extra)
         self.daemon.dst("create", str(spec))
         return spec
 
-    def close(self) -> None:
-        for d in self.daemons:
-            d.stop()
-        for n in self.nodes.values():
-            n.stop()
+    def client(self, first: int, last: int, *, base: Path | None, n: int = 1) -> PatternClient:
+        """A verifying client on blocks [first, last): a read every third request;
+        running (50 requests done) when this returns."""
+        c = PatternClient(self.uri, self.tmp, client=n, first=first, last=last, read_every=3,
+                          base=base)  # fmt: skip
+        c.wait_count(50)
+        return c
 
 
 @pytest.fixture
-def cl(tmp_path: Path, sockdir: Path) -> Iterator[Cluster]:
-    require("nbdcopy", "nbdinfo", "nbdsh")
-    c = Cluster(tmp_path, sockdir)
-    yield c
-    c.close()
+def cl(cluster: Cluster) -> Mirrors:
+    return Mirrors(cluster)
 
 
 def legs_of(*nodes: Node) -> list[dict[str, Any]]:
     return [remote(f"leg{i}", n.uri) for i, n in enumerate(nodes)]
 
 
+def writes(ops: list[Any]) -> int:
+    return sum(1 for op in ops if op.kind == "w")
+
+
 # -- 1. a node killed under load, twice ------------------------------------------------
 
 
 def test_node_killed_twice_under_load_resync_resumes_and_copies_only_dirty_regions(
-    cl: Cluster, tmp_path: Path
+    cl: Mirrors, tmp_path: Path
 ) -> None:
     n0, n1 = cl.node(0), cl.node(1)
-    # Throttled to 4 MiB/s so the resync of a few MiB is long enough to be caught.
-    cl.create("r", legs_of(n0, n1), resync_rate="4M")
-    image = fill(cl.uri, tmp_path)
-    span = 4 * MiB  # the writer's range: 64 regions of the 512
-    w = Writer(cl.uri, tmp_path, first=0, last=span // BLOCK)
-    time.sleep(0.3)
-    n1.stop(signal.SIGKILL)
+    # Throttled to 4 regions/s so that the resync of 16 or more regions is caught midway
+    # however slowly `dst status` answers on a loaded machine.
+    cl.create("r", legs_of(n0, n1), resync_rate="256K")
+    image = fill(cl.uri, tmp_path, DATA)
+    span = 4 * MiB  # the client's range: 64 regions of the 512
+    c = cl.client(0, span // BLOCK, base=tmp_path / "base.bin")
+    n1.kill()
     wait_until(lambda: states(cl.daemon, "r")[1] == "failed", "leg1 failed")
-    time.sleep(1.0)  # degraded: the writer goes on, leg1's misses are recorded
-    missed = mirror(cl.daemon, "r")["detail"]["legs"][1]["missing_regions"]
-    assert 0 < missed <= span // REGION, missed
+    c.wait_count(c.count() + 100)  # degraded: the client goes on, leg1's misses recorded
+
+    def missed() -> int:
+        return int(mirror(cl.daemon, "r")["detail"]["legs"][1]["missing_regions"])
+
+    wait_until(lambda: missed() >= 16, "leg1 missing 16 regions")
+    assert missed() <= span // REGION, missed()
     n1 = cl.node(1)  # back on the same socket and file: re-added by itself
 
     def resyncing_midway() -> bool:
@@ -190,30 +157,31 @@ def test_node_killed_twice_under_load_resync_resumes_and_copies_only_dirty_regio
         return bool(m["members"][1]["state"] == "resyncing" and midway)
 
     wait_until(resyncing_midway, "leg1 resyncing, partly done")
-    n1.stop(signal.SIGKILL)  # killed again in the middle of its resync
+    n1.kill()  # killed again in the middle of its resync
     wait_until(lambda: states(cl.daemon, "r")[1] == "failed", "leg1 failed again")
-    time.sleep(0.5)
+    c.wait_count(c.count() + 50)
     n1 = cl.node(1)
+    cl.daemon.dst("resync-rate", "r", "0")  # unlimited: the rest at once
     wait_until(lambda: states(cl.daemon, "r") == ["in_sync", "in_sync"], "leg1 back in sync")
-    count = w.finish()
-    assert count > 100, count
-    image = apply_writes(image, 0, span // BLOCK, count)
+    ops = c.finish()
+    assert writes(ops) > 100, len(ops)
+    image = c.apply(image, ops)
     m = mirror(cl.daemon, "r")
     keeper, resync = m["detail"]["keeper"], m["detail"]["resync"]
     assert keeper["auto_readds"] >= 2, keeper
-    # The last run copied what leg1 still missed: never more than the writer's 64
+    # The last run copied what leg1 still missed: never more than the client's 64
     # regions, far from the 512 of the device.
     assert 0 < resync["bytes"] <= span < DATA // 4, resync
     assert resync["regions_total"] <= span // REGION, resync
-    assert read_all(cl.uri, tmp_path) == image
+    compare(read_all(cl.uri, tmp_path), image, what="array")
     verify = cl.daemon.dst("verify", "r")
     assert "0 differ" in verify.stdout, verify.stdout
     cl.daemon.dst("stop", "r")
-    assert leg_data(n0.path) == image
-    assert leg_data(n1.path) == image
+    compare(leg_data(n0.path), image, what="leg0")
+    compare(leg_data(n1.path), image, what="leg1")
 
 
-# -- 2. the daemon killed mid-writes, restarted from the same spec ---------------------
+# -- 2. the daemon killed mid-writes, restarted from the spec or assembled --------------
 
 
 def free_run(image: Path) -> tuple[int, int]:
@@ -236,13 +204,19 @@ def free_run(image: Path) -> tuple[int, int]:
     return lo, min(hi, lo + 2 * MiB // BLOCK)
 
 
-def test_daemon_killed_mid_writes_restarted_from_same_spec(
-    cl: Cluster, tmp_path: Path, sockdir: Path
+@pytest.mark.parametrize("restart", ["spec", "assemble"])
+def test_daemon_killed_mid_writes_comes_back_resyncing_only_dirty_regions(
+    cl: Mirrors, tmp_path: Path, restart: str
 ) -> None:
+    """kill -9 of the daemon under a client writing to blocks no file of an ext4 uses;
+    a new daemon brings the array back from the same spec file, or ``dst assemble``
+    from the members alone (in another order): every acknowledged write is there (the
+    one in flight may be), only the regions marked dirty are copied, the filesystem
+    checks clean and the legs agree."""
     require("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "dumpe2fs", "mount")
     require_root_dev("/dev/fuse", "/dev/loop-control")
     n0, n1 = cl.node(0), cl.node(1)
-    # Bits clear after 1 s idle (not 30): the crash then leaves only the writer's
+    # Bits clear after 1 s idle (not 30): the crash then leaves only the client's
     # regions dirty, and that bound is what the test checks.
     spec = cl.create("r", legs_of(n0, n1), clear_delay="1s")
     digests = ext4_on_nbdfuse(cl.uri, tmp_path)
@@ -250,49 +224,37 @@ def test_daemon_killed_mid_writes_restarted_from_same_spec(
     run(["nbdcopy", cl.uri, snap])
     first, last = free_run(snap)
     wait_until(lambda: dirty_regions(n0.path) == 0, "mkfs's regions clean", timeout=20)
-    # Blocks no file uses: the writer can change them and the filesystem stays clean.
+    # Blocks no file uses: the client can change them and the filesystem stays clean.
     assert last - first >= 64, (first, last)
     image = bytearray(snap.read_bytes())
-    ack = tmp_path / "acked"
-    w = subprocess.Popen(
-        [nbd_python(), "-m", "nbd", "-u", cl.uri,
-         "-c", f"import sys; sys.argv = ['w', {str(ack)!r}, '{first}', '{last}']",
-         "-c", ACK_WRITER],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-
-    def acked() -> int:
-        text = ack.read_text() if ack.exists() else ""
-        return int(text) if text.strip() else 0
-
-    wait_until(lambda: acked() >= 300, "300 acknowledged writes")
-    cl.daemon.proc.send_signal(signal.SIGKILL)  # the crash, in the middle of writes
-    cl.daemon.proc.wait()
-    w.wait(timeout=30)
-    assert w.returncode != 0  # it saw its connection drop mid-write
-    count = acked()
+    c = cl.client(first, last, base=snap)
+    c.wait_count(300)
+    cl.daemon.kill()  # the crash, in the middle of writes
+    ops = c.finish(expect="error")  # it saw its connection drop
+    doubt = c.in_doubt()
     dirty = max(dirty_regions(n0.path), dirty_regions(n1.path))
     assert 0 < dirty <= (last - first) * BLOCK // REGION + 1, dirty
-    # A new daemon started with the same spec file brings the array back.
-    cl.daemons.append(start_daemon(sockdir / "control2.sock", tmp_path / "daemon2.stderr", [spec]))
+    if restart == "spec":
+        cl.c.start_daemon(spec)
+    else:
+        again = cl.c.start_daemon()
+        out = again.dst("assemble", n1.uri, n0.uri, "--name", "r", "--listen", f"unix:{cl.sock}")
+        assert "dirty" in out.stdout, out.stdout  # the crash left the members marked dirty
     wait_until(lambda: states(cl.daemon, "r") == ["in_sync", "in_sync"], "legs in sync")
     resync = mirror(cl.daemon, "r")["detail"]["resync"]
     # The crash left both legs marked dirty: those regions (only) are copied.
     assert 0 < resync["bytes"] <= dirty * REGION < DATA // 4, (resync, dirty)
-    # Every acknowledged write is there; the one in flight at the crash may be too.
-    done = bytes(apply_writes(bytearray(image), first, last, count))
-    maybe = bytes(apply_writes(bytearray(image), first, last, count + 1))
     got = read_all(cl.uri, tmp_path)
-    assert got in (done, maybe), "acknowledged writes lost or legs inconsistent"
+    compare(got, c.apply(image, ops), doubts=[doubt] if doubt else [], what="array")
     cl.daemon.dst("stop", "r")
-    assert leg_data(n0.path) == leg_data(n1.path) == got
+    assert leg_data(n0.path) == leg_data(n1.path) == got, "legs differ"
     check_ext4_image(n1.path, digests, tmp_path)
 
 
 # -- 3. stale, diverged, foreign members; a corrupted superblock ------------------------
 
 
-def mixed_members(cl: Cluster) -> subprocess.CompletedProcess[str]:
+def mixed_members(cl: Mirrors) -> subprocess.CompletedProcess[str]:
     """Arrays "one" (leg0, leg1) and "two" (t0, t1), stopped; then a spec "mixed" of
     one's leg0 and two's t1 (named "intruder") created: returns the ``dst create``."""
     nodes = [cl.node(i) for i in range(4)]
@@ -304,10 +266,13 @@ def mixed_members(cl: Cluster) -> subprocess.CompletedProcess[str]:
     return cl.daemon.dst("create", str(cl.spec("mixed", mixed)), check=False)
 
 
-def test_member_of_another_array_is_refused(cl: Cluster) -> None:
+def test_member_of_another_array_is_refused(cl: Mirrors) -> None:
     bad = mixed_members(cl)
     assert bad.returncode != 0, bad.stdout
     assert "different arrays" in bad.stderr, bad.stderr
+    # The operator needs to know which member is foreign and where it comes from.
+    # (The superblock records the mirror's name and the array UUID, not the array's.)
+    assert "(intruder): member of 'm'" in bad.stderr and bad.stderr.count("-") >= 8, bad.stderr
     arrays = cl.daemon.status()["arrays"]
     assert all(a["state"] != "running" for a in arrays if a["name"] == "mixed"), arrays
     # Nothing was written to either member: both arrays start again, in sync.
@@ -316,22 +281,22 @@ def test_member_of_another_array_is_refused(cl: Cluster) -> None:
         assert states(cl.daemon, name) == ["in_sync", "in_sync"], name
         assert cl.daemon.dst("verify", name).returncode == 0
         cl.daemon.dst("stop", name)
+    # dst assemble refuses them too, from NBD URIs and from the member files alike;
+    # two members of one array are accepted, under the leg names they recorded.
+    nodes = cl.nodes
+    for a, b in ((nodes[0].uri, nodes[3].uri), (str(nodes[0].path), str(nodes[3].path))):
+        mixed = run([*DST, "assemble", a, b, "--dry-run"], check=False)
+        assert mixed.returncode != 0 and "different arrays" in mixed.stderr, mixed
+    for a, b in ((nodes[3].uri, nodes[2].uri), (str(nodes[3].path), str(nodes[2].path))):
+        ok = run([*DST, "assemble", a, b, "--dry-run"])
+        assert '"t0"' in ok.stdout and '"t1"' in ok.stdout, ok.stdout
 
 
-def test_member_of_another_array_refusal_names_the_member(cl: Cluster) -> None:
-    bad = mixed_members(cl)
-    assert bad.returncode != 0
-    # The operator needs to know which member is foreign and where it comes from.
-    # (The superblock records the mirror's name and the array UUID, not the array's.)
-    err = bad.stderr
-    assert "(intruder): member of 'm'" in err and err.count("-") >= 8, err
-
-
-def test_mirror_starts_degraded_with_a_node_down_and_readds_it(cl: Cluster, tmp_path: Path) -> None:
+def test_mirror_starts_degraded_with_a_node_down_and_readds_it(cl: Mirrors, tmp_path: Path) -> None:
     """Semantics 3 and the keeper's periodic retry for a leg never opened."""
     n0, n1 = cl.node(0), cl.node(1)
     cl.create("r", legs_of(n0, n1))
-    image = fill(cl.uri, tmp_path)
+    image = fill(cl.uri, tmp_path, DATA)
     cl.daemon.dst("stop", "r")
     n1.stop()
     cl.daemon.dst("start", "r")  # degraded, not down
@@ -347,11 +312,11 @@ def test_mirror_starts_degraded_with_a_node_down_and_readds_it(cl: Cluster, tmp_
 
 
 def test_old_member_returning_after_its_replacement_is_not_silently_merged(
-    cl: Cluster, tmp_path: Path
+    cl: Mirrors, tmp_path: Path
 ) -> None:
     n0, n1, x = cl.node(0), cl.node(1), cl.node(2)
     cl.create("r", legs_of(n0, n1))
-    base = fill(cl.uri, tmp_path)
+    base = fill(cl.uri, tmp_path, DATA)
     a, b = 3 * REGION, 7 * REGION
     cl.daemon.dst("fail", "r", "leg1")
     nbdsh(cl.uri, f"h.pwrite(b'A' * 4096, {a}); h.flush()")  # leg0 only
@@ -377,13 +342,13 @@ def test_old_member_returning_after_its_replacement_is_not_silently_merged(
 
 
 def test_split_brain_is_refused_until_the_operator_picks_a_side(
-    cl: Cluster, tmp_path: Path
+    cl: Mirrors, tmp_path: Path
 ) -> None:
     """Process level: leg1 taken out, leg0 written alone; then the array restarted with
     leg0's node down, so leg1 is written alone; then both are present."""
     n0, n1 = cl.node(0), cl.node(1)
     cl.create("r", legs_of(n0, n1))
-    base = fill(cl.uri, tmp_path)
+    base = fill(cl.uri, tmp_path, DATA)
     a, b = 3 * REGION, 7 * REGION  # a: written on leg0 only; b: on leg1 only
     cl.daemon.dst("fail", "r", "leg1")
     nbdsh(cl.uri, f"h.pwrite(b'A' * 4096, {a}); h.flush()")
@@ -463,10 +428,10 @@ def valid_slots(path: Path) -> list[bool]:
     return out
 
 
-def test_corrupted_superblock_copy_falls_back_to_the_other(cl: Cluster, tmp_path: Path) -> None:
+def test_corrupted_superblock_copy_falls_back_to_the_other(cl: Mirrors, tmp_path: Path) -> None:
     n0, n1 = cl.node(0), cl.node(1)
     cl.create("r", legs_of(n0, n1))
-    image = fill(cl.uri, tmp_path)
+    image = fill(cl.uri, tmp_path, DATA)
     for i, newest in ((1, True), (0, False), (0, True)):
         cl.daemon.dst("stop", "r")
         cl.nodes[i].stop()
@@ -504,98 +469,93 @@ def test_corrupted_superblock_copy_falls_back_to_the_other(cl: Cluster, tmp_path
 
 
 def test_nbdkit_leg_read_errors_retried_write_errors_degrade_readd_copies_missed(
-    cl: Cluster, tmp_path: Path, sockdir: Path
+    cl: Mirrors, tmp_path: Path
 ) -> None:
     require("nbdkit")
     n0 = cl.node(0)
     rd, wr = tmp_path / "reads.fail", tmp_path / "writes.fail"
-    kit_sock = sockdir / "kit.sock"
-    kit = subprocess.Popen(
-        ["nbdkit", "--foreground", "-U", str(kit_sock), "--filter=error", "memory",
-         str(MEMBER), "error-pread-rate=50%", f"error-pread-file={rd}",
+    kit = cl.c.server(
+        "kit",
+        ["nbdkit", "--foreground", "-U", str(cl.c.sockets / "kit.sock"), "--filter=error",
+         "memory", str(MEMBER), "error-pread-rate=100%", f"error-pread-file={rd}",
          "error-pwrite-rate=100%", f"error-pwrite-file={wr}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    try:
-        wait_until(kit_sock.exists, "nbdkit socket")
-        kit_uri = unix_uri(kit_sock)
-        cl.create("r", [remote("good", n0.uri), remote("kit", kit_uri)])
-        image = fill(cl.uri, tmp_path)
-        # Half the reads of the kit leg fail: the client sees none, every byte right.
-        rd.touch()
-        for _ in range(3):
-            assert read_all(cl.uri, tmp_path) == image
-        legs = mirror(cl.daemon, "r")["detail"]["legs"]
-        assert legs[1]["counters"]["errors"] > 0, legs[1]
-        assert states(cl.daemon, "r") == ["in_sync", "in_sync"]  # reads do not fail it
-        rd.unlink()
-        run(["nbdcopy", kit_uri, tmp_path / "kit.bin"])  # its copy is still whole
-        assert (tmp_path / "kit.bin").read_bytes()[:DATA] == image
-        # Every write to the kit leg fails: it is failed, the writer goes on.
-        wr.touch()
-        w = Writer(cl.uri, tmp_path, first=0, last=MiB // BLOCK)  # 16 regions
-        wait_until(lambda: states(cl.daemon, "r")[1] == "failed", "kit leg failed")
-        time.sleep(0.5)
-        count = w.finish()  # no error: the good leg took every write
-        image = w.apply(image, count)
-        leg = mirror(cl.daemon, "r")["detail"]["legs"][1]
-        assert leg["reason"] and 0 < leg["missing_regions"] <= 16, leg
-        assert read_all(cl.uri, tmp_path) == image  # reads now avoid the kit leg
-        wr.unlink()
-        time.sleep(1.5)  # failed by errors on a live connection: left to the operator
-        assert states(cl.daemon, "r") == ["in_sync", "failed"]
-        out = cl.daemon.dst("readd", "r", "kit").stdout
-        assert "re-added" in out, out
-        wait_until(lambda: states(cl.daemon, "r") == ["in_sync", "in_sync"], "kit resynced")
-        resync = mirror(cl.daemon, "r")["detail"]["resync"]
-        assert 0 < resync["bytes"] <= 16 * REGION, resync  # what it missed, not 32 MiB
-        run(["nbdcopy", kit_uri, tmp_path / "kit.bin"])
-        assert (tmp_path / "kit.bin").read_bytes()[:DATA] == image
-        assert cl.daemon.dst("verify", "r").returncode == 0
-        cl.daemon.dst("stop", "r")
-        assert leg_data(n0.path) == image
-    finally:
-        cl.daemon.dst("stop", "r", check=False)  # nbdkit waits for its clients to go
-        kit.terminate()
-        kit.wait(timeout=20)
+    cl.create("r", [remote("good", n0.uri), remote("kit", kit.uri)])
+    image = fill(cl.uri, tmp_path, DATA)
+    # Every read of the kit leg fails: the client sees none, every byte right.
+    rd.touch()
+    for _ in range(3):  # reads are balanced: some go to the failing leg
+        compare(read_all(cl.uri, tmp_path), image, what="array")
+    legs = mirror(cl.daemon, "r")["detail"]["legs"]
+    assert legs[1]["counters"]["errors"] > 0, legs[1]
+    assert states(cl.daemon, "r") == ["in_sync", "in_sync"]  # reads do not fail it
+    rd.unlink()
+    run(["nbdcopy", kit.uri, tmp_path / "kit.bin"])  # its copy is still whole
+    assert (tmp_path / "kit.bin").read_bytes()[:DATA] == image
+    # Every write to the kit leg fails: it is failed, the client goes on.
+    wr.touch()
+    c = cl.client(0, MiB // BLOCK, base=tmp_path / "base.bin")  # 16 regions
+    wait_until(lambda: states(cl.daemon, "r")[1] == "failed", "kit leg failed")
+    c.wait_count(c.count() + 50)
+    ops = c.finish()  # no error: the good leg took every write
+    image = c.apply(image, ops)
+    leg = mirror(cl.daemon, "r")["detail"]["legs"][1]
+    assert leg["reason"] and 0 < leg["missing_regions"] <= 16, leg
+    compare(read_all(cl.uri, tmp_path), image, what="array")  # reads now avoid the kit leg
+    wr.unlink()
+    time.sleep(1.5)  # the window observed: a leg failed by errors on a live connection
+    assert states(cl.daemon, "r") == ["in_sync", "failed"]  # is left to the operator
+    out = cl.daemon.dst("readd", "r", "kit").stdout
+    assert "re-added" in out, out
+    wait_until(lambda: states(cl.daemon, "r") == ["in_sync", "in_sync"], "kit resynced")
+    resync = mirror(cl.daemon, "r")["detail"]["resync"]
+    assert 0 < resync["bytes"] <= 16 * REGION, resync  # what it missed, not 32 MiB
+    run(["nbdcopy", kit.uri, tmp_path / "kit.bin"])
+    assert (tmp_path / "kit.bin").read_bytes()[:DATA] == image
+    verify = cl.daemon.dst("verify", "r")
+    assert "0 differ" in verify.stdout, verify.stdout
+    cl.daemon.dst("stop", "r")
+    compare(leg_data(n0.path), image, what="good")
 
 
-# -- 5. the CLI under a writer; corruption through a second connection ------------------
+# -- 5. the CLI under a client; corruption through a second connection ------------------
 
 
-def test_cli_fail_readd_verify_repair_under_a_writer(cl: Cluster, tmp_path: Path) -> None:
+def test_cli_fail_readd_verify_repair_under_a_client(cl: Mirrors, tmp_path: Path) -> None:
     n0, n1 = cl.node(0), cl.node(1)
     cl.create("r", legs_of(n0, n1))
-    image = fill(cl.uri, tmp_path)
-    span = 2 * MiB // BLOCK  # the writer keeps to regions 0-31
-    w = Writer(cl.uri, tmp_path, first=0, last=span)
-    time.sleep(0.3)
+    image = fill(cl.uri, tmp_path, DATA)
+    span = 2 * MiB // BLOCK  # the client keeps to regions 0-31
+    c = cl.client(0, span, base=tmp_path / "base.bin")
     cl.daemon.dst("fail", "r", "leg1")
     assert states(cl.daemon, "r") == ["in_sync", "failed"]
-    time.sleep(0.7)
+    assert mirror(cl.daemon, "r")["detail"]["keeper"]["manual"] == [1]
+    c.wait_count(c.count() + 100)  # writes leg1 misses
+    time.sleep(1.5)  # the window observed: a leg failed by the operator ...
+    assert states(cl.daemon, "r") == ["in_sync", "failed"]  # ... is not re-added by itself
     missed = mirror(cl.daemon, "r")["detail"]["legs"][1]["missing_regions"]
     assert 0 < missed <= 32, missed
     out = cl.daemon.dst("readd", "r", "leg1").stdout
-    assert "re-added" in out or "resyncing" in out, out
+    m = re.fullmatch(r"leg1: re-added \(\S+\), resyncing (\d+) regions\n", out)
+    assert m and missed <= int(m.group(1)) <= 32, out
     wait_until(lambda: states(cl.daemon, "r") == ["in_sync", "in_sync"], "leg1 resynced")
     resync = mirror(cl.daemon, "r")["detail"]["resync"]
     assert 0 < resync["bytes"] <= 32 * REGION, resync
     # Bit rot on leg1, written through a second NBD connection to its live node (the
-    # array does not see it), in regions the writer does not touch.
+    # array does not see it), in regions the client does not touch.
     rot = (100, 200, NREGIONS - 1)
     nbdsh(n1.uri, "".join(f"h.pwrite(b'rot', {r * REGION + 777})\n" for r in rot) + "h.flush()")
-    bad = cl.daemon.dst("verify", "r", check=False)  # the writer still runs
+    bad = cl.daemon.dst("verify", "r", check=False)  # the client still runs
     assert bad.returncode == 1, bad
     assert f"{len(rot)} differ" in bad.stdout, bad.stdout
     found = {int(x) for x in re.findall(r"\d+", bad.stdout.split("differ", 1)[1])}
-    assert set(rot) <= found, bad.stdout
+    assert found == set(rot), bad.stdout
     fixed = cl.daemon.dst("verify", "r", "--repair", "--source", "leg0")
     assert f"{len(rot)} repaired" in fixed.stdout, fixed.stdout
     again = cl.daemon.dst("verify", "r")
     assert again.returncode == 0 and "0 differ" in again.stdout, again.stdout
-    count = w.finish()
-    image = w.apply(image, count)
-    assert read_all(cl.uri, tmp_path) == image
+    image = c.apply(image, c.finish())
+    compare(read_all(cl.uri, tmp_path), image, what="array")
     cl.daemon.dst("stop", "r")
-    assert leg_data(n0.path) == image
-    assert leg_data(n1.path) == image
+    compare(leg_data(n0.path), image, what="leg0")
+    compare(leg_data(n1.path), image, what="leg1")

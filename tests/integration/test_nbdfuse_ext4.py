@@ -11,18 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cluster import Cluster
+
 from .arrays import check_ext4_image, ext4_on_nbdfuse
-from .conftest import NodeFactory
 from .helpers import nbdsh, require, require_root_dev
 
 MiB = 1 << 20
 
 
 @pytest.mark.slow
-def test_nbdfuse_loop_mounted_ext4(node_factory: NodeFactory, tmp_path: Path) -> None:
+def test_nbdfuse_loop_mounted_ext4(cluster: Cluster, tmp_path: Path) -> None:
     require("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount", "umount")
     require_root_dev("/dev/fuse", "/dev/loop-control")
-    node = node_factory(size="128M")
+    node = cluster.node("node", "128M")
     digests = ext4_on_nbdfuse(node.uri, tmp_path)
     # Everything reached the node: its backing file is the same clean filesystem.
     nbdsh(node.uri, "h.flush()")

@@ -13,9 +13,9 @@ import pytest
 
 from dst import __version__
 from dst.meta.layout import member_size_for
+from tests.support.cluster import DST, Cluster, Node, run, start_node
 
-from .conftest import NodeFactory
-from .helpers import DST, Node, nbdsh, require, require_root_dev, run, start_node
+from .helpers import nbdsh, require, require_root_dev
 
 MiB = 1 << 20
 
@@ -89,22 +89,24 @@ def test_port_in_use(tcp_node: Node, tmp_path: Path) -> None:
     assert "in use" in line.lower() or port in line
 
 
-def test_size_creates_sparse_and_extends_empty(node_factory: NodeFactory, tmp_path: Path) -> None:
-    node = node_factory(size="1G")
+def test_size_creates_sparse_and_extends_empty(cluster: Cluster, tmp_path: Path) -> None:
+    node = cluster.node("node", "1G")
     assert node.path.stat().st_size == 1 << 30
     assert node.path.stat().st_blocks == 0
     empty = tmp_path / "empty.img"
     empty.touch()
-    node2 = node_factory(size="8M", path=empty)
+    node2 = cluster.node("node2", "8M", path=empty)
     assert empty.stat().st_size == 8 * MiB
     assert nbdsh(node2.uri, "print(h.get_size())").strip() == str(8 * MiB)
 
 
-def test_unix_and_tcp_at_once(node_factory: NodeFactory, sockdir: Path) -> None:
+def test_unix_and_tcp_at_once(cluster: Cluster, sock_dir: Path) -> None:
     require("nbdinfo")
-    node = node_factory(listen=[f"unix:{sockdir}/a.sock", "tcp", "tcp"], args=["--name", "x"])
+    node = cluster.node(
+        "node", "64M", listen=[f"unix:{sock_dir}/a.sock", "tcp", "tcp"], args=["--name", "x"]
+    )
     assert len(node.uris) == 3
-    assert node.uris[0] == f"nbd+unix:///x?socket={sockdir}/a.sock"
+    assert node.uris[0] == f"nbd+unix:///x?socket={sock_dir}/a.sock"
     assert node.uris[1].startswith("nbd://127.0.0.1:") and node.uris[1].endswith("/x")
     assert node.uris[1] != node.uris[2]
     nbdsh(node.uris[1], "h.pwrite(b'\\x07' * 512, 512); h.flush()")
@@ -115,19 +117,19 @@ def test_unix_and_tcp_at_once(node_factory: NodeFactory, sockdir: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_cleanly(node_factory: NodeFactory, sig: int) -> None:
-    node = node_factory()
+def test_signal_stops_cleanly(cluster: Cluster, sig: int) -> None:
+    node = cluster.node("node", "64M")
     nbdsh(node.uri, "h.pwrite(b'\\x01' * 4096, 0)")
     assert node.stop(sig) == 0
     assert "Traceback" not in node.stderr()
     assert node.path.read_bytes()[:4096] == b"\x01" * 4096
 
 
-def test_dst_up_default_demo_cluster(tmp_path: Path, sockdir: Path) -> None:
+def test_dst_up_default_demo_cluster(tmp_path: Path, sock_dir: Path) -> None:
     """``dst up`` makes two sparse 1 GiB node files, serves a mirror over them, stops on
     SIGTERM.  (tests/integration/test_up.py drives it end to end.)"""
     data = tmp_path / "work" / "dst-data"
-    sock, control = sockdir / "up.sock", sockdir / "control.sock"
+    sock, control = sock_dir / "up.sock", sock_dir / "control.sock"
     proc = subprocess.Popen(
         [*DST, "up", "--dir", str(data), "--listen", f"unix:{sock}", "--control", str(control)],
         stdout=subprocess.PIPE,
@@ -159,10 +161,10 @@ def test_start_node_reports_early_exit(tmp_path: Path) -> None:
         start_node(tmp_path / "missing.img", listen=["tcp"], stderr_path=tmp_path / "e")
 
 
-def test_sigterm_under_load_exits_cleanly(node_factory: NodeFactory) -> None:
+def test_sigterm_under_load_exits_cleanly(cluster: Cluster) -> None:
     """SIGTERM while a client is writing: in-flight requests finish, exit status 0."""
     require("fio")
-    node = node_factory()
+    node = cluster.node("node", "64M")
     fio = subprocess.Popen(
         [
             "fio",
@@ -194,7 +196,7 @@ def test_sigterm_under_load_exits_cleanly(node_factory: NodeFactory) -> None:
             fio.wait()
 
 
-def test_serves_a_block_device(node_factory: NodeFactory, tmp_path: Path) -> None:
+def test_serves_a_block_device(cluster: Cluster, tmp_path: Path) -> None:
     """A loop device as the backing store: size from the device, data lands on it."""
     require("losetup", "nbdsh")
     require_root_dev("/dev/loop-control")
@@ -203,7 +205,7 @@ def test_serves_a_block_device(node_factory: NodeFactory, tmp_path: Path) -> Non
         f.truncate(16 * MiB)
     dev = run(["losetup", "-f", "--show", backing]).stdout.strip()
     try:
-        node = node_factory(size=None, path=Path(dev))
+        node = cluster.node("node", None, path=Path(dev))
         script = "h.pwrite(b'\\xee' * 8192, 4096, nbd.CMD_FLAG_FUA)\nprint(h.get_size())"
         out = nbdsh(node.uri, script)
         assert out.strip() == str(16 * MiB)

@@ -16,35 +16,26 @@ import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dst.meta.layout import member_size_for
 from dst.net.tls import PSK_SUPPORTED
-
-from .arrays import (
-    accepts,
-    check_ext4_image,
-    ext4_on_nbdfuse,
+from tests.support.cluster import (
+    DST,
+    Cluster,
+    Node,
+    nbd_python,
     remote,
-    start_daemon,
+    run,
     toml_value,
     wait_until,
     write_spec,
 )
-from .conftest import NodeFactory
-from .helpers import (
-    DST,
-    Node,
-    nbd_python,
-    random_file,
-    require,
-    require_root_dev,
-    run,
-    sha256_file,
-)
+
+from .arrays import check_ext4_image, ext4_on_nbdfuse
+from .helpers import random_file, require, require_root_dev, sha256_file
 
 MiB = 1 << 20
 IHAVEOPT, STARTTLS = 0x49484156454F5054, 5
@@ -77,12 +68,12 @@ def nbdsh_tls(uri: str, script: str) -> str:
     return run([nbd_python(), "-m", "nbd", "-c", connect, "-c", script]).stdout
 
 
-def tls_node(node_factory: NodeFactory, pki: Path, tmp_path: Path) -> tuple[Node, Path]:
+def tls_node(cluster: Cluster, pki: Path, tmp_path: Path) -> tuple[Node, Path]:
     """A TLS-only dst node admitting CN=user and CN=array: (the node, its ACL file)."""
     acl = tmp_path / "node.acl"
     acl.write_text('allow dn="CN=user,O=dst"\nallow dn="CN=array,O=dst"\n')
     args = ["--tls", "require", "--tls-certificates", str(pki / "node"), "--tls-verify-peer"]
-    node = node_factory(listen=["tcp"], args=[*args, "--acl", str(acl)])
+    node = cluster.node("node", "64M", listen=["tcp"], args=[*args, "--acl", str(acl)])
     assert node.uri.startswith("nbds://127.0.0.1:"), node.uri
     return node, acl
 
@@ -111,9 +102,9 @@ STARTTLS_OPT = struct.pack(">QII", IHAVEOPT, STARTTLS, 0)
 ACK = struct.pack(">QIII", 0x3E889045565A9, STARTTLS, 1, 0)
 
 
-def test_dst_serve_with_real_clients(node_factory: NodeFactory, pki: Path, tmp_path: Path) -> None:
+def test_dst_serve_with_real_clients(cluster: Cluster, pki: Path, tmp_path: Path) -> None:
     require("nbdinfo", "nbdcopy", "nbdsh", "qemu-img")
-    node, acl = tls_node(node_factory, pki, tmp_path)
+    node, acl = tls_node(cluster, pki, tmp_path)
     uri, port = node.uri, port_of(node.uri)
     user = nbds(uri, pki / "user")
     info = json.loads(run(["nbdinfo", "--json", user]).stdout)
@@ -152,9 +143,7 @@ def test_dst_serve_with_real_clients(node_factory: NodeFactory, pki: Path, tmp_p
     assert "TLS handshake failed" in err and "Traceback" not in err
 
 
-def test_plaintext_beyond_loopback_needs_saying_so(
-    node_factory: NodeFactory, tmp_path: Path
-) -> None:
+def test_plaintext_beyond_loopback_needs_saying_so(cluster: Cluster, tmp_path: Path) -> None:
     cmd = [*DST, "serve", str(tmp_path / "d.img"), "--size", "1M"]
     refused = run([*cmd, "--listen", "0.0.0.0:0"], check=False)
     assert refused.returncode == 2
@@ -167,25 +156,12 @@ def test_plaintext_beyond_loopback_needs_saying_so(
         assert "Python 3.13" in no_psk.stderr
     nocreds = run([*cmd, "--tls", "require"], check=False)
     assert nocreds.returncode == 2 and "certificates directory" in nocreds.stderr
-    node = node_factory(listen=["0.0.0.0:0"], args=["--tls", "off"])
+    node = cluster.node("open", "64M", listen=["0.0.0.0:0"], args=["--tls", "off"])
     assert node.uri.startswith("nbd://0.0.0.0:")
 
 
-def _serve(cmd: list[str], sock: Path, tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
-    err = open(tmp_path / f"{name}.stderr", "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    err.close()
-
-    def up() -> bool:
-        assert proc.poll() is None, (tmp_path / f"{name}.stderr").read_text()
-        return accepts(sock)
-
-    wait_until(up, f"{name} to listen")
-    return proc
-
-
 @pytest.fixture
-def third_party_members(pki: Path, tmp_path: Path, sockdir: Path) -> Iterator[dict[str, Path]]:
+def third_party_members(pki: Path, tmp_path: Path, cluster: Cluster) -> dict[str, Path]:
     """nbdkit --tls=require and qemu-nbd with tls-creds, both verifying client
     certificates, each on a 64 MiB file: {name: (socket, file)}."""
     require("nbdkit", "qemu-nbd")
@@ -193,36 +169,24 @@ def third_party_members(pki: Path, tmp_path: Path, sockdir: Path) -> Iterator[di
     for f in (k_img, q_img):
         with open(f, "wb") as fh:
             fh.truncate(64 * MiB)
-    k_sock, q_sock = sockdir / "k.sock", sockdir / "q.sock"
+    k_sock, q_sock = cluster.sockets / "k.sock", cluster.sockets / "q.sock"
     nbdkit = ["nbdkit", "-f", "-U", str(k_sock), "--tls=require"]
     nbdkit += [f"--tls-certificates={pki / 'node'}", "--tls-verify-peer", "file", str(k_img)]
     creds = f"tls-creds-x509,id=tls0,dir={pki / 'node'},endpoint=server,verify-peer=on"
     qemu = ["qemu-nbd", "--object", creds, "--tls-creds", "tls0", "-f", "raw", "-t"]
     qemu += ["--shared=8", "-k", str(q_sock), str(q_img)]
-    procs = [_serve(nbdkit, k_sock, tmp_path, "nbdkit"), _serve(qemu, q_sock, tmp_path, "qemu")]
-    try:
-        yield {"k_sock": k_sock, "k_img": k_img, "q_sock": q_sock, "q_img": q_img}
-    finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    cluster.server("nbdkit", nbdkit, sock=k_sock)  # stopped by the cluster, after the array
+    cluster.server("qemu", qemu, sock=q_sock)
+    return {"k_sock": k_sock, "k_img": k_img, "q_sock": q_sock, "q_img": q_img}
 
 
 def test_array_over_tls_members(
-    node_factory: NodeFactory,
-    third_party_members: dict[str, Path],
-    pki: Path,
-    tmp_path: Path,
-    sockdir: Path,
+    cluster: Cluster, third_party_members: dict[str, Path], pki: Path, tmp_path: Path
 ) -> None:
     """A mirror over a dst node, nbdkit and qemu-nbd, all nbds:// with the array's
     certificate, exported over TLS to verified users only; data checked on every leg."""
     require("nbdcopy")
-    node, _ = tls_node(node_factory, pki, tmp_path)
+    node, _ = tls_node(cluster, pki, tmp_path)
     m = third_party_members
     array_creds = pki / "array"
     legs = [
@@ -230,87 +194,85 @@ def test_array_over_tls_members(
         remote("nbdkit", nbds(f"nbds+unix:///?socket={m['k_sock']}", array_creds)),
         remote("qemu", nbds(f"nbds+unix:///?socket={m['q_sock']}", array_creds)),
     ]
-    sock = sockdir / "array.sock"
+    sock = cluster.sock("array")
     acl = tmp_path / "array.acl"
     acl.write_text('allow dn="CN=user,O=dst"\n')
     target = {"type": "mirror", "name": "m", "members": legs, "metadata": False}
     spec = write_spec(tmp_path / "tls.toml", "secure", [f"unix:{sock}"], target)
     tls = {"certificates": str(array_creds), "verify_peer": True}
     spec.write_text(spec.read_text() + f"tls = {toml_value(tls)}\nacl = {toml_value(str(acl))}\n")
-    daemon = start_daemon(sockdir / "control.sock", tmp_path / "daemon.stderr")
+    daemon = cluster.start_daemon()
+    created = daemon.dst("create", str(spec)).stdout
+    assert f"nbds+unix:///?socket={sock}" in created, created
+    export = nbds(f"nbds+unix:///?socket={sock}", pki / "user")
+    data = tmp_path / "data.bin"
+    random_file(data, 8 * MiB)
+    run(["nbdcopy", data, export])
+    back = tmp_path / "back.bin"
+    run(["nbdcopy", export, back])
+    with open(back, "rb") as f:
+        assert f.read(8 * MiB) == data.read_bytes()
+    assert back.stat().st_size == 64 * MiB
+
+    # dst status, while a verified user is connected: both hops, their identities
+    script = "import sys; print('connected', flush=True); sys.stdin.read()"
+    connect = f"h.set_uri_allow_local_file(True); h.connect_uri({export!r})"
+    holder = subprocess.Popen(
+        [nbd_python(), "-m", "nbd", "-c", connect, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        created = daemon.dst("create", str(spec)).stdout
-        assert f"nbds+unix:///?socket={sock}" in created, created
-        export = nbds(f"nbds+unix:///?socket={sock}", pki / "user")
-        data = tmp_path / "data.bin"
-        random_file(data, 8 * MiB)
-        run(["nbdcopy", data, export])
-        back = tmp_path / "back.bin"
-        run(["nbdcopy", export, back])
-        with open(back, "rb") as f:
-            assert f.read(8 * MiB) == data.read_bytes()
-        assert back.stat().st_size == 64 * MiB
-
-        # dst status, while a verified user is connected: both hops, their identities
-        script = "import sys; print('connected', flush=True); sys.stdin.read()"
-        connect = f"h.set_uri_allow_local_file(True); h.connect_uri({export!r})"
-        holder = subprocess.Popen(
-            [nbd_python(), "-m", "nbd", "-c", connect, "-c", script],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert holder.stdout is not None and holder.stdout.readline() == "connected\n"
-            (array,) = daemon.status("secure")["arrays"]
-            table = daemon.dst("status", "secure").stdout
-        finally:
-            holder.communicate("", timeout=30)
-        (client,) = array["clients"]
-        assert client["tls"]["peer"] == "CN=user,O=dst" and client["state"] == "transmission"
-        for leg in array["root"]["members"]:
-            assert leg["state"] == "in_sync"
-            assert leg["detail"]["tls"]["peer"] == "CN=node,O=dst", leg
-        assert "client unix: TLSv1." in table and "CN=user,O=dst" in table
-
-        # a plaintext client of the array, and another user, get nothing
-        assert run(["nbdinfo", f"nbd+unix:///?socket={sock}"], check=False).returncode != 0
-        intruder = nbds(f"nbds+unix:///?socket={sock}", pki / "intruder")
-        assert run(["nbdinfo", intruder], check=False).returncode != 0
-        # dst reload: the ACL file again (a bad one is refused, the old rules stay)
-        reloaded = daemon.dst("reload", "secure").stdout
-        assert reloaded == f"secure: reloaded 1 ACL rules from {acl}, TLS require\n"
-        acl.write_text("allow dn=\n")
-        broken = daemon.dst("reload", check=False)
-        assert broken.returncode != 0 and f"{acl}:1: empty dn=" in broken.stderr
-        assert broken.stderr.count("\n") == 1
-        daemon.dst("stop", "secure")
-        for leg_file in (node.path, m["k_img"], m["q_img"]):
-            with open(leg_file, "rb") as f:
-                head = f.read(8 * MiB)
-            assert head == data.read_bytes(), leg_file
-
-        # a member named without TLS: a clear error, naming it
-        plain = [remote("dst", node.uri.replace("nbds://", "nbd://"))]
-        target = {"type": "linear", "name": "l", "members": plain}
-        bad = write_spec(tmp_path / "plain.toml", "plain", [], target)
-        refused = daemon.dst("create", str(bad), check=False)
-        assert refused.returncode != 0 and "requires TLS (use an nbds:// URI)" in refused.stderr
-        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert holder.stdout is not None and holder.stdout.readline() == "connected\n"
+        (array,) = daemon.status("secure")["arrays"]
+        table = daemon.dst("status", "secure").stdout
     finally:
-        assert daemon.stop() == 0
+        holder.communicate("", timeout=30)
+    (client,) = array["clients"]
+    assert client["tls"]["peer"] == "CN=user,O=dst" and client["state"] == "transmission"
+    for leg in array["root"]["members"]:
+        assert leg["state"] == "in_sync"
+        assert leg["detail"]["tls"]["peer"] == "CN=node,O=dst", leg
+    assert "client unix: TLSv1." in table and "CN=user,O=dst" in table
+
+    # a plaintext client of the array, and another user, get nothing
+    assert run(["nbdinfo", f"nbd+unix:///?socket={sock}"], check=False).returncode != 0
+    intruder = nbds(f"nbds+unix:///?socket={sock}", pki / "intruder")
+    assert run(["nbdinfo", intruder], check=False).returncode != 0
+    # dst reload: the ACL file again (a bad one is refused, the old rules stay)
+    reloaded = daemon.dst("reload", "secure").stdout
+    assert reloaded == f"secure: reloaded 1 ACL rules from {acl}, TLS require\n"
+    acl.write_text("allow dn=\n")
+    broken = daemon.dst("reload", check=False)
+    assert broken.returncode != 0 and f"{acl}:1: empty dn=" in broken.stderr
+    assert broken.stderr.count("\n") == 1
+    daemon.dst("stop", "secure")
+    for leg_file in (node.path, m["k_img"], m["q_img"]):
+        with open(leg_file, "rb") as f:
+            head = f.read(8 * MiB)
+        assert head == data.read_bytes(), leg_file
+
+    # a member named without TLS: a clear error, naming it
+    plain = [remote("dst", node.uri.replace("nbds://", "nbd://"))]
+    target = {"type": "linear", "name": "l", "members": plain}
+    bad = write_spec(tmp_path / "plain.toml", "plain", [], target)
+    refused = daemon.dst("create", str(bad), check=False)
+    assert refused.returncode != 0 and "requires TLS (use an nbds:// URI)" in refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert daemon.stop() == 0
     err = daemon.stderr()
     assert "Traceback" not in err, err
     assert err.count("access denied") == 1 and "CN=intruder,O=dst" in err, err
 
 
 @pytest.mark.slow
-def test_dst_up_tls_cluster_carries_ext4(tmp_path: Path, sockdir: Path) -> None:
+def test_dst_up_tls_cluster_carries_ext4(cluster: Cluster, tmp_path: Path, sock_dir: Path) -> None:
     """dst up --tls: both hops verified; ext4 through nbdfuse over nbds+unix."""
     require("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount", "nbdinfo")
     require("nbdkit")
     require_root_dev("/dev/fuse", "/dev/loop-control")
-    data_dir, sock, control = tmp_path / "data", sockdir / "dst.sock", sockdir / "control.sock"
+    data_dir, sock, control = tmp_path / "data", sock_dir / "dst.sock", sock_dir / "control.sock"
     cmd = [*DST, "up", "--tls", "--dir", str(data_dir), "--size", "64M"]
     cmd += ["--listen", f"unix:{sock}", "--control", str(control)]
     proc = subprocess.Popen(
@@ -343,19 +305,12 @@ def test_dst_up_tls_cluster_carries_ext4(tmp_path: Path, sockdir: Path) -> None:
 
         # libnbd 1.14's nbdfuse cannot read tls-certificates=DIR from a URI, so the TLS
         # client on the user's hop is nbdkit's nbd plugin (libnbd) in front of nbdfuse.
-        proxy_sock = sockdir / "proxy.sock"
+        proxy_sock = sock_dir / "proxy.sock"
         tls = ["tls=require", f"tls-certificates={user}"]
-        proxy = _serve(
-            ["nbdkit", "-f", "-U", str(proxy_sock), "nbd", f"socket={sock}", *tls],
-            proxy_sock,
-            tmp_path,
-            "proxy",
-        )
-        try:
-            digests = ext4_on_nbdfuse(f"nbd+unix:///?socket={proxy_sock}", tmp_path)
-        finally:
-            proxy.terminate()
-            proxy.wait(timeout=20)
+        cmd = ["nbdkit", "-f", "-U", str(proxy_sock), "nbd", f"socket={sock}", *tls]
+        proxy = cluster.server("proxy", cmd, sock=proxy_sock)
+        digests = ext4_on_nbdfuse(proxy.uri, tmp_path)
+        proxy.stop()
         run(["nbdinfo", export])  # and directly, with libnbd's TLS
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=60)

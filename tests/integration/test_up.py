@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from dst.meta.layout import member_size_for
+from tests.support.cluster import DST, run, unix_uri, wait_until
 
-from .arrays import check_ext4_image, ext4_on_nbdfuse, unix_uri, wait_until
-from .helpers import DST, require, require_root_dev, run
+from .arrays import check_ext4_image, ext4_on_nbdfuse
+from .helpers import require, require_root_dev
 
 UP_TIMEOUT = 30.0
 
@@ -41,10 +42,10 @@ def _node_pids(data_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_dst_up_demo_mirror(tmp_path: Path, sockdir: Path) -> None:
+def test_dst_up_demo_mirror(tmp_path: Path, sock_dir: Path) -> None:
     require("nbdinfo", "nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount")
     require_root_dev("/dev/fuse", "/dev/loop-control")
-    data_dir, sock, control = tmp_path / "data", sockdir / "dst.sock", sockdir / "control.sock"
+    data_dir, sock, control = tmp_path / "data", sock_dir / "dst.sock", sock_dir / "control.sock"
     cmd = [*DST, "up", "--dir", str(data_dir), "--size", "64M"]
     cmd += ["--listen", f"unix:{sock}", "--control", str(control)]
     proc, lines, out = _start_up(cmd)

@@ -24,15 +24,14 @@ measure a window, e.g. while another node was suspended).
 
 from __future__ import annotations
 
-import functools
-import shutil
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.cluster import nbd_python
 
 BLOCK = 4096
 
@@ -101,16 +100,6 @@ def pick(i: int, first: int, last: int, lanes: int, lane: int, cb: int) -> int:
 
 def pattern(client: int, i: int, block: int) -> bytes:
     return struct.pack("<IIQ", client, i + 1, block) * (BLOCK // 16)
-
-
-@functools.cache
-def nbd_python() -> str:
-    """A Python that can ``import nbd`` (python3-libnbd); empty when there is none."""
-    for py in (sys.executable, shutil.which("python3") or "", "/usr/bin/python3"):
-        ok = py and subprocess.run([py, "-c", "import nbd"], capture_output=True).returncode == 0
-        if ok:
-            return py
-    return ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,7 +106,9 @@ def add_array_commands(sub: Any) -> None:
         "crash only the regions marked dirty are copied.",
     )
     p.add_argument("members", metavar="MEMBER", nargs="+", help="path or NBD URI of a member")
-    p.add_argument("--name", help="array name (default: the name in the superblocks)")
+    p.add_argument(
+        "--name", help="array name (default: the mirror's name recorded in the superblocks)"
+    )
     p.add_argument(
         "--listen", metavar="ADDR", action="append", default=[], help="export address (repeat)"
     )

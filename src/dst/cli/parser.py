@@ -92,13 +92,21 @@ examples:
 
 UP_EPILOG = """\
 With no arguments: creates DIR (default ./dst-data) with two sparse member files
-(--size each, default 1G), starts two "dst serve" nodes on loopback as separate
-processes, and runs the array daemon here with a mirror over them, exported on
-unix:DIR/dst.sock and 127.0.0.1:10809 (--listen replaces both).  Prints how to use
-it, shows live status until Ctrl-C, then stops the array and the nodes cleanly.
-With --config FILE it runs that spec instead (no nodes started).  With --tls both
-hops use TLS with verified client certificates: DIR/pki gets a CA and certificates
-for the nodes, the array and a user (DIR/pki/user for your clients).
+node-a.img and node-b.img (--size of data each, default 1G, plus room for the
+mirror's metadata at their end), starts two "dst serve" nodes on loopback (free
+ports) as separate processes, and runs the array daemon here with a mirror "demo"
+over them, exported on unix:DIR/dst.sock and 127.0.0.1:10809 (--listen replaces
+both).  Prints how to use it, shows live status until Ctrl-C, then stops the array
+(in-flight requests finish) and the nodes.
+
+With --tls both hops use TLS with verified client certificates: DIR/pki gets a CA
+and certificates for the nodes, the array and a user (DIR/pki/user for your
+clients).
+
+Run again on the same DIR, it reuses the member files (--size is ignored) and the
+mirror comes back from their metadata: data kept, after a crash only the regions
+marked dirty are resynced.  With --config FILE it runs that array spec instead and
+starts no nodes (see examples/).
 
 examples:
   dst up
@@ -194,15 +202,28 @@ def base_parser() -> tuple[argparse.ArgumentParser, Any]:
 
     up = sub.add_parser(
         "up",
-        help="start dst on its embedded default",
-        description="Start dst on its embedded default: serve a sparse disk image.",
+        help="a local demo cluster: two nodes, a mirror over them, live status",
+        description="Run a local demo cluster in the foreground: two dst serve nodes and\n"
+        "the array daemon with a mirror over them, exported over NBD.",
         epilog=UP_EPILOG,
         formatter_class=formatter,
     )
-    up.add_argument("--dir", default="dst-data", help="data directory (default ./dst-data)")
-    up.add_argument("--size", default="1G", help="size of each member file (default 1G)")
+    up.add_argument(
+        "--dir", default="dst-data", help="directory of the member files (default ./dst-data)"
+    )
+    up.add_argument(
+        "--size",
+        default="1G",
+        help="the mirror's size, i.e. data per member (default 1G); new members only",
+    )
     up.add_argument("--config", metavar="FILE", help="run this array spec (TOML) instead")
-    up.add_argument("--listen", metavar="ADDR", action="append", help="export address; repeatable")
+    up.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action="append",
+        help="export address, HOST:PORT or unix:PATH; repeatable "
+        "(default unix:DIR/dst.sock and 127.0.0.1:10809)",
+    )
     up.add_argument("--tls", action="store_true", help="TLS with verified peers on both hops")
     add_control(up)
 
