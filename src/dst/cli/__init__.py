@@ -80,11 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         _setup_logging(args.verbose)
-        if args.memory_budget is not None:
+        if args.memory_budget is not None or args.max_connections is not None:
             from dst.net import budget
             from dst.units import parse_size
 
-            budget.configure(parse_size(args.memory_budget))
+            limit = parse_size(args.memory_budget) if args.memory_budget is not None else None
+            budget.configure(limit, max_connections=args.max_connections)
         return _run(args)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -188,6 +188,13 @@ def base_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="bytes of client payload this process holds at most, over all its NBD "
         "clients (default 512M; one client at most an eighth, 64M at most)",
     )
+    parser.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        default=None,
+        help="NBD clients one export address serves at once; more are refused (default 256)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     serve = sub.add_parser(

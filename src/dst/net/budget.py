@@ -88,14 +88,21 @@ class Budget:
 
 
 DEFAULT = Budget()  # the process's budget unless a server is given another
+MAX_CONNECTIONS = DEFAULT_MAX_CONNECTIONS  # a server's limit unless it is given another
 
 
-def configure(limit: int) -> Budget:
-    """Set the process's budget (``dst --memory-budget``): ``limit`` bytes in all, an
-    eighth of it (at most the default 64 MiB) per connection.  ConfigError if <= 0."""
-    global DEFAULT
-    DEFAULT = Budget(limit, per_connection=min(DEFAULT_PER_CONNECTION, max(limit // 8, 1)))
-    return DEFAULT
+def configure(limit: int | None = None, *, max_connections: int | None = None) -> None:
+    """Set the process's defaults (``dst --memory-budget``, ``--max-connections``):
+    ``limit`` bytes in all, an eighth of it (at most the default 64 MiB) per connection;
+    clients per server.  ConfigError if not positive."""
+    global DEFAULT, MAX_CONNECTIONS
+    if limit is not None:
+        per = min(DEFAULT_PER_CONNECTION, max(limit // 8, 1))
+        DEFAULT = Budget(limit, per_connection=per)
+    if max_connections is not None:
+        if max_connections <= 0:
+            raise ConfigError("must be positive", where="--max-connections")
+        MAX_CONNECTIONS = max_connections
 
 
 class Holdings:

@@ -48,7 +48,7 @@ from dst.device import BlockDevice
 from dst.net import budget as budgets
 from dst.net.acl import AccessList, AclFile
 from dst.net.address import Address, parse_address
-from dst.net.budget import DEFAULT_MAX_CONNECTIONS, DEFAULT_STALL_TIMEOUT, Budget
+from dst.net.budget import DEFAULT_STALL_TIMEOUT, Budget
 from dst.net.connection import ServerConnection
 from dst.net.tls import ServerTls
 
@@ -67,7 +67,7 @@ class NbdServer:
         max_payload: int = 32 << 20,
         handshake_timeout: float = 30.0,
         budget: Budget | None = None,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections: int | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         tls: ServerTls | None = None,
         tls_only: Collection[str] = (),
@@ -81,7 +81,8 @@ class NbdServer:
         self.max_payload = max_payload
         self.handshake_timeout = handshake_timeout  # idle negotiations are dropped
         self.budget = budget if budget is not None else budgets.DEFAULT
-        self.max_connections = max_connections  # more are refused at once
+        # more clients than this are refused at once
+        self.max_connections = max_connections or budgets.MAX_CONNECTIONS
         self.stall_timeout = stall_timeout  # a client that reads or sends nothing more
         self.refused = 0  # connections refused over max_connections
         self.tls = tls
