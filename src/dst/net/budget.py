@@ -192,13 +192,19 @@ class Holdings:
             self.out = buffered
         self._arm()
 
-    def payload(self, pending: int) -> None:
-        """``pending`` bytes of an incomplete WRITE payload are here now."""
+    def payload(self, pending: int, *, wake: Callable[[], None]) -> bool:
+        """``pending`` bytes of an incomplete WRITE payload are here now.  True when
+        that is over budget: the caller stops reading, ``wake()`` comes once the
+        process has bytes again (or its own requests give theirs back)."""
         if pending > self.pending:
             self.progress = self.loop.time()
         self.budget.charge(pending - self.pending)
         self.pending = pending
         self._arm()
+        if pending and self.allowance() < 0:
+            self.short(wake)
+            return True
+        return False
 
     def close(self) -> None:
         """The connection is gone: give back its buffers (requests in flight give back

@@ -7,7 +7,7 @@ During the handshake, received bytes go to a :class:`~dst.net.negotiate.Negotiat
 device's ``size`` is read at GO time, so a grown export is seen by new connections) and
 calls :meth:`ServerConnection.begin_transmission` once an export is bound.  After
 STARTTLS the same protocol object sits behind the TLS transport.  The connection knows
-its server only as a :class:`Server`: what it needs of it.
+its server only as a :class:`~dst.net.negotiate.Server`: what it needs of it.
 
 In transmission, received bytes land in the :class:`~dst.nbd.requests.RequestParser`
 and dispatches every complete request: validate at the edge (command, flags, range,
@@ -41,7 +41,7 @@ import logging
 import ssl
 from collections.abc import Coroutine
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from dst.aio import Continuation
 from dst.device import BlockDevice
@@ -50,9 +50,9 @@ from dst.nbd import requests as rq
 from dst.nbd.constants import Cmd, CmdFlags, NbdErr, errno_to_nbd
 from dst.nbd.events import ExportInfo, Request
 from dst.nbd.server import ServerHandshake
-from dst.net.budget import Budget, Holdings
-from dst.net.edge import Binding, clip_extents, describe_peer, device_call, tune_socket
-from dst.net.negotiate import Exports, Negotiator
+from dst.net.budget import Holdings
+from dst.net.edge import Binding, describe_peer, device_call, tune_socket
+from dst.net.negotiate import Negotiator, Server
 from dst.net.tls import TlsInfo
 
 log = logging.getLogger(__name__)
@@ -61,27 +61,6 @@ _READ, _WRITE, _BS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.BLOCK_STATUS)
 _FUA = int(CmdFlags.FUA)
 _OUT_HIGH = 1 << 20  # flush queued replies once this many bytes are pending
 _ESHUTDOWN = int(NbdErr.ESHUTDOWN)
-
-
-class Server(Exports, Protocol):
-    """What a connection needs of its server (:class:`~dst.net.server.NbdServer`):
-    the export table, TLS and access list (:class:`~dst.net.negotiate.Exports`), the
-    limits, and the set of live connections it joins and leaves."""
-
-    @property
-    def connections(self) -> set[ServerConnection]: ...
-    @property
-    def max_inflight(self) -> int: ...
-    @property
-    def max_payload(self) -> int: ...
-    @property
-    def budget(self) -> Budget: ...
-    @property
-    def max_connections(self) -> int: ...
-    @property
-    def stall_timeout(self) -> float: ...
-
-    def refuse(self, peer: str) -> None: ...
 
 
 class ServerConnection(asyncio.BufferedProtocol):
@@ -122,15 +101,13 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.peername = transport.get_extra_info("peername")
         self.peer = describe_peer(self.peername)
-        if len(self.server.connections) >= self.server.max_connections:
-            self.server.refuse(self.peer)
+        if not self.server.join(self, self.peer):
             self.lost = True
             self.transport.abort()
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
-        self.server.connections.add(self)
         self.hs_timer = self.loop.call_later(self.server.handshake_timeout, self._hs_timeout)
         assert self.neg is not None
         self.transport.write(self.neg.greeting())
@@ -147,7 +124,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         if self.lost:  # a failed STARTTLS may report it twice
             return
         self.lost = True
-        self.server.connections.discard(self)
+        self.server.leave(self)
         if self.hs_timer is not None:
             self.hs_timer.cancel()
         for task in self.tasks:
@@ -390,25 +367,13 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._completed()
 
     def _complete(self, req: Request, value: Any) -> None:
-        bound = self.bound
-        assert bound is not None
-        typ = req.type
-        if typ == _READ:
-            n = len(value)
-            if n != req.length:
-                log.error("%s: device read returned %d of %d bytes", self.peer, n, req.length)
-                self._error(req, int(NbdErr.EIO), "short read")
-                return
-            if bound.structured:
-                self._queue(rq.data_chunk(req.handle, req.offset, n), value)
-            else:
-                self._queue(rq.simple_reply(req.handle), value)
-        elif typ == _BS:
-            req_one = bool(req.flags & CmdFlags.REQ_ONE)
-            extents = clip_extents(value, req.length, req_one=req_one)
-            self._queue(rq.block_status_chunk(req.handle, bound.context_id, extents))
+        assert self.bound is not None
+        reply = self.bound.reply(req, value)
+        if reply is None:
+            log.error("%s: device read returned %d of %d bytes", self.peer, len(value), req.length)
+            self._error(req, int(NbdErr.EIO), "short read")
         else:
-            self._queue(rq.simple_reply(req.handle))
+            self._queue(*reply)
 
     def _failed(self, req: Request, exc: BaseException) -> None:
         if isinstance(exc, BlockError):
@@ -421,7 +386,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _error(self, req: Request, code: int, message: str) -> None:
         assert self.bound is not None
-        self._queue(rq.error_reply(req.handle, code, message, structured=self.bound.structured))
+        self._queue(self.bound.error(req, code, message))
 
     def _queue(self, head: bytes, data: Any = None) -> None:
         out = self.out
@@ -457,11 +422,8 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _payload_arriving(self, pending: int) -> None:
         """Bytes of an incomplete WRITE payload came in: charge them; over budget, stop
         reading until bytes are given back."""
-        holds = self.holds
-        holds.payload(pending)
-        if pending and holds.allowance() < 0:
+        if self.holds.payload(pending, wake=self._unblock):
             self.blocked = True
-            holds.short(self._unblock)
             self._update_reading()
 
     def _unblock(self) -> None:

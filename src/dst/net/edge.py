@@ -6,9 +6,10 @@ advertises) and :mod:`dst.net.connection` (everything after GO):
 
 * :func:`transmission_flags`: the flags advertised for a device;
 * :class:`Binding`: what GO bound -- the device, its size, the command flags allowed,
-  the largest payload, structured replies and the base:allocation context -- and
+  the largest payload, structured replies and the base:allocation context --
   :meth:`Binding.check`, the request validation (command, flags, read-only, range,
-  lengths), answering with the NBD error and message or None;
+  lengths), answering with the NBD error and message or None, and the replies
+  (:meth:`Binding.reply`, :meth:`Binding.error`);
 * :func:`device_call`: the device coroutine that serves a request;
 * :func:`clip_extents`: a device's extents as wire descriptors;
 * :func:`describe_peer` and :func:`tune_socket` (the one function here with I/O: the
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dst.device import BlockDevice, Extent
+from dst.nbd import requests as rq
 from dst.nbd.constants import (
     BASE_ALLOCATION,
     Cmd,
@@ -111,6 +113,26 @@ class Binding:
             context_id=hs.meta_contexts.get(BASE_ALLOCATION, 0),
             read_only=bool(info.flags & TransmissionFlags.READ_ONLY),
         )
+
+    def reply(self, req: Request, value: Any) -> tuple[bytes, Any] | None:
+        """The reply to ``req`` served with ``value`` (the header, and a READ's data);
+        None for a READ answered with the wrong length (the caller logs an EIO)."""
+        typ = req.type
+        if typ == _READ:
+            if len(value) != req.length:
+                return None
+            if self.structured:
+                return rq.data_chunk(req.handle, req.offset, req.length), value
+            return rq.simple_reply(req.handle), value
+        if typ == _BS:
+            req_one = bool(req.flags & CmdFlags.REQ_ONE)
+            extents = clip_extents(value, req.length, req_one=req_one)
+            return rq.block_status_chunk(req.handle, self.context_id, extents), None
+        return rq.simple_reply(req.handle), None
+
+    def error(self, req: Request, code: int, message: str) -> bytes:
+        """The error reply to ``req`` (NBD ``code``; the message when structured)."""
+        return rq.error_reply(req.handle, code, message, structured=self.structured)
 
     def check(self, req: Request) -> tuple[int, str] | None:
         """(NBD error, message) when ``req`` may not reach the device, else None."""

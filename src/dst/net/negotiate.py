@@ -30,7 +30,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dst.device import BlockDevice
 from dst.errors import ProtocolError
@@ -49,6 +49,9 @@ from dst.nbd.server import ServerHandshake, TlsMode
 from dst.net.acl import AccessList, Decision, Peer
 from dst.net.edge import transmission_flags
 from dst.net.tls import ServerTls, TlsInfo, session_info
+
+if TYPE_CHECKING:
+    from dst.net.budget import Budget
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +272,24 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason)
     return str(exc) or type(exc).__name__
+
+
+class Server(Exports, Protocol):
+    """What a connection needs of its server (:class:`~dst.net.server.NbdServer`):
+    the export table, TLS and access list (:class:`Exports`), the limits, and the set
+    of live connections it joins and leaves."""
+
+    @property
+    def max_inflight(self) -> int: ...
+    @property
+    def max_payload(self) -> int: ...
+    @property
+    def budget(self) -> Budget: ...
+    @property
+    def stall_timeout(self) -> float: ...
+
+    def join(self, conn: Any, peer: str) -> bool:
+        """Count ``conn`` among the live connections; False (and logged) when the
+        server already serves ``max_connections``."""
+
+    def leave(self, conn: Any) -> None: ...

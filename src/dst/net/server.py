@@ -174,12 +174,20 @@ class NbdServer:
         log.info("NBD server listening on %s", ", ".join(map(str, bound)))
         return bound
 
-    def refuse(self, peer: str) -> None:
-        """A client over ``max_connections`` was closed at accept (logged now and then)."""
+    def join(self, conn: ServerConnection, peer: str) -> bool:
+        """A client connected: serve it unless ``max_connections`` are served already
+        (then it is refused, logged now and then)."""
+        if len(self.connections) < self.max_connections:
+            self.connections.add(conn)
+            return True
         self.refused += 1
         if self.refused == 1 or self.refused % 100 == 0:
             log.warning("%s: refused: %d clients already (max_connections); %d refused so far",
                         peer, len(self.connections), self.refused)  # fmt: skip
+        return False
+
+    def leave(self, conn: ServerConnection) -> None:
+        self.connections.discard(conn)
 
     def _factory(self) -> ServerConnection:
         return ServerConnection(self)
