@@ -71,7 +71,7 @@ class MirrorCore:
         )  # fmt: skip
         self._regions: RegionHash | None = None
         self.rh: RegionHash = None  # type: ignore[assignment]  # set by open()
-        self.deadlines = Deadlines(leg_timeout) if leg_timeout else None
+        self.deadlines = Deadlines(leg_timeout, lambda: self.legs) if leg_timeout else None
         self.locks = RangeLock()
         self.tasks = TaskSet(name)
         self.size = 0
