@@ -544,8 +544,8 @@ async def test_replace_rate_paces_only_the_new_leg(tmp_path: Path, end: str) -> 
         new = {"type": "file", "name": "leg9", "path": str(tmp_path / "leg9.img"), "size": 4 * MiB}
         await daemon.handle(m.Replace(array="rr", node="leg1", spec=new, rate=REGION))
         assert keeper()["leg_limits"] == {"leg9": {"max_rate": REGION, "min_rate": None}}
-        await asyncio.sleep(0.5)  # at REGION bytes/s: the first region, not yet a second
-        assert job()["state"] == "copying" and job()["regions_done"] <= 2, job()
+        await asyncio.sleep(0.5)  # at REGION bytes/s: the first span, not yet a second
+        assert job()["state"] == "copying" and job()["regions_done"] <= 16, job()
         await daemon.handle(m.ResyncRate(array="rr", rate=16 * MiB, mirror="m"))
         st = keeper()
         assert st["resync_limit"] == {"max_rate": 16 * MiB, "min_rate": None}

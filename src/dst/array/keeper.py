@@ -71,6 +71,7 @@ class VerifyJob:
             "regions_done": r.checked,
             "regions_total": r.regions,
             "bytes": r.bytes,
+            "skipped": r.skipped,
             "rate": r.bytes / elapsed if elapsed > 0 else 0.0,
             "mismatched": list(r.mismatched[:100]),
             "mismatched_count": len(r.mismatched),

@@ -36,7 +36,16 @@ A region's life::
   union is kept; which leg misses what is recovered from the generations of
   :mod:`dst.meta.superblock` (a BEHIND leg misses every set bit).
 * Resync of a region takes its lock: it waits until no write is active there, and
-  new writes to the region wait until :meth:`end_resync`.
+  new writes to the region wait until :meth:`end_resync`.  A copy of a whole span of
+  regions (the sparse copier's holes) is done under the caller's byte-range lock
+  instead, and reported with :meth:`synced`.
+
+Huge sets of regions (a full resync of a 1 TiB member is 16 Mi regions) are never
+walked region by region: :meth:`leg_missed` and :meth:`settled` take a ``range`` or a
+:class:`~dst.meta.bitmap.Bitmap` and work a bitmap page at a time (such marks are
+tracked per page: a page being persisted holds back writes to its regions); spans of
+settled regions wait in ``_idle_spans`` and :meth:`due_clears` clears them a page at a
+time, at most :data:`CLEAR_BUDGET` single regions per call.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ from dst.meta.bitmap import PAGE_BITS, Bitmap
 from dst.meta.layout import DEFAULT_CLEAR_DELAY
 
 MAX_BACKOFF = 8  # a region's clear delay grows up to this many times clear_delay
+CLEAR_BUDGET = 1 << 14  # regions examined one by one per due_clears call (the rest wait)
+Regions = Iterable[int] | range | Bitmap  # a range or a Bitmap is handled in bulk
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +127,7 @@ class RegionTracker:
         # (re)inserted at the end with the time it became idle, so a scan for due ones
         # stops at the first that is not (every clear delay is clear_delay or longer).
         self._idle: dict[int, float] = {}
+        self._idle_spans: list[tuple[int, int, float]] = []  # [start, stop) idle since
         # Adaptive lazy clear: a region marked again soon after its bit was cleared
         # (a mark and a clear wasted, each a metadata write + flush) waits twice as
         # long before its next clear, up to MAX_BACKOFF times clear_delay; it is
@@ -242,22 +254,70 @@ class RegionTracker:
         """``leg`` gets writes again; what it missed stays out of sync until resynced."""
         self.down.discard(leg)
 
-    def leg_missed(self, leg: int, regions: Iterable[int]) -> Out:
+    def leg_missed(self, leg: int, regions: Regions) -> Out:
         """``leg`` misses ``regions`` (e.g. every set bit of a BEHIND member)."""
+        if isinstance(regions, range) and regions.step == 1:
+            if regions:
+                self.oos[leg].set_range(regions.start, regions.stop)
+                self._mark_pages(self.bitmap.set_range(regions.start, regions.stop))
+            return self._progress()
+        if isinstance(regions, Bitmap):
+            self.oos[leg].update(regions)
+            self._mark_pages(self.bitmap.update(regions))
+            return self._progress()
         for r in regions:
             self._idle.pop(r, None)
             self._mark(r)
             self.oos[leg].set(r)
         return self._progress()
 
-    def settled(self, regions: Iterable[int], now: float) -> None:
+    def leg_readmitted(self, leg: int) -> Out:
+        """Every leg had failed and ``leg``, the one that failed last, holds every
+        acknowledged write: it is attached again holding every region; what it was
+        recorded as missing (writes that reached no leg) the others miss too.  Every
+        bitmap page is persisted again before a write proceeds (nothing was persisted
+        while no leg was attached)."""
+        mine = self.oos[leg]
+        for i, o in enumerate(self.oos):
+            if i != leg:
+                o.update(mine)
+        mine.clear_all()
+        self.down.discard(leg)
+        pages = range(self.bitmap.npages)
+        self.bitmap.touch(pages)
+        self._mark_pages(pages)
+        return self._progress()
+
+    def settled(self, regions: Regions, now: float) -> None:
         """``regions`` hold the same data on every leg (e.g. bits loaded after a clean
         shutdown, or checked by a resync): let their bits be cleared lazily."""
+        if isinstance(regions, range) and regions.step == 1:
+            if regions:
+                self._idle_spans.append((regions.start, regions.stop, now))
+            return
+        if isinstance(regions, Bitmap):
+            pb = regions.page_bits
+            pos = 0  # a span per run of pages holding bits (cleared a page at a time)
+            while (first := regions.next_set(pos)) is not None:
+                p = first // pb
+                while p + 1 < regions.npages and not regions.page_empty(p + 1):
+                    p += 1
+                pos = min((p + 1) * pb, regions.nbits)
+                self._idle_spans.append((first, pos, now))
+            return
         idle = self._idle
         for r in regions:
             if r not in self._held and r not in self._resync and r not in self._resync_wait:
                 idle.pop(r, None)
                 idle[r] = now
+
+    def synced(self, legs: Iterable[int], start: int, stop: int, now: float) -> None:
+        """``legs`` now hold regions ``[start, stop)``, copied under the caller's range
+        lock (no write was active there); their bits are cleared lazily."""
+        for leg in legs:
+            self.oos[leg].clear_range(start, stop)
+        if stop > start:
+            self._idle_spans.append((start, stop, now))
 
     # --- resync --------------------------------------------------------------------
 
@@ -290,7 +350,9 @@ class RegionTracker:
 
     def clears_due(self, now: float) -> bool:
         """Whether :meth:`due_clears` at ``now`` may clear some region (the oldest idle
-        one is past ``clear_delay``): O(1)."""
+        one, or an idle span, is past ``clear_delay``)."""
+        if any(now - since >= self.clear_delay for _, _, since in self._idle_spans):
+            return True
         for since in self._idle.values():
             return now - since >= self.clear_delay
         return False
@@ -324,7 +386,43 @@ class RegionTracker:
             if not self.bitmap.test(r):  # a full page that stays full: retry later
                 del self._idle[r]
                 cleared[r] = now
+        if self._idle_spans:
+            self._clear_spans(now)
         return self._progress()
+
+    def _clear_spans(self, now: float) -> None:
+        """Clear the bits of the due idle spans that every leg holds, a page at a time
+        where the page is quiet, one region at a time (within :data:`CLEAR_BUDGET`)
+        where a region of it is busy, marking or idle on its own clock."""
+        pb, bm = self.bitmap.page_bits, self.bitmap
+        busy = {r // pb for r in (*self._held, *self._resync, *self._resync_wait,
+                                  *self._marking, *self._idle)}  # fmt: skip
+        busy.update(self._page_marking)
+        budget = CLEAR_BUDGET
+        keep: list[tuple[int, int, float]] = []
+        for start, stop, since in self._idle_spans:
+            if now - since < self.clear_delay or budget <= 0:
+                keep.append((start, stop, since))
+                continue
+            pos = start
+            while pos < stop and budget > 0:
+                p = pos // pb
+                end = min(stop, (p + 1) * pb)
+                if p not in busy and not any(not o.page_empty(p) for o in self.oos):
+                    bm.clear_range(pos, end)  # quiet page: every leg holds all of it
+                else:
+                    for r in list(bm.iter_range(pos, end)):
+                        budget -= 1
+                        if r in self._idle or r in self._held:
+                            continue
+                        if r in self._resync or r in self._resync_wait or r in self._marking:
+                            continue
+                        if not any(o.test(r) for o in self.oos):
+                            bm.clear(r)
+                pos = end
+            if pos < stop:
+                keep.append((pos, stop, since))
+        self._idle_spans = keep
 
     # --- internals -----------------------------------------------------------------
 
@@ -340,6 +438,12 @@ class RegionTracker:
             self._page_marking[page] = self._next
         else:
             self._marking[r] = self._next
+
+    def _mark_pages(self, pages: Iterable[int]) -> None:
+        """Bits of ``pages`` were set in bulk: the next batch persists them, and writes
+        to their regions wait for it."""
+        for p in pages:
+            self._page_marking[p] = self._next
 
     def _may_write(self, w: _Write) -> bool:
         return all(

@@ -81,6 +81,8 @@ class MirrorCore:
         self.resync_status: Callable[[], dict[str, Any]] | None = None
         self.reconfig = asyncio.Lock()  # membership changes vs resync bookkeeping
         self.rotation = 0  # the leg a read tie goes to first (it rotates)
+        self.last_standing: Leg | None = None  # every leg failed: this one failed last
+        self.readmitted = 0  # times the last-failed leg was taken back (recovery.readmit)
 
     @property
     def regions(self) -> RegionHash:
@@ -142,13 +144,25 @@ class MirrorCore:
     # -- leg failures --------------------------------------------------------------------
 
     def fail(self, leg: Leg, exc: BaseException) -> None:
-        """``leg`` failed: it gets nothing more; the regions it misses are recorded."""
+        """``leg`` failed: it gets nothing more; the regions it misses are recorded.
+
+        A leg that did not answer in time has its connection dropped: a silent but
+        live connection would never come back by itself, a new one is the reconnect
+        and automatic re-add path (DESIGN.md semantics 10)."""
         if leg.state is not LegState.FAILED:
             log.warning("%s: leg %d (%s) failed: %r", self.name, leg.index, leg.dev.name, exc)
             leg.reason = repr(exc)
+        if isinstance(exc, BlockError) and exc.errno == errno.ETIMEDOUT:
+            leg.dev.reset(f"{leg.dev.name}: {exc.message}")
         leg.state = LegState.FAILED
         if leg.index < 0:
             return  # no longer a leg (removed or replaced meanwhile)
+        if self.log.current == {leg.index}:  # the last leg in sync: it holds everything
+            self.last_standing = leg
+            leg.reason += ("; every leg has failed and this one failed last: it holds "
+                           "every acknowledged write and comes back first")  # fmt: skip
+            log.error("%s: no leg in sync is left; leg %d (%s) failed last", self.name,
+                      leg.index, leg.dev.name)  # fmt: skip
         if self._regions is not None:
             self._regions.leg_down(leg.index)
         self.log.leg_down(leg.index)

@@ -35,7 +35,8 @@ from dst.aio import TaskSet, wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
-from dst.targets.mirror import membership, recovery
+from dst.targets.copier import Moved, Span
+from dst.targets.mirror import membership, recovery, spans
 from dst.targets.mirror.core import MirrorCore
 from dst.targets.mirror.dirtylog import DirtyLog, ReaddPlan
 from dst.targets.mirror.fanout import Kind, submit_mutation
@@ -217,6 +218,18 @@ class MirrorDevice(BlockDevice):
 
     async def resync_region(self, region: int, targets: Sequence[int]) -> int:
         return await recovery.resync_region(self.core, region, targets)
+
+    async def resync_span(self, span: Span, targets: Sequence[int]) -> Moved:
+        return await spans.resync_span(self.core, span, targets)
+
+    async def verify_span(
+        self, span: Span, *, repair_from: int | None = None
+    ) -> tuple[Moved, list[int]]:
+        return await spans.verify_span(self.core, span, repair_from=repair_from)
+
+    async def verify_status(self, offset: int, length: int) -> Sequence[Extent]:
+        """Block status saying zero only where every leg holding the range reads zeroes."""
+        return await spans.merged_status(self.core, offset, length)
 
     async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None:
         await recovery.resync_checkpoint(self.core, region, targets)

@@ -38,6 +38,7 @@ from dst.device import BlockDevice
 from dst.errors import BlockError
 from dst.meta.bitmap import Bitmap
 from dst.meta.members import LegState
+from dst.meta.regions import Regions
 from dst.meta.store import MetaStore
 
 FailHook = Callable[[int, BlockError], None]
@@ -64,8 +65,8 @@ class Opening:
     region_size: int
     legs: list[tuple[LegState, str]]
     bitmap: Bitmap | None = None
-    missing: dict[int, Iterable[int]] = field(default_factory=dict)
-    settled: Iterable[int] = ()
+    missing: dict[int, Regions] = field(default_factory=dict)
+    settled: Regions = ()
     stale: bool = False
 
 
@@ -154,6 +155,11 @@ class DirtyLog:
         """A failed leg comes back: how it relates to the array and whether it needs
         a full resync.  The core log knows exactly what it missed since it failed."""
         return "memory", full
+
+    async def readmit(self, leg: int) -> None:
+        """Every leg failed and ``leg`` failed last: it is current again, as it is (the
+        survivors' generation then moves on, see :meth:`settle`)."""
+        self.current.add(leg)
 
     async def format_new(self, leg: int) -> None:
         """``leg`` (grown or swapped in) joins as a new member."""

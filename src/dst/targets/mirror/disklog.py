@@ -205,6 +205,25 @@ class DiskLog(DirtyLog):
             raise MetadataError(f"{self.name}: leg {leg} ({name}) {e}") from None
         return rel.value, whole
 
+    async def readmit(self, leg: int) -> None:
+        """Raises MetadataError unless ``leg`` still carries the array's current
+        generation (it is the member that failed last, untouched since); it becomes
+        current and the next :meth:`settle` starts a new generation, so every other
+        member is behind it (a delta, by the bitmap)."""
+        assert self.ref is not None and self.array_uuid is not None
+        sb = await self.stores.load(leg)
+        name = self.devices[leg].name
+        check_member(sb, index=leg, array_uuid=self.array_uuid, name=name, array=self.name,
+                     region_size=self.region_size)  # fmt: skip
+        # A rotation the last leg failed in the middle of may not have reached it.
+        if sb.current not in (self.ref.current, *self.ref.history[:1]):
+            raise MetadataError(f"{self.name}: leg {leg} ({name}) does not hold the "
+                                "generation it failed with: not taken back")  # fmt: skip
+        async with self.lock:
+            self.current.add(leg)
+            self._stale = True
+            self._settled.clear()
+
     async def format_new(self, leg: int) -> None:
         await self._format(leg, new_generation(self.stores.known()))
 

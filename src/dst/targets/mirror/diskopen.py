@@ -144,22 +144,25 @@ async def _classify(
         union |= await stores.raw_bitmap(i, size, region_size)
     npages = -(-nregions // PAGE_BITS)
     bm = Bitmap.from_bytes(nregions, union.to_bytes(npages * BLOCK, "little"))
-    bits = list(bm)
+    nbits = bm.count()  # never a list of the bits: a 1 TiB member has 16 Mi regions
     op = got.opening
     op.bitmap = bm
     got.current = set(current)
     dirty = any(sbs[i].state is State.DIRTY for i in current)
     for i in current[1:] if dirty else ():
-        op.missing[i] = bits  # crash: the lowest current leg is the source
+        op.missing[i] = bm  # crash: the lowest current leg is the source
     for i, sb in sbs.items():
         if i in got.current:
             continue
-        v = verdict(ref, sb, nbits=len(bits), nregions=nregions)
+        v = verdict(ref, sb, nbits=nbits, nregions=nregions)
         states[i] = (v.state, v.reason)
         if v.full_from is not None:
-            op.missing[i] = set(bits) | set(range(v.full_from, nregions))
+            full = Bitmap(nregions)  # the bitmap, and everything from full_from on
+            full.update(bm)
+            full.set_range(v.full_from, nregions)
+            op.missing[i] = full
         elif v.state is LegState.RESYNCING:
-            op.missing[i] = bits
+            op.missing[i] = bm
     for i in blank:
         gen = new_generation(stores.known())
         await stores.format(i, array_uuid=got.array_uuid, generation=gen, size=size,
@@ -168,6 +171,6 @@ async def _classify(
         op.missing[i] = range(nregions)
     failed = [i for i, (s, _) in enumerate(states) if s is LegState.FAILED]
     for i in failed:
-        op.missing[i] = bits
-    op.settled = () if dirty else bits
+        op.missing[i] = bm
+    op.settled = () if dirty else bm
     op.stale = bool(failed or blank)  # see the module docstring
