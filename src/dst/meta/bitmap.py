@@ -8,8 +8,10 @@ rewrite).  The first level is a dict from page index to page; a page is allocate
 the first set bit in it and freed again when its last bit is cleared, so a mostly
 clean bitmap of a large device costs almost nothing.
 
-If a page cannot be allocated (``max_pages`` reached — the stand-in for an allocation
-failure), the whole page is recorded as *full*: every bit in it reads as set.  That
+A page whose bits are all set is kept as *full*, with no memory behind it (a bulk set
+of whole pages is one set insertion per page).  If a page cannot be allocated
+(``max_pages`` reached — the stand-in for an allocation failure), the whole page is
+recorded as full too: every bit in it reads as set.  That
 is the conservative direction for write intent and out-of-sync tracking (more regions
 are resynced, none is missed).  Clearing a bit of a full page first retries the
 allocation (the page becomes all ones minus that bit); if that fails again the page
@@ -49,8 +51,9 @@ class Bitmap:
         self.max_pages = max_pages
         self._pages: dict[int, bytearray] = {}
         self._pop: dict[int, int] = {}  # set bits per allocated page
-        self._full: set[int] = set()  # pages that could not be allocated: all set
+        self._full: set[int] = set()  # pages all set, no memory (bulk set or no room)
         self._changed: set[int] = set()
+        self._all_ones: bytes | None = None
 
     # --- pages ---------------------------------------------------------------------
 
@@ -66,6 +69,10 @@ class Bitmap:
 
     def _ones(self, p: int) -> bytes:
         n = self._valid_bits(p)
+        if n == self.page_bits:
+            if self._all_ones is None:
+                self._all_ones = b"\xff" * self.page_len
+            return self._all_ones
         tail = bytes([(1 << (n % 8)) - 1]) if n % 8 else b""
         return (b"\xff" * (n // 8) + tail).ljust(self.page_len, b"\0")
 
@@ -74,7 +81,12 @@ class Bitmap:
         return page in self._full
 
     def allocated_pages(self) -> int:
+        """Pages with memory behind them (full pages have none)."""
         return len(self._pages)
+
+    def empty(self) -> bool:
+        """No bit is set."""
+        return not self._pages and not self._full
 
     # --- bits ----------------------------------------------------------------------
 
@@ -162,12 +174,35 @@ class Bitmap:
     def _pages_of(self, start: int, stop: int) -> range:
         return range(start // self.page_bits, -(-stop // self.page_bits))
 
+    def _fill(self, p: int) -> bool:
+        """Set every bit of page ``p`` (the fast case of a bulk set: the page becomes
+        *full*, all set with no memory behind it); True if it changed."""
+        if p in self._full:
+            return False
+        self._pages.pop(p, None)
+        self._pop.pop(p, None)
+        self._full.add(p)
+        self._changed.add(p)
+        return True
+
+    def _whole(self, p: int, start: int, stop: int) -> bool:
+        base = p * self.page_bits
+        return start <= base and min(base + self.page_bits, self.nbits) <= stop
+
     def set_range(self, start: int, stop: int) -> list[int]:
         """Set bits ``[start, stop)``; returns the pages that changed."""
         assert 0 <= start <= stop <= self.nbits
-        return [p for p in self._pages_of(start, stop)
-                if p not in self._full
-                and self._store(p, self.page_int(p) | self._span(p, start, stop))]  # fmt: skip
+        changed = []
+        for p in self._pages_of(start, stop):
+            if self._whole(p, start, stop):
+                hit = self._fill(p)
+            else:
+                hit = p not in self._full and self._store(
+                    p, self.page_int(p) | self._span(p, start, stop)
+                )
+            if hit:
+                changed.append(p)
+        return changed
 
     def clear_range(self, start: int, stop: int) -> list[int]:
         """Clear bits ``[start, stop)`` (a full page that cannot be allocated again stays
@@ -179,9 +214,15 @@ class Bitmap:
     def update(self, other: Bitmap) -> list[int]:
         """Set every bit set in ``other`` (same geometry); returns the pages that changed."""
         assert other.nbits == self.nbits and other.page_bits == self.page_bits
-        return [p for p in sorted(other._pages.keys() | other._full)
-                if p not in self._full
-                and self._store(p, self.page_int(p) | other.page_int(p))]  # fmt: skip
+        changed = []
+        for p in sorted(other._pages.keys() | other._full):
+            if p in other._full or other._pop.get(p) == other._valid_bits(p):
+                hit = self._fill(p)
+            else:
+                hit = p not in self._full and self._store(p, self.page_int(p) | other.page_int(p))
+            if hit:
+                changed.append(p)
+        return changed
 
     def touch(self, pages: Iterable[int]) -> None:
         """Count ``pages`` as changed (they are rewritten with the next snapshot)."""

@@ -79,8 +79,8 @@ class RegionHash:
         t = self.tracker
         if leg in t.down:
             return False
-        oos = t.oos[leg]  # no page allocated: empty (the tracker has no page limit)
-        return not oos.allocated_pages() or oos.next_set(regions.start, regions.stop) is None
+        oos = t.oos[leg]
+        return oos.empty() or oos.next_set(regions.start, regions.stop) is None
 
     def in_sync(self, leg: int, region: int) -> bool:
         return self.tracker.in_sync(leg, region)
