@@ -24,7 +24,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from dst.array.build import build, export_address, export_security, index
+from dst.array.build import build, export_address, export_security, index, label
 from dst.array.keeper import MirrorKeeper, keepers
 from dst.array.replacing import ReplaceJob
 from dst.array.spec import ArraySpec, SpecError
@@ -81,7 +81,7 @@ class Array:
             spec = self._spec
             try:
                 security = export_security(spec)  # TLS credentials, ACL file
-                tree = await build(spec.target, io_timeout=spec.io_timeout)
+                tree = await build(spec.target, io_timeout=spec.io_timeout, label=label(spec))
             except BlockError as exc:
                 raise ControlError("node-unreachable", f"{self.name}: {exc}") from None
             except ConfigError as exc:

@@ -56,8 +56,10 @@ class MetaStore:
         region_size: int = DEFAULT_REGION_SIZE,
         array_name: str = "",
         spec: Mapping[str, Any] | None = None,
+        inconsistent: bool = False,
     ) -> Superblock:
-        """Write fresh metadata (clean bitmap, both slots).  Data is not touched.
+        """Write fresh metadata (clean bitmap, both slots).  Data is not touched;
+        ``inconsistent``: the member joins as a resync target.
 
         Raises ValueError if the member is too small, MetadataError if name/spec do
         not fit, BlockError on I/O failure.
@@ -73,6 +75,7 @@ class MetaStore:
             array_name=array_name,
             spec=dict(spec or {}),
             current=generation,
+            inconsistent=inconsistent,
         )
         encode(sb)  # fail before touching the device
         await self.device.write_zeroes(lay.bitmap_offset, lay.bitmap_size)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dst.aio import TaskSet, wait_done
@@ -55,7 +55,9 @@ class MirrorDevice(BlockDevice):
     write-intent grain; ``clear_delay`` how long a region stays idle before its bit is
     cleared; ``leg_timeout`` bounds every leg request (a leg that does not answer in
     time is failed); ``array_uuid`` the array the members must belong to;
-    ``resync_rate``/``resync_min_rate`` how fast the array's keeper may copy to it.
+    ``resync_rate``/``resync_min_rate`` how fast the array's keeper may copy to it;
+    ``label`` what the superblocks record of the array it is the top of (its name and
+    export addresses, for ``dst assemble``).
     """
 
     kind = "mirror"
@@ -72,12 +74,13 @@ class MirrorDevice(BlockDevice):
         array_uuid: uuid.UUID | None = None,
         resync_rate: int = 0,
         resync_min_rate: int = 0,
+        label: Mapping[str, Any] | None = None,
     ) -> None:
         self.resync_rate = resync_rate  # bytes/s the array's resync may take (0: no limit)
         self.resync_min_rate = resync_min_rate  # ... and at least gets under load
         self.core = MirrorCore(
             legs, name=name, region_size=region_size, metadata=metadata,
-            clear_delay=clear_delay, leg_timeout=leg_timeout, array_uuid=array_uuid,
+            clear_delay=clear_delay, leg_timeout=leg_timeout, array_uuid=array_uuid, label=label,
         )  # fmt: skip
         self.name = name
 

@@ -33,6 +33,7 @@ import errno
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dst.device import BlockDevice
 from dst.errors import BlockError
@@ -92,6 +93,7 @@ class DirtyLog:
         self.array_uuid = array_uuid
         self.leg_timeout = leg_timeout
         self.current: set[int] = set()
+        self.label: dict[str, Any] | None = None  # the array's name and exports (disk log)
         self.lock = asyncio.Lock()  # superblock writes; membership changes hold it
         self.unsettled = False  # a leg failure not yet recorded by the survivors
         self.needs_mark = False  # the first write must first mark the array dirty
