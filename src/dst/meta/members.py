@@ -64,6 +64,14 @@ def identify(
     ``names`` (by index) and ``array`` only word the errors.
     """
     uuids = {sb.array_uuid for sb in sbs.values()}
+    gone = [i for i, sb in sbs.items() if sb.spec.get("removed_from")]
+    if gone and (len(uuids) > 1 or expected not in (None, *uuids)):
+        who = ", ".join(f"leg {i} ({names[i]})" for i in gone)
+        raise MetadataError(
+            f"{array}: {who} left the array (dst replace or dst remove) and is not a "
+            "member any more: start the array from its current members (dst assemble "
+            "MEMBER...)"
+        )
     if expected is None and len(uuids) > 1:
         who = "; ".join(
             f"leg {i} ({names[i]}): member of {sb.array_name!r} ({sb.array_uuid})"
