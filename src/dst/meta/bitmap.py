@@ -258,6 +258,14 @@ class Bitmap:
                 yield base + w * 64 + low.bit_length() - 1
                 word ^= low
 
+    def clear_bits(self, p: int, mask: int) -> bool:
+        """Clear the bits of ``mask`` (a page integer) in page ``p``; True if changed."""
+        return self._store(p, self.page_int(p) & ~mask)
+
+    def span_mask(self, p: int, start: int, stop: int) -> int:
+        """The bits of ``[start, stop)`` that fall in page ``p``, as a page integer."""
+        return self._span(p, start, stop)
+
     def clear_all(self) -> None:
         self._changed |= self._pages.keys() | self._full
         self._pages.clear()

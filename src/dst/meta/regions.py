@@ -21,12 +21,10 @@ A region's life::
   made while it is persisted join the next one, so a burst of writes costs one
   metadata write, not one per data write; a MetaWrite carries a snapshot of the
   changed 4 KiB bitmap pages, so later changes never leak into it and batches reach
-  the disk in order.  Lazy clearing keeps hot regions dirty: steady writes to them
-  need no metadata I/O at all.  The delay adapts per region: one marked again soon
-  after its bit was cleared (two metadata writes wasted) waits twice as long before
-  the next clear, up to ``MAX_BACKOFF`` times ``clear_delay``, and returns to
-  ``clear_delay`` once it has stayed clean that long.  The price is a bigger bitmap
-  (more to resync after a crash) while a write pattern keeps revisiting regions.
+  the disk in order.  Lazy clearing (:mod:`dst.meta.clearing`, with a delay that
+  adapts per region) keeps hot regions dirty: steady writes to them need no metadata
+  I/O at all.  The price is a bigger bitmap (more to resync after a crash) while a
+  write pattern keeps revisiting regions.
 * A write may proceed only when the mark of each of its regions is on disk and none
   of them is resynced (or waiting to be).  A write holds its regions from
   :meth:`begin_write` to :meth:`end_write`; held regions are never cleared.
@@ -44,8 +42,7 @@ Huge sets of regions (a full resync of a 1 TiB member is 16 Mi regions) are neve
 walked region by region: :meth:`leg_missed` and :meth:`settled` take a ``range`` or a
 :class:`~dst.meta.bitmap.Bitmap` and work a bitmap page at a time (such marks are
 tracked per page: a page being persisted holds back writes to its regions); spans of
-settled regions wait in ``_idle_spans`` and :meth:`due_clears` clears them a page at a
-time, at most :data:`CLEAR_BUDGET` single regions per call.
+settled regions are cleared lazily a page at a time (:mod:`dst.meta.clearing`).
 """
 
 from __future__ import annotations
@@ -54,10 +51,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dst.meta.bitmap import PAGE_BITS, Bitmap
+from dst.meta.clearing import LazyClear
 from dst.meta.layout import DEFAULT_CLEAR_DELAY
 
-MAX_BACKOFF = 8  # a region's clear delay grows up to this many times clear_delay
-CLEAR_BUDGET = 1 << 14  # regions examined one by one per due_clears call (the rest wait)
 Regions = Iterable[int] | range | Bitmap  # a range or a Bitmap is handled in bulk
 
 
@@ -123,17 +119,8 @@ class RegionTracker:
         self._held: dict[int, int] = {}  # region -> waiting + proceeding writes
         self._resync: set[int] = set()
         self._resync_wait: dict[int, None] = {}
-        # region -> idle since (clear candidates), oldest first: a region is always
-        # (re)inserted at the end with the time it became idle, so a scan for due ones
-        # stops at the first that is not (every clear delay is clear_delay or longer).
-        self._idle: dict[int, float] = {}
-        self._idle_spans: list[tuple[int, int, float]] = []  # [start, stop) idle since
-        # Adaptive lazy clear: a region marked again soon after its bit was cleared
-        # (a mark and a clear wasted, each a metadata write + flush) waits twice as
-        # long before its next clear, up to MAX_BACKOFF times clear_delay; it is
-        # forgotten once it stays clean for a while.
-        self._delay: dict[int, float] = {}  # region -> its clear delay, if not the base
-        self._cleared: dict[int, float] = {}  # region -> when its bit was last cleared
+        self.lazy = LazyClear(clear_delay)
+        self._idle = self.lazy.regions  # region -> idle since (clear candidates)
         # Pages of ``bitmap`` changed since it was read (e.g. pages that went full in
         # memory when loaded) are not on disk yet: they go out with the first batch.
         for p in self.bitmap.changed_pages():
@@ -293,7 +280,7 @@ class RegionTracker:
         shutdown, or checked by a resync): let their bits be cleared lazily."""
         if isinstance(regions, range) and regions.step == 1:
             if regions:
-                self._idle_spans.append((regions.start, regions.stop, now))
+                self.lazy.span(regions.start, regions.stop, now)
             return
         if isinstance(regions, Bitmap):
             pb = regions.page_bits
@@ -303,7 +290,7 @@ class RegionTracker:
                 while p + 1 < regions.npages and not regions.page_empty(p + 1):
                     p += 1
                 pos = min((p + 1) * pb, regions.nbits)
-                self._idle_spans.append((first, pos, now))
+                self.lazy.span(first, pos, now)
             return
         idle = self._idle
         for r in regions:
@@ -316,8 +303,7 @@ class RegionTracker:
         lock (no write was active there); their bits are cleared lazily."""
         for leg in legs:
             self.oos[leg].clear_range(start, stop)
-        if stop > start:
-            self._idle_spans.append((start, stop, now))
+        self.lazy.span(start, stop, now)
 
     # --- resync --------------------------------------------------------------------
 
@@ -349,89 +335,23 @@ class RegionTracker:
         return self._progress()
 
     def clears_due(self, now: float) -> bool:
-        """Whether :meth:`due_clears` at ``now`` may clear some region (the oldest idle
-        one, or an idle span, is past ``clear_delay``)."""
-        if any(now - since >= self.clear_delay for _, _, since in self._idle_spans):
-            return True
-        for since in self._idle.values():
-            return now - since >= self.clear_delay
-        return False
+        """Whether :meth:`due_clears` at ``now`` would consider some region."""
+        return self.lazy.due(now)
 
     def due_clears(self, now: float) -> Out:
         """Clear the bits of regions idle for their clear delay (``clear_delay``, longer
         for regions that keep being marked again right after a clear) that every leg
         holds."""
-        base, delays, cleared = self.clear_delay, self._delay, self._cleared
-        if cleared:  # oldest first, as _idle
-            forget = base * MAX_BACKOFF
-            stale = []
-            for r, when in cleared.items():
-                if now - when < forget:
-                    break
-                stale.append(r)
-            for r in stale:  # stayed clean: back to the base delay
-                del cleared[r]
-                delays.pop(r, None)
-        due = []
-        for r, since in self._idle.items():
-            if now - since < base:
-                break  # neither it nor any younger one is due
-            if now - since >= delays.get(r, base):
-                due.append(r)
-        for r in due:
-            if any(o.test(r) for o in self.oos):
-                del self._idle[r]  # back when a resync ends
-                continue
-            self.bitmap.clear(r)
-            if not self.bitmap.test(r):  # a full page that stays full: retry later
-                del self._idle[r]
-                cleared[r] = now
-        if self._idle_spans:
-            self._clear_spans(now)
+        busy = (*self._held, *self._resync, *self._resync_wait, *self._marking)
+        self.lazy.clear(self.bitmap, self.oos, busy, now)
         return self._progress()
-
-    def _clear_spans(self, now: float) -> None:
-        """Clear the bits of the due idle spans that every leg holds, a page at a time
-        where the page is quiet, one region at a time (within :data:`CLEAR_BUDGET`)
-        where a region of it is busy, marking or idle on its own clock."""
-        pb, bm = self.bitmap.page_bits, self.bitmap
-        busy = {r // pb for r in (*self._held, *self._resync, *self._resync_wait,
-                                  *self._marking, *self._idle)}  # fmt: skip
-        busy.update(self._page_marking)
-        budget = CLEAR_BUDGET
-        keep: list[tuple[int, int, float]] = []
-        for start, stop, since in self._idle_spans:
-            if now - since < self.clear_delay or budget <= 0:
-                keep.append((start, stop, since))
-                continue
-            pos = start
-            while pos < stop and budget > 0:
-                p = pos // pb
-                end = min(stop, (p + 1) * pb)
-                if p not in busy and not any(not o.page_empty(p) for o in self.oos):
-                    bm.clear_range(pos, end)  # quiet page: every leg holds all of it
-                else:
-                    for r in list(bm.iter_range(pos, end)):
-                        budget -= 1
-                        if r in self._idle or r in self._held:
-                            continue
-                        if r in self._resync or r in self._resync_wait or r in self._marking:
-                            continue
-                        if not any(o.test(r) for o in self.oos):
-                            bm.clear(r)
-                pos = end
-            if pos < stop:
-                keep.append((pos, stop, since))
-        self._idle_spans = keep
 
     # --- internals -----------------------------------------------------------------
 
     def _mark(self, r: int) -> None:
         if self.bitmap.test(r):
             return
-        if self._cleared.pop(r, None) is not None:  # cleared too early: back off
-            self._delay[r] = min(2 * self._delay.get(r, self.clear_delay),
-                                 MAX_BACKOFF * self.clear_delay)  # fmt: skip
+        self.lazy.marked_again(r)
         page = r // self.bitmap.page_bits
         self.bitmap.set(r)
         if self.bitmap.is_full(page):

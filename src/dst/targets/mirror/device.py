@@ -301,7 +301,9 @@ class MirrorDevice(BlockDevice):
         live = sum(leg.live for leg in core.legs)
         state = "ok" if ok == len(core.legs) else "degraded" if live else "failed"
         legs = [leg.status() for leg in core.legs]
-        detail: dict[str, Any] = {"legs": legs}
+        detail: dict[str, Any] = {"legs": legs, "readmitted": core.readmitted}
+        if core.last_standing is not None:  # every leg failed: this one comes back first
+            detail["last_standing"] = core.last_standing.dev.name
         if core.ready:
             rh = core.regions
             for leg, d in zip(core.legs, legs, strict=True):
