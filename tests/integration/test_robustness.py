@@ -146,7 +146,7 @@ class Cluster:
         if ns is not None:
             n = start_ns_node(ns, path, size, err)
         else:
-            listen = [f"unix:{self.sockdir}/{name}.sock"]
+            listen = [f"unix:{self.sockdir}/node-{name}.sock"]
             n = start_node(path, listen=listen, args=["--size", str(size)], stderr_path=err)
         self.nodes[name] = n
         return n

@@ -100,6 +100,7 @@ class DiskLog(DirtyLog):
     async def close(self) -> None:
         if self.ref is not None and self.ref.state is State.DIRTY and self.current:
             async with self.lock:
+                await self.flush_legs(sorted(self.current))  # clean: the data is durable
                 await self._write_current(replace(self.ref, state=State.CLEAN))
 
     # --- writes and bitmap batches ---------------------------------------------------

@@ -209,8 +209,7 @@ class MemberStores:
         new = replace(sb, array_uuid=uuid.uuid4(), role=0, member_count=1, spec=spec,
                       state=State.CLEAN, bitmap=0, resync_pos=None)  # fmt: skip
         limit = best_effort(self.leg_timeout)
-        try:
-            await timed(store.device.flush(), limit)
+        try:  # its data as of now stays as it is (not flushed: it is not ours any more)
             await timed(store.write_superblock(new), limit)
         except BlockError as e:
             log.warning("%s: could not mark removed member %s: %r", self.name, name, e)
