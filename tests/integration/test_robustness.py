@@ -248,9 +248,11 @@ def test_a_silent_partition_heals_by_itself(cluster: Cluster, netns: Netns) -> N
     cluster.daemon.dst("stop", "a")
     compare(cluster.leg_data("a"), expected, what="leg a")
     compare(cluster.leg_data("b"), expected, what="leg b")
-    print(f"\npartition: b failed {failed_after:.1f} s after the cut (leg_timeout 3 s), "
-          f"back in sync {healed_after:.1f} s after the link returned; writer's worst "
-          f"latency {worst:.1f} s; idle silent peer detected after {detected_after:.1f} s")  # fmt: skip
+    print(
+        f"\npartition: b failed {failed_after:.1f} s after the cut (leg_timeout 3 s), back "
+        f"in sync {healed_after:.1f} s after the link returned; writer's worst latency "
+        f"{worst:.1f} s; idle silent peer detected after {detected_after:.1f} s"
+    )
     assert detected_after < 30, detected_after  # keepalive: about 10 s
 
 
