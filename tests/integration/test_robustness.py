@@ -35,7 +35,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,14 +44,15 @@ from typing import Any
 import pytest
 
 from dst.meta.layout import layout_for, member_size_for
+from tests.support.cluster import DST, LISTENING, Cluster, Node, remote, run, wait_until
 from tests.support.pattern_client import BLOCK, PatternClient, compare
 
-from .arrays import remote, start_daemon, unix_uri, wait_until, write_spec
-from .helpers import DST, LISTENING, Node, require, run, start_node
+from .helpers import require
 
 pytestmark = pytest.mark.timeout(240)
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 NODE = 16 * MiB  # data per leg of the small arrays
+ARRAY = "t"
 
 
 # -- network namespaces -------------------------------------------------------------------
@@ -113,141 +113,111 @@ def netns() -> Iterator[Netns]:
         run(["ip", "netns", "del", name], check=False)
 
 
-def start_ns_node(ns: Netns, path: Path, size: int, stderr_path: Path) -> Node:
-    """``dst serve`` inside ``ns`` on its address (plain NBD: a test network)."""
+def ns_node(c: Cluster, name: str, ns: Netns, size: int) -> Node:
+    """``dst serve`` inside ``ns`` on its address (plain NBD: a test network); stopped
+    and checked with the cluster's other processes."""
+    path = c.work / f"{name}.img"
     cmd = ["ip", "netns", "exec", ns.name, *DST, "serve", str(path), "--size", str(size)]
     cmd += ["--listen", f"{ns.ip}:0", "--tls", "off"]
-    with open(stderr_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith(LISTENING):
-        proc.kill()
-        raise AssertionError(f"{cmd}: {line!r}\n{stderr_path.read_text()}")
-    return Node(proc, path, [line.strip()[len(LISTENING) :]], stderr_path)
+    node = Node(name, cmd, c.work / f"{name}.stderr", path)
+    line = node.next_line(30)
+    if line is None or not line.startswith(LISTENING):
+        node.started_or_fail("listening")
+    assert line is not None
+    node.uris.append(line[len(LISTENING) :])
+    c.nodes[name] = node
+    c.processes.append(node)
+    return node
 
 
 # -- the cluster ----------------------------------------------------------------------------
 
 
-class Cluster:
-    """Nodes started on demand (unix sockets, or one in a namespace), a ``dst daemon``,
-    arrays created from specs."""
-
-    def __init__(self, tmp: Path, sockdir: Path) -> None:
-        require("nbdcopy", "nbdsh", "nbdinfo")
-        self.tmp, self.sockdir = tmp, sockdir
-        self.nodes: dict[str, Node] = {}
-        self.daemon = start_daemon(sockdir / "control.sock", tmp / "daemon.stderr")
-        self.base_path = tmp / "base.bin"
-
-    def node(self, name: str, size: int, *, ns: Netns | None = None) -> Node:
-        path, err = self.tmp / f"{name}.img", self.tmp / f"{name}.stderr"
-        if ns is not None:
-            n = start_ns_node(ns, path, size, err)
-        else:
-            listen = [f"unix:{self.sockdir}/node-{name}.sock"]
-            n = start_node(path, listen=listen, args=["--size", str(size)], stderr_path=err)
-        self.nodes[name] = n
-        return n
-
-    def mirror(self, names: list[str], **keys: Any) -> str:
-        """Create array ``a``, a mirror over ``names``; its URI."""
-        members = [remote(n, self.nodes[n].uri) for n in names]
-        target = {"type": "mirror", "name": "m", "members": members, **keys}
-        sock = self.sockdir / "a.sock"
-        self.daemon.dst("create", str(write_spec(self.tmp / "a.toml", "a", [f"unix:{sock}"],
-                                                 target)))  # fmt: skip
-        return unix_uri(sock)
-
-    def fill(self, uri: str, size: int) -> bytearray:
-        data = bytearray(os.urandom(size))
-        self.base_path.write_bytes(data)
-        run(["nbdcopy", "--flush", self.base_path, uri])
-        return data
-
-    def read_all(self, uri: str) -> bytes:
-        out = self.tmp / "out.bin"
-        run(["nbdcopy", uri, out])
-        return out.read_bytes()
-
-    def status(self) -> dict[str, Any]:
-        array: dict[str, Any] = self.daemon.status("a")["arrays"][0]
-        return array
-
-    def legs(self) -> list[dict[str, Any]]:
-        legs: list[dict[str, Any]] = self.status()["root"]["detail"]["legs"]
-        return legs
-
-    def states(self) -> list[str]:
-        return [leg["state"] for leg in self.legs()]
-
-    def leg_data(self, name: str) -> bytes:
-        path = self.nodes[name].path
-        with open(path, "rb") as f:
-            return f.read(layout_for(path.stat().st_size).data_size)
-
-    def close(self) -> None:
-        self.daemon.stop()
-        for n in self.nodes.values():
-            n.proc.send_signal(signal.SIGCONT)
-            n.stop(signal.SIGKILL)
+def mirror(c: Cluster, names: list[str], **keys: Any) -> str:
+    """Create array ``t``, a mirror over the nodes ``names``; its URI."""
+    members = [remote(n, c.nodes[n].uri) for n in names]
+    return c.create(ARRAY, {"type": "mirror", "name": "m", "members": members, **keys})
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, sockdir: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, sockdir)
-    try:
-        yield c
-    finally:
-        c.close()
+def fill(c: Cluster, uri: str, size: int) -> bytearray:
+    data = bytearray(os.urandom(size))
+    (c.work / "base.bin").write_bytes(data)
+    run(["nbdcopy", "--flush", c.work / "base.bin", uri])
+    return data
+
+
+def read_all(c: Cluster, uri: str) -> bytes:
+    out = c.work / "out.bin"
+    run(["nbdcopy", uri, out])
+    return out.read_bytes()
+
+
+def legs(c: Cluster) -> list[dict[str, Any]]:
+    legs: list[dict[str, Any]] = c.status(ARRAY)["root"]["detail"]["legs"]
+    return legs
+
+
+def states(c: Cluster) -> list[str]:
+    return [leg["state"] for leg in legs(c)]
+
+
+def leg_data(c: Cluster, name: str) -> bytes:
+    path = c.nodes[name].path
+    with open(path, "rb") as f:
+        return f.read(layout_for(path.stat().st_size).data_size)
 
 
 def writer(c: Cluster, uri: str, n: int, first: int, last: int, **kw: Any) -> PatternClient:
-    pc = PatternClient(uri, c.tmp, client=n, first=first, last=last, **kw)
+    pc = PatternClient(uri, c.work, client=n, first=first, last=last, **kw)
     pc.wait_count(50)
     return pc
+
+
+@pytest.fixture
+def tools() -> None:
+    require("nbdcopy", "nbdsh", "nbdinfo")
 
 
 # -- a silent partition -----------------------------------------------------------------
 
 
-def test_a_silent_partition_heals_by_itself(cluster: Cluster, netns: Netns) -> None:
+def test_a_silent_partition_heals_by_itself(cluster: Cluster, netns: Netns, tools: None) -> None:
     """Node b is cut off for 15 s under a verifying writer: no error, b comes back by
     itself and is resynced; idle, a silent b is detected by keepalive."""
     size = member_size_for(NODE)
+    cluster.start_daemon()
     cluster.node("a", size)
-    cluster.node("b", size, ns=netns)
-    uri = cluster.mirror(["a", "b"], leg_timeout="3s")
-    image = cluster.fill(uri, NODE)
-    w = writer(cluster, uri, 1, 0, NODE // BLOCK, read_every=3, base=cluster.base_path)
+    ns_node(cluster, "b", netns, size)
+    uri = mirror(cluster, ["a", "b"], leg_timeout="3s")
+    image = fill(cluster, uri, NODE)
+    w = writer(cluster, uri, 1, 0, NODE // BLOCK, read_every=3, base=cluster.work / "base.bin")
     netns.link(False)
     cut = time.monotonic()
-    wait_until(lambda: cluster.states()[1] == "failed", "b to time out", timeout=30)
+    wait_until(lambda: states(cluster)[1] == "failed", "b to time out", timeout=30)
     failed_after = time.monotonic() - cut
     before = w.count()
     wait_until(lambda: w.count() > before + 100, "the writer going on degraded")
     time.sleep(max(0.0, 15 - (time.monotonic() - cut)))  # the partition lasts 15 s
     netns.link(True)
     back = time.monotonic()
-    wait_until(lambda: cluster.states() == ["in_sync", "in_sync"], "b back in sync", timeout=60)
+    wait_until(lambda: states(cluster) == ["in_sync", "in_sync"], "b back in sync", timeout=60)
     healed_after = time.monotonic() - back
-    keeper = cluster.status()["root"]["detail"]["keeper"]
+    keeper = cluster.status(ARRAY)["root"]["detail"]["keeper"]
     assert keeper["auto_readds"] >= 1, keeper
     ops = w.finish()
     worst = max(op.latency for op in ops)
     expected = w.apply(image, ops)
-    compare(cluster.read_all(uri), expected, what="array")
+    compare(read_all(cluster, uri), expected, what="array")
     # Idle: no I/O at all; keepalive gives the silent peer up in bounded time.
     netns.link(False)
     idle_cut = time.monotonic()
-    wait_until(lambda: cluster.legs()[1]["health"] != "connected", "keepalive", timeout=60)
+    wait_until(lambda: legs(cluster)[1]["health"] != "connected", "keepalive", timeout=60)
     detected_after = time.monotonic() - idle_cut
     netns.link(True)
-    wait_until(lambda: cluster.legs()[1]["health"] == "connected", "b reconnected", timeout=60)
-    cluster.daemon.dst("stop", "a")
-    compare(cluster.leg_data("a"), expected, what="leg a")
-    compare(cluster.leg_data("b"), expected, what="leg b")
+    wait_until(lambda: legs(cluster)[1]["health"] == "connected", "b reconnected", timeout=60)
+    cluster.daemon.dst("stop", ARRAY)
+    compare(leg_data(cluster, "a"), expected, what="leg a")
+    compare(leg_data(cluster, "b"), expected, what="leg b")
     print(
         f"\npartition: b failed {failed_after:.1f} s after the cut (leg_timeout 3 s), back "
         f"in sync {healed_after:.1f} s after the link returned; writer's worst latency "
@@ -334,18 +304,21 @@ def watch_status(c: Cluster, done: Any) -> float:
     slowest = 0.0
     while not done():
         t = time.monotonic()
-        c.daemon.dst("status", "a", "--json")
+        c.daemon.dst("status", ARRAY, "--json")
         slowest = max(slowest, time.monotonic() - t)
     return slowest
 
 
-def test_full_copies_of_a_terabyte_mirror_are_sparse_and_never_stall(cluster: Cluster) -> None:
+def test_full_copies_of_a_terabyte_mirror_are_sparse_and_never_stall(
+    cluster: Cluster, tools: None
+) -> None:
     """``dst readd --full`` and ``dst replace`` of a 1 TiB leg holding ~1 GiB, under a
     writer: worst latency under 1 s, the control socket answering, the target's
     allocation about the data."""
+    cluster.start_daemon()
     cluster.node("a", TiB)
     cluster.node("b", TiB)
-    uri = cluster.mirror(["a", "b"])
+    uri = mirror(cluster, ["a", "b"])
     size = int(run(["nbdinfo", "--size", uri]).stdout)
     pieces = write_data(uri, size, 5)
     data = CHUNKS * DATA_CHUNK
@@ -358,23 +331,23 @@ def test_full_copies_of_a_terabyte_mirror_are_sparse_and_never_stall(cluster: Cl
         start = w.count()
         t0 = time.monotonic()
         if how == "readd":
-            cluster.daemon.dst("fail", "a", "b")
+            cluster.daemon.dst("fail", ARRAY, "b")
             with open(cluster.nodes["b"].path, "r+b") as f:  # garbage the copy must punch
                 for k in range(8):
                     f.seek((2 * k + 1) * (end // 16))
                     f.write(os.urandom(MiB))
-            cluster.daemon.dst("readd", "a", "b", "--full")
+            cluster.daemon.dst("readd", ARRAY, "b", "--full")
             target = cluster.nodes["b"].path
         else:
             cluster.node("c", TiB)
-            cluster.daemon.dst("replace", "a", "b", "--uri", cluster.nodes["c"].uri,
+            cluster.daemon.dst("replace", ARRAY, "b", "--uri", cluster.nodes["c"].uri,
                                "--name", "c", "--no-wait")  # fmt: skip
             target = cluster.nodes["c"].path
 
         def done(how: str = how) -> bool:
             if how == "readd":
-                return cluster.states() == ["in_sync", "in_sync"]
-            return (cluster.status().get("replace") or {}).get("state") == "finished"
+                return states(cluster) == ["in_sync", "in_sync"]
+            return (cluster.status(ARRAY).get("replace") or {}).get("state") == "finished"
 
         slowest = watch_status(cluster, done)
         took = time.monotonic() - t0
@@ -386,7 +359,7 @@ def test_full_copies_of_a_terabyte_mirror_are_sparse_and_never_stall(cluster: Cl
         assert allocated(target) < data + data // 4 + 16 * MiB, (how, allocated(target))
     w.finish()
     check_data(uri, pieces)
-    cluster.daemon.dst("stop", "a")
+    cluster.daemon.dst("stop", ARRAY)
     same_sparse(cluster.nodes["a"].path, cluster.nodes["c"].path, end)
     for how, (took, alloc, worst, slowest, n) in results.items():
         print(f"\n{how} of a 1 TiB leg holding {data // MiB} MiB: {took:.1f} s, target "
@@ -397,65 +370,70 @@ def test_full_copies_of_a_terabyte_mirror_are_sparse_and_never_stall(cluster: Cl
 # -- degraded assembly ----------------------------------------------------------------
 
 
-def test_degraded_assembly_from_one_member_then_a_new_node(cluster: Cluster) -> None:
+def test_degraded_assembly_from_one_member_then_a_new_node(cluster: Cluster, tools: None) -> None:
     size = member_size_for(NODE)
+    cluster.start_daemon()
     cluster.node("a", size)
     cluster.node("b", size)
-    uri = cluster.mirror(["a", "b"])
-    image = cluster.fill(uri, NODE)
-    cluster.daemon.proc.kill()  # the daemon and node b are gone for good
-    cluster.daemon.proc.wait()
-    cluster.nodes["b"].stop(signal.SIGKILL)
-    cluster.daemon = start_daemon(cluster.sockdir / "control2.sock", cluster.tmp / "d2.stderr")
+    uri = mirror(cluster, ["a", "b"])
+    image = fill(cluster, uri, NODE)
+    cluster.daemon.kill()  # the daemon and node b are gone for good
+    cluster.nodes["b"].kill()
+    cluster.start_daemon()
     refused = cluster.daemon.dst("assemble", cluster.nodes["a"].uri, check=False)
     assert refused.returncode != 0 and "--degraded" in refused.stderr, refused.stderr
     cluster.daemon.dst("assemble", cluster.nodes["a"].uri, "--degraded")
-    st = cluster.status()  # the array came back under its name, on its socket
-    assert [(x["name"], x["state"]) for x in cluster.legs()] == [("a", "in_sync"), ("b", "failed")]
-    assert "missing" in cluster.legs()[1]["reason"], st
-    compare(cluster.read_all(uri), image, what="degraded")
+    st = cluster.status(ARRAY)  # the array came back under its name, on its socket
+    assert [(x["name"], x["state"]) for x in legs(cluster)] == [("a", "in_sync"), ("b", "failed")]
+    assert "missing" in legs(cluster)[1]["reason"], st
+    compare(read_all(cluster, uri), image, what="degraded")
     w = writer(cluster, uri, 1, 0, NODE // BLOCK)
     cluster.node("c", size)
-    cluster.daemon.dst("replace", "a", "b", "--uri", cluster.nodes["c"].uri, "--name", "c")
-    assert [(x["name"], x["state"]) for x in cluster.legs()] == [("a", "in_sync"), ("c", "in_sync")]
+    cluster.daemon.dst("replace", ARRAY, "b", "--uri", cluster.nodes["c"].uri, "--name", "c")
+    assert [(x["name"], x["state"]) for x in legs(cluster)] == [("a", "in_sync"), ("c", "in_sync")]
     expected = w.apply(image, w.finish())
-    compare(cluster.read_all(uri), expected, what="after the rebuild")
-    cluster.daemon.dst("stop", "a")
-    compare(cluster.leg_data("c"), expected, what="leg c")
+    compare(read_all(cluster, uri), expected, what="after the rebuild")
+    cluster.daemon.dst("stop", ARRAY)
+    compare(leg_data(cluster, "c"), expected, what="leg c")
 
 
 # -- never zero in-sync legs by timeouts ------------------------------------------------
 
 
-def test_both_legs_time_out_and_the_last_one_comes_back_by_itself(cluster: Cluster) -> None:
+def test_both_legs_time_out_and_the_last_one_comes_back_by_itself(
+    cluster: Cluster, tools: None
+) -> None:
     """Both nodes SIGSTOPped past leg_timeout under a writer (its write fails: no leg
     answers), then SIGCONT: the leg that failed last is re-admitted, the other re-added
     from it; every acknowledged write is on both."""
     size = member_size_for(NODE)
+    cluster.start_daemon()
     cluster.node("a", size)
     cluster.node("b", size)
-    uri = cluster.mirror(["a", "b"], leg_timeout="2s")
-    image = cluster.fill(uri, NODE)
+    uri = mirror(cluster, ["a", "b"], leg_timeout="2s")
+    image = fill(cluster, uri, NODE)
     w = writer(cluster, uri, 1, 0, NODE // BLOCK)
-    for n in ("a", "b"):
-        cluster.nodes[n].proc.send_signal(signal.SIGSTOP)
-    wait_until(lambda: w.proc.poll() is not None, "the writer's write to fail", timeout=60)
-    st = cluster.status()
-    assert st["root"]["state"] == "failed", st["root"]
-    last = st["root"]["detail"]["last_standing"]  # whichever timed out last
-    reasons = {leg["name"]: leg["reason"] for leg in cluster.legs()}
-    assert [n for n, why in reasons.items() if "failed last" in why] == [last], reasons
-    for n in ("a", "b"):
-        cluster.nodes[n].proc.send_signal(signal.SIGCONT)
-    wait_until(lambda: cluster.states() == ["in_sync", "in_sync"], "both legs back", timeout=60)
-    detail = cluster.status()["root"]["detail"]
+    try:
+        for n in ("a", "b"):
+            cluster.nodes[n].proc.send_signal(signal.SIGSTOP)
+        wait_until(lambda: w.proc.poll() is not None, "the writer's write to fail", timeout=60)
+        st = cluster.status(ARRAY)
+        assert st["root"]["state"] == "failed", st["root"]
+        last = st["root"]["detail"]["last_standing"]  # whichever timed out last
+        reasons = {leg["name"]: leg["reason"] for leg in legs(cluster)}
+        assert [n for n, why in reasons.items() if "failed last" in why] == [last], reasons
+    finally:
+        for n in ("a", "b"):
+            cluster.nodes[n].proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: states(cluster) == ["in_sync", "in_sync"], "both legs back", timeout=60)
+    detail = cluster.status(ARRAY)["root"]["detail"]
     assert detail["readmitted"] == 1, detail
     ops = w.finish(expect="error")
     doubt = w.in_doubt()
     expected = w.apply(image, ops)
-    compare(cluster.read_all(uri), expected, doubts=[doubt] if doubt else [], what="array")
-    cluster.daemon.dst("stop", "a")
-    a, b = cluster.leg_data("a"), cluster.leg_data("b")
+    compare(read_all(cluster, uri), expected, doubts=[doubt] if doubt else [], what="array")
+    cluster.daemon.dst("stop", ARRAY)
+    a, b = leg_data(cluster, "a"), leg_data(cluster, "b")
     assert a == b, "legs differ"
     compare(a, expected, doubts=[doubt] if doubt else [], what="legs")
     print(json.dumps(detail.get("keeper", {})))

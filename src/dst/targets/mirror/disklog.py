@@ -233,7 +233,7 @@ class DiskLog(DirtyLog):
         async with self.lock:
             self.current.add(leg)
             self._stale = True
-            self._settled.clear()
+            self.unsettled = True
 
     async def format_new(self, leg: int) -> None:
         await self._format(leg, new_generation(self.stores.known()), inconsistent=True)
