@@ -136,3 +136,28 @@ async def test_timed_out_legs_reconnect_and_the_last_one_comes_back_by_itself(
         await m.close()
         for server in servers:
             await server.close(timeout=5)
+
+
+async def test_a_resync_target_alone_acknowledges_nothing() -> None:
+    """Every leg in sync failed while a resync target holds some regions: a write to
+    them fails (EIO) rather than being acknowledged by the incomplete leg alone, so the
+    leg that failed last still holds every acknowledged write (in-memory log too)."""
+    legs = [FaultDevice(MemoryDevice(SIZE), name=f"leg{i}") for i in range(3)]
+    m = MirrorDevice(legs, region_size=R, leg_timeout=TIMEOUT)
+    await m.open()
+    await m.fail_leg(2)
+    await m.readd(2, full=True)
+    await m.resync_region(0, [2])  # leg 2 holds region 0 now, and nothing else
+    legs[0].kill()
+    legs[1].kill()
+    with pytest.raises(BlockError):
+        await m.write(0, b"x" * 4096)  # fails legs 0 and 1
+    with pytest.raises(BlockError):
+        await m.write(0, b"y" * 4096)  # leg 2 alone may not acknowledge it
+    assert m.core.last_standing is m.legs[1]
+    legs[1].revive()
+    await m.readd(1)
+    assert m.health().state == "degraded"
+    await m.write(0, b"z" * 4096)
+    assert await m.read(0, 4096) == b"z" * 4096
+    await m.close()

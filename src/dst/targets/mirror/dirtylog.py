@@ -133,7 +133,11 @@ class DirtyLog:
     # --- leg failures and generations --------------------------------------------------
 
     def leg_down(self, leg: int) -> None:
-        """``leg`` failed; a current leg makes the log unsettled (persistent logs)."""
+        """``leg`` failed; a current leg makes the log unsettled (persistent logs; the
+        core log only when it was the last one: from then on nothing is acknowledged,
+        not even by a resync target that holds the regions, until a leg is current)."""
+        if self.current == {leg}:
+            self.unsettled = True
         self.current.discard(leg)
 
     async def settle(self) -> None:
@@ -141,6 +145,7 @@ class DirtyLog:
         is left (then nothing holds every acknowledged write)."""
         if not self.current:
             raise BlockError(errno.EIO, f"{self.name}: no leg in sync is left")
+        self.unsettled = False
 
     async def leg_synced(self, leg: int, *, everyone: bool) -> None:
         """``leg`` holds every region now: it becomes current (``everyone``: every leg
