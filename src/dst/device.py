@@ -225,6 +225,13 @@ class BlockDevice:
 
         return stop
 
+    def reset(self, reason: str) -> None:
+        """A request did not come back in time: drop the connections below (they
+        reconnect in the background; requests in flight fail at once).  Nothing for a
+        device without one; the default passes it to every child."""
+        for c in self.children():
+            c.reset(reason)
+
     # -- suspend and live reconfiguration (dm's lifecycle; the gates suspend) -----------
 
     @property

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from dst.array.daemon import Daemon
 from dst.array.spec import ArraySpec, MirrorSpec, RemoteSpec
-from dst.errors import DstError
+from dst.errors import ControlError, DstError
 from dst.meta.layout import member_size_for
 from dst.nbd.server import TlsMode
 from dst.net.address import Address, parse_address
@@ -274,7 +274,17 @@ async def up(opts: UpOptions) -> int:
         from dst.admin import reload_logged
 
         loop.add_signal_handler(signal.SIGHUP, reload_logged, daemon)
-        array = await daemon.create(spec)
+        try:
+            array = await daemon.create(spec)
+        except ControlError as exc:
+            if opts.config is not None or exc.code != "refused":
+                raise
+            raise DstError(
+                f"{exc}\n{opts.data_dir} holds the members dst up started last time "
+                "(node-a.img, node-b.img); after dst replace, add or remove the array's "
+                "members are others: start it from them with dst daemon and dst assemble "
+                "MEMBER..., or give dst up another --dir for a new cluster"
+            ) from None
         pki = opts.pki if opts.tls and opts.config is None else None
         print(usage(array.exports, opts.control, pki=pki), flush=True)
         await _show(daemon, stop, live=opts.live)

@@ -94,7 +94,10 @@ def test_from_bytes_without_memory_is_full_and_changed() -> None:
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["set", "clear", "srange", "crange"]), st.integers(0, 299)),
+    st.tuples(
+        st.sampled_from(["set", "clear", "srange", "crange", "union", "wipe"]),
+        st.integers(0, 299),
+    ),
     max_size=60,
 )
 
@@ -108,7 +111,16 @@ def test_model(seq: list[tuple[str, int]], max_pages: int | None) -> None:
     disk = bytearray(bm.npages * bm.page_len)
     for op, i in seq:
         span = range(i, min(300, i + 40)) if op in ("srange", "crange") else range(i, i + 1)
-        if op in ("set", "srange"):
+        if op == "union":
+            other = Bitmap(300, page_bits=64)
+            other.set_range(i, min(300, i + 90))
+            other.set((i * 7) % 300)
+            bm.update(other)
+            model.update(other)
+        elif op == "wipe":
+            bm.clear_all()
+            model.clear()
+        elif op in ("set", "srange"):
             bm.set_range(span.start, span.stop)
             model.update(span)
         else:
@@ -123,5 +135,46 @@ def test_model(seq: list[tuple[str, int]], max_pages: int | None) -> None:
         assert bm.count() == len(got)
         assert all(bm.test(j) == (j in got) for j in range(300))
         assert [j for a, b in bm.ranges() for j in range(a, b)] == sorted(got)
+        assert bm.next_set(i) == min((j for j in got if j >= i), default=None)
+        assert bm.next_clear(i, 250) == min((j for j in range(i, 250) if j not in got), default=250)
         assert bytes(disk) == bm.to_bytes()  # changed pages are all the disk needs
         assert set(Bitmap.from_bytes(300, disk, page_bits=64)) == got
+
+
+def test_bulk_operations_on_a_terabyte_of_regions_are_quick() -> None:
+    """16 Mi regions (1 TiB in 64 KiB regions): whole-range operations cost per page."""
+    import time
+
+    n = 1 << 24
+    bm = Bitmap(n)
+    t = time.monotonic()
+    assert len(bm.set_range(0, n)) == bm.npages
+    assert bm.count() == n and list(bm.ranges()) == [(0, n)]
+    other = Bitmap(n)
+    other.update(bm)
+    bm.clear_range(5, n - 5)
+    assert list(bm.ranges()) == [(0, 5), (n - 5, n)]
+    assert bm.next_set(5) == n - 5 and bm.next_clear(0) == 5
+    assert time.monotonic() - t < 2.0  # a per-bit loop would take tens of seconds
+
+
+@settings(max_examples=200)
+@given(st.lists(st.lists(st.integers(0, 299), max_size=40), min_size=1, max_size=3))
+def test_union_runs_and_count(sets: list[list[int]]) -> None:
+    from dst.meta.bitmap import union_count, union_run
+
+    bms = []
+    for bits in sets:
+        bm = Bitmap(300, page_bits=64)
+        for i in bits:
+            bm.set(i)
+        bms.append(bm)
+    union = set().union(*map(set, sets))
+    assert union_count(bms) == len(union)
+    got: list[int] = []
+    pos = 0
+    while (run := union_run(bms, pos)) is not None:
+        got.extend(range(*run))
+        assert run[1] == 300 or run[1] not in union
+        pos = run[1]
+    assert got == sorted(union)

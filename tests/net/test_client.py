@@ -164,3 +164,42 @@ async def test_client_with_a_request_timeout_refuses_the_fast_path(
     assert c.submit_read(0, 4096, Completion()) is None
     assert disk.taken == []
     await c.close()
+
+
+# -- a silent peer ------------------------------------------------------------------------
+
+
+async def test_member_connections_carry_keepalive_and_abort_fails_requests() -> None:
+    """TCP keepalive with short intervals and TCP_USER_TIMEOUT on a member connection;
+    abort() drops it (requests in flight fail with the reason) and when_lost fires."""
+    import socket
+
+    from dst.net.client import MEMBER_KEEPALIVE
+    from tests.support.fastpath import Disk
+
+    disk = Disk(SIZE, name="ka", mode="manual")
+    server = NbdServer({"": disk}, tls=None)
+    (address,) = await server.start("127.0.0.1:0")
+    assert isinstance(address, Address)
+    try:
+        c = await NbdClient.connect(address, keepalive=MEMBER_KEEPALIVE)
+        sock = c._proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 5
+        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", 18)
+        assert sock.getsockopt(socket.IPPROTO_TCP, user_timeout) == 10_000
+        lost = asyncio.Event()
+        c.when_lost(lost.set)
+        pending = asyncio.ensure_future(c.read(0, 4096))
+        await until(lambda: len(disk.queued) == 1, "the read to reach the server")
+        c.abort("no answer within 10 s")
+        with pytest.raises(ConnectionLost, match="no answer within 10 s"):
+            await pending
+        await asyncio.wait_for(lost.wait(), 5)
+        assert not c.connected
+        await c.close()
+    finally:
+        disk.finish_all()
+        await server.close(timeout=1)

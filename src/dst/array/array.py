@@ -22,9 +22,10 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from dst.array.build import build, export_address, export_security, index
+from dst.array.build import build, export_address, export_security, index, label
 from dst.array.keeper import MirrorKeeper, keepers
 from dst.array.replacing import ReplaceJob
 from dst.array.spec import ArraySpec, SpecError
@@ -81,7 +82,7 @@ class Array:
             spec = self._spec
             try:
                 security = export_security(spec)  # TLS credentials, ACL file
-                tree = await build(spec.target, io_timeout=spec.io_timeout)
+                tree = await build(spec.target, io_timeout=spec.io_timeout, label=label(spec))
             except BlockError as exc:
                 raise ControlError("node-unreachable", f"{self.name}: {exc}") from None
             except ConfigError as exc:
@@ -100,7 +101,7 @@ class Array:
                 await server.close()
                 self._stop_keepers()
                 await tree.close()
-                raise ControlError("listen-failed", f"{self.name}: cannot listen: {exc}") from None
+                raise ControlError("listen-failed", _listen_failed(self.name, spec, exc)) from None
             self.root, self.server, self.state = root, server, "running"
             uris = [export_address(spec, a).uri() for a in bound]
             self.exports = [u if not names[0] else _with_export(u, names[0]) for u in uris]
@@ -206,6 +207,16 @@ class Array:
             else stopped_status(spec.target),
             "spec": spec_to_dict(spec),
         }
+
+
+def _listen_failed(name: str, spec: ArraySpec, exc: Exception) -> str:
+    """Why the array cannot listen, naming its addresses (and a missing directory)."""
+    where = ", ".join(map(str, spec.listen))
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    for a in spec.listen:
+        if a.is_unix and not Path(a.path).parent.is_dir():
+            why += f" (the directory {Path(a.path).parent} of unix:{a.path} does not exist)"
+    return f"{name}: cannot listen on {where}: {why}"
 
 
 def _with_export(uri: str, export: str) -> str:

@@ -4,14 +4,24 @@ Theory of operation
 -------------------
 Every member of a mirror carries a superblock (:mod:`dst.meta.superblock`) naming its
 array (UUID and name), its role (leg index), the member count, the region size and
-the layout, including the node names the legs had.  :func:`probe` reads the
-superblock of one member -- a local path or an NBD URI -- without changing
-anything; :func:`assemble_spec` checks the members found belong together (one array
-UUID, every role present exactly once) and returns the array spec that rebuilds the
-mirror with each member in its role, wherever it lives now (a node may come back on
-another port or path).  Starting that spec does the rest: the mirror picks the most
-recent generation among its members, resyncs out-of-date legs from the bitmap, and
-after a crash resyncs only the regions marked dirty.
+the layout, including the node names the legs had, and the array's own name and
+export addresses.  :func:`probe` reads the superblock of one member -- a local path
+or an NBD URI -- without changing anything; :func:`assemble_spec` checks the members
+found belong together (one array UUID, every role present exactly once) and returns
+the array spec that rebuilds the mirror with each member in its role, wherever it lives
+now (a node may come back on another port or path), under the array's recorded name and
+listen addresses unless told otherwise.  Starting that spec does the rest: the mirror
+picks the most recent generation among its members, resyncs out-of-date legs from the
+bitmap, and after a crash resyncs only the regions marked dirty.
+
+Degraded assembly (mdadm's ``--run``): with ``degraded`` the members given may be a
+subset; the others take their roles as ``missing`` members (failed until ``dst
+replace`` puts a node in their place).  It is refused, saying why, unless the members
+given hold the newest data the array's superblocks know of: the pure classification
+of :mod:`dst.meta.members` picks the reference among them (split brain is refused), and
+the reference must be *consistent* -- a member that was a resync target is incomplete.
+A member left out that wrote on its own afterwards is told apart when it comes back
+(split brain, refused), never merged.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import Any
 
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
+from dst.meta.members import reference
 from dst.meta.store import MetaStore
 from dst.meta.superblock import MetadataError, Superblock
 from dst.net.address import Address, parse_address
@@ -88,11 +99,14 @@ def assemble_spec(
     name: str | None = None,
     listen: Sequence[str] = (),
     export: str | None = None,
+    degraded: bool = False,
 ) -> dict[str, Any]:
-    """The array spec document (``{"array": ...}``) for the members ``found``.
+    """The array spec document (``{"array": ...}``) for the members ``found``; the
+    array's recorded name, listen addresses and export name unless given.
 
-    Raises AssembleError if they belong to different arrays, a role is missing or
-    given twice, or the members disagree on the array's shape.
+    Raises AssembleError if they belong to different arrays, a role is given twice, a
+    role is missing (unless ``degraded``), the members disagree on the array's shape,
+    or (``degraded``) they cannot guarantee the newest data.
     """
     if not found:
         raise AssembleError("no members given")
@@ -114,19 +128,25 @@ def assemble_spec(
             raise AssembleError(f"{f.location} and {by_role[f.sb.role].location} are both "
                                 f"member {f.sb.role} of the array")  # fmt: skip
         by_role[f.sb.role] = f
-    missing = [str(r) for r in range(count) if r not in by_role]
-    if missing:
+    array_name = found[0].sb.array_name
+    missing = [r for r in range(count) if r not in by_role]
+    if missing and not degraded:
         raise AssembleError(
-            f"member(s) {', '.join(missing)} of {count} not given: the array "
-            f"{found[0].sb.array_name!r} needs all its members to be assembled"
+            f"member(s) {', '.join(map(str, missing))} of {count} not given: the array "
+            f"{array_name!r} needs all its members to be assembled (--degraded starts it "
+            "without them, if those given hold the newest data)"
         )
+    if missing:
+        _check_degraded(by_role, array_name)
     names = newest.spec.get("names")
     legs = []
     for role in range(count):
-        node = dict(by_role[role].node)
-        if isinstance(names, list) and role < len(names) and isinstance(names[role], str):
-            node["name"] = names[role]
-        legs.append(node)
+        recorded = names[role] if isinstance(names, list) and role < len(names) else None
+        leg_name = recorded if isinstance(recorded, str) else f"leg{role}"
+        if role in by_role:
+            legs.append({**by_role[role].node, "name": leg_name})
+        else:
+            legs.append({"type": "missing", "name": leg_name})
     mirror_name = newest.array_name or "mirror"
     target = {
         "type": "mirror",
@@ -134,10 +154,34 @@ def assemble_spec(
         "region_size": newest.region_size,
         "members": legs,
     }
-    array: dict[str, Any] = {"name": name or mirror_name, "listen": list(listen), "target": target}
-    if export is not None:
+    label = newest.spec.get("array")
+    label = label if isinstance(label, dict) else {}
+    recorded_listen = [a for a in label.get("listen") or () if isinstance(a, str)]
+    array: dict[str, Any] = {
+        "name": name or label.get("name") or mirror_name,
+        "listen": list(listen) or recorded_listen,
+        "target": target,
+    }
+    export = export if export is not None else label.get("export")
+    if isinstance(export, str):
         array["export"] = export
     return {"array": array}
+
+
+def _check_degraded(by_role: dict[int, Found], array: str) -> None:
+    """Refuse a degraded start unless the members given hold the newest data."""
+    sbs = {role: f.sb for role, f in by_role.items()}
+    try:
+        ref = reference(sbs, array=array)
+    except MetadataError as e:
+        raise AssembleError(f"not started degraded: {e}") from None
+    if sbs[ref].inconsistent:
+        who = ", ".join(f.location for f in by_role.values())
+        raise AssembleError(
+            f"not started degraded: no member given holds {array!r}'s data in full "
+            f"({who}: being resynced when last written, so incomplete); give a member "
+            "that was in sync"
+        )
 
 
 async def probe_all(locations: Sequence[str], *, connect_timeout: float = 10.0) -> list[Found]:

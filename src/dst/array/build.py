@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from dst.array.spec import (
     LinearSpec,
     MemorySpec,
     MirrorSpec,
+    MissingSpec,
     RemoteSpec,
     StripeSpec,
     TargetSpec,
@@ -38,12 +40,22 @@ from dst.targets.linear import LinearDevice
 from dst.targets.member import Member
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import MirrorDevice
+from dst.targets.missing import MissingDevice
 from dst.targets.remote import RemoteDevice
 from dst.targets.stripe import StripeDevice
 
 
-def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> BlockDevice:
+def construct(
+    target: TargetSpec,
+    *,
+    io_timeout: float,
+    replay: bool = True,
+    label: Mapping[str, Any] | None = None,
+) -> BlockDevice:
     """The unopened device for ``target``.  Raises ConfigError.
+
+    ``label`` (the array's name and export addresses) is recorded in the superblocks of
+    a mirror at the top, so ``dst assemble`` brings the array back as it was.
 
     Remote leaves reconnect in the background.  With ``replay`` (members of linear and
     stripe targets) a request caught by an outage waits up to ``io_timeout`` for the
@@ -62,6 +74,8 @@ def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> 
     if isinstance(target, MemorySpec):
         mem = MemoryDevice(target.size, name=target.name)
         return Member(mem, name=target.name, where="")
+    if isinstance(target, MissingSpec):
+        return Member(MissingDevice(name=target.name), name=target.name, where="")
     if isinstance(target, RemoteSpec):
         remote = RemoteDevice(
             target.uri,
@@ -93,13 +107,17 @@ def construct(target: TargetSpec, *, io_timeout: float, replay: bool = True) -> 
             clear_delay=target.clear_delay,
             resync_rate=target.resync_rate,
             resync_min_rate=target.resync_min_rate,
+            label=label,
         )
     raise ConfigError(f"unknown target type {type(target).__name__}")
 
 
-async def build(target: TargetSpec, *, io_timeout: float) -> BlockDevice:
-    """Construct and open the tree for ``target``.  Raises BlockError, ConfigError."""
-    dev = construct(target, io_timeout=io_timeout)
+async def build(
+    target: TargetSpec, *, io_timeout: float, label: Mapping[str, Any] | None = None
+) -> BlockDevice:
+    """Construct and open the tree for ``target`` (``label``: see :func:`construct`).
+    Raises BlockError, ConfigError."""
+    dev = construct(target, io_timeout=io_timeout, label=label)
     try:
         await dev.open()
     except BaseException:
@@ -118,6 +136,11 @@ def index(root: BlockDevice) -> dict[str, BlockDevice]:
         found.setdefault(dev.name, dev)
         stack.extend(dev.children())
     return found
+
+
+def label(spec: ArraySpec) -> dict[str, Any]:
+    """What a mirror's superblocks record of the array it is the top of."""
+    return {"name": spec.name, "listen": [str(a) for a in spec.listen], "export": spec.export}
 
 
 def export_security(spec: ArraySpec) -> dict[str, Any]:

@@ -15,11 +15,17 @@ The array attaches one :class:`MirrorKeeper` to every redundant target
   ``readd``, which checks the member's superblock: a member that
   is merely behind is resynced from the bitmap (delta), an unknown or diverged one
   is *refused* and stays failed with the reason in status until the operator
-  decides (``dst readd NODE --full`` discards its data).  Only legs that failed
-  because their node went away are re-added automatically: not legs failed by the
-  operator (``dst fail``), nor legs whose node answered with errors or not in time
-  on a live connection (a failing disk is not trusted again without the operator:
-  ``dst readd``).  A re-add that fails is retried with exponential backoff (capped);
+  decides (``dst readd NODE --full`` discards its data).  Legs that failed because
+  their node went away are re-added automatically, and so are legs that did not
+  answer in time: the mirror drops a timed-out leg's connection
+  (:meth:`~dst.device.BlockDevice.reset`), so a silent partition heals by reconnect
+  and delta resync like any outage.  Not re-added automatically: legs failed by the
+  operator (``dst fail``), and legs whose node answered with errors on a live
+  connection (a failing disk is not trusted again without the operator: ``dst
+  readd``).  When every leg failed, the one that failed last is taken back first
+  (the mirror's ``readd`` re-admits it as it is: it holds every acknowledged write)
+  and the others are re-added from it; their attempts are retried meanwhile.  A
+  re-add that fails is retried with exponential backoff (capped);
 * runs **verify** jobs (compare, or repair from one leg) in the background, with
   progress for status.
 
@@ -71,6 +77,7 @@ class VerifyJob:
             "regions_done": r.checked,
             "regions_total": r.regions,
             "bytes": r.bytes,
+            "skipped": r.skipped,
             "rate": r.bytes / elapsed if elapsed > 0 else 0.0,
             "mismatched": list(r.mismatched[:100]),
             "mismatched_count": len(r.mismatched),
@@ -257,6 +264,7 @@ class MirrorKeeper:
                 continue
             if leg.opened and leg.dev not in self._lost:
                 continue  # failed by I/O errors on a live connection: the operator decides
+            # (a leg that timed out had its connection dropped: it is in _lost)
             if leg.opened and leg.dev.health().state not in HEALTHY:
                 continue  # its node is still away; the reconnect will kick us
             if now < self._next_try.get(i, 0.0):

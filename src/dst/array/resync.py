@@ -2,23 +2,31 @@
 
 Theory of operation
 -------------------
-A :class:`Resync` copies, region by region in increasing order, every region that one
-of its *target* legs misses (the mirror's out-of-sync sets: what a failed leg missed,
-everything for a full resync, or the dirty regions after a crash) from a leg that
-holds it.  Each copy is :meth:`dst.targets.mirror.MirrorDevice.resync_region`: it holds
-the region's range lock and resync lock, so writes to *that* region wait while writes
-and reads elsewhere keep flowing, and a write that raced the copy is applied after it
-on every leg.  When a pass ends, regions that were missed again meanwhile (a new
-failure) are copied in a further pass; a target that misses nothing becomes a full
-member (:meth:`~dst.targets.mirror.MirrorDevice.resync_done`: it adopts the current
-generation; when every leg is in sync the bitmap generation is cleared).
+A :class:`Resync` copies every region that one of its *target* legs misses (the
+mirror's out-of-sync sets: what a failed leg missed, everything for a full resync, or
+the dirty regions after a crash) from a leg that holds it, in increasing order.  The
+regions are walked lazily as runs of the targets' out-of-sync bitmaps
+(:func:`~dst.meta.bitmap.union_run`: a bitmap page at a time, whatever the device size)
+and planned into spans by the source's block status (:func:`dst.targets.copier.plan`):
+holes are punched on the targets, data is copied (DESIGN.md semantics 11), so time and
+space follow the data, not the device size.  Each span is
+:meth:`dst.targets.mirror.MirrorDevice.resync_span`: it holds the span's byte range, so
+writes to *that* range wait while writes and reads elsewhere keep flowing, and a write
+that raced the copy is applied after it on every leg.  When a pass ends, regions that
+were missed again meanwhile (a new failure) are copied in a further pass; a target that
+misses nothing becomes a full member (:meth:`~dst.targets.mirror.MirrorDevice.
+resync_done`: it adopts the current generation; when every leg is in sync the bitmap
+generation is cleared).  Progress says the kind (``full`` when the targets missed
+everything, else ``delta``) and the bytes skipped as holes; a resync whose targets all
+left ends ``stopped`` (the operator took them out) or ``failed`` (they failed), never
+``done``.
 
-The copy engine is the shared region copier (:class:`dst.targets.copier.Copier`, paced
-by its :class:`~dst.targets.copier.RateLimit`: ``max_rate`` bytes per second while the
+The copy engine is the shared copier (:class:`dst.targets.copier.Copier`, paced by its
+:class:`~dst.targets.copier.RateLimit`: ``max_rate`` bytes of data per second while the
 array is idle, ``min_rate`` while foreground requests arrive).  One leg may have a
-limit of its own (``leg_limits``: the new leg of a ``dst replace
---rate``): the copies to it are paced by that limit instead of the mirror's, and a
-region copied to several legs at once waits for each of their limits.
+limit of its own (``leg_limits``: the new leg of a ``dst replace --rate``): the copies
+to it are paced by that limit instead of the mirror's, and a span copied to several
+legs at once waits for each of their limits.
 
 Restarts: every ``checkpoint_interval`` seconds the position is persisted
 (``resync_pos`` in the superblocks, see
@@ -28,7 +36,8 @@ from the persisted bitmap, which only still holds the regions not yet copied.
 
 :class:`Resyncer` runs resyncs in the mirror's task set whenever the mirror asks
 (``resync_wanted``: a leg was re-added, or the array opened with legs to catch up).
-:func:`verify` compares the legs region by region online and optionally repairs.
+:func:`verify` compares the legs span by span online (a hole on every leg is equal
+without reading it) and optionally repairs.
 """
 
 from __future__ import annotations
@@ -41,12 +50,13 @@ from typing import Any
 
 from dst.device import BlockDevice
 from dst.errors import ConfigError
-from dst.targets.copier import Copier, RateLimit
+from dst.meta.bitmap import union_count, union_run
+from dst.targets.copier import Copier, Moved, RateLimit, Span, plan
 from dst.targets.mirror import LegState
 from dst.targets.redundant import Redundant
 
 log = logging.getLogger(__name__)
-DEFAULT_DEPTH = 8  # regions a resync copies at once
+DEFAULT_DEPTH = 8  # spans a resync copies at once
 
 
 class Resync:
@@ -72,14 +82,16 @@ class Resync:
         # The caller's mapping itself, not a copy: a leg's limit may come and go.
         self.leg_limits: Mapping[BlockDevice, RateLimit] = {} if leg_limits is None else leg_limits
         self.checkpoint_interval = checkpoint_interval
-        self.depth = max(1, depth)  # regions copied at once
+        self.depth = max(1, depth)  # spans copied at once
         self.targets: list[int] = []
+        self.note = ""  # why it ended early (a target left)
         self.copier = Copier(
             name=f"{mirror.name}: resync",
             depth=depth,
             pace=self._pace,
             checkpoint=self._checkpoint,
             interval=checkpoint_interval,
+            region_size=self.regions.region_size,
         )
         self._last_ops = mirror.io_ops
 
@@ -101,7 +113,7 @@ class Resync:
 
     @property
     def advanced(self) -> asyncio.Event:
-        """Set after every region (status watchers)."""
+        """Set after every span (status watchers)."""
         return self.copier.advanced
 
     def _targets(self) -> list[int]:
@@ -112,23 +124,16 @@ class Resync:
             if rh.missing(i) and (self.wanted is None or i in self.wanted)
         ]
 
-    def _todo(self, targets: Sequence[int]) -> Iterator[int]:
-        """Regions some target misses, in increasing order (one bitmap page at a time)."""
-        oos = self.regions.tracker.oos
-        bm = oos[0]
-        for p in range(bm.npages):
-            value = 0
-            for t in targets:
-                if oos[t].count():
-                    value |= int.from_bytes(oos[t].page_bytes(p), "little")
-            base = p * bm.page_bits
-            while value:
-                low = value & -value
-                yield base + low.bit_length() - 1
-                value ^= low
-
-    def _count(self, targets: Sequence[int]) -> int:
-        return sum(1 for _ in self._todo(targets))
+    def _runs(self, targets: Sequence[int]) -> Iterator[tuple[int, int]]:
+        """Runs of regions some live target misses, in increasing order (lazily)."""
+        pos = 0
+        while live := self._live(targets):
+            oos = self.regions.tracker.oos  # replaced on membership changes: read afresh
+            run = union_run([oos[t] for t in live], pos)
+            if run is None:
+                return
+            yield run
+            pos = run[1]
 
     def _limits(self, targets: Sequence[int]) -> dict[RateLimit, int]:
         """The limits a copy to ``targets`` waits for, each with its number of targets."""
@@ -143,35 +148,52 @@ class Resync:
     async def run(self) -> None:
         """Copy until the targets hold every region; then they become full members.
 
-        Up to ``depth`` regions are copied at once (each under its own range and
-        resync locks), in increasing order; the persisted resync position is the
-        lowest region still being copied, so a restart redoes nothing that is not done.
-        A pass that could not copy some region ends the resync (state ``failed``; a
-        later resync retries) rather than spinning on it.
+        Up to ``depth`` spans are copied at once (each under its own range lock), in
+        increasing order; the persisted resync position is the first region still being
+        copied, so a restart redoes nothing that is not done.  A pass that could not
+        copy some span ends the resync (state ``failed``; a later resync retries)
+        rather than spinning on it; so does a pass whose targets all left.
         """
         copier = self.copier
+        rh = self.regions
         while targets := self._targets():
             self.targets = targets
-            copier.total = copier.done + self._count(targets)
+            oos = rh.tracker.oos
+            count = union_count([oos[t] for t in targets])
+            if not copier.kind:
+                copier.kind = "full" if count >= rh.nregions else "delta"
+            copier.total = copier.done + count
             errors = copier.errors
-            await copier.run(self._while_live(targets), self._region_bytes, self._copy)
+            alive = lambda: bool(self._live(self.targets))  # noqa: E731
+            spans = plan(
+                self._runs(targets), self.mirror.block_status, region_size=rh.region_size,
+                size=self.mirror.size, alive=alive,
+            )  # fmt: skip
+            await copier.run(spans, self._copy, alive=alive)
             if copier.errors > errors:
                 break  # unreadable regions: do not spin; a later resync retries
+            if self._left(targets):
+                break
         for t in self.targets:
             await self.mirror.resync_done(t)
         await self.mirror.resync_checkpoint(None, self.targets)
         if copier.state == "pending":
             copier.state = "done"  # nothing was missing
 
-    def _while_live(self, targets: Sequence[int]) -> Iterator[int]:
-        """The regions ``targets`` miss, until none of them is attached any more."""
-        for r in self._todo(targets):
-            if not self._live(targets):
-                return
-            yield r
-
-    def _region_bytes(self, region: int) -> int:
-        return self.mirror.region_range(region)[1]
+    def _left(self, targets: Sequence[int]) -> bool:
+        """True if every target of the pass left (failed or taken out): the resync
+        ends ``stopped`` (by the operator) or ``failed``, saying why."""
+        gone = [t for t in targets if t not in self.regions.attached]
+        legs = self.mirror.legs
+        why = [f"leg {t} ({legs[t].dev.name}): {legs[t].reason}" for t in gone if t < len(legs)]
+        if why:
+            self.note = "; ".join(why)
+            log.warning("%s: resync target left: %s", self.mirror.name, self.note)
+        if len(gone) < len(targets):
+            return False
+        by_operator = all(t < len(legs) and "operator" in legs[t].reason for t in gone)
+        self.copier.state = "stopped" if by_operator else "failed"
+        return True
 
     async def _pace(self, region: int, nbytes: int) -> None:
         ops = self.mirror.io_ops
@@ -186,21 +208,25 @@ class Resync:
     def _live(self, targets: Sequence[int]) -> list[int]:
         return [t for t in targets if t in self.regions.attached]
 
-    async def _copy(self, region: int) -> int:
+    async def _copy(self, span: Span) -> Moved:
         targets = self._live(self.targets)
         if not targets:
-            return 0
-        return await self.mirror.resync_region(region, targets)
+            return Moved()
+        return await self.mirror.resync_span(span, targets)
 
     def progress(self) -> dict[str, Any]:
-        """Status: state, targets, regions done/total, bytes, rate (B/s), ETA (s)."""
+        """Status: state, kind, targets, regions done/total, bytes, skipped, rate (B/s),
+        ETA (s), and why it ended early (``error``)."""
         bpr = self.regions.region_size * max(len(self.targets), 1)
-        return {
+        out = {
             **self.copier.progress(bytes_per_region=bpr),
             "targets": list(self.targets),
             "max_rate": self.limit.max_rate,
             "min_rate": self.limit.min_rate,
         }
+        if self.note:
+            out["error"] = self.note
+        return out
 
 
 class Resyncer:
@@ -283,7 +309,8 @@ class VerifyReport:
 
     regions: int = 0
     checked: int = 0
-    bytes: int = 0
+    bytes: int = 0  # compared
+    skipped: int = 0  # holes on every leg: equal without reading
     mismatched: list[int] = field(default_factory=list)
     repaired: list[int] = field(default_factory=list)
 
@@ -292,6 +319,7 @@ class VerifyReport:
             "regions": self.regions,
             "checked": self.checked,
             "bytes": self.bytes,
+            "skipped": self.skipped,
             "mismatched": list(self.mismatched),
             "repaired": list(self.repaired),
         }
@@ -306,7 +334,7 @@ async def verify(
     min_rate: float | None = None,
     progress: Callable[[VerifyReport], None] | None = None,
 ) -> VerifyReport:
-    """Compare the legs online, region by region; report the regions that differ.
+    """Compare the legs online, span by span; report the regions that differ.
 
     With ``repair`` the other legs are rewritten from ``source`` (default: the first
     leg in sync).  Raises ConfigError if ``source`` is not in sync, BlockError if a leg
@@ -318,7 +346,8 @@ async def verify(
         if mirror.legs[source].state is not LegState.IN_SYNC:
             raise ConfigError(f"leg {source} is not in sync", where="source")
     limit = RateLimit(max_rate=max_rate, min_rate=min_rate)
-    report = VerifyReport(regions=mirror.regions.nregions)
+    rh = mirror.regions
+    report = VerifyReport(regions=rh.nregions)
     last_ops = mirror.io_ops
 
     async def pace(region: int, nbytes: int) -> None:
@@ -326,20 +355,22 @@ async def verify(
         busy, last_ops = mirror.io_ops != last_ops, mirror.io_ops
         await limit.pace(nbytes, busy)
 
-    async def check(region: int) -> int:
-        differ = await mirror.verify_region(region, repair_from=source if repair else None)
-        _, n = mirror.region_range(region)
-        report.checked += 1
-        report.bytes += n
-        if differ:
-            report.mismatched.append(region)
-            if repair:
-                report.repaired.append(region)
+    async def check(span: Span) -> Moved:
+        moved, differ = await mirror.verify_span(span, repair_from=source if repair else None)
+        report.checked += span.count
+        report.bytes += moved.copied
+        report.skipped += moved.skipped
+        report.mismatched = sorted(report.mismatched + differ)
+        if repair:
+            report.repaired = sorted(report.repaired + differ)
         if progress is not None:
             progress(report)
-        return n
+        return moved
 
-    copier = Copier(name=f"{mirror.name}: verify", depth=1, pace=pace, stop_on_error=True)
-    copier.total = report.regions
-    await copier.run(range(report.regions), lambda r: mirror.region_range(r)[1], check)
+    copier = Copier(name=f"{mirror.name}: verify", depth=4, pace=pace, stop_on_error=True,
+                    region_size=rh.region_size)  # fmt: skip
+    copier.kind, copier.total = "verify", report.regions
+    spans = plan([(0, rh.nregions)], mirror.verify_status, region_size=rh.region_size,
+                 size=mirror.size)  # fmt: skip
+    await copier.run(spans, check)
     return report

@@ -18,7 +18,7 @@ Document shape::
 
     [array]                       name, listen = [...], export, io_timeout, acl
     [array.tls]                   mode, certificates, verify_peer, psk (the export)
-    [array.target]                type = mirror|linear|stripe|remote|file|memory
+    [array.target]                type = mirror|linear|stripe|remote|file|memory|missing
     [[array.target.members]]      members of a composite, recursively
 
 Security (:mod:`dst.net.tls`, :mod:`dst.net.acl`): ``[array.tls]`` is the export's
@@ -87,6 +87,15 @@ class MemorySpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MissingSpec:
+    """A mirror leg that is not there (``dst assemble --degraded``): it stays failed
+    until ``dst replace`` puts a node in its place."""
+
+    KIND: ClassVar[str] = "missing"
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RemoteSpec:
     """An NBD export: a dst node, nbdkit, qemu-nbd or another array."""
 
@@ -146,9 +155,12 @@ class MirrorSpec:
     clear_delay: float = DEFAULT_CLEAR_DELAY
 
 
-TargetSpec: TypeAlias = FileSpec | MemorySpec | RemoteSpec | LinearSpec | StripeSpec | MirrorSpec
+TargetSpec: TypeAlias = (
+    FileSpec | MemorySpec | RemoteSpec | MissingSpec | LinearSpec | StripeSpec | MirrorSpec
+)
 KINDS: dict[str, type[TargetSpec]] = {
-    c.KIND: c for c in (FileSpec, MemorySpec, RemoteSpec, LinearSpec, StripeSpec, MirrorSpec)
+    c.KIND: c
+    for c in (FileSpec, MemorySpec, RemoteSpec, MissingSpec, LinearSpec, StripeSpec, MirrorSpec)
 }
 
 

@@ -33,6 +33,7 @@ from dst.array.spec import (
     LinearSpec,
     MemorySpec,
     MirrorSpec,
+    MissingSpec,
     RemoteSpec,
     SpecError,
     StripeSpec,
@@ -219,6 +220,7 @@ def _name(t: _Table, k: str, *, required: bool = False) -> str:
 _KEYS = {
     "file": ("path", "size", "read_only"),
     "memory": ("size",),
+    "missing": (),
     "remote": ("uri",),
     "linear": ("members",),
     "stripe": ("members", "chunk_size"),
@@ -250,6 +252,8 @@ def _target(t: _Table, *extra: str) -> TargetSpec:
         )
     elif kind == "memory":
         result = MemorySpec(name=name, size=t.size("size"))
+    elif kind == "missing":
+        result = MissingSpec(name=name)
     elif kind == "remote":
         text = t.text("uri")
         try:
@@ -379,6 +383,8 @@ def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
         d["size"] = size(t.size)
     elif isinstance(t, RemoteSpec):
         d["uri"] = t.uri.uri()
+    elif isinstance(t, MissingSpec):
+        pass
     elif isinstance(t, LinearSpec):
         d["members"] = [_part_to_dict(p, human=human) for p in t.members]
     elif isinstance(t, StripeSpec):

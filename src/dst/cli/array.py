@@ -102,17 +102,27 @@ def add_array_commands(sub: Any) -> None:
         "rebuild a mirror from its members",
         "Read the superblocks of the members (local paths or NBD URIs), check they are "
         "all the members of one array, and start that array in the daemon with each "
-        "member in its role.  Out-of-date members are resynced from the bitmap; after a "
-        "crash only the regions marked dirty are copied.",
+        "member in its role, under its recorded name and export addresses.  Out-of-date "
+        "members are resynced from the bitmap; after a crash only the regions marked "
+        "dirty are copied.  With --degraded the members given may be a subset (mdadm's "
+        "--run): the others stay failed until 'dst replace' puts a node in their place; "
+        "refused, saying why, unless the members given hold the newest data.",
     )
     p.add_argument("members", metavar="MEMBER", nargs="+", help="path or NBD URI of a member")
+    p.add_argument("--name", help="array name (default: the one the superblocks recorded)")
     p.add_argument(
-        "--name", help="array name (default: the mirror's name recorded in the superblocks)"
+        "--listen",
+        metavar="ADDR",
+        action="append",
+        default=[],
+        help="export address, repeatable (default: the recorded ones)",
     )
     p.add_argument(
-        "--listen", metavar="ADDR", action="append", default=[], help="export address (repeat)"
+        "--export",
+        metavar="NAME",
+        help="export name (default: the recorded one, or '' and the name)",
     )
-    p.add_argument("--export", metavar="NAME", help="export name (default: '' and the name)")
+    p.add_argument("--degraded", action="store_true", help="start without the members not given")
     p.add_argument("--dry-run", action="store_true", help="print the spec, start nothing")
     for verb, what in (
         (
@@ -231,6 +241,7 @@ def run_array(args: argparse.Namespace) -> int:
             listen=args.listen,
             export=args.export,
             dry_run=args.dry_run,
+            degraded=args.degraded,
         )
     if cmd in ("suspend", "resume"):
         node_args = {"array": args.array} | ({"node": args.node} if args.node else {})

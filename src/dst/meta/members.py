@@ -8,8 +8,10 @@ superblocks say.  The decisions are pure functions of those superblocks, shared 
 * :func:`identify` -- the members belong to one array (one array UUID, the expected one
   if given) and agree on the region size; every member sits in its own role.
 * :func:`reference` -- the member with the newest generation (MD's highest event count
-  among the members nobody is ahead of); split brain (two members that both wrote after
-  a common generation) is refused: the operator must pick one.
+  among the members nobody is ahead of), a consistent one if there is one (a member
+  flagged *inconsistent* was a resync target: its data is incomplete, DRBD's
+  Inconsistent); split brain (two members that both wrote after a common generation)
+  is refused: the operator must pick one.
 * :func:`verdict` -- what one member is next to the reference: *current* (same
   generation), a resync target that misses the regions of the bitmap (delta) or
   everything from a resume position on (full), or refused (split brain, ahead).
@@ -62,6 +64,14 @@ def identify(
     ``names`` (by index) and ``array`` only word the errors.
     """
     uuids = {sb.array_uuid for sb in sbs.values()}
+    gone = [i for i, sb in sbs.items() if sb.spec.get("removed_from")]
+    if gone and (len(uuids) > 1 or expected not in (None, *uuids)):
+        who = ", ".join(f"leg {i} ({names[i]})" for i in gone)
+        raise MetadataError(
+            f"{array}: {who} left the array (dst replace or dst remove) and is not a "
+            "member any more: start the array from its current members (dst assemble "
+            "MEMBER...)"
+        )
     if expected is None and len(uuids) > 1:
         who = "; ".join(
             f"leg {i} ({names[i]}): member of {sb.array_name!r} ({sb.array_uuid})"
@@ -108,6 +118,7 @@ _AHEAD = (Relation.AHEAD, Relation.AHEAD_FULL)
 def reference(sbs: Mapping[int, Superblock], *, array: str) -> int:
     """The member (index) with the newest generation; MetadataError on split brain."""
     cands = [i for i in sbs if not any(compare(sbs[i], sbs[j]) in _AHEAD for j in sbs)]
+    cands = [i for i in cands if not sbs[i].inconsistent] or cands
     for a in cands:
         for b in cands:
             if a < b and compare(sbs[a], sbs[b]) is Relation.DIVERGED:
@@ -126,6 +137,10 @@ def verdict(ref: Superblock, sb: Superblock, *, nbits: int, nregions: int) -> Ve
     recorded the same one (it was the target of that resync).
     """
     rel = compare(ref, sb)
+    if rel is Relation.SAME and sb.inconsistent:  # a full resync of it was under way
+        pos = ref.resync_pos if sb.resync_pos == ref.resync_pos else None
+        return Verdict(LegState.RESYNCING, "full resync (it was being resynced)",
+                       full_from=min(pos or 0, nregions))  # fmt: skip
     if rel is Relation.SAME:
         return Verdict(LegState.IN_SYNC, "", current=True)
     if rel is Relation.BEHIND:  # it misses at most what the bitmap holds

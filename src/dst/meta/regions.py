@@ -21,12 +21,10 @@ A region's life::
   made while it is persisted join the next one, so a burst of writes costs one
   metadata write, not one per data write; a MetaWrite carries a snapshot of the
   changed 4 KiB bitmap pages, so later changes never leak into it and batches reach
-  the disk in order.  Lazy clearing keeps hot regions dirty: steady writes to them
-  need no metadata I/O at all.  The delay adapts per region: one marked again soon
-  after its bit was cleared (two metadata writes wasted) waits twice as long before
-  the next clear, up to ``MAX_BACKOFF`` times ``clear_delay``, and returns to
-  ``clear_delay`` once it has stayed clean that long.  The price is a bigger bitmap
-  (more to resync after a crash) while a write pattern keeps revisiting regions.
+  the disk in order.  Lazy clearing (:mod:`dst.meta.clearing`, with a delay that
+  adapts per region) keeps hot regions dirty: steady writes to them need no metadata
+  I/O at all.  The price is a bigger bitmap (more to resync after a crash) while a
+  write pattern keeps revisiting regions.
 * A write may proceed only when the mark of each of its regions is on disk and none
   of them is resynced (or waiting to be).  A write holds its regions from
   :meth:`begin_write` to :meth:`end_write`; held regions are never cleared.
@@ -36,7 +34,15 @@ A region's life::
   union is kept; which leg misses what is recovered from the generations of
   :mod:`dst.meta.superblock` (a BEHIND leg misses every set bit).
 * Resync of a region takes its lock: it waits until no write is active there, and
-  new writes to the region wait until :meth:`end_resync`.
+  new writes to the region wait until :meth:`end_resync`.  A copy of a whole span of
+  regions (the sparse copier's holes) is done under the caller's byte-range lock
+  instead, and reported with :meth:`synced`.
+
+Huge sets of regions (a full resync of a 1 TiB member is 16 Mi regions) are never
+walked region by region: :meth:`leg_missed` and :meth:`settled` take a ``range`` or a
+:class:`~dst.meta.bitmap.Bitmap` and work a bitmap page at a time (such marks are
+tracked per page: a page being persisted holds back writes to its regions); spans of
+settled regions are cleared lazily a page at a time (:mod:`dst.meta.clearing`).
 """
 
 from __future__ import annotations
@@ -45,9 +51,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from dst.meta.bitmap import PAGE_BITS, Bitmap
+from dst.meta.clearing import LazyClear
 from dst.meta.layout import DEFAULT_CLEAR_DELAY
 
-MAX_BACKOFF = 8  # a region's clear delay grows up to this many times clear_delay
+Regions = Iterable[int] | range | Bitmap  # a range or a Bitmap is handled in bulk
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,16 +119,8 @@ class RegionTracker:
         self._held: dict[int, int] = {}  # region -> waiting + proceeding writes
         self._resync: set[int] = set()
         self._resync_wait: dict[int, None] = {}
-        # region -> idle since (clear candidates), oldest first: a region is always
-        # (re)inserted at the end with the time it became idle, so a scan for due ones
-        # stops at the first that is not (every clear delay is clear_delay or longer).
-        self._idle: dict[int, float] = {}
-        # Adaptive lazy clear: a region marked again soon after its bit was cleared
-        # (a mark and a clear wasted, each a metadata write + flush) waits twice as
-        # long before its next clear, up to MAX_BACKOFF times clear_delay; it is
-        # forgotten once it stays clean for a while.
-        self._delay: dict[int, float] = {}  # region -> its clear delay, if not the base
-        self._cleared: dict[int, float] = {}  # region -> when its bit was last cleared
+        self.lazy = LazyClear(clear_delay)
+        self._idle = self.lazy.regions  # region -> idle since (clear candidates)
         # Pages of ``bitmap`` changed since it was read (e.g. pages that went full in
         # memory when loaded) are not on disk yet: they go out with the first batch.
         for p in self.bitmap.changed_pages():
@@ -242,22 +241,69 @@ class RegionTracker:
         """``leg`` gets writes again; what it missed stays out of sync until resynced."""
         self.down.discard(leg)
 
-    def leg_missed(self, leg: int, regions: Iterable[int]) -> Out:
+    def leg_missed(self, leg: int, regions: Regions) -> Out:
         """``leg`` misses ``regions`` (e.g. every set bit of a BEHIND member)."""
+        if isinstance(regions, range) and regions.step == 1:
+            if regions:
+                self.oos[leg].set_range(regions.start, regions.stop)
+                self._mark_pages(self.bitmap.set_range(regions.start, regions.stop))
+            return self._progress()
+        if isinstance(regions, Bitmap):
+            self.oos[leg].update(regions)
+            self._mark_pages(self.bitmap.update(regions))
+            return self._progress()
         for r in regions:
             self._idle.pop(r, None)
             self._mark(r)
             self.oos[leg].set(r)
         return self._progress()
 
-    def settled(self, regions: Iterable[int], now: float) -> None:
+    def leg_readmitted(self, leg: int) -> Out:
+        """Every leg had failed and ``leg``, the one that failed last, holds every
+        acknowledged write: it is attached again holding every region; what it was
+        recorded as missing (writes that reached no leg) the others miss too.  Every
+        bitmap page is persisted again before a write proceeds (nothing was persisted
+        while no leg was attached)."""
+        mine = self.oos[leg]
+        for i, o in enumerate(self.oos):
+            if i != leg:
+                o.update(mine)
+        mine.clear_all()
+        self.down.discard(leg)
+        pages = range(self.bitmap.npages)
+        self.bitmap.touch(pages)
+        self._mark_pages(pages)
+        return self._progress()
+
+    def settled(self, regions: Regions, now: float) -> None:
         """``regions`` hold the same data on every leg (e.g. bits loaded after a clean
         shutdown, or checked by a resync): let their bits be cleared lazily."""
+        if isinstance(regions, range) and regions.step == 1:
+            if regions:
+                self.lazy.span(regions.start, regions.stop, now)
+            return
+        if isinstance(regions, Bitmap):
+            pb = regions.page_bits
+            pos = 0  # a span per run of pages holding bits (cleared a page at a time)
+            while (first := regions.next_set(pos)) is not None:
+                p = first // pb
+                while p + 1 < regions.npages and not regions.page_empty(p + 1):
+                    p += 1
+                pos = min((p + 1) * pb, regions.nbits)
+                self.lazy.span(first, pos, now)
+            return
         idle = self._idle
         for r in regions:
             if r not in self._held and r not in self._resync and r not in self._resync_wait:
                 idle.pop(r, None)
                 idle[r] = now
+
+    def synced(self, legs: Iterable[int], start: int, stop: int, now: float) -> None:
+        """``legs`` now hold regions ``[start, stop)``, copied under the caller's range
+        lock (no write was active there); their bits are cleared lazily."""
+        for leg in legs:
+            self.oos[leg].clear_range(start, stop)
+        self.lazy.span(start, stop, now)
 
     # --- resync --------------------------------------------------------------------
 
@@ -289,41 +335,15 @@ class RegionTracker:
         return self._progress()
 
     def clears_due(self, now: float) -> bool:
-        """Whether :meth:`due_clears` at ``now`` may clear some region (the oldest idle
-        one is past ``clear_delay``): O(1)."""
-        for since in self._idle.values():
-            return now - since >= self.clear_delay
-        return False
+        """Whether :meth:`due_clears` at ``now`` would consider some region."""
+        return self.lazy.due(now)
 
     def due_clears(self, now: float) -> Out:
         """Clear the bits of regions idle for their clear delay (``clear_delay``, longer
         for regions that keep being marked again right after a clear) that every leg
         holds."""
-        base, delays, cleared = self.clear_delay, self._delay, self._cleared
-        if cleared:  # oldest first, as _idle
-            forget = base * MAX_BACKOFF
-            stale = []
-            for r, when in cleared.items():
-                if now - when < forget:
-                    break
-                stale.append(r)
-            for r in stale:  # stayed clean: back to the base delay
-                del cleared[r]
-                delays.pop(r, None)
-        due = []
-        for r, since in self._idle.items():
-            if now - since < base:
-                break  # neither it nor any younger one is due
-            if now - since >= delays.get(r, base):
-                due.append(r)
-        for r in due:
-            if any(o.test(r) for o in self.oos):
-                del self._idle[r]  # back when a resync ends
-                continue
-            self.bitmap.clear(r)
-            if not self.bitmap.test(r):  # a full page that stays full: retry later
-                del self._idle[r]
-                cleared[r] = now
+        busy = (*self._held, *self._resync, *self._resync_wait, *self._marking)
+        self.lazy.clear(self.bitmap, self.oos, busy, now)
         return self._progress()
 
     # --- internals -----------------------------------------------------------------
@@ -331,15 +351,19 @@ class RegionTracker:
     def _mark(self, r: int) -> None:
         if self.bitmap.test(r):
             return
-        if self._cleared.pop(r, None) is not None:  # cleared too early: back off
-            self._delay[r] = min(2 * self._delay.get(r, self.clear_delay),
-                                 MAX_BACKOFF * self.clear_delay)  # fmt: skip
+        self.lazy.marked_again(r)
         page = r // self.bitmap.page_bits
         self.bitmap.set(r)
         if self.bitmap.is_full(page):
             self._page_marking[page] = self._next
         else:
             self._marking[r] = self._next
+
+    def _mark_pages(self, pages: Iterable[int]) -> None:
+        """Bits of ``pages`` were set in bulk: the next batch persists them, and writes
+        to their regions wait for it."""
+        for p in pages:
+            self._page_marking[p] = self._next
 
     def _may_write(self, w: _Write) -> bool:
         return all(

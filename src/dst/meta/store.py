@@ -4,11 +4,14 @@ Theory of operation
 -------------------
 A :class:`MetaStore` owns the metadata area of one member :class:`BlockDevice` (see
 :mod:`dst.meta.layout`).  Superblock writes alternate between the two slots, each with
-the serial of the last one plus one, and are followed by a flush, so at every moment
-one slot holds a complete, durable copy; :meth:`load` takes the newest valid one (a
-corrupt or unreadable slot falls back to the other).  Bitmap pages are written as the
-4 KiB blocks a :class:`dst.meta.regions.MetaWrite` carries (contiguous pages in one
-request), then flushed.  Superblock writes are serialised by a lock; bitmap writes are
+the serial of the last one plus one, each a FUA write (durable by itself, without a
+flush of the whole member: a flush behind a member's dirty data can take seconds, and
+superblocks are written while I/O waits, e.g. when a leg fails), so at every moment one
+slot holds a complete, durable copy; :meth:`load` takes the newest valid one (a corrupt
+or unreadable slot falls back to the other).  Whoever needs the data durable before a
+superblock flushes first (``flush_first`` in the mirror's stores).  Bitmap pages are
+written as the 4 KiB blocks a :class:`dst.meta.regions.MetaWrite` carries (contiguous
+pages in one request), with FUA.  Superblock writes are serialised by a lock; bitmap writes are
 serialised by the tracker (one batch in flight).
 
 Errors: device failures propagate as :class:`dst.errors.BlockError` (the member is
@@ -56,8 +59,10 @@ class MetaStore:
         region_size: int = DEFAULT_REGION_SIZE,
         array_name: str = "",
         spec: Mapping[str, Any] | None = None,
+        inconsistent: bool = False,
     ) -> Superblock:
-        """Write fresh metadata (clean bitmap, both slots).  Data is not touched.
+        """Write fresh metadata (clean bitmap, both slots).  Data is not touched;
+        ``inconsistent``: the member joins as a resync target.
 
         Raises ValueError if the member is too small, MetadataError if name/spec do
         not fit, BlockError on I/O failure.
@@ -73,6 +78,7 @@ class MetaStore:
             array_name=array_name,
             spec=dict(spec or {}),
             current=generation,
+            inconsistent=inconsistent,
         )
         encode(sb)  # fail before touching the device
         await self.device.write_zeroes(lay.bitmap_offset, lay.bitmap_size)
@@ -121,8 +127,7 @@ class MetaStore:
             assert self.sb is not None
             new = replace(sb, serial=self.sb.serial + 1)
             slot = 1 - self._slot
-            await self.device.write(lay.sb_offsets[slot], encode(new))
-            await self.device.flush()
+            await self.device.write(lay.sb_offsets[slot], encode(new), fua=True)
             self.sb, self._slot = new, slot
         return new
 

@@ -23,7 +23,7 @@ Slot format (4096 bytes, little endian)::
      88     8  current generation
      96     8  bitmap generation  (0: the bitmap is write intent only)
     104    32  history: 4 previous generations, newest first, 0-padded
-    136     4  flags              (bit 0: dirty)
+    136     4  flags              (bit 0: dirty; bit 1: inconsistent, a resync target)
     140     4  reserved (0)
     144     8  resync position    (region index; all ones: none)
     152     2  name length N, then N bytes UTF-8 array name
@@ -76,6 +76,7 @@ NO_RESYNC = (1 << 64) - 1
 _HDR = struct.Struct(f"<8sIIQ16s16sIIQQQQQ{HISTORY_LEN}QIIQ")
 _CRC_OFF = SB_SLOT - 4
 _FLAG_DIRTY = 1
+_FLAG_INCONSISTENT = 2  # the member is a resync target: its data is incomplete
 
 
 class MetadataError(DstError):
@@ -117,6 +118,7 @@ class Superblock:
     history: tuple[int, ...] = ()
     state: State = State.CLEAN
     resync_pos: int | None = None
+    inconsistent: bool = False  # a resync target until it adopts the current generation
     serial: int = 0
 
 
@@ -130,7 +132,9 @@ def encode(sb: Superblock) -> bytes:
     head = _HDR.pack(
         MAGIC, VERSION, _HDR.size, sb.serial, sb.array_uuid.bytes, sb.member_uuid.bytes,
         sb.role, sb.member_count, sb.data_size, sb.region_size, sb.events, sb.current,
-        sb.bitmap, *hist, _FLAG_DIRTY if sb.state is State.DIRTY else 0, 0,
+        sb.bitmap, *hist,
+        (_FLAG_DIRTY if sb.state is State.DIRTY else 0)
+        | (_FLAG_INCONSISTENT if sb.inconsistent else 0), 0,
         NO_RESYNC if sb.resync_pos is None else sb.resync_pos,
     )  # fmt: skip
     body = head + struct.pack("<H", len(name)) + name + struct.pack("<H", len(spec)) + spec
@@ -171,6 +175,7 @@ def decode(slot: bytes | bytearray | memoryview) -> Superblock:
         current=f[11], bitmap=f[12], history=tuple(h for h in hist if h),
         state=State.DIRTY if flags & _FLAG_DIRTY else State.CLEAN,
         resync_pos=None if resync == NO_RESYNC else resync, array_name=name, spec=spec,
+        inconsistent=bool(flags & _FLAG_INCONSISTENT),
     )  # fmt: skip
 
 
@@ -214,13 +219,15 @@ def synced(sb: Superblock) -> Superblock:
 
 
 def adopt(sb: Superblock, source: Superblock) -> Superblock:
-    """This member was brought up to date from ``source``: take its generations."""
+    """This member was brought up to date from ``source``: take its generations (it is
+    consistent again)."""
     return replace(
         sb,
         current=source.current,
         bitmap=source.bitmap,
         history=source.history,
         resync_pos=None,
+        inconsistent=False,
         events=max(sb.events, source.events) + 1,
     )
 

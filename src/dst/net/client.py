@@ -18,13 +18,19 @@ become :class:`BlockError` with the mapped errno; a per-request ``timeout`` give
 ETIMEDOUT; losing the connection (or a server breaking the protocol) fails every
 in-flight request with :class:`ConnectionLost`.  Reads and writes longer than the
 server's maximum block size are split.
+
+A silent peer: a TCP connection can be given :class:`~dst.net.clientproto.Keepalive`
+(a peer cut off by the network is given up in bounded time even without I/O);
+:meth:`NbdClient.abort` drops a connection whose peer did not answer in time, and
+:meth:`NbdClient.when_lost` tells the owner as soon as a connection is gone, idle or
+not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -35,9 +41,11 @@ from dst.nbd.constants import Cmd, CmdFlags, Opt, Rep, StateFlags, TransmissionF
 from dst.nbd.events import Reply
 from dst.net.address import Address, parse_address
 from dst.net.clientproto import (
+    MEMBER_KEEPALIVE,
     ClientProtocol,
     ConnectionLost,
     Export,
+    Keepalive,
     negotiate,
     next_event,
     open_connection,
@@ -46,7 +54,7 @@ from dst.net.clientproto import (
 )
 from dst.net.tls import TlsInfo, client_config
 
-__all__ = ["ConnectionLost", "NbdClient", "list_exports"]
+__all__ = ["MEMBER_KEEPALIVE", "ConnectionLost", "Keepalive", "NbdClient", "list_exports"]
 
 _TF = TransmissionFlags
 _READ, _WRITE, _FUA = int(Cmd.READ), int(Cmd.WRITE), int(CmdFlags.FUA)
@@ -75,8 +83,10 @@ class NbdClient:
         *,
         timeout: float | None = 30.0,  # noqa: ASYNC109
         request_timeout: float | None = None,
+        keepalive: Keepalive | None = None,
     ) -> NbdClient:
-        """Connect and negotiate.  ``export_name`` defaults to the address's export.
+        """Connect and negotiate.  ``export_name`` defaults to the address's export;
+        ``keepalive`` applies to TCP connections.
 
         Raises ConnectionLost (a BlockError) when the server cannot be reached, hangs
         up or the TLS handshake fails, ServerRefused when it refuses the export or TLS,
@@ -86,7 +96,7 @@ class NbdClient:
         addr = parse_address(address, where="NBD server address")
         name = addr.export if export_name is None else export_name
         async with asyncio.timeout(timeout):
-            _, proto = await open_connection(addr)
+            _, proto = await open_connection(addr, keepalive)
             try:
                 found = await negotiate(proto, addr, name)
             except BaseException:
@@ -129,6 +139,24 @@ class NbdClient:
     @property
     def connected(self) -> bool:
         return self._proto.lost is None
+
+    @property
+    def lost(self) -> BlockError | None:
+        """Why the connection is gone (None while connected)."""
+        return self._proto.lost
+
+    def when_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the connection is gone (lost, aborted or closed)."""
+        self._proto.closed.add_done_callback(lambda _: callback())
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now (its peer did not answer in time): requests in
+        flight fail with :class:`ConnectionLost` carrying ``reason``."""
+        proto = self._proto
+        if proto.lost is None:
+            proto.lost = ConnectionLost(f"connection dropped: {reason}")
+        if proto.transport is not None:
+            proto.transport.abort()
 
     # --- requests -----------------------------------------------------------------
 

@@ -24,6 +24,10 @@ a server that will not do TLS is a ServerRefused), upgrades the transport with
 negotiates everything else inside TLS.  A failed TLS handshake (unknown CA, wrong
 host name, a refused client certificate) is a ConnectionLost naming the reason.  A
 plain client meeting a server that requires TLS gets a ServerRefused saying so.
+
+A TCP connection can carry :class:`Keepalive` (TCP keepalive with short intervals, and
+``TCP_USER_TIMEOUT`` for data left unacknowledged), so a peer cut off by the network is
+given up in bounded time even without I/O (:attr:`ClientProtocol.closed` resolves).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 from dst.device import Done
@@ -48,6 +53,37 @@ from dst.net.tls import ClientTlsConfig, TlsInfo, client_config, session_info
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """TCP keepalive for a connection whose peer may fall silent: the first probe after
+    ``idle`` seconds without traffic, then every ``interval`` seconds, ``count`` probes;
+    unacknowledged data aborts the connection after the same total (TCP_USER_TIMEOUT)."""
+
+    idle: float = 5.0
+    interval: float = 1.0
+    count: int = 5
+
+    @property
+    def bound(self) -> float:
+        """Seconds after which a silent peer is given up (idle or not)."""
+        return self.idle + self.interval * self.count
+
+    def apply(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (
+            ("TCP_KEEPIDLE", max(1, round(self.idle))),
+            ("TCP_KEEPINTVL", max(1, round(self.interval))),
+            ("TCP_KEEPCNT", max(1, self.count)),
+            ("TCP_USER_TIMEOUT", max(1, round(self.bound * 1000))),
+        ):
+            opt = getattr(socket, name, None)
+            if opt is not None:  # Linux has them all
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+MEMBER_KEEPALIVE = Keepalive()  # the array's connections to its nodes
+
+
 class ConnectionLost(BlockError):
     """The connection to the server is gone; in-flight requests failed with EIO."""
 
@@ -58,7 +94,8 @@ class ConnectionLost(BlockError):
 class ClientProtocol(asyncio.Protocol):
     """Byte pump between the transport and the codec of one client (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keepalive: Keepalive | None = None) -> None:
+        self.keepalive = keepalive
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.hs = hsc.ClientHandshake()
@@ -78,6 +115,8 @@ class ClientProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.keepalive is not None:
+                self.keepalive.apply(sock)
 
     def data_received(self, data: bytes) -> None:
         if self.parser is None:
@@ -182,15 +221,19 @@ class ClientProtocol(asyncio.Protocol):
         self.out = []
 
 
-async def open_connection(address: str | Address) -> tuple[Address, ClientProtocol]:
-    """Connect to ``address``.  Raises ConnectionLost when it cannot be reached."""
+async def open_connection(
+    address: str | Address, keepalive: Keepalive | None = None
+) -> tuple[Address, ClientProtocol]:
+    """Connect to ``address`` (``keepalive`` for TCP).  Raises ConnectionLost when it
+    cannot be reached."""
     addr = parse_address(address, where="NBD server address")
     loop = asyncio.get_running_loop()
+    factory = partial(ClientProtocol, keepalive)
     try:
         if addr.is_unix:
-            _, proto = await loop.create_unix_connection(ClientProtocol, addr.path)
+            _, proto = await loop.create_unix_connection(factory, addr.path)
         else:
-            _, proto = await loop.create_connection(ClientProtocol, addr.host, addr.port)
+            _, proto = await loop.create_connection(factory, addr.host, addr.port)
     except OSError as exc:
         raise ConnectionLost(f"cannot connect to {addr}: {exc}") from exc
     return addr, proto

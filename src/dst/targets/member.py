@@ -69,6 +69,9 @@ class Member(GateDevice):
     def subscribe(self, callback: Callable[[bool], None]) -> Callable[[], None]:
         return self.inner.subscribe(callback)
 
+    def reset(self, reason: str) -> None:
+        self.inner.reset(reason)
+
     def health(self) -> Health:
         """The inner device's health; ``suspended`` while suspended (if otherwise ok),
         with ``suspended`` and ``held`` always in the detail."""

@@ -31,8 +31,15 @@ first step of a request outside any task.  A request on a connection's callback 
 path that meets the loss goes on as the same replay in a Task (:class:`Replayable`).
 ``close()`` stops the loop and fails waiting requests with ESHUTDOWN.
 
-A loss is noticed by the next request (or the one in flight): an idle link whose
-connection dropped reports ``disconnected`` in health until then.
+A loss is noticed as soon as the connection is gone, idle or not: TCP connections
+carry keepalive (:class:`~dst.net.client.Keepalive`: a peer cut off by the network is
+given up after ``keepalive.bound`` seconds, about 10), and a closed or reset
+connection is seen at once (:meth:`~dst.net.client.NbdClient.when_lost`).
+:meth:`Link.reset` drops the connection on its owner's word (a mirror leg that did not
+answer within ``leg_timeout``: a live but silent connection would otherwise never be
+replaced), which takes the same path: loss, reconnect, subscribers told.  A reconnect
+attempt is bounded by :data:`ATTEMPT_TIMEOUT` (a connect into a partition would
+otherwise wait for TCP's SYN retries long after the network is back).
 """
 
 from __future__ import annotations
@@ -50,12 +57,13 @@ from dst.aio import submit_coro
 from dst.device import Cancel, Capabilities, Done, Health
 from dst.errors import BlockError, ConfigError, ProtocolError, ServerRefused
 from dst.net.address import Address
-from dst.net.client import ConnectionLost, NbdClient
+from dst.net.client import MEMBER_KEEPALIVE, ConnectionLost, Keepalive, NbdClient
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Listener = Callable[[bool], None]
+ATTEMPT_TIMEOUT = 5.0  # seconds one reconnect attempt may take (connect + handshake)
 
 
 def backoff_delay(attempt: int, *, low: float, high: float, rng: random.Random) -> float:
@@ -86,9 +94,11 @@ class Link:
         backoff_min: float,
         backoff_max: float,
         rng: random.Random | None,
+        keepalive: Keepalive | None = MEMBER_KEEPALIVE,
     ) -> None:
         assert 0 < backoff_min <= backoff_max
         self.address = address
+        self._keepalive = keepalive
         self.name = name
         self.size = 0
         self.caps = Capabilities()
@@ -120,9 +130,7 @@ class Link:
         if self.conn is not None or not self.closed:
             return
         try:
-            conn = await NbdClient.connect(
-                self.address, timeout=self._timeout, request_timeout=self._request_timeout
-            )
+            conn = await self._connect(self._timeout)
         except ServerRefused as exc:
             raise BlockError(errno.ENXIO, f"{self.name}: {self.uri} refused: {exc}") from None
         except (BlockError, ProtocolError, OSError, TimeoutError) as exc:
@@ -130,10 +138,32 @@ class Link:
             raise BlockError(
                 errno.EHOSTUNREACH, f"{self.name}: cannot connect to {self.uri}: {why}"
             ) from None
-        self.conn = conn
+        self._use(conn)
         self.size = conn.size
         self.caps = conn.caps
         self.closed = False
+
+    async def _connect(self, timeout: float) -> NbdClient:  # noqa: ASYNC109
+        return await NbdClient.connect(
+            self.address,
+            timeout=timeout,
+            request_timeout=self._request_timeout,
+            keepalive=self._keepalive,
+        )
+
+    def _use(self, conn: NbdClient) -> None:
+        """``conn`` is the connection from now on; its loss is noticed at once."""
+        self.conn = conn
+        conn.when_lost(lambda: self.lost(conn, conn.lost))
+
+    def reset(self, reason: str) -> None:
+        """Drop the connection (its node did not answer in time): requests in flight
+        fail, and the link reconnects in the background as after any loss."""
+        conn = self.conn
+        if conn is None or self.closed:
+            return
+        conn.abort(reason)
+        self.lost(conn, conn.lost)
 
     async def close(self) -> None:
         """Stop reconnecting, fail waiting requests (ESHUTDOWN), disconnect.  Idempotent."""
@@ -206,7 +236,8 @@ class Link:
             self._attempts,
             down,
         )
-        self.conn, self._task = conn, None
+        self._task = None
+        self._use(conn)
         self._refused = ""
         self._wake()
         self._notify(True)
@@ -222,9 +253,7 @@ class Link:
         """One connect attempt: the new connection if it is usable, else None."""
         self._attempts += 1
         try:
-            conn = await NbdClient.connect(
-                self.address, timeout=self._timeout, request_timeout=self._request_timeout
-            )
+            conn = await self._connect(min(self._timeout, ATTEMPT_TIMEOUT))
         except (
             BlockError,
             ServerRefused,

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from dst.aio import TaskSet
-from dst.device import BlockDevice
+from dst.device import BlockDevice, Extent
+from dst.targets.copier import Moved, Span
 from dst.targets.mirror.dirtylog import ReaddPlan
 from dst.targets.mirror.legs import Leg
 from dst.targets.mirror.regionhash import RegionHash
@@ -61,6 +62,16 @@ class Redundant(Protocol):
     async def readd(self, index: int, *, full: bool = False) -> ReaddPlan: ...
 
     async def resync_region(self, region: int, targets: Sequence[int]) -> int: ...
+
+    async def resync_span(self, span: Span, targets: Sequence[int]) -> Moved: ...
+
+    async def verify_span(
+        self, span: Span, *, repair_from: int | None = None
+    ) -> tuple[Moved, list[int]]: ...
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]: ...
+
+    async def verify_status(self, offset: int, length: int) -> Sequence[Extent]: ...
 
     async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None: ...
 

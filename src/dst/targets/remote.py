@@ -78,6 +78,11 @@ class RemoteDevice(BlockDevice):
         """Stop reconnecting, fail waiting requests (ESHUTDOWN), disconnect.  Idempotent."""
         await self._link.close()
 
+    def reset(self, reason: str) -> None:
+        """Drop the connection (its node did not answer in time); it reconnects in the
+        background and subscribers hear of the loss (:meth:`Link.reset`)."""
+        self._link.reset(reason)
+
     def subscribe(self, callback: Listener) -> Callable[[], None]:
         """Call ``callback(False)`` on each loss and ``callback(True)`` on each reconnect.
 

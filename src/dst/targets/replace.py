@@ -49,7 +49,7 @@ from typing import Any, Protocol, TypeVar
 from dst.device import BlockDevice, Buffer, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.targets.composite import intersect_caps
-from dst.targets.copier import Copier
+from dst.targets.copier import Copier, Moved, Span, copy_sparse, plan
 from dst.targets.rangelock import RangeLock
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,14 @@ class ReplaceDevice(BlockDevice):
         self.bytes_zeroed = 0
         self.advanced = asyncio.Event()  # set after every region and on stop (watchers)
         self._mirroring = True  # mutations go to NEW too
+        self._spans_done: dict[int, int] = {}  # copied spans past the prefix: first -> stop
+        self._copied_to = 0  # regions below this are on NEW
         self._lock = RangeLock()
         self._task: asyncio.Task[None] | None = None
         self._ops = 0  # foreground requests (the pacer's "busy")
         self._paced_ops = 0
-        self._copier = Copier(name=self.name, depth=COPY_DEPTH, pace=self._pace, stop_on_error=True)
+        self._copier = Copier(name=self.name, depth=COPY_DEPTH, pace=self._pace,
+                              stop_on_error=True, region_size=region_size)  # fmt: skip
 
     # -- control ---------------------------------------------------------------------
 
@@ -206,53 +209,50 @@ class ReplaceDevice(BlockDevice):
     # -- the copy --------------------------------------------------------------------
 
     async def _copy_all(self) -> None:
-        """Copy every region with the shared copier (up to ``COPY_DEPTH`` at once, each
-        under its range lock, in increasing order); the first error stops the copy and
-        is raised."""
-
-        async def one(region: int) -> int:
-            start = region * self.region_size
-            n = min(self.region_size, self.size - start)
-            async with self._lock.hold(start, n):
-                if not self._mirroring:
-                    return 0
-                await self._copy(start, n)
-            self.regions_done += 1
-            self.advanced.set()
-            return n
-
+        """Copy every region with the shared copier (up to ``COPY_DEPTH`` spans at
+        once, each under its range lock, in increasing order); the first error stops
+        the copy and is raised."""
         copier = self._copier
-        copier.total = self.regions_total
-        await copier.run(range(self.regions_total), lambda r: self.region_size, one)
+        copier.kind, copier.total = "full", self.regions_total
+        status = self._status if self.source.caps.block_status else None
+        spans = plan([(0, self.regions_total)], status, region_size=self.region_size,
+                     size=self.size, data_bytes=self.region_size)  # fmt: skip
+        await copier.run(spans, self._span)
+
+    async def _status(self, offset: int, length: int) -> Sequence[Extent]:
+        return await self._reading(self.source.block_status(offset, length))
+
+    async def _span(self, span: Span) -> Moved:
+        rs = self.region_size
+        start = span.first * rs
+        n = min(span.stop * rs, self.size) - start
+        async with self._lock.hold(start, n):
+            if not self._mirroring:
+                return Moved()
+            status = self._status if self.source.caps.block_status else None
+            moved = await copy_sparse(status, self._read, self._write, self._zero, start, n)
+        self.regions_done += span.count
+        self._spans_done[span.first] = span.stop
+        while self._copied_to in self._spans_done:  # the prefix NEW holds
+            self._copied_to = self._spans_done.pop(self._copied_to)
+        self.bytes_copied += moved.copied
+        self.bytes_zeroed += moved.skipped
+        self.advanced.set()
+        return moved
+
+    async def _read(self, pos: int, length: int) -> Buffer:
+        return await self._reading(self.source.read(pos, length))
+
+    async def _write(self, pos: int, data: Buffer) -> None:
+        await self._writing(self.new.write(pos, data))
+
+    async def _zero(self, pos: int, length: int) -> None:
+        await self._writing(self.new.write_zeroes(pos, length, punch=True))
 
     async def _pace(self, region: int, nbytes: int) -> None:
         if self.limit is not None:
             busy, self._paced_ops = self._ops != self._paced_ops, self._ops
             await self.limit.pace(nbytes, busy)
-
-    async def _copy(self, start: int, n: int) -> None:
-        """Copy ``[start, start+n)`` from the source to NEW (holding its range)."""
-        extents: Sequence[Extent] = ()
-        if self.source.caps.block_status:
-            extents = await self._reading(self.source.block_status(start, n))
-        pos, end = start, start + n
-        for e in extents:
-            if pos >= end:
-                break
-            length = min(e.length, end - pos)
-            if e.zero:
-                await self._writing(self.new.write_zeroes(pos, length, punch=e.hole))
-                self.bytes_zeroed += length
-            else:
-                await self._copy_data(pos, length)
-            pos += length
-        if pos < end:
-            await self._copy_data(pos, end - pos)
-
-    async def _copy_data(self, pos: int, length: int) -> None:
-        data = await self._reading(self.source.read(pos, length))
-        await self._writing(self.new.write(pos, data))
-        self.bytes_copied += length
 
     async def _reading(self, aw: Awaitable[T]) -> T:
         try:
@@ -295,7 +295,7 @@ class ReplaceDevice(BlockDevice):
         try:
             return await self.old.read(offset, length)
         except BlockError:
-            if self._mirroring and offset + length <= self.regions_done * self.region_size:
+            if self._mirroring and offset + length <= self._copied_to * self.region_size:
                 return await self.new.read(offset, length)
             if self.source is not self.old:
                 return await self.source.read(offset, length)

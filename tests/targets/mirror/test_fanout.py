@@ -506,3 +506,75 @@ async def test_a_mirror_of_files_completes_before_returning(tmp_path: Path) -> N
     assert c.calls == [(None, data)]
     idle(m)
     await m.close()
+
+
+async def test_a_busy_leg_that_keeps_answering_is_not_timed_out() -> None:
+    """Blame only a silent leg: a write queued behind others on a leg that answers
+    something every fraction of the timeout waits longer than ``leg_timeout`` and
+    still succeeds on both legs."""
+    ds = disks("async", "async")
+    m = await mirror(ds, leg_timeout=TIMEOUT)
+    await m.write(0, bytes(4096))
+    ds[1].mode = "manual"
+    held = Completion()
+    m.submit_write(R, b"h" * 4096, False, held)  # leg 1 holds it for 3 timeouts
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 3 * TIMEOUT
+    while loop.time() < end:  # leg 1 answers other requests meanwhile
+        c = Completion()
+        m.submit_write(2 * R, b"o" * 4096, False, c)
+        for req in [r for r in ds[1].queued if r.offset != R]:
+            ds[1].queued.remove(req)
+            req.finish()
+        assert await c.result() is None
+        await asyncio.sleep(TIMEOUT / 5)
+    assert not held.calls and m.legs[1].state is LegState.IN_SYNC
+    ds[1].release()
+    assert await held.result() is None
+    assert ds[1].data[R : R + 4096] == b"h" * 4096
+    assert m.health().state == "ok"
+    idle(m)
+
+
+async def test_a_request_stuck_on_an_answering_leg_times_out_in_the_end() -> None:
+    from dst.targets.mirror.legs import STUCK_FACTOR
+
+    ds = disks("async", "async")
+    m = await mirror(ds, leg_timeout=TIMEOUT)
+    await m.write(0, bytes(4096))
+    ds[1].mode = "manual"
+    held = Completion()
+    m.submit_write(R, b"h" * 4096, False, held)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not held.calls:
+        c = Completion()
+        m.submit_write(2 * R, b"o" * 4096, False, c)
+        for req in [r for r in ds[1].queued if r.offset != R]:
+            ds[1].queued.remove(req)
+            req.finish()
+        await c.result()
+        await asyncio.sleep(TIMEOUT / 5)
+    assert loop.time() - start >= STUCK_FACTOR * TIMEOUT
+    assert await held.result() is None  # leg 0 held it: degraded, not failed
+    assert m.legs[1].state is LegState.FAILED and "ETIMEDOUT" in m.legs[1].reason
+
+
+async def test_a_held_event_loop_does_not_time_legs_out() -> None:
+    """The daemon's own loop stalls longer than leg_timeout while a write is out: the
+    legs answered meanwhile, nobody read it; no leg is failed for the daemon's stall."""
+    import time
+
+    ds = disks("async", "async")
+    m = await mirror(ds, leg_timeout=TIMEOUT)
+    await m.write(0, bytes(4096))
+    ds[1].mode = "manual"
+    c = Completion()
+    m.submit_write(R, b"s" * 4096, False, c)
+    await asyncio.sleep(0)
+    time.sleep(3 * TIMEOUT)  # noqa: ASYNC251 -- the loop is held on purpose: a stall
+    await asyncio.sleep(TIMEOUT / 2)  # late sweeps run now
+    assert m.legs[1].state is LegState.IN_SYNC
+    ds[1].release()
+    assert await c.result() is None
+    assert m.health().state == "ok"

@@ -17,7 +17,7 @@ import asyncio
 import errno
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dst.aio import TaskSet
@@ -49,6 +49,7 @@ class MirrorCore:
         clear_delay: float,
         leg_timeout: float | None,
         array_uuid: uuid.UUID | None,
+        label: Mapping[str, Any] | None = None,
     ) -> None:
         if len(devices) < 2:
             raise ConfigError("a mirror needs at least two legs", where="legs")
@@ -69,9 +70,10 @@ class MirrorCore:
             devices, region_size=region_size, name=name, array_uuid=array_uuid,
             leg_timeout=leg_timeout, on_fail=self.fail_index,
         )  # fmt: skip
+        self.log.label = dict(label) if label else None
         self._regions: RegionHash | None = None
         self.rh: RegionHash = None  # type: ignore[assignment]  # set by open()
-        self.deadlines = Deadlines(leg_timeout) if leg_timeout else None
+        self.deadlines = Deadlines(leg_timeout, lambda: self.legs) if leg_timeout else None
         self.locks = RangeLock()
         self.tasks = TaskSet(name)
         self.size = 0
@@ -81,6 +83,8 @@ class MirrorCore:
         self.resync_status: Callable[[], dict[str, Any]] | None = None
         self.reconfig = asyncio.Lock()  # membership changes vs resync bookkeeping
         self.rotation = 0  # the leg a read tie goes to first (it rotates)
+        self.last_standing: Leg | None = None  # every leg failed: this one failed last
+        self.readmitted = 0  # times the last-failed leg was taken back (recovery.readmit)
 
     @property
     def regions(self) -> RegionHash:
@@ -99,21 +103,28 @@ class MirrorCore:
         Raises BlockError if no leg can be opened, MetadataError for foreign,
         inconsistent or diverged members.
         """
+        why: dict[int, str] = {}
         for leg in self.legs:
             try:
                 await leg.dev.open()
                 leg.opened = True
             except BlockError as e:
+                why[leg.index] = e.message
                 log.warning("%s: leg %d (%s) did not open: %r", self.name, leg.index,
                             leg.dev.name, e)  # fmt: skip
+        if not any(leg.opened for leg in self.legs):
+            raise BlockError(errno.EIO, f"{self.name}: no leg could be opened: "
+                             + "; ".join(why.values()))  # fmt: skip
         op = await self.log.open([leg.opened for leg in self.legs])
         self.size = op.size
         tracker = RegionTracker(op.size, op.region_size, len(self.legs),
                                 clear_delay=self.clear_delay, bitmap=op.bitmap)  # fmt: skip
         attached = [i for i, (s, _) in enumerate(op.legs) if s is not LegState.FAILED]
         rh = self._regions = self.rh = RegionHash(self.log, tracker, attached, name=self.name)
-        for leg, (state, why) in zip(self.legs, op.legs, strict=True):
-            leg.state, leg.reason = state, why
+        for leg, (state, reason) in zip(self.legs, op.legs, strict=True):
+            leg.state, leg.reason = state, reason
+            if leg.index in why:
+                leg.reason = f"did not open: {why[leg.index]}"
         for i, regions in op.missing.items():
             rh.missed(i, regions)
         await self.log.adopt_bitmap(
@@ -142,13 +153,25 @@ class MirrorCore:
     # -- leg failures --------------------------------------------------------------------
 
     def fail(self, leg: Leg, exc: BaseException) -> None:
-        """``leg`` failed: it gets nothing more; the regions it misses are recorded."""
+        """``leg`` failed: it gets nothing more; the regions it misses are recorded.
+
+        A leg that did not answer in time has its connection dropped: a silent but
+        live connection would never come back by itself, a new one is the reconnect
+        and automatic re-add path (DESIGN.md semantics 10)."""
         if leg.state is not LegState.FAILED:
             log.warning("%s: leg %d (%s) failed: %r", self.name, leg.index, leg.dev.name, exc)
             leg.reason = repr(exc)
+        if isinstance(exc, BlockError) and exc.errno == errno.ETIMEDOUT:
+            leg.dev.reset(f"{leg.dev.name}: {exc.message}")
         leg.state = LegState.FAILED
         if leg.index < 0:
             return  # no longer a leg (removed or replaced meanwhile)
+        if self.log.current == {leg.index}:  # the last leg in sync: it holds everything
+            self.last_standing = leg
+            leg.reason += ("; every leg has failed and this one failed last: it holds "
+                           "every acknowledged write and comes back first")  # fmt: skip
+            log.error("%s: no leg in sync is left; leg %d (%s) failed last", self.name,
+                      leg.index, leg.dev.name)  # fmt: skip
         if self._regions is not None:
             self._regions.leg_down(leg.index)
         self.log.leg_down(leg.index)

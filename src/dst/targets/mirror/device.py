@@ -28,14 +28,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dst.aio import TaskSet, wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
-from dst.targets.mirror import membership, recovery
+from dst.targets.copier import Moved, Span
+from dst.targets.mirror import membership, recovery, spans
 from dst.targets.mirror.core import MirrorCore
 from dst.targets.mirror.dirtylog import DirtyLog, ReaddPlan
 from dst.targets.mirror.fanout import Kind, submit_mutation
@@ -54,7 +55,9 @@ class MirrorDevice(BlockDevice):
     write-intent grain; ``clear_delay`` how long a region stays idle before its bit is
     cleared; ``leg_timeout`` bounds every leg request (a leg that does not answer in
     time is failed); ``array_uuid`` the array the members must belong to;
-    ``resync_rate``/``resync_min_rate`` how fast the array's keeper may copy to it.
+    ``resync_rate``/``resync_min_rate`` how fast the array's keeper may copy to it;
+    ``label`` what the superblocks record of the array it is the top of (its name and
+    export addresses, for ``dst assemble``).
     """
 
     kind = "mirror"
@@ -71,12 +74,13 @@ class MirrorDevice(BlockDevice):
         array_uuid: uuid.UUID | None = None,
         resync_rate: int = 0,
         resync_min_rate: int = 0,
+        label: Mapping[str, Any] | None = None,
     ) -> None:
         self.resync_rate = resync_rate  # bytes/s the array's resync may take (0: no limit)
         self.resync_min_rate = resync_min_rate  # ... and at least gets under load
         self.core = MirrorCore(
             legs, name=name, region_size=region_size, metadata=metadata,
-            clear_delay=clear_delay, leg_timeout=leg_timeout, array_uuid=array_uuid,
+            clear_delay=clear_delay, leg_timeout=leg_timeout, array_uuid=array_uuid, label=label,
         )  # fmt: skip
         self.name = name
 
@@ -218,6 +222,18 @@ class MirrorDevice(BlockDevice):
     async def resync_region(self, region: int, targets: Sequence[int]) -> int:
         return await recovery.resync_region(self.core, region, targets)
 
+    async def resync_span(self, span: Span, targets: Sequence[int]) -> Moved:
+        return await spans.resync_span(self.core, span, targets)
+
+    async def verify_span(
+        self, span: Span, *, repair_from: int | None = None
+    ) -> tuple[Moved, list[int]]:
+        return await spans.verify_span(self.core, span, repair_from=repair_from)
+
+    async def verify_status(self, offset: int, length: int) -> Sequence[Extent]:
+        """Block status saying zero only where every leg holding the range reads zeroes."""
+        return await spans.merged_status(self.core, offset, length)
+
     async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None:
         await recovery.resync_checkpoint(self.core, region, targets)
 
@@ -285,7 +301,9 @@ class MirrorDevice(BlockDevice):
         live = sum(leg.live for leg in core.legs)
         state = "ok" if ok == len(core.legs) else "degraded" if live else "failed"
         legs = [leg.status() for leg in core.legs]
-        detail: dict[str, Any] = {"legs": legs}
+        detail: dict[str, Any] = {"legs": legs, "readmitted": core.readmitted}
+        if core.last_standing is not None:  # every leg failed: this one comes back first
+            detail["last_standing"] = core.last_standing.dev.name
         if core.ready:
             rh = core.regions
             for leg, d in zip(core.legs, legs, strict=True):

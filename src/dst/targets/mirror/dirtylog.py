@@ -33,11 +33,13 @@ import errno
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dst.device import BlockDevice
 from dst.errors import BlockError
 from dst.meta.bitmap import Bitmap
 from dst.meta.members import LegState
+from dst.meta.regions import Regions
 from dst.meta.store import MetaStore
 
 FailHook = Callable[[int, BlockError], None]
@@ -64,8 +66,8 @@ class Opening:
     region_size: int
     legs: list[tuple[LegState, str]]
     bitmap: Bitmap | None = None
-    missing: dict[int, Iterable[int]] = field(default_factory=dict)
-    settled: Iterable[int] = ()
+    missing: dict[int, Regions] = field(default_factory=dict)
+    settled: Regions = ()
     stale: bool = False
 
 
@@ -91,6 +93,7 @@ class DirtyLog:
         self.array_uuid = array_uuid
         self.leg_timeout = leg_timeout
         self.current: set[int] = set()
+        self.label: dict[str, Any] | None = None  # the array's name and exports (disk log)
         self.lock = asyncio.Lock()  # superblock writes; membership changes hold it
         self.unsettled = False  # a leg failure not yet recorded by the survivors
         self.needs_mark = False  # the first write must first mark the array dirty
@@ -130,7 +133,11 @@ class DirtyLog:
     # --- leg failures and generations --------------------------------------------------
 
     def leg_down(self, leg: int) -> None:
-        """``leg`` failed; a current leg makes the log unsettled (persistent logs)."""
+        """``leg`` failed; a current leg makes the log unsettled (persistent logs; the
+        core log only when it was the last one: from then on nothing is acknowledged,
+        not even by a resync target that holds the regions, until a leg is current)."""
+        if self.current == {leg}:
+            self.unsettled = True
         self.current.discard(leg)
 
     async def settle(self) -> None:
@@ -138,6 +145,7 @@ class DirtyLog:
         is left (then nothing holds every acknowledged write)."""
         if not self.current:
             raise BlockError(errno.EIO, f"{self.name}: no leg in sync is left")
+        self.unsettled = False
 
     async def leg_synced(self, leg: int, *, everyone: bool) -> None:
         """``leg`` holds every region now: it becomes current (``everyone``: every leg
@@ -154,6 +162,11 @@ class DirtyLog:
         """A failed leg comes back: how it relates to the array and whether it needs
         a full resync.  The core log knows exactly what it missed since it failed."""
         return "memory", full
+
+    async def readmit(self, leg: int) -> None:
+        """Every leg failed and ``leg`` failed last: it is current again, as it is (the
+        survivors' generation then moves on, see :meth:`settle`)."""
+        self.current.add(leg)
 
     async def format_new(self, leg: int) -> None:
         """``leg`` (grown or swapped in) joins as a new member."""

@@ -21,6 +21,11 @@ judge each leg, and returns what every leg misses: after a crash (``DIRTY``) the
 regions on every current leg but the lowest, which is the resync source.  Blank
 members are formatted; a set of blank members is a new array.
 
+A member becomes a resync target (re-added, joining, or found behind on open) only
+after its superblock says *inconsistent* (DRBD's Inconsistent): until it adopts the
+current generation its data is incomplete, and neither an assembly nor an open may
+take it for a member in sync.
+
 Metadata I/O is bounded by ``leg_timeout``; a leg whose metadata write fails is reported
 to ``on_fail``.  Writes to a member that is failed or left are best effort.
 """
@@ -76,9 +81,13 @@ class DiskLog(DirtyLog):
             name=self.name,
             array_uuid=self.array_uuid,
             region_size=self.region_size,
+            label=self.label,
         )
         self.array_uuid, self.region_size, self.size = got.array_uuid, got.region_size, got.size
         self.ref, self.current = got.ref, got.current
+        if self.label is not None and self.ref.spec.get("array") != self.label:
+            # recorded with the next superblock write (the first write marks dirty)
+            self.ref = replace(self.ref, spec={**self.ref.spec, "array": self.label})
         self._stale = got.opening.stale
         if self._stale:
             self.unsettled = True
@@ -91,6 +100,7 @@ class DiskLog(DirtyLog):
     async def close(self) -> None:
         if self.ref is not None and self.ref.state is State.DIRTY and self.current:
             async with self.lock:
+                await self.flush_legs(sorted(self.current))  # clean: the data is durable
                 await self._write_current(replace(self.ref, state=State.CLEAN))
 
     # --- writes and bitmap batches ---------------------------------------------------
@@ -186,7 +196,7 @@ class DiskLog(DirtyLog):
         every bit then set) no region it misses was cleared."""
         assert self.ref is not None and self.array_uuid is not None
         if await self.stores.blank(leg):
-            await self._format(leg, new_generation(self.stores.known()))
+            await self._format(leg, new_generation(self.stores.known()), inconsistent=True)
             return "new", True
         try:
             sb = await self.stores.load(leg)
@@ -194,7 +204,7 @@ class DiskLog(DirtyLog):
             if not full:
                 raise MetadataError(f"{self.name}: leg {leg}: {e}; re-add with full resync "
                                     "to overwrite it") from e  # fmt: skip
-            await self._format(leg, new_generation(self.stores.known()))
+            await self._format(leg, new_generation(self.stores.known()), inconsistent=True)
             return "new", True
         name = self.devices[leg].name
         check_member(sb, index=leg, array_uuid=self.array_uuid, name=name, array=self.name,
@@ -203,10 +213,30 @@ class DiskLog(DirtyLog):
             rel, whole = readd_relation(self.ref, sb, full=full)
         except MetadataError as e:
             raise MetadataError(f"{self.name}: leg {leg} ({name}) {e}") from None
+        await self.stores.flag_inconsistent(leg)
         return rel.value, whole
 
+    async def readmit(self, leg: int) -> None:
+        """Raises MetadataError unless ``leg`` still carries the array's current
+        generation (it is the member that failed last, untouched since); it becomes
+        current and the next :meth:`settle` starts a new generation, so every other
+        member is behind it (a delta, by the bitmap)."""
+        assert self.ref is not None and self.array_uuid is not None
+        sb = await self.stores.load(leg)
+        name = self.devices[leg].name
+        check_member(sb, index=leg, array_uuid=self.array_uuid, name=name, array=self.name,
+                     region_size=self.region_size)  # fmt: skip
+        # A rotation the last leg failed in the middle of may not have reached it.
+        if sb.current not in (self.ref.current, *self.ref.history[:1]):
+            raise MetadataError(f"{self.name}: leg {leg} ({name}) does not hold the "
+                                "generation it failed with: not taken back")  # fmt: skip
+        async with self.lock:
+            self.current.add(leg)
+            self._stale = True
+            self.unsettled = True
+
     async def format_new(self, leg: int) -> None:
-        await self._format(leg, new_generation(self.stores.known()))
+        await self._format(leg, new_generation(self.stores.known()), inconsistent=True)
 
     async def member_of(self, device: BlockDevice) -> int | None:
         return await self.stores.member_of(device)
@@ -286,7 +316,9 @@ class DiskLog(DirtyLog):
 
         await self._each(sorted(self.current), one)
 
-    async def _format(self, leg: int, generation: int) -> Superblock:
+    async def _format(self, leg: int, generation: int, *, inconsistent: bool = False
+                      ) -> Superblock:  # fmt: skip
         assert self.array_uuid is not None
         return await self.stores.format(leg, array_uuid=self.array_uuid, generation=generation,
-                                        size=self.size, region_size=self.region_size)  # fmt: skip
+                                        size=self.size, region_size=self.region_size,
+                                        inconsistent=inconsistent, label=self.label)  # fmt: skip

@@ -21,6 +21,10 @@ from (:class:`Opened`):
 * Started degraded, or with a blank member in the place of one that is away, the
   survivors must start a new generation (``Opening.stale``), so that the member that
   was there before is known as behind, not as current, if it ever comes back.
+* A member that is to be resynced is flagged *inconsistent* on disk first (DRBD's
+  Inconsistent): until it adopts the current generation its data is incomplete, and
+  neither an assembly nor an open may take it for a member in sync.  If the reference
+  itself is inconsistent, no member holds the array's data in full: refused.
 
 The region size is the one the members were formatted with, whatever was asked.
 """
@@ -29,8 +33,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dst.device import BlockDevice
 from dst.errors import BlockError
@@ -67,8 +72,10 @@ async def open_members(
     name: str,
     array_uuid: uuid.UUID | None,
     region_size: int,
+    label: Mapping[str, Any] | None = None,
 ) -> Opened:
-    """Load or format the metadata of the legs that ``opened`` (module docstring).
+    """Load or format the metadata of the legs that ``opened`` (module docstring);
+    ``label`` goes into the superblocks of members formatted here.
 
     Raises MetadataError (foreign or inconsistent members, split brain, a leg too
     small) or BlockError (a bitmap or a format that cannot be written or read).
@@ -88,7 +95,8 @@ async def open_members(
         except BlockError as e:
             states[i] = (LegState.FAILED, f"metadata unreadable: {e!r}")
     if not sbs:
-        return await _create(stores, devices, blank, states, name, array_uuid, region_size)
+        return await _create(stores, devices, blank, states, name, array_uuid, region_size,
+                             label)  # fmt: skip
     names = [d.name for d in devices]
     array_uuid = identify(sbs, expected=array_uuid, names=names, array=name)
     on_disk = next(iter(sbs.values())).region_size
@@ -102,7 +110,7 @@ async def open_members(
         if layout_of(devices[i].size, on_disk).data_size < size:
             raise MetadataError(f"{name}: leg {i} is too small for the array")
     got = Opened(Opening(size, on_disk, states), array_uuid, on_disk, size, ref, set())
-    await _classify(stores, got, sbs, blank)
+    await _classify(stores, got, sbs, blank, label)
     return got
 
 
@@ -114,6 +122,7 @@ async def _create(
     name: str,
     array_uuid: uuid.UUID | None,
     region_size: int,
+    label: Mapping[str, Any] | None,
 ) -> Opened:
     if len(blank) != len(devices):
         bad = [f"leg {i}: {why}" for i, (_, why) in enumerate(states) if why]
@@ -124,7 +133,7 @@ async def _create(
     ref: Superblock | None = None
     for i in blank:
         ref = await stores.format(i, array_uuid=array_uuid, generation=gen, size=size,
-                                  region_size=region_size)  # fmt: skip
+                                  region_size=region_size, label=label)  # fmt: skip
     assert ref is not None
     log.info("%s: new array %s over %d legs", name, array_uuid, len(blank))
     opening = Opening(size, region_size, states)
@@ -132,42 +141,58 @@ async def _create(
 
 
 async def _classify(
-    stores: MemberStores, got: Opened, sbs: dict[int, Superblock], blank: list[int]
+    stores: MemberStores,
+    got: Opened,
+    sbs: dict[int, Superblock],
+    blank: list[int],
+    label: Mapping[str, Any] | None,
 ) -> None:
     """Judge every leg against ``got.ref``: fills ``got.current`` and ``got.opening``."""
     ref, size, region_size = got.ref, got.size, got.region_size
     states = got.opening.legs
     nregions = -(-size // region_size)
-    current = sorted(i for i, sb in sbs.items() if sb.current == ref.current)
+    if ref.inconsistent:
+        raise MetadataError(f"{stores.name}: no member holds the array's data in full: "
+                            "every one was being resynced")  # fmt: skip
+    current = sorted(i for i, sb in sbs.items()
+                     if sb.current == ref.current and not sb.inconsistent)  # fmt: skip
     union = 0
     for i in current:
         union |= await stores.raw_bitmap(i, size, region_size)
     npages = -(-nregions // PAGE_BITS)
     bm = Bitmap.from_bytes(nregions, union.to_bytes(npages * BLOCK, "little"))
-    bits = list(bm)
+    nbits = bm.count()  # never a list of the bits: a 1 TiB member has 16 Mi regions
     op = got.opening
     op.bitmap = bm
     got.current = set(current)
     dirty = any(sbs[i].state is State.DIRTY for i in current)
     for i in current[1:] if dirty else ():
-        op.missing[i] = bits  # crash: the lowest current leg is the source
+        op.missing[i] = bm  # crash: the lowest current leg is the source
     for i, sb in sbs.items():
         if i in got.current:
             continue
-        v = verdict(ref, sb, nbits=len(bits), nregions=nregions)
+        v = verdict(ref, sb, nbits=nbits, nregions=nregions)
         states[i] = (v.state, v.reason)
+        if v.state is LegState.RESYNCING:
+            try:
+                await stores.flag_inconsistent(i)
+            except BlockError as e:
+                states[i] = (LegState.FAILED, f"metadata unwritable: {e!r}")
         if v.full_from is not None:
-            op.missing[i] = set(bits) | set(range(v.full_from, nregions))
+            full = Bitmap(nregions)  # the bitmap, and everything from full_from on
+            full.update(bm)
+            full.set_range(v.full_from, nregions)
+            op.missing[i] = full
         elif v.state is LegState.RESYNCING:
-            op.missing[i] = bits
+            op.missing[i] = bm
     for i in blank:
         gen = new_generation(stores.known())
         await stores.format(i, array_uuid=got.array_uuid, generation=gen, size=size,
-                            region_size=region_size)  # fmt: skip
+                            region_size=region_size, inconsistent=True, label=label)  # fmt: skip
         states[i] = (LegState.RESYNCING, "new member: full resync")
         op.missing[i] = range(nregions)
     failed = [i for i, (s, _) in enumerate(states) if s is LegState.FAILED]
     for i in failed:
-        op.missing[i] = bits
-    op.settled = () if dirty else bits
+        op.missing[i] = bm
+    op.settled = () if dirty else bm
     op.stale = bool(failed or blank)  # see the module docstring

@@ -41,7 +41,7 @@ from dst.aio import submit_coro, wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Done
 from dst.errors import BlockError
 from dst.targets.mirror.core import MirrorCore
-from dst.targets.mirror.legs import Leg, LegCall
+from dst.targets.mirror.legs import Leg, LegCall, Silent
 from dst.targets.rangelock import Hold
 
 _PENDING: Any = object()  # a leg's outcome not known yet
@@ -179,10 +179,12 @@ class Mutation:
             core.deadlines.add(self)
         return self.cancel
 
-    def expire(self, timeout: float) -> None:
-        """``leg_timeout`` passed: the legs that did not answer failed (ETIMEDOUT)."""
+    def expire_silent(self, timeout: float, silent: Silent) -> bool:
+        """``leg_timeout`` passed: the legs ``silent`` says did not answer (ETIMEDOUT);
+        True once every leg answered or timed out."""
         for call in self.calls:
-            call.expire(timeout)
+            call.expire_silent(timeout, silent)
+        return not self.left
 
     def _holders(self) -> list[bool]:
         """Per leg: does it hold the regions (a flush: the current generation)?"""

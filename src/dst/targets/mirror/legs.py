@@ -14,10 +14,19 @@ mirror's ``leg_timeout``, or ``CancelledError`` when the owner stopped it.  A re
 that raised anything but a :class:`~dst.errors.BlockError` is a bug in the layer below:
 it is logged and counts as the leg's ``EIO``.
 
-Leg timeouts have one clock: :class:`Deadlines` keeps the calls in flight in start
-order and one timer sweeps them every quarter of the timeout, so a leg that does not
-answer is timed out between 1 and 1.25 times ``leg_timeout``, with no timer per request.
-The time is the leg's own: a call's clock starts when it is sent to that leg.
+Leg timeouts have one clock: :class:`Deadlines` keeps the requests in flight in start
+order and one timer sweeps them every quarter of the timeout, with no timer per
+request.  The time is the leg's own (DESIGN.md semantics 9: a leg is blamed only for
+its own answer time):
+
+* a call times out when it waited ``leg_timeout`` *and its leg answered nothing at all
+  for that long* -- a node that keeps answering is busy, not dead, however deep the
+  queue a greedy client built up (a silent leg is timed out between 1 and 1.5 times
+  ``leg_timeout`` after its last answer);
+* a call that waited :data:`STUCK_FACTOR` times ``leg_timeout`` times out anyway (one
+  request stuck on a node that answers the others);
+* time the daemon's own event loop was held does not count: a sweep that runs late
+  (the loop did not run, so nobody could read an answer) restarts every clock.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +45,8 @@ from dst.meta.members import LegState
 
 __all__ = ["Deadlines", "Leg", "LegCall", "LegState", "call_leg"]
 log = logging.getLogger(__name__)
+STUCK_FACTOR = 6  # a call this many leg timeouts old times out even if its leg answers
+Silent = Callable[["Leg"], bool]  # is this leg silent (for the request being swept)?
 
 
 @dataclass(eq=False, slots=True)
@@ -49,6 +60,9 @@ class Leg:
     counters: IOCounters = field(default_factory=IOCounters)
     reason: str = ""
     opened: bool = False
+    answers: int = 0  # answers so far (the deadline sweep watches it move)
+    seen: int = 0  # ``answers`` at the last sweep
+    alive_at: float = 0.0  # loop time of the sweep that last saw ``answers`` move
 
     @property
     def live(self) -> bool:
@@ -124,6 +138,7 @@ class LegCall:
         self.over = True
         leg = self.leg
         leg.inflight -= 1
+        leg.answers += 1
         if self.deadlines is not None and self.cancel_ is not None:
             self.deadlines.discard(self)
         if exc is not None:
@@ -146,22 +161,34 @@ class LegCall:
     def expire(self, timeout: float) -> None:
         self.stop(BlockError(errno.ETIMEDOUT, f"no answer within {timeout} s"))
 
+    def expire_silent(self, timeout: float, silent: Silent) -> bool:
+        """Time it out if its leg is ``silent``; True if it is over."""
+        if not self.over and silent(self.leg):
+            self.expire(timeout)
+        return self.over
+
 
 class Expiring(Protocol):
     """A request that can be timed out (a :class:`LegCall`, or a fan-out of them)."""
 
-    def expire(self, timeout: float) -> None: ...
+    def expire_silent(self, timeout: float, silent: Silent) -> bool:
+        """Time out its parts on the legs ``silent`` says are; True if it is over."""
+        ...
 
 
 class Deadlines:
-    """Leg requests in flight, oldest first; one sweep timer expires those past
-    ``timeout``.  A fan-out registers once for all its legs (they start together)."""
+    """Leg requests in flight, oldest first; one sweep timer times out the parts on
+    legs silent for ``timeout`` (module docstring).  A fan-out registers once for all
+    its legs (they start together).  ``legs`` gives the mirror's legs."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, legs: Callable[[], Sequence[Leg]] = tuple) -> None:
         self.timeout = timeout
+        self._legs = legs
         self._items: dict[Expiring, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the sweep timer should fire
+        self._fresh = 0.0  # clocks count from here at the earliest (after a held loop)
 
     def add(self, call: Expiring) -> None:
         loop = self._loop
@@ -169,25 +196,42 @@ class Deadlines:
             loop = self._loop = asyncio.get_running_loop()
         self._items[call] = loop.time()
         if self._timer is None:
-            self._timer = loop.call_later(self.timeout / 4, self._sweep)
+            self._arm(loop)
 
     def discard(self, call: Expiring) -> None:
         self._items.pop(call, None)
 
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = loop.time() + self.timeout / 4
+        self._timer = loop.call_at(self._due, self._sweep)
+
     def _sweep(self) -> None:
         self._timer = None
-        assert self._loop is not None
-        limit = self._loop.time() - self.timeout
-        expired = []
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        timeout = self.timeout
+        if now - self._due > timeout / 4:  # the loop was held: nobody could answer
+            log.warning("event loop held for %.1f s: leg timeouts restart", now - self._due)
+            self._fresh = now
+        for leg in self._legs():
+            if leg.answers != leg.seen:
+                leg.seen, leg.alive_at = leg.answers, now
+        old = []
         for call, started in self._items.items():
-            if started > limit:
-                break
-            expired.append(call)
-        for call in expired:
-            self._items.pop(call, None)
-            call.expire(self.timeout)
+            if now - started < timeout:
+                break  # later ones are younger
+            old.append((call, max(started, self._fresh)))
+        for call, since in old:
+
+            def silent(leg: Leg, since: float = since) -> bool:
+                quiet = now - max(since, leg.alive_at) >= timeout
+                return quiet or now - since >= timeout * STUCK_FACTOR
+
+            if call.expire_silent(timeout, silent):
+                self._items.pop(call, None)
         if self._items:
-            self._timer = self._loop.call_later(self.timeout / 4, self._sweep)
+            self._arm(loop)
 
     def close(self) -> None:
         if self._timer is not None:

@@ -15,7 +15,9 @@ copier); what is here does one region and the bookkeeping around it:
   the current generation).
 * :func:`readd` brings a failed leg back after the dirty log checked who it is: a delta
   resync of what it missed if its generation allows, a full one otherwise; split brain
-  is refused.
+  is refused.  When every leg failed, the one that failed last holds every acknowledged
+  write: :func:`readmit` takes it back as it is, in sync, and the others are then
+  re-added from it (DESIGN.md semantics 10; MD's ``--force``, DRBD's *Consistent*).
 * :func:`verify_region` compares a region on every leg holding it, and can rewrite the
   others from one leg.
 * :func:`fail_leg` takes a leg out on the operator's word.
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 
 from dst.aio import gather_all
 from dst.errors import BlockError, ConfigError
+from dst.meta.bitmap import Bitmap
 from dst.targets.mirror.core import MirrorCore
 from dst.targets.mirror.dirtylog import ReaddPlan
 from dst.targets.mirror.legs import Leg, LegState
@@ -124,22 +127,33 @@ async def resync_done(core: MirrorCore, index: int) -> bool:
 async def readd(core: MirrorCore, index: int, *, full: bool = False) -> ReaddPlan:
     """Bring failed leg ``index`` back: delta resync if its generation allows, full
     resync otherwise (or with ``full``); the copy itself is the array's resync
-    (``resync_wanted`` is set).
+    (``resync_wanted`` is set).  When every leg failed, the leg that failed last is
+    re-admitted instead (:func:`readmit`) and the others wait for it.
 
     Raises ConfigError (leg not failed), BlockError (the leg cannot be opened or its
-    metadata written) or MetadataError (foreign member, split brain).
+    metadata written; no leg in sync to copy from) or MetadataError (foreign member,
+    split brain).
     """
     rh = core.regions
     leg = core.legs[index]
     if leg.state is not LegState.FAILED:
         raise ConfigError(f"leg {index} is {leg.state}, not failed", where="node")
+    if not core.log.current:
+        last = core.last_standing
+        if last is leg and not full:
+            return await readmit(core, index)
+        raise BlockError(errno.EIO, f"{core.name}: no leg in sync is left" + (
+            f"; leg {last.index} ({last.dev.name}) failed last and holds every "
+            "acknowledged write: it comes back first (by itself when its node "
+            f"answers, or: dst readd {last.dev.name})" if last is not None else ""))  # fmt: skip
     await core.settle()
     if not leg.opened:
         await leg.dev.open()
         leg.opened = True
     relation, whole = await core.log.readd(index, full=full)
-    regions = range(rh.nregions) if whole else sorted(rh.tracker.out_of_sync(index))
-    plan = ReaddPlan(index, relation, whole, len(regions))
+    regions: range | Bitmap = range(rh.nregions) if whole else rh.tracker.oos[index]
+    count = len(regions) if isinstance(regions, range) else regions.count()
+    plan = ReaddPlan(index, relation, whole, count)
     # Attached, it gets every write from now on; what it lacks is marked at the same
     # point in time (no await in between), so no write slips past both.
     rh.attach(index)
@@ -155,6 +169,34 @@ async def readd(core: MirrorCore, index: int, *, full: bool = False) -> ReaddPla
         await resync_done(core, index)
     core.want_resync()
     return plan
+
+
+async def readmit(core: MirrorCore, index: int) -> ReaddPlan:
+    """Every leg failed and leg ``index`` failed last: it holds every acknowledged
+    write (nothing was acknowledged after it failed), so it comes back in sync as it
+    is; what it was recorded as missing (writes that failed on every leg) the others
+    miss too.  Writes go on once the whole bitmap is on it; the survivors' new
+    generation makes the others behind (delta).
+
+    Raises BlockError (it cannot be opened or written) or MetadataError (it is not the
+    member that failed: another disk, or its generation moved).
+    """
+    leg = core.legs[index]
+    if not leg.opened:
+        await leg.dev.open()
+        leg.opened = True
+    await core.log.readmit(index)
+    rh = core.regions
+    rh.readmit(index)
+    why = "re-admitted: every leg had failed and it failed last (it holds every acknowledged write)"
+    leg.state, leg.reason = LegState.IN_SYNC, why
+    core.last_standing = None
+    core.readmitted += 1
+    await rh.quiet()
+    await core.settle()
+    log.warning("%s: leg %d (%s) %s", core.name, index, leg.dev.name, why)
+    core.want_resync()
+    return ReaddPlan(index, "readmitted", False, 0)
 
 
 async def verify_region(

@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager
 
 from dst.aio import TaskSet
 from dst.errors import BlockError
-from dst.meta.regions import Out, RegionTracker
+from dst.meta.regions import Out, Regions, RegionTracker
 from dst.targets.mirror.dirtylog import DirtyLog
 
 FailHook = Callable[[int, BlockError], None]
@@ -79,8 +79,8 @@ class RegionHash:
         t = self.tracker
         if leg in t.down:
             return False
-        oos = t.oos[leg]  # no page allocated: empty (the tracker has no page limit)
-        return not oos.allocated_pages() or not any(oos.test(r) for r in regions)
+        oos = t.oos[leg]
+        return oos.empty() or oos.next_set(regions.start, regions.stop) is None
 
     def in_sync(self, leg: int, region: int) -> bool:
         return self.tracker.in_sync(leg, region)
@@ -154,13 +154,18 @@ class RegionHash:
         finally:
             self._apply(self.tracker.end_resync(region, self.now(), synced=synced_legs))
 
-    def missed(self, leg: int, regions: Iterable[int]) -> None:
-        """``leg`` does not hold ``regions`` (any more): they must be resynced to it."""
+    def missed(self, leg: int, regions: Regions) -> None:
+        """``leg`` does not hold ``regions`` (any more): they must be resynced to it (a
+        ``range`` or a Bitmap is done a bitmap page at a time)."""
         self._apply(self.tracker.leg_missed(leg, regions))
 
-    def settled(self, regions: Iterable[int]) -> None:
+    def settled(self, regions: Regions) -> None:
         """``regions`` hold the same data on every leg: clear their bits lazily."""
         self.tracker.settled(regions, self.now())
+
+    def synced(self, legs: Iterable[int], regions: range) -> None:
+        """``legs`` got ``regions`` copied under the caller's range lock."""
+        self.tracker.synced(legs, regions.start, regions.stop, self.now())
 
     # --- legs --------------------------------------------------------------------------
 
@@ -169,6 +174,13 @@ class RegionHash:
         if leg in self.attached:
             self.attached.discard(leg)
             self._apply(self.tracker.leg_failed(leg))
+
+    def readmit(self, leg: int) -> None:
+        """Every leg had failed; ``leg`` failed last and holds every acknowledged write:
+        attach it holding everything (its misses become the others'); writes wait
+        until the whole bitmap is on it."""
+        self.attached.add(leg)
+        self._apply(self.tracker.leg_readmitted(leg))
 
     def attach(self, leg: int) -> None:
         """``leg`` gets writes again (what it missed stays missed until resynced)."""

@@ -15,6 +15,7 @@ import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 from dst.aio import timed
 from dst.device import BlockDevice
@@ -142,9 +143,11 @@ class MemberStores:
         generation: int,
         size: int,
         region_size: int,
+        inconsistent: bool = False,
+        label: Mapping[str, Any] | None = None,
     ) -> Superblock:
-        """Make ``leg`` a new member (role ``leg``) of this array.  MetadataError if it
-        does not fit, BlockError."""
+        """Make ``leg`` a new member (role ``leg``) of this array (``inconsistent``: a
+        resync target).  MetadataError if it does not fit, BlockError."""
         store = self.stores[leg] = MetaStore(self.stores[leg].device)
         names = [s.device.name for s in self.stores]
         spec = {
@@ -154,12 +157,14 @@ class MemberStores:
             "legs": len(names),
             "names": names,
         }  # fmt: skip  (for dst assemble)
+        if label:
+            spec["array"] = dict(label)
         try:
             return await timed(
                 store.format(
                     array_uuid=array_uuid, member_uuid=uuid.uuid4(), role=leg,
                     member_count=len(names), generation=generation, region_size=region_size,
-                    array_name=self.name, spec=spec,
+                    array_name=self.name, spec=spec, inconsistent=inconsistent,
                 ),
                 self.leg_timeout,
             )  # fmt: skip
@@ -175,6 +180,13 @@ class MemberStores:
         if flush_first:
             await timed(store.device.flush(), limit)
         await timed(store.write_superblock(sb), limit)
+
+    async def flag_inconsistent(self, leg: int) -> None:
+        """Say on ``leg``'s superblock that it is a resync target (its data incomplete
+        until it adopts the current generation), before anything is copied to it."""
+        sb = self.stores[leg].sb
+        if sb is not None and not sb.inconsistent:
+            await self.write_sb(leg, replace(sb, inconsistent=True))
 
     async def write_pages(
         self, leg: int, pages: Mapping[int, bytes], *, data_durable: bool = False
@@ -197,8 +209,7 @@ class MemberStores:
         new = replace(sb, array_uuid=uuid.uuid4(), role=0, member_count=1, spec=spec,
                       state=State.CLEAN, bitmap=0, resync_pos=None)  # fmt: skip
         limit = best_effort(self.leg_timeout)
-        try:
-            await timed(store.device.flush(), limit)
+        try:  # its data as of now stays as it is (not flushed: it is not ours any more)
             await timed(store.write_superblock(new), limit)
         except BlockError as e:
             log.warning("%s: could not mark removed member %s: %r", self.name, name, e)
