@@ -196,8 +196,10 @@ def cmd_assemble(
     listen: list[str],
     export: str | None,
     dry_run: bool,
+    force: bool = False,
 ) -> int:
-    """Rebuild a mirror from its members' superblocks and start it in the daemon."""
+    """Rebuild a mirror or parity array from its members' superblocks and start it in
+    the daemon (``force``: a parity array may start dirty and degraded)."""
     from dst.array.assemble import assemble_spec, probe_all
     from dst.array.specdict import spec_from_dict, spec_to_dict
 
@@ -209,7 +211,7 @@ def cmd_assemble(
         state = "dirty" if f.sb.state.name == "DIRTY" else "clean"
         print(f"{f.location}: member {f.sb.role} of {f.sb.array_name!r} ({f.sb.array_uuid}), "
               f"events {f.sb.events}, {state}")  # fmt: skip
-    doc = assemble_spec(found, name=name, listen=listen, export=export)
+    doc = assemble_spec(found, name=name, listen=listen, export=export, force=force)
     spec = spec_from_dict(doc)  # the same checks as a spec file
     if dry_run:
         print(json.dumps(spec_to_dict(spec, human=True), indent=2))

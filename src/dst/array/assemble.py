@@ -1,17 +1,20 @@
-"""Assembly: the spec of a mirror rebuilt from its members' superblocks alone.
+"""Assembly: the spec of a mirror or parity array rebuilt from its members' superblocks.
 
 Theory of operation
 -------------------
-Every member of a mirror carries a superblock (:mod:`dst.meta.superblock`) naming its
-array (UUID and name), its role (leg index), the member count, the region size and
-the layout, including the node names the legs had.  :func:`probe` reads the
+Every member of a mirror or a parity array carries a superblock
+(:mod:`dst.meta.superblock`) naming its array (UUID and name), its role (member index),
+the member count, the region size and the layout (the kind of array, ``raid5`` and
+``raid6`` with their chunk size), including the node names the members had.  :func:`probe` reads the
 superblock of one member -- a local path or an NBD URI -- without changing
 anything; :func:`assemble_spec` checks the members found belong together (one array
 UUID, every role present exactly once) and returns the array spec that rebuilds the
-mirror with each member in its role, wherever it lives now (a node may come back on
-another port or path).  Starting that spec does the rest: the mirror picks the most
-recent generation among its members, resyncs out-of-date legs from the bitmap, and
-after a crash resyncs only the regions marked dirty.
+array with each member in its role, wherever it lives now (a node may come back on
+another port or path).  Starting that spec does the rest: the array picks the most
+recent generation among its members, resyncs out-of-date members from the bitmap, and
+after a crash resyncs only the regions marked dirty (a parity array recomputes their
+parity; dirty and degraded at once, it is refused unless ``force``:
+``start_dirty_degraded``, see ``docs/parity.md``).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ async def probe(location: str, *, connect_timeout: float = 10.0) -> Found:
     except (BlockError, OSError) as e:
         raise AssembleError(f"{location}: cannot read it: {e}") from None
     except MetadataError as e:
-        raise AssembleError(f"{location}: not a dst mirror member: {e}") from None
+        raise AssembleError(f"{location}: not a dst array member: {e}") from None
     return Found(location, node, sb)
 
 
@@ -88,8 +91,10 @@ def assemble_spec(
     name: str | None = None,
     listen: Sequence[str] = (),
     export: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """The array spec document (``{"array": ...}``) for the members ``found``.
+    """The array spec document (``{"array": ...}``) for the members ``found``;
+    ``force`` lets a parity array start dirty and degraded (``start_dirty_degraded``).
 
     Raises AssembleError if they belong to different arrays, a role is missing or
     given twice, or the members disagree on the array's shape.
@@ -127,13 +132,17 @@ def assemble_spec(
         if isinstance(names, list) and role < len(names) and isinstance(names[role], str):
             node["name"] = names[role]
         legs.append(node)
-    mirror_name = newest.array_name or "mirror"
-    target = {
-        "type": "mirror",
+    kind = str(newest.spec.get("type", "mirror"))
+    mirror_name = newest.array_name or kind
+    target: dict[str, Any] = {
+        "type": kind,
         "name": mirror_name,
         "region_size": newest.region_size,
         "members": legs,
     }
+    if kind in ("raid5", "raid6"):
+        target["chunk_size"] = newest.spec.get("chunk_size")
+        target["start_dirty_degraded"] = force
     array: dict[str, Any] = {"name": name or mirror_name, "listen": list(listen), "target": target}
     if export is not None:
         array["export"] = export

@@ -5,10 +5,11 @@ Theory of operation
 A :class:`Resync` copies, region by region in increasing order, every region that one
 of its *target* legs misses (the mirror's out-of-sync sets: what a failed leg missed,
 everything for a full resync, or the dirty regions after a crash) from a leg that
-holds it.  Each copy is :meth:`dst.targets.mirror.MirrorDevice.resync_region`: it holds
-the region's range lock and resync lock, so writes to *that* region wait while writes
-and reads elsewhere keep flowing, and a write that raced the copy is applied after it
-on every leg.  When a pass ends, regions that were missed again meanwhile (a new
+holds it, and makes every *unsynced* region consistent (one whose redundancy must be
+recomputed: a parity array's after a crash).  Each copy is
+:meth:`dst.targets.mirror.MirrorDevice.resync_region`: it holds the region's range
+lock and resync lock, so writes to *that* region wait while writes and reads elsewhere
+keep flowing, and a write that raced the copy is applied after it on every leg.  When a pass ends, regions that were missed again meanwhile (a new
 failure) are copied in a further pass; a target that misses nothing becomes a full
 member (:meth:`~dst.targets.mirror.MirrorDevice.resync_done`: it adopts the current
 generation; when every leg is in sync the bitmap generation is cleared).
@@ -112,12 +113,18 @@ class Resync:
             if rh.missing(i) and (self.wanted is None or i in self.wanted)
         ]
 
+    def _unsynced(self) -> int:
+        """Regions whose redundancy must be recomputed (a parity array after a crash)."""
+        return self.regions.tracker.unsynced.count()
+
     def _todo(self, targets: Sequence[int]) -> Iterator[int]:
-        """Regions some target misses, in increasing order (one bitmap page at a time)."""
-        oos = self.regions.tracker.oos
+        """Regions some target misses or that are unsynced, in increasing order (one
+        bitmap page at a time)."""
+        tracker = self.regions.tracker
+        oos, unsynced = tracker.oos, tracker.unsynced
         bm = oos[0]
         for p in range(bm.npages):
-            value = 0
+            value = int.from_bytes(unsynced.page_bytes(p), "little") if unsynced.count() else 0
             for t in targets:
                 if oos[t].count():
                     value |= int.from_bytes(oos[t].page_bytes(p), "little")
@@ -150,7 +157,7 @@ class Resync:
         later resync retries) rather than spinning on it.
         """
         copier = self.copier
-        while targets := self._targets():
+        while (targets := self._targets()) or self._unsynced():
             self.targets = targets
             copier.total = copier.done + self._count(targets)
             errors = copier.errors
@@ -166,7 +173,7 @@ class Resync:
     def _while_live(self, targets: Sequence[int]) -> Iterator[int]:
         """The regions ``targets`` miss, until none of them is attached any more."""
         for r in self._todo(targets):
-            if not self._live(targets):
+            if not self._live(targets) and not self._unsynced():
                 return
             yield r
 
@@ -188,7 +195,7 @@ class Resync:
 
     async def _copy(self, region: int) -> int:
         targets = self._live(self.targets)
-        if not targets:
+        if not targets and not self.regions.tracker.unsynced.test(region):
             return 0
         return await self.mirror.resync_region(region, targets)
 

@@ -99,7 +99,7 @@ def add_array_commands(sub: Any) -> None:
     p.add_argument("array", metavar="ARRAY")
     p = add(
         "assemble",
-        "rebuild a mirror from its members",
+        "rebuild an array from its members",
         "Read the superblocks of the members (local paths or NBD URIs), check they are "
         "all the members of one array, and start that array in the daemon with each "
         "member in its role.  Out-of-date members are resynced from the bitmap; after a "
@@ -107,13 +107,19 @@ def add_array_commands(sub: Any) -> None:
     )
     p.add_argument("members", metavar="MEMBER", nargs="+", help="path or NBD URI of a member")
     p.add_argument(
-        "--name", help="array name (default: the mirror's name recorded in the superblocks)"
+        "--name", help="array name (default: the target's name recorded in the superblocks)"
     )
     p.add_argument(
         "--listen", metavar="ADDR", action="append", default=[], help="export address (repeat)"
     )
     p.add_argument("--export", metavar="NAME", help="export name (default: '' and the name)")
     p.add_argument("--dry-run", action="store_true", help="print the spec, start nothing")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a raid5/raid6 that is dirty and degraded (the write hole: regions dirty "
+        "at the crash may rebuild wrongly; see docs/parity.md)",
+    )
     for verb, what in (
         (
             "suspend",
@@ -231,6 +237,7 @@ def run_array(args: argparse.Namespace) -> int:
             listen=args.listen,
             export=args.export,
             dry_run=args.dry_run,
+            force=args.force,
         )
     if cmd in ("suspend", "resume"):
         node_args = {"array": args.array} | ({"node": args.node} if args.node else {})

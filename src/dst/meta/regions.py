@@ -37,6 +37,11 @@ A region's life::
   :mod:`dst.meta.superblock` (a BEHIND leg misses every set bit).
 * Resync of a region takes its lock: it waits until no write is active there, and
   new writes to the region wait until :meth:`end_resync`.
+* ``unsynced`` regions (MD's "resync" as opposed to "recovery") are those whose
+  redundancy must be recomputed though no leg misses them: a parity array's regions
+  that were dirty at a crash, whose parity may not match the data.  Like a missed
+  region, an unsynced one keeps its bit until a resync says it is consistent
+  (``end_resync(..., consistent=True)``).
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class RegionTracker:
             for _ in range(legs)
         ]
         self.down: set[int] = set()
+        self.unsynced = Bitmap(self.nregions, page_bits=self.bitmap.page_bits, max_pages=max_pages)
         self._marking: dict[int, int] = {}  # region -> batch persisting its mark
         self._page_marking: dict[int, int] = {}  # page went full -> batch persisting it
         self._next = 1  # id of the batch being gathered
@@ -250,6 +256,14 @@ class RegionTracker:
             self.oos[leg].set(r)
         return self._progress()
 
+    def mark_unsynced(self, regions: Iterable[int]) -> Out:
+        """``regions`` need their redundancy recomputed (their bits stay set until)."""
+        for r in regions:
+            self._idle.pop(r, None)
+            self._mark(r)
+            self.unsynced.set(r)
+        return self._progress()
+
     def settled(self, regions: Iterable[int], now: float) -> None:
         """``regions`` hold the same data on every leg (e.g. bits loaded after a clean
         shutdown, or checked by a resync): let their bits be cleared lazily."""
@@ -268,11 +282,16 @@ class RegionTracker:
         self._idle.pop(region, None)
         return self._progress()
 
-    def end_resync(self, region: int, now: float, *, synced: Iterable[int] = ()) -> Out:
-        """Release the lock; ``synced`` legs now hold ``region``."""
+    def end_resync(
+        self, region: int, now: float, *, synced: Iterable[int] = (), consistent: bool = False
+    ) -> Out:
+        """Release the lock; ``synced`` legs now hold ``region``; ``consistent``: its
+        redundancy was recomputed (it is no longer unsynced)."""
         self._resync.remove(region)
         for leg in synced:
             self.oos[leg].clear(region)
+        if consistent:
+            self.unsynced.clear(region)
         if region not in self._held:
             self._idle.pop(region, None)
             self._idle[region] = now
@@ -317,7 +336,7 @@ class RegionTracker:
             if now - since >= delays.get(r, base):
                 due.append(r)
         for r in due:
-            if any(o.test(r) for o in self.oos):
+            if any(o.test(r) for o in self.oos) or self.unsynced.test(r):
                 del self._idle[r]  # back when a resync ends
                 continue
             self.bitmap.clear(r)

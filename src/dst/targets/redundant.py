@@ -3,7 +3,10 @@
 A redundant target holds every acknowledged write on more than one member, so the array
 keeps it healthy in the background: it resyncs what members miss, re-adds members whose
 node came back, verifies, and rebuilds a replaced member from the others instead of
-copying it.  :class:`Redundant` is that contract, checked structurally; the control
+copying it.  A mirror fills a new leg next to the old one (``add_leg`` then
+``remove_leg``); a parity array puts it in the old member's role at once
+(``replaces_in_place``, ``replace_leg``) and rebuilds it from the others.
+:class:`Redundant` is that contract, checked structurally; the control
 plane asks it of a device instead of naming a concrete target.
 """
 
@@ -27,6 +30,7 @@ class Redundant(Protocol):
     name: str
     resync_rate: int
     resync_min_rate: int
+    replaces_in_place: bool  # dst replace: the new member takes the old one's role at once
 
     @property
     def size(self) -> int: ...
@@ -73,3 +77,5 @@ class Redundant(Protocol):
     async def add_leg(self, dev: BlockDevice) -> int: ...
 
     async def remove_leg(self, index: int) -> BlockDevice: ...
+
+    async def replace_leg(self, index: int, dev: BlockDevice) -> BlockDevice: ...

@@ -17,7 +17,7 @@ import asyncio
 import errno
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dst.aio import TaskSet
@@ -26,7 +26,7 @@ from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_REGION_SIZE, check_region_size
 from dst.meta.regions import RegionTracker
 from dst.targets.composite import intersect_caps
-from dst.targets.mirror.dirtylog import DirtyLog
+from dst.targets.mirror.dirtylog import DirtyLog, Opening
 from dst.targets.mirror.disklog import DiskLog
 from dst.targets.mirror.legs import Deadlines, Leg, LegState
 from dst.targets.mirror.regionhash import RegionHash
@@ -49,6 +49,7 @@ class MirrorCore:
         clear_delay: float,
         leg_timeout: float | None,
         array_uuid: uuid.UUID | None,
+        layout: Mapping[str, Any] | None = None,
     ) -> None:
         if len(devices) < 2:
             raise ConfigError("a mirror needs at least two legs", where="legs")
@@ -67,7 +68,7 @@ class MirrorCore:
         kind = DiskLog if metadata else DirtyLog
         self.log: DirtyLog = kind(
             devices, region_size=region_size, name=name, array_uuid=array_uuid,
-            leg_timeout=leg_timeout, on_fail=self.fail_index,
+            leg_timeout=leg_timeout, on_fail=self.fail_index, layout=layout,
         )  # fmt: skip
         self._regions: RegionHash | None = None
         self.rh: RegionHash = None  # type: ignore[assignment]  # set by open()
@@ -107,6 +108,7 @@ class MirrorCore:
                 log.warning("%s: leg %d (%s) did not open: %r", self.name, leg.index,
                             leg.dev.name, e)  # fmt: skip
         op = await self.log.open([leg.opened for leg in self.legs])
+        self.opening(op)
         self.size = op.size
         tracker = RegionTracker(op.size, op.region_size, len(self.legs),
                                 clear_delay=self.clear_delay, bitmap=op.bitmap)  # fmt: skip
@@ -116,6 +118,8 @@ class MirrorCore:
             leg.state, leg.reason = state, why
         for i, regions in op.missing.items():
             rh.missed(i, regions)
+        if op.crashed:
+            self.crashed(op.crashed)
         await self.log.adopt_bitmap(
             [x.index for x in self.legs if x.state is LegState.RESYNCING], tracker.bitmap
         )
@@ -125,6 +129,17 @@ class MirrorCore:
             await self.log.settle()
         self.caps = intersect_caps([leg.dev for leg in self.legs if leg.opened])
         self.want_resync()
+
+    def opening(self, op: Opening) -> None:
+        """What the dirty log found, before anything is decided or written: a target
+        that must refuse some starts raises MetadataError here (a parity array that is
+        dirty and degraded at once).  A mirror takes every start."""
+
+    def crashed(self, regions: list[int]) -> None:
+        """The daemon crashed with write intent on ``regions``: the legs may differ
+        there.  A mirror resyncs them from the lowest current leg to the others."""
+        for i in sorted(self.log.current)[1:]:
+            self.regions.missed(i, regions)
 
     async def close(self) -> None:
         """Clean shutdown: background work stops, the last bitmap batch is written and

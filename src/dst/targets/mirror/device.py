@@ -58,6 +58,7 @@ class MirrorDevice(BlockDevice):
     """
 
     kind = "mirror"
+    replaces_in_place = False  # dst replace: a new leg joins, then the old one leaves
 
     def __init__(
         self,
