@@ -11,7 +11,8 @@ recomputed: a parity array's after a crash).  Each copy is
 lock and resync lock, so writes to *that* region wait while writes and reads elsewhere
 keep flowing, and a write that raced the copy is applied after it on every leg.  When
 a pass ends, regions that were missed again meanwhile (a new failure) are copied in a
-further pass; a target that misses nothing becomes a full member (:meth:`~dst.targets.mirror.MirrorDevice.resync_done`: it adopts the current
+further pass; a target that misses nothing becomes a full member
+(:meth:`~dst.targets.mirror.MirrorDevice.resync_done`: it adopts the current
 generation; when every leg is in sync the bitmap generation is cleared).
 
 The copy engine is the shared region copier (:class:`dst.targets.copier.Copier`, paced
