@@ -103,9 +103,9 @@ class ParityCore(MirrorCore):
         what = (
             f"{self.name}: dirty and degraded: the daemon stopped with writes in flight "
             f"and {', '.join(away)} {'is' if len(away) == 1 else 'are'} missing; the parity "
-            f"of {len(op.crashed)} regions ({op.region_size} bytes of each member) may not "
-            f"match their data, and data rebuilt from it could be silently wrong (the write "
-            f"hole): regions {shown}{more}"
+            f"of {len(op.crashed)} regions may not match their data, and data rebuilt from it "
+            f"could be silently wrong (the write hole): regions {shown}{more} (region r holds "
+            f"the array's bytes from r * {op.region_size * self.geometry.data} on)"
         )
         if not self.start_dirty_degraded:
             raise MetadataError(

@@ -70,7 +70,7 @@ class ParityRead:
             leg = core.legs[geo.data_member(p.stripe, p.index)]
             off = p.stripe * geo.chunk + p.offset
             if not (leg.live and rh.holds(leg.index, rh.regions(off, p.length))):
-                return self._rebuild(set())
+                return self._rebuild({})
             members.append(leg)
         if len(pieces) > 1:
             self.buf = bytearray(self.length)
@@ -92,7 +92,7 @@ class ParityRead:
             if not isinstance(exc, BlockError):
                 self.done(exc, None)
                 return
-            self._rebuild({call.leg.index: exc})
+            self._rebuild({(call.leg.index, p.stripe): exc})
             return
         c = call.leg.counters
         c.reads += 1
@@ -105,8 +105,7 @@ class ParityRead:
         if not self.left:
             self.done(None, self.buf)
 
-    def _rebuild(self, bad: dict[int, BlockError] | set[int]) -> Cancel:
-        errors = bad if isinstance(bad, dict) else {}
+    def _rebuild(self, errors: dict[tuple[int, int], BlockError]) -> Cancel:
         coro = read_rebuilding(self.core, self.offset, self.length, errors)
         self.retry = submit_coro(coro, self.done)
         return self.cancel
@@ -120,15 +119,17 @@ class ParityRead:
 
 
 async def read_rebuilding(
-    core: ParityCore, offset: int, length: int, errors: dict[int, BlockError]
+    core: ParityCore, offset: int, length: int, failed: dict[tuple[int, int], BlockError]
 ) -> Buffer:
-    """The read, stripe by stripe under the range lock (module docstring)."""
+    """The read, stripe by stripe under the range lock (module docstring); ``failed``:
+    the (member, stripe) pieces that failed already."""
     geo = core.geometry
     out = bytearray(length)
     by_stripe: dict[int, list[Piece]] = {}
     for p in geo.pieces(offset, length):
         by_stripe.setdefault(p.stripe, []).append(p)
     for s, pieces in by_stripe.items():
+        errors = {i: exc for (i, st), exc in failed.items() if st == s}
         async with core.locks.hold(s * geo.chunk, geo.chunk):
             await _read_stripe(core, s, pieces, out, errors)
     return out
