@@ -9,37 +9,11 @@ from collections.abc import Sequence
 from dst.targets.fault import FaultDevice
 from dst.targets.memory import MemoryDevice
 from dst.targets.parity import ParityDevice
+from tests.support.parity import pq
 
 MEMBER = 1 << 20
 CHUNK = 4096
 R = 16 << 10  # region size: 4 stripes per region
-
-
-def _mul(a: int, b: int) -> int:
-    r = 0
-    while b:
-        if b & 1:
-            r ^= a
-        a <<= 1
-        if a & 0x100:
-            a ^= 0x11D
-        b >>= 1
-    return r
-
-
-# bytes.translate tables: TIMES[c] multiplies every byte by c in GF(2^8), 0x11d.
-TIMES = [bytes(_mul(c, x) for x in range(256)) for c in range(256)]
-
-
-def pq(chunks: Sequence[bytes]) -> tuple[bytes, bytes]:
-    """P and Q of ``chunks`` from the definition (Q = sum of 2^i D_i)."""
-    n = len(chunks[0])
-    p, q, g = 0, 0, 1
-    for c in chunks:
-        p ^= int.from_bytes(c, "little")
-        q ^= int.from_bytes(c.translate(TIMES[g]), "little")
-        g = _mul(g, 2)
-    return p.to_bytes(n, "little"), q.to_bytes(n, "little")
 
 
 def member_bytes(dev: object) -> bytearray:

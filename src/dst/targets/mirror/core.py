@@ -203,7 +203,9 @@ class MirrorCore:
 
     def want_resync(self) -> None:
         rh = self._regions
-        if rh is not None and any(rh.missing(i) for i in rh.attached):
+        if rh is not None and (
+            any(rh.missing(i) for i in rh.attached) or rh.tracker.unsynced.count()
+        ):
             self.resync_wanted.set()
 
     def no_holder(self, what: str) -> BlockError:

@@ -152,7 +152,6 @@ class ParityDevice(BlockDevice):
         if sum(x.opened for x in self.core.legs) < self.core.geometry.data:
             raise BlockError(errno.EIO, f"{self.name}: fewer than {self.core.geometry.data} "
                              "members could be opened")  # fmt: skip
-        self.core.want_resync()
 
     async def close(self) -> None:
         await self.core.close()
