@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
 
 from dst.targets.fault import FaultDevice
 from dst.targets.memory import MemoryDevice

@@ -129,6 +129,26 @@ class Coder:
             return [np.frombuffer(f, dtype=np.uint8, offset=head) for f in frags[-2:]]
         return [xor(chunks), syndrome(chunks)]
 
+    def encode_stripes(self, cols: Any) -> list[list[memoryview]]:
+        """The parity of many stripes at once: ``cols`` is a ``(stripes, data, n)``
+        uint8 array; per stripe, its parity chunks (``[P]`` or ``[P, Q]``) as buffers.
+        RAID5 is one numpy reduction for all stripes.  ISA-L gets one call per stripe
+        and its parity fragments are used in place: one call for all stripes (fragments
+        of ``stripes * n`` bytes) is several times slower, its buffers no longer fit the
+        allocator's fast path."""
+        t, _, n = cols.shape
+        if self.parity == 1:
+            p = np.bitwise_xor.reduce(cols, axis=1)
+            return [[p[i].data] for i in range(t)]
+        if self._ec is None:
+            return [[c.data for c in self.encode(list(cols[i]))] for i in range(t)]
+        out = []
+        for i in range(t):
+            frags = self._ec.encode(cols[i].tobytes())
+            head = len(frags[0]) - n
+            out.append([memoryview(frags[-2])[head:], memoryview(frags[-1])[head:]])
+        return out
+
     def recover(self, data: list[Chunk | None], parity: list[Chunk | None]) -> list[Chunk]:
         """``data`` with its missing chunks (None) computed from the others and
         ``parity`` (missing ones None).  Raises ValueError if too much is missing."""

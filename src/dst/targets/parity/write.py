@@ -35,6 +35,7 @@ parity is recomputed by the resync).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 from collections.abc import Sequence
 from typing import Any
@@ -87,18 +88,20 @@ async def _stripes(
     core: ParityCore, offset: int, data: Chunk, fua: bool, stripes: range,
     failed: dict[int, BlockError],
 ) -> None:  # fmt: skip
+    """The whole stripes as one run, the partial ones (at most two) each on its own."""
     geo = core.geometry
-    by_stripe: dict[int, list[Piece]] = {}
-    for p in geo.pieces(offset, len(data)):
-        by_stripe.setdefault(p.stripe, []).append(p)
-    full = [s for s, ps in by_stripe.items() if sum(p.length for p in ps) == geo.width]
+    w, end = geo.width, offset + len(data)
+    whole = range(-(-offset // w), end // w)  # the stripes the write covers entirely
     jobs = []
-    if full:
-        start = by_stripe[full[0]][0].pos
-        jobs.append(_full(core, range(full[0], full[-1] + 1), data[start:], fua, failed))
-    for s, ps in by_stripe.items():
-        if s not in full:
-            jobs.append(_partial(core, s, ps, data, fua, failed))
+    if whole:
+        at = whole.start * w - offset
+        jobs.append(_full(core, whole, data[at : at + len(whole) * w], fua, failed))
+    for s in sorted({stripes.start, stripes.stop - 1}):
+        if s in whole:
+            continue
+        lo, hi = max(offset, s * w), min(end, (s + 1) * w)
+        pieces = [dataclasses.replace(p, pos=p.pos + lo - offset) for p in geo.pieces(lo, hi - lo)]
+        jobs.append(_partial(core, s, pieces, data, fua, failed))
     if len(jobs) == 1:
         await jobs[0]
     else:
@@ -111,23 +114,22 @@ async def _stripes(
 async def _full(
     core: ParityCore, stripes: range, data: Chunk, fua: bool, failed: dict[int, BlockError]
 ) -> None:
-    """Consecutive whole stripes: no reads; one request per member."""
-    geo, coder = core.geometry, core.coder
+    """Consecutive whole stripes: no reads; one request per member (its chunks of
+    consecutive stripes are contiguous), joined from views of the data and parity."""
+    geo = core.geometry
     t, k, m, c, n = len(stripes), geo.data, geo.parity, geo.chunk, geo.members
     cols = data[: t * k * c].reshape(t, k, c)
-    if m == 1:
-        par = np.bitwise_xor.reduce(cols, axis=1).reshape(t, 1, c)
-    else:
-        par = np.stack([np.stack(coder.encode(list(cols[i]))) for i in range(t)])
-    rel = np.arange(t).reshape(t, 1)
-    ss = np.array(stripes).reshape(t, 1)
-    base = n - 1 - ss % n
-    out = np.empty((n, t, c), dtype=np.uint8)
-    out[(base + m + np.arange(k)) % n, rel] = cols
-    out[(base + np.arange(m)) % n, rel] = par
+    parity = core.coder.encode_stripes(cols)
+    parts: list[list[Any]] = [[] for _ in range(n)]
+    for row, s in enumerate(stripes):
+        base = n - 1 - s % n  # P's member; Q and the data follow
+        for j, pc in enumerate(parity[row]):
+            parts[(base + j) % n].append(pc)
+        for i in range(k):
+            parts[(base + m + i) % n].append(cols[row, i].data)
     avail = core.available(stripes)
     moff = stripes.start * c
-    ops = [Op.write(leg, moff, out[leg.index].reshape(-1).data, fua)
+    ops = [Op.write(leg, moff, b"".join(parts[leg.index]), fua)
            for leg in core.legs if avail[leg.index]]  # fmt: skip
     failed.update(failures(ops, await fan(core, ops)))
 
