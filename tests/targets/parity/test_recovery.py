@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dst.array.keeper import MirrorKeeper
 from dst.array.resync import Resync, verify
 from dst.meta.superblock import MetadataError
 from dst.targets.fault import FaultDevice
@@ -174,3 +175,21 @@ async def test_a_mirrors_members_are_not_opened_as_a_raid5() -> None:
     await m.close()
     with pytest.raises(MetadataError, match="are a mirror, not a raid5"):
         await make(3, 1, metadata=True, devs=[FaultDevice(d) for d in disks])
+
+
+async def test_keeper_suspend_and_resume_a_member() -> None:
+    a, _ = await make(4, 2, metadata=True)
+    keeper = MirrorKeeper(a)
+    image = bytearray(os.urandom(a.size))
+    await a.write(0, image)
+    await keeper.suspend(2)
+    assert keeper.status()["suspended"] == [2]
+    new = os.urandom(3 * CHUNK)
+    await a.write(CHUNK, new)
+    image[CHUNK : 4 * CHUNK] = new
+    result = await keeper.resume(2)
+    assert result["regions"] == 1 and not result["full"]
+    await Resync(a).run()
+    assert [str(leg.state) for leg in a.legs] == ["in_sync"] * 4
+    check(a, bytes(image))
+    await a.close()
