@@ -45,16 +45,18 @@ def submit_read(core: ParityCore, offset: int, length: int, done: Done) -> Cance
 
 
 class ParityRead:
-    """One read: a leg call per piece, then (if any failed) the rebuild in a Task."""
+    """One read: a leg call per member (one span covering its pieces: the parity chunks
+    between them are read too, fewer requests are cheaper), then (if any failed) the
+    rebuild in a Task."""
 
-    __slots__ = ("buf", "calls", "core", "done", "left", "length", "offset", "pieces", "retry")
+    __slots__ = ("buf", "calls", "core", "done", "left", "length", "offset", "retry", "spans")
 
     def __init__(self, core: ParityCore, offset: int, length: int, done: Done) -> None:
         self.core = core
         self.offset = offset
         self.length = length
         self.done = done
-        self.pieces: list[Piece] = []
+        self.spans: list[tuple[int, list[Piece]]] = []  # (member offset, its pieces)
         self.calls: list[LegCall] = []
         self.buf: bytearray | None = None
         self.left = 0
@@ -63,27 +65,30 @@ class ParityRead:
     def start(self) -> Cancel:
         core = self.core
         geo = core.geometry
-        pieces = self.pieces = list(geo.pieces(self.offset, self.length))
+        c = geo.chunk
         rh = core.regions
-        members = []
-        for p in pieces:
-            leg = core.legs[geo.data_member(p.stripe, p.index)]
-            off = p.stripe * geo.chunk + p.offset
-            if not (leg.live and rh.holds(leg.index, rh.regions(off, p.length))):
+        by_member: dict[int, list[Piece]] = {}
+        for p in geo.pieces(self.offset, self.length):
+            x = geo.data_member(p.stripe, p.index)
+            leg = core.legs[x]
+            if not (leg.live and rh.holds(x, rh.regions(p.stripe * c + p.offset, p.length))):
                 return self._rebuild({})
-            members.append(leg)
-        if len(pieces) > 1:
+            by_member.setdefault(x, []).append(p)
+        self.spans = [(ps[0].stripe * c + ps[0].offset, ps) for ps in by_member.values()]
+        if len(by_member) > 1 or len(next(iter(by_member.values()))) > 1:
             self.buf = bytearray(self.length)
-        self.left = len(pieces)
-        self.calls = [LegCall(self, leg, core.deadlines, i) for i, leg in enumerate(members)]
-        for call, p in zip(self.calls, pieces, strict=True):
-            call.read(p.stripe * geo.chunk + p.offset, p.length)
+        self.left = len(by_member)
+        self.calls = [LegCall(self, core.legs[x], core.deadlines, i)
+                      for i, x in enumerate(by_member)]  # fmt: skip
+        for call, (start, ps) in zip(self.calls, self.spans, strict=True):
+            last = ps[-1]
+            call.read(start, last.stripe * c + last.offset + last.length - start)
         return self.cancel
 
     def leg_done(self, call: LegCall, exc: BaseException | None, value: Any) -> None:
         if self.retry is not None or self.left <= 0:
             return
-        p = self.pieces[call.i]
+        start, pieces = self.spans[call.i]
         if exc is not None:
             self.left = -1
             for other in self.calls:
@@ -92,18 +97,25 @@ class ParityRead:
             if not isinstance(exc, BlockError):
                 self.done(exc, None)
                 return
-            self._rebuild({(call.leg.index, p.stripe): exc})
+            if exc.errno == errno.ETIMEDOUT:
+                self.core.fail(call.leg, exc)  # hung: it gets nothing more
+            self._rebuild({})  # which stripe failed is found stripe by stripe
             return
         c = call.leg.counters
         c.reads += 1
-        c.read_bytes += p.length
+        c.read_bytes += len(value)
         self.left -= 1
-        if self.buf is None:
+        buf = self.buf
+        if buf is None:
             self.done(None, value)
             return
-        self.buf[p.pos : p.pos + p.length] = value
+        chunk = self.core.geometry.chunk
+        view = memoryview(value)
+        for p in pieces:
+            at = p.stripe * chunk + p.offset - start
+            buf[p.pos : p.pos + p.length] = view[at : at + p.length]
         if not self.left:
-            self.done(None, self.buf)
+            self.done(None, buf)
 
     def _rebuild(self, errors: dict[tuple[int, int], BlockError]) -> Cancel:
         coro = read_rebuilding(self.core, self.offset, self.length, errors)
