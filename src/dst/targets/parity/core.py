@@ -28,9 +28,10 @@ every member in the same order) and a region is a run of stripes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from dst.device import BlockDevice
 from dst.errors import ConfigError
@@ -40,6 +41,7 @@ from dst.targets.mirror.core import MirrorCore
 from dst.targets.mirror.dirtylog import Opening
 from dst.targets.parity.geometry import Geometry
 from dst.targets.parity.gf import Coder
+from dst.targets.parity.sparse import ZeroMap
 
 log = logging.getLogger(__name__)
 LAYOUT = "left-symmetric"
@@ -82,6 +84,24 @@ class ParityCore(MirrorCore):
         self.start_dirty_degraded = start_dirty_degraded
         self.forced = False  # started dirty and degraded on purpose
         self.at_risk: list[int] = []  # the regions that start accepted as they were
+        self.write_epoch = 0  # foreground writes to members started so far ...
+        self.writes_inflight = 0  # ... and not ended (a rebuild's zero map, .sparse)
+        self.zeroes = ZeroMap()
+
+    @property
+    def data_end(self) -> int:
+        """Where the whole stripes end on every member."""
+        return self.geometry.stripes * self.chunk
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around every write to members but a rebuild's (their block status changes)."""
+        self.write_epoch += 1
+        self.writes_inflight += 1
+        try:
+            yield
+        finally:
+            self.writes_inflight -= 1
 
     async def open(self) -> None:
         """The mirror's open; then the geometry of the members' data areas.  Raises

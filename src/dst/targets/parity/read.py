@@ -225,7 +225,9 @@ async def _repair(core: ParityCore, s: int, rest: Sequence[Piece],
     writes = [Op.write(core.legs[x], s * geo.chunk + p.offset, out[p.pos : p.pos + p.length])
               for p in rest if (x := geo.data_member(s, p.index)) in errors
               and core.legs[x].live]  # fmt: skip
-    for i, exc in failures(writes, await fan(core, writes)).items():
+    with core.writing():
+        results = await fan(core, writes)
+    for i, exc in failures(writes, results).items():
         core.fail(core.legs[i], exc)
     for op in writes:
         if op.leg.live:

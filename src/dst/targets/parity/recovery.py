@@ -93,7 +93,7 @@ async def resync_region(core: ParityCore, region: int, targets: Sequence[int]) -
 
 async def _rebuild(core: ParityCore, off: int, n: int, sources: list[Leg], want: list[Leg],
                    unsynced: bool) -> int:  # fmt: skip
-    if await _all_zero(core, sources, off, n):
+    if await core.zeroes.all_zero(core, sources, off, n):
         ops = [Op(x, off, n, zero=True) for x in want]
     else:
         got = await fan(core, [Op.read(x, off, n) for x in sources])
@@ -108,7 +108,12 @@ async def _rebuild(core: ParityCore, off: int, n: int, sources: list[Leg], want:
         if unsynced:
             ops += [Op.write(x, off, images[x.index].data) for x in sources
                     if not np.array_equal(images[x.index], have[x.index])]  # fmt: skip
-    for i, exc in failures(ops, await fan(core, ops)).items():
+    if unsynced:  # parity rewritten on sources: their block status may change
+        with core.writing():
+            results = await fan(core, ops)
+    else:  # the targets only, which are never asked
+        results = await fan(core, ops)
+    for i, exc in failures(ops, results).items():
         core.fail(core.legs[i], exc)
     return sum(op.length for op in ops if op.leg.live)
 
@@ -133,20 +138,6 @@ def _images(core: ParityCore, off: int, n: int, have: dict[int, Chunk]) -> list[
         for x, p in zip(pms, core.coder.encode(full), strict=True):
             images[x][a : a + c] = p
     return images
-
-
-async def _all_zero(core: ParityCore, sources: list[Leg], off: int, n: int) -> bool:
-    """Every source reports ``[off, off + n)`` as zeroes (block status)."""
-    for x in sources:
-        if not x.dev.caps.block_status:
-            return False
-        try:
-            extents = await x.dev.block_status(off, n)
-        except BlockError:
-            return False
-        if sum(e.length for e in extents if e.zero or e.hole) < n:
-            return False
-    return True
 
 
 async def verify_region(core: ParityCore, region: int, *, repair: bool) -> bool:
@@ -180,6 +171,8 @@ async def verify_region(core: ParityCore, region: int, *, repair: bool) -> bool:
                     fixes.setdefault(x, have[x].copy())[a : a + c] = p
         if repair and fixes:
             ops = [Op.write(core.legs[x], off, img.data) for x, img in fixes.items()]
-            for i, exc in failures(ops, await fan(core, ops)).items():
+            with core.writing():
+                results = await fan(core, ops)
+            for i, exc in failures(ops, results).items():
                 core.fail(core.legs[i], exc)
     return bool(fixes)

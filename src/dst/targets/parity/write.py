@@ -70,7 +70,8 @@ async def write(core: ParityCore, offset: int, data: Buffer, fua: bool) -> None:
         raise
     failed: dict[int, BlockError] = {}
     try:
-        await _stripes(core, offset, chunk(data), fua, stripes, failed)
+        with core.writing():
+            await _stripes(core, offset, chunk(data), fua, stripes, failed)
     except asyncio.CancelledError:
         rh.unsynced(rh.regions(moff, mlen))
         raise
