@@ -16,30 +16,27 @@ nodes under a ``dst daemon``.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dst.meta.layout import layout_for, member_size_for
-from tests.support.parity import check_members
-
-from .arrays import (
+from tests.support.cluster import (
+    Cluster,
     Daemon,
-    check_ext4_image,
-    dirty_regions,
-    ext4_on_nbdfuse,
+    Node,
+    nbd_python,
     remote,
-    start_daemon,
+    run,
     unix_uri,
     wait_until,
-    write_spec,
 )
-from .helpers import Node, nbd_python, require, require_root_dev, run, start_node
+from tests.support.parity import check_members
+
+from .arrays import check_ext4_image, dirty_regions, ext4_on_nbdfuse
+from .helpers import require, require_root_dev
 
 pytestmark = pytest.mark.timeout(180)
 MiB = 1 << 20
@@ -72,41 +69,40 @@ def apply_writes(base: bytearray, first: int, last: int, count: int) -> bytearra
     return base
 
 
-class Cluster:
-    """Nodes restartable on the same socket and file, one daemon, one array "a"."""
+class Parity:
+    """The harness's cluster as these tests use it: nodes ``n<i>`` restartable on the
+    same socket and file, a daemon, one parity array "a"."""
 
-    def __init__(self, tmp: Path, sockdir: Path, kind: str) -> None:
-        self.tmp, self.sockdir, self.kind = tmp, sockdir, kind
+    def __init__(self, cluster: Cluster, kind: str) -> None:
+        self.c, self.tmp, self.kind = cluster, cluster.work, kind
         self.n, self.parity = SHAPES[kind]
         self.nodes: dict[int, Node] = {}
-        self.daemons = [start_daemon(sockdir / "control.sock", tmp / "daemon.stderr")]
-        self.sock = sockdir / "array.sock"
+        cluster.start_daemon()
+        self.sock = cluster.sock("array")
         self.uri = unix_uri(self.sock)
-        self.spec_path = tmp / "a.toml"
+        self.spec_path = self.tmp / "a.toml"
         self.data = DATA  # each member's data area
 
     @property
     def daemon(self) -> Daemon:
-        return self.daemons[-1]
+        return self.c.daemon
+
+    def start_daemon(self) -> Daemon:
+        return self.c.start_daemon()
 
     def node(self, i: int, name: str | None = None) -> Node:
-        name = name or f"n{i}"
-        n = start_node(
-            self.tmp / f"{name}.img",
-            listen=[f"unix:{self.sockdir}/{name}.sock"],
-            args=["--size", str(member_size_for(self.data, REGION))],
-            stderr_path=self.tmp / f"{name}.{time.monotonic_ns()}.stderr",
-        )
+        """Start (or restart) node ``n<i>`` (or ``name``) as member ``i``."""
+        n = self.c.node(name or f"n{i}", member_size_for(self.data, REGION))
         self.nodes[i] = n
         return n
 
     def kill(self, i: int) -> None:
-        self.nodes[i].stop(signal.SIGKILL)
+        self.nodes[i].kill()
 
     def create(self, **extra: Any) -> None:
         members = [remote(f"n{i}", self.nodes[i].uri) for i in range(self.n)]
         target = {"type": self.kind, "name": "p", "members": members, **extra}
-        write_spec(self.spec_path, "a", [f"unix:{self.sock}"], target)
+        self.spec_path = self.c.spec("a", target, listen=[f"unix:{self.sock}"])
         self.daemon.dst("create", str(self.spec_path))
 
     def root(self) -> dict[str, Any]:
@@ -153,25 +149,17 @@ class Cluster:
         run([py, "-m", "nbd", "-u", self.uri, "-c", script])
         image[offset : offset + len(data)] = data
 
-    def close(self) -> None:
-        for d in self.daemons:
-            d.stop()
-        for n in self.nodes.values():
-            n.stop()
-
 
 @pytest.fixture(params=["raid5", "raid6"])
-def cl(request: pytest.FixtureRequest, tmp_path: Path, sockdir: Path) -> Iterator[Cluster]:
+def cl(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[Parity]:
     require("nbdcopy", "nbdinfo", "nbdsh")
-    c = Cluster(tmp_path, sockdir, request.param)
-    yield c
-    c.close()
+    yield Parity(cluster, request.param)
 
 
 # -- 1. members killed and rebuilt --------------------------------------------------
 
 
-def test_data_survives_killed_members_before_and_after_rebuild(cl: Cluster) -> None:
+def test_data_survives_killed_members_before_and_after_rebuild(cl: Parity) -> None:
     for i in range(cl.n):
         cl.node(i)
     cl.create()
@@ -196,7 +184,7 @@ def test_data_survives_killed_members_before_and_after_rebuild(cl: Cluster) -> N
         cl.check(bytes(image))
 
 
-def test_replace_of_a_dead_member_rebuilds_it_from_the_others(cl: Cluster) -> None:
+def test_replace_of_a_dead_member_rebuilds_it_from_the_others(cl: Parity) -> None:
     for i in range(cl.n):
         cl.node(i)
     cl.create()
@@ -218,7 +206,7 @@ def test_replace_of_a_dead_member_rebuilds_it_from_the_others(cl: Cluster) -> No
 # -- 2. the daemon killed in the middle of writes -----------------------------------
 
 
-def test_daemon_killed_mid_writes_then_assembled(cl: Cluster, sockdir: Path) -> None:
+def test_daemon_killed_mid_writes_then_assembled(cl: Parity) -> None:
     for i in range(cl.n):
         cl.node(i)
     cl.create(clear_delay="1s")
@@ -238,12 +226,11 @@ def test_daemon_killed_mid_writes_then_assembled(cl: Cluster, sockdir: Path) -> 
         return int(text) if text.strip() else 0
 
     wait_until(lambda: acked() >= 300, "300 acknowledged writes")
-    cl.daemon.proc.send_signal(signal.SIGKILL)
-    cl.daemon.proc.wait()
+    cl.daemon.kill()
     w.wait(timeout=30)
     count = acked()
     # A new daemon assembles the array from its members alone.
-    cl.daemons.append(start_daemon(sockdir / "control2.sock", cl.tmp / "daemon2.stderr"))
+    cl.start_daemon()
     uris = [cl.nodes[i].uri for i in range(cl.n)]
     cl.daemon.dst("assemble", *uris, "--name", "a", "--listen", f"unix:{cl.sock}")
     wait_until(lambda: cl.root()["detail"].get("unsynced_regions") == 0, "parity recomputed")
@@ -257,18 +244,16 @@ def test_daemon_killed_mid_writes_then_assembled(cl: Cluster, sockdir: Path) -> 
     cl.check(got)
 
 
-def test_dirty_and_degraded_is_refused_then_forced_then_rebuilt(cl: Cluster, sockdir: Path) -> None:
+def test_dirty_and_degraded_is_refused_then_forced_then_rebuilt(cl: Parity) -> None:
     for i in range(cl.n):
         cl.node(i)
     cl.create(clear_delay="1s")
     image = cl.fill()
     wait_until(lambda: dirty_regions(cl.nodes[0].path) == 0, "the fill's regions clean")
     cl.write(image, 3 * MiB, os.urandom(5000))  # its regions dirty (for a second)
-    cl.daemon.proc.send_signal(signal.SIGKILL)
-    cl.daemon.proc.wait()
+    cl.daemon.kill()
     cl.kill(cl.n - 1)
-    control = sockdir / "control2.sock"
-    cl.daemons.append(start_daemon(control, cl.tmp / "daemon2.stderr"))
+    cl.start_daemon()
     refused = cl.daemon.dst("create", str(cl.spec_path), check=False)
     assert refused.returncode != 0
     err = refused.stderr
@@ -294,7 +279,7 @@ def test_dirty_and_degraded_is_refused_then_forced_then_rebuilt(cl: Cluster, soc
 # -- 3. verify ----------------------------------------------------------------------
 
 
-def test_verify_finds_corrupted_parity_and_repair_fixes_it(cl: Cluster) -> None:
+def test_verify_finds_corrupted_parity_and_repair_fixes_it(cl: Parity) -> None:
     for i in range(cl.n):
         cl.node(i)
     cl.create()
@@ -321,7 +306,7 @@ def test_verify_finds_corrupted_parity_and_repair_fixes_it(cl: Cluster) -> None:
 
 
 @pytest.mark.slow
-def test_ext4_on_nbdfuse_clean_after_a_member_killed_and_rebuilt(cl: Cluster) -> None:
+def test_ext4_on_nbdfuse_clean_after_a_member_killed_and_rebuilt(cl: Parity) -> None:
     require("nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount")
     require_root_dev("/dev/fuse", "/dev/loop-control")
     cl.data = 32 * MiB // (cl.n - cl.parity)  # a 32 MiB filesystem
