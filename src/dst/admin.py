@@ -197,9 +197,11 @@ def cmd_assemble(
     export: str | None,
     dry_run: bool,
     degraded: bool = False,
+    force: bool = False,
 ) -> int:
-    """Rebuild a mirror from its members' superblocks and start it in the daemon
-    (``degraded``: without the members not given)."""
+    """Rebuild a mirror or parity array from its members' superblocks and start it in
+    the daemon (``degraded``: without the members not given; ``force``: a parity array
+    may start dirty and degraded)."""
     from dst.array.assemble import assemble_spec, probe_all
     from dst.array.specdict import spec_from_dict, spec_to_dict
 
@@ -212,7 +214,8 @@ def cmd_assemble(
         sync = ", being resynced" if f.sb.inconsistent else ""
         print(f"{f.location}: member {f.sb.role} of {f.sb.array_name!r} ({f.sb.array_uuid}), "
               f"events {f.sb.events}, {state}{sync}")  # fmt: skip
-    doc = assemble_spec(found, name=name, listen=listen, export=export, degraded=degraded)
+    doc = assemble_spec(found, name=name, listen=listen, export=export, degraded=degraded,
+                        force=force)  # fmt: skip
     spec = spec_from_dict(doc)  # the same checks as a spec file
     if dry_run:
         print(json.dumps(spec_to_dict(spec, human=True), indent=2))

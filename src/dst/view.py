@@ -104,6 +104,18 @@ def _rows(table: Table, node: dict[str, Any], depth: int, extras: list[Any]) -> 
         f"{c.get('writes', '')}" + (f" ({format_size(c['write_bytes'])})" if c else ""),
         str(c.get("errors", "")),
     )
+    layout = detail.get("layout")
+    if isinstance(layout, dict):  # a parity array: its geometry, and what it misses
+        line = (f"{node['name']}: {layout['level']} {layout['rotation']}, {layout['members']} "
+                f"members ({layout['data']} data + {layout['parity']} parity per stripe), "
+                f"chunk {format_size(int(layout['chunk_size']))}")  # fmt: skip
+        if detail.get("degraded"):
+            line += "; degraded: " + ", ".join(detail["degraded"])
+        if detail.get("unsynced_regions"):
+            line += f"; {detail['unsynced_regions']} regions' parity to recompute"
+        if detail.get("at_risk_regions"):
+            line += f"; {detail['at_risk_regions']} regions at risk (started dirty and degraded)"
+        extras.append(Text(line, style="yellow" if detail.get("degraded") else ""))
     resync = detail.get("resync")
     if isinstance(resync, dict) and resync.get("state") == "running":
         extras.append(_progress(node["name"], "resync", resync))

@@ -212,7 +212,7 @@ async def test_assemble_refuses_what_does_not_belong_together(tmp_path: Path) ->
         ([a / "leg0.img", b / "leg1.img"], "different arrays"),
         ([a / "leg0.img"], r"member\(s\) 1 of 2 not given.*--degraded"),
         ([a / "leg0.img", a / "leg0.img"], "are both member 0"),
-        ([a / "leg0.img", tmp_path / "plain.img"], "not a dst mirror member"),
+        ([a / "leg0.img", tmp_path / "plain.img"], "not a dst array member"),
         ([a / "leg0.img", tmp_path / "missing.img"], "no such file"),
         ([], "say which members"),
     ]

@@ -283,9 +283,9 @@ def _line_of(text: str, needle: str, nth: int = 0) -> int:
         ),
         (
             'type = "remote"',
-            'type = "raid5"',
+            'type = "raid7"',
             "array.target.members[0].type",
-            "unknown type 'raid5'",
+            "unknown type 'raid7'",
             0,
         ),
         (

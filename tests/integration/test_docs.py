@@ -42,10 +42,11 @@ def rows(text: str) -> dict[str, list[str]]:
     return out
 
 
+SHARED = {"raid5": "### `raid5`, `raid6`", "raid6": "### `raid5`, `raid6`"}  # one table
 SECTIONS: list[tuple[type[Any], str]] = [
     (ArraySpec, "## `[array]`"),
     (LinearPart, "### `linear`"),
-    *((cls, f"### `{kind}`") for kind, cls in KINDS.items()),
+    *((cls, SHARED.get(kind, f"### `{kind}`")) for kind, cls in KINDS.items()),
 ]
 
 

@@ -1,18 +1,21 @@
-"""Assembly: the spec of a mirror rebuilt from its members' superblocks alone.
+"""Assembly: the spec of a mirror or parity array rebuilt from its members' superblocks.
 
 Theory of operation
 -------------------
-Every member of a mirror carries a superblock (:mod:`dst.meta.superblock`) naming its
-array (UUID and name), its role (leg index), the member count, the region size and
-the layout, including the node names the legs had, and the array's own name and
-export addresses.  :func:`probe` reads the superblock of one member -- a local path
-or an NBD URI -- without changing anything; :func:`assemble_spec` checks the members
-found belong together (one array UUID, every role present exactly once) and returns
-the array spec that rebuilds the mirror with each member in its role, wherever it lives
-now (a node may come back on another port or path), under the array's recorded name and
-listen addresses unless told otherwise.  Starting that spec does the rest: the mirror
-picks the most recent generation among its members, resyncs out-of-date legs from the
-bitmap, and after a crash resyncs only the regions marked dirty.
+Every member of a mirror or a parity array carries a superblock
+(:mod:`dst.meta.superblock`) naming its array (UUID and name), its role (member index),
+the member count, the region size and the layout (the kind of array, ``raid5`` and
+``raid6`` with their chunk size), including the node names the members had, and the
+array's own name and export addresses.  :func:`probe` reads the superblock of one
+member -- a local path or an NBD URI -- without changing anything; :func:`assemble_spec`
+checks the members found belong together (one array UUID, every role present exactly
+once) and returns the array spec that rebuilds the array with each member in its role,
+wherever it lives now (a node may come back on another port or path), under the array's
+recorded name and listen addresses unless told otherwise.  Starting that spec does the
+rest: the array picks the most recent generation among its members, resyncs
+out-of-date members from the bitmap, and after a crash resyncs only the regions marked
+dirty (a parity array recomputes their parity; dirty and degraded at once, it is
+refused unless ``force``: ``start_dirty_degraded``, see ``docs/parity.md``).
 
 Degraded assembly (mdadm's ``--run``): with ``degraded`` the members given may be a
 subset; the others take their roles as ``missing`` members (failed until ``dst
@@ -89,7 +92,7 @@ async def probe(location: str, *, connect_timeout: float = 10.0) -> Found:
     except (BlockError, OSError) as e:
         raise AssembleError(f"{location}: cannot read it: {e}") from None
     except MetadataError as e:
-        raise AssembleError(f"{location}: not a dst mirror member: {e}") from None
+        raise AssembleError(f"{location}: not a dst array member: {e}") from None
     return Found(location, node, sb)
 
 
@@ -100,9 +103,11 @@ def assemble_spec(
     listen: Sequence[str] = (),
     export: str | None = None,
     degraded: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """The array spec document (``{"array": ...}``) for the members ``found``; the
-    array's recorded name, listen addresses and export name unless given.
+    array's recorded name, listen addresses and export name unless given.  ``force``
+    lets a parity array start dirty and degraded (``start_dirty_degraded``).
 
     Raises AssembleError if they belong to different arrays, a role is given twice, a
     role is missing (unless ``degraded``), the members disagree on the array's shape,
@@ -147,13 +152,17 @@ def assemble_spec(
             legs.append({**by_role[role].node, "name": leg_name})
         else:
             legs.append({"type": "missing", "name": leg_name})
-    mirror_name = newest.array_name or "mirror"
-    target = {
-        "type": "mirror",
+    kind = str(newest.spec.get("type", "mirror"))
+    mirror_name = newest.array_name or kind
+    target: dict[str, Any] = {
+        "type": kind,
         "name": mirror_name,
         "region_size": newest.region_size,
         "members": legs,
     }
+    if kind in ("raid5", "raid6"):
+        target["chunk_size"] = newest.spec.get("chunk_size")
+        target["start_dirty_degraded"] = force
     label = newest.spec.get("array")
     label = label if isinstance(label, dict) else {}
     recorded_listen = [a for a in label.get("listen") or () if isinstance(a, str)]

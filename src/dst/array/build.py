@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :func:`construct` maps each spec node to a target: leaves (file, memory, remote)
 are wrapped in a :class:`~dst.targets.member.Member` that counts their I/O; composites
-(linear, stripe, mirror) are built over their built members.  Nothing is opened
+(linear, stripe, mirror, raid5, raid6) are built over their built members.  Nothing is opened
 here.  :func:`build` constructs and opens the whole tree (composites open their
 members, since their size comes from them); if anything fails, whatever was opened
 is closed again and the error propagates, naming the node.  :func:`export_security`
@@ -26,6 +26,7 @@ from dst.array.spec import (
     MemorySpec,
     MirrorSpec,
     MissingSpec,
+    ParitySpec,
     RemoteSpec,
     StripeSpec,
     TargetSpec,
@@ -41,6 +42,7 @@ from dst.targets.member import Member
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import MirrorDevice
 from dst.targets.missing import MissingDevice
+from dst.targets.parity import ParityDevice
 from dst.targets.remote import RemoteDevice
 from dst.targets.stripe import StripeDevice
 
@@ -108,6 +110,21 @@ def construct(
             resync_rate=target.resync_rate,
             resync_min_rate=target.resync_min_rate,
             label=label,
+        )
+    if isinstance(target, ParitySpec):
+        kids = [construct(m, io_timeout=io_timeout, replay=False) for m in target.members]
+        return ParityDevice(
+            kids,
+            parity=target.PARITY,
+            chunk=target.chunk_size,
+            name=target.name,
+            region_size=target.region_size,
+            metadata=target.metadata,
+            leg_timeout=target.leg_timeout,
+            clear_delay=target.clear_delay,
+            resync_rate=target.resync_rate,
+            resync_min_rate=target.resync_min_rate,
+            start_dirty_degraded=target.start_dirty_degraded,
         )
     raise ConfigError(f"unknown target type {type(target).__name__}")
 

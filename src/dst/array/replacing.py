@@ -11,6 +11,10 @@ I/O, the way pvmove does:
   to NEW region by region in the background (rate limited) while new writes go to both;
   when the copy is done, another brief suspend puts NEW in its place and OLD is closed.
   OLD must be readable: its data exists nowhere else.
+* **A parity member** (``replaces_in_place``): NEW takes OLD's role at once and is
+  rebuilt from the other members (so OLD may be dead); OLD is out from the start (the
+  array is degraded until NEW is in sync).  Cancel puts OLD back in its role, rebuilt
+  in turn (a dead OLD stays failed there).
 * **A mirror leg**: NEW joins the mirror as an extra leg and is resynced fully from the
   legs in sync (so OLD may be dead); once NEW is in sync, OLD leaves the mirror and is
   closed.  The mirror's superblocks record every step, so after a crash assembly sees
@@ -97,7 +101,10 @@ class ReplaceJob:
         if mirror is not None:
 
             async def add() -> None:
-                await mirror.add_leg(self.new)
+                if mirror.replaces_in_place:  # a parity member: rebuilt in its role
+                    await mirror.replace_leg(_leg_of(mirror, self.old).index, self.new)
+                else:
+                    await mirror.add_leg(self.new)
                 self._leg_added = True
 
             if self._resyncer is not None:  # before NEW joins: its first region counts
@@ -201,14 +208,17 @@ class ReplaceJob:
         async def remove() -> None:
             await mirror.remove_leg(_leg_of(mirror, self.old).index)
 
-        await self.root.reconfigure(remove)
+        if not mirror.replaces_in_place:  # in place, OLD left when NEW took its role
+            await self.root.reconfigure(remove)
         self._release_limit()
         with contextlib.suppress(BlockError, OSError):
             await self.old.close()
         log.info("replace of leg %s by %s finished", self.old.name, self.new.name)
 
     async def _undo(self) -> None:
-        """Back to OLD after a cancel or failure; NEW is closed."""
+        """Back to OLD after a cancel or failure; NEW is closed (unless a parity
+        member's OLD cannot take its role back: NEW stays there)."""
+        keep_new = False
         try:
             if self._rep is not None and self._rep.state != "finished":
                 await self._swap(self._rep, self.old)
@@ -216,14 +226,27 @@ class ReplaceJob:
                 mirror = self._mirror
 
                 async def remove() -> None:
-                    await mirror.remove_leg(_leg_of(mirror, self.new).index)
+                    index = _leg_of(mirror, self.new).index
+                    if mirror.replaces_in_place:  # OLD back in its role, rebuilt
+                        await mirror.replace_leg(index, self.old)
+                    else:
+                        await mirror.remove_leg(index)
 
-                await self.root.reconfigure(remove)
+                try:
+                    await self.root.reconfigure(remove)
+                except (BlockError, ConfigError, MetadataError) as exc:
+                    if not mirror.replaces_in_place:
+                        raise
+                    log.error("%s stays in the role of %s (%s cannot come back: %s)",
+                              self.new.name, self.old.name, self.old.name, exc)  # fmt: skip
+                    keep_new = True  # a member now: not closed
+                    return
                 self._leg_added = False
         finally:
             self._release_limit()
-            with contextlib.suppress(BlockError, OSError):
-                await self.new.close()
+            if not keep_new:
+                with contextlib.suppress(BlockError, OSError):
+                    await self.new.close()
 
     def _release_limit(self) -> None:
         """NEW's resync goes back to the mirror's limit.  A copy still waiting for

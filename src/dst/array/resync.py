@@ -4,13 +4,15 @@ Theory of operation
 -------------------
 A :class:`Resync` copies every region that one of its *target* legs misses (the
 mirror's out-of-sync sets: what a failed leg missed, everything for a full resync, or
-the dirty regions after a crash) from a leg that holds it, in increasing order.  The
-regions are walked lazily as runs of the targets' out-of-sync bitmaps
+the dirty regions after a crash) from a leg that holds it, in increasing order, and
+makes every *unsynced* region consistent (one whose redundancy must be recomputed
+though no member misses it: a parity array's after a crash).  The regions are walked
+lazily as runs of the targets' out-of-sync bitmaps
 (:func:`~dst.meta.bitmap.union_run`: a bitmap page at a time, whatever the device size)
-and planned into spans by the source's block status (:func:`dst.targets.copier.plan`):
+and planned into spans by the target's ``copy_status`` (:func:`dst.targets.copier.plan`):
 holes are punched on the targets, data is copied (DESIGN.md semantics 11), so time and
 space follow the data, not the device size.  Each span is
-:meth:`dst.targets.mirror.MirrorDevice.resync_span`: it holds the span's byte range, so
+:meth:`~dst.targets.redundant.Redundant.resync_span`: it holds the span's byte range, so
 writes to *that* range wait while writes and reads elsewhere keep flowing, and a write
 that raced the copy is applied after it on every leg.  When a pass ends, regions that
 were missed again meanwhile (a new failure) are copied in a further pass; a target that
@@ -125,15 +127,21 @@ class Resync:
         ]
 
     def _runs(self, targets: Sequence[int]) -> Iterator[tuple[int, int]]:
-        """Runs of regions some live target misses, in increasing order (lazily)."""
+        """Runs of regions some live target misses or that are unsynced, in increasing
+        order (lazily)."""
         pos = 0
-        while live := self._live(targets):
-            oos = self.regions.tracker.oos  # replaced on membership changes: read afresh
-            run = union_run([oos[t] for t in live], pos)
+        while self._alive(targets):
+            tracker = self.regions.tracker  # oos replaced on membership changes: read afresh
+            run = union_run([*(tracker.oos[t] for t in self._live(targets)), tracker.unsynced],
+                            pos)  # fmt: skip
             if run is None:
                 return
             yield run
             pos = run[1]
+
+    def _alive(self, targets: Sequence[int]) -> bool:
+        """Some target is still attached, or some region still unsynced."""
+        return bool(self._live(targets)) or not self.regions.tracker.unsynced.empty()
 
     def _limits(self, targets: Sequence[int]) -> dict[RateLimit, int]:
         """The limits a copy to ``targets`` waits for, each with its number of targets."""
@@ -156,24 +164,27 @@ class Resync:
         """
         copier = self.copier
         rh = self.regions
-        while targets := self._targets():
+        while (targets := self._targets()) or not rh.tracker.unsynced.empty():
             self.targets = targets
-            oos = rh.tracker.oos
-            count = union_count([oos[t] for t in targets])
+            tracker = rh.tracker
+            count = union_count([*(tracker.oos[t] for t in targets), tracker.unsynced])
             if not copier.kind:
                 copier.kind = "full" if count >= rh.nregions else "delta"
             copier.total = copier.done + count
             errors = copier.errors
-            alive = lambda: bool(self._live(self.targets))  # noqa: E731
+            alive = lambda: self._alive(self.targets)  # noqa: E731
             spans = plan(
-                self._runs(targets), self.mirror.block_status, region_size=rh.region_size,
-                size=self.mirror.size, alive=alive,
+                self._runs(targets), self.mirror.copy_status, region_size=rh.region_size,
+                size=rh.tracker.data_size, alive=alive,
             )  # fmt: skip
             await copier.run(spans, self._copy, alive=alive)
             if copier.errors > errors:
                 break  # unreadable regions: do not spin; a later resync retries
             if self._left(targets):
                 break
+            if not targets and rh.tracker.unsynced.count() >= count:
+                log.error("%s: resync: no unsynced region became consistent", self.mirror.name)
+                break  # never spin
         for t in self.targets:
             await self.mirror.resync_done(t)
         await self.mirror.resync_checkpoint(None, self.targets)
@@ -183,6 +194,8 @@ class Resync:
     def _left(self, targets: Sequence[int]) -> bool:
         """True if every target of the pass left (failed or taken out): the resync
         ends ``stopped`` (by the operator) or ``failed``, saying why."""
+        if not targets:  # only unsynced regions: nobody to leave
+            return False
         gone = [t for t in targets if t not in self.regions.attached]
         legs = self.mirror.legs
         why = [f"leg {t} ({legs[t].dev.name}): {legs[t].reason}" for t in gone if t < len(legs)]
@@ -210,7 +223,8 @@ class Resync:
 
     async def _copy(self, span: Span) -> Moved:
         targets = self._live(self.targets)
-        if not targets:
+        unsynced = self.regions.tracker.unsynced.next_set(span.first, span.stop) is not None
+        if not targets and not unsynced:
             return Moved()
         return await self.mirror.resync_span(span, targets)
 
@@ -371,6 +385,6 @@ async def verify(
                     region_size=rh.region_size)  # fmt: skip
     copier.kind, copier.total = "verify", report.regions
     spans = plan([(0, rh.nregions)], mirror.verify_status, region_size=rh.region_size,
-                 size=mirror.size)  # fmt: skip
+                 size=rh.tracker.data_size)  # fmt: skip
     await copier.run(spans, check)
     return report

@@ -5,7 +5,8 @@ Theory of operation
 A spec is a tree of frozen dataclasses.  :class:`ArraySpec` names the array, where
 it is exported and its root ``target``; a target is a leaf (:class:`FileSpec`,
 :class:`MemorySpec`, :class:`RemoteSpec`) or a composite (:class:`LinearSpec`,
-:class:`StripeSpec`, :class:`MirrorSpec`) whose members are targets again, so
+:class:`StripeSpec`, :class:`MirrorSpec`, :class:`Raid5Spec`, :class:`Raid6Spec`) whose
+members are targets again, so
 arrays nest (DST's "tree-like storages").  Every node has a ``name`` unique in the
 array; unnamed nodes get ``node<i>``, ``i`` being the node's position in pre-order
 (the root is ``node0``), or the next free number if that is taken.
@@ -18,7 +19,7 @@ Document shape::
 
     [array]                       name, listen = [...], export, io_timeout, acl
     [array.tls]                   mode, certificates, verify_peer, psk (the export)
-    [array.target]                type = mirror|linear|stripe|remote|file|memory|missing
+    [array.target]                type = mirror|raid5|raid6|linear|stripe|remote|file|memory|missing
     [[array.target.members]]      members of a composite, recursively
 
 Security (:mod:`dst.net.tls`, :mod:`dst.net.acl`): ``[array.tls]`` is the export's
@@ -56,6 +57,7 @@ from dst.net.tls import ServerTlsConfig
 
 KiB = 1 << 10
 DEFAULT_CHUNK_SIZE = 64 * KiB
+DEFAULT_PARITY_CHUNK = 32 * KiB  # ISA-L's RAID6 encoding is fastest at 16-32 KiB
 MIN_CHUNK_SIZE = 4 * KiB
 DEFAULT_IO_TIMEOUT = 30.0
 DEFAULT_LEG_TIMEOUT = 10.0
@@ -155,13 +157,62 @@ class MirrorSpec:
     clear_delay: float = DEFAULT_CLEAR_DELAY
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParitySpec:
+    """Members striped with rotating parity: RAID5 (:class:`Raid5Spec`, P) or RAID6
+    (:class:`Raid6Spec`, P and Q); ``chunk_size`` bytes per chunk.
+
+    The other keys are the mirror's (metadata at the end of every member, the
+    write-intent bitmap, timeouts, resync rates).  ``start_dirty_degraded`` lets an
+    array start that crashed while (or then found itself) missing a member, accepting
+    that the regions dirty at the crash may rebuild wrongly (the write hole; see
+    ``docs/parity.md``); it is a one-shot: the running array reports it false.
+    """
+
+    KIND: ClassVar[str] = ""
+    PARITY: ClassVar[int] = 0
+    name: str
+    members: tuple[TargetSpec, ...]
+    chunk_size: int = DEFAULT_PARITY_CHUNK
+    region_size: int = DEFAULT_REGION_SIZE
+    metadata: bool = True
+    leg_timeout: float = DEFAULT_LEG_TIMEOUT
+    resync_rate: int = 0
+    resync_min_rate: int = 0
+    clear_delay: float = DEFAULT_CLEAR_DELAY
+    start_dirty_degraded: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Raid5Spec(ParitySpec):
+    """RAID5: one parity chunk per stripe; 3 or more members."""
+
+    KIND: ClassVar[str] = "raid5"
+    PARITY: ClassVar[int] = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Raid6Spec(ParitySpec):
+    """RAID6: two parity chunks (P, Q) per stripe; 4 or more members."""
+
+    KIND: ClassVar[str] = "raid6"
+    PARITY: ClassVar[int] = 2
+
+
 TargetSpec: TypeAlias = (
-    FileSpec | MemorySpec | RemoteSpec | MissingSpec | LinearSpec | StripeSpec | MirrorSpec
+    FileSpec
+    | MemorySpec
+    | RemoteSpec
+    | MissingSpec
+    | LinearSpec
+    | StripeSpec
+    | MirrorSpec
+    | Raid5Spec
+    | Raid6Spec
 )
-KINDS: dict[str, type[TargetSpec]] = {
-    c.KIND: c
-    for c in (FileSpec, MemorySpec, RemoteSpec, MissingSpec, LinearSpec, StripeSpec, MirrorSpec)
-}
+_ALL = (FileSpec, MemorySpec, RemoteSpec, MissingSpec, LinearSpec, StripeSpec, MirrorSpec,
+        Raid5Spec, Raid6Spec)  # fmt: skip
+KINDS: dict[str, type[TargetSpec]] = {c.KIND: c for c in _ALL}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +233,7 @@ def children(target: TargetSpec) -> tuple[TargetSpec, ...]:
     """The direct members of ``target`` (empty for leaves)."""
     if isinstance(target, LinearSpec):
         return tuple(p.target for p in target.members)
-    if isinstance(target, StripeSpec | MirrorSpec):
+    if isinstance(target, StripeSpec | MirrorSpec | ParitySpec):
         return target.members
     return ()
 

@@ -24,6 +24,7 @@ from dst.array.spec import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_IO_TIMEOUT,
     DEFAULT_LEG_TIMEOUT,
+    DEFAULT_PARITY_CHUNK,
     KINDS,
     MIN_CHUNK_SIZE,
     NAME_RE,
@@ -34,6 +35,9 @@ from dst.array.spec import (
     MemorySpec,
     MirrorSpec,
     MissingSpec,
+    ParitySpec,
+    Raid5Spec,
+    Raid6Spec,
     RemoteSpec,
     SpecError,
     StripeSpec,
@@ -234,6 +238,8 @@ _KEYS = {
         "clear_delay",
     ),
 }
+_PARITY_KEYS = (*_KEYS["mirror"], "chunk_size", "start_dirty_degraded")
+_KEYS["raid5"] = _KEYS["raid6"] = _PARITY_KEYS
 
 
 def _target(t: _Table, *extra: str) -> TargetSpec:
@@ -268,6 +274,20 @@ def _target(t: _Table, *extra: str) -> TargetSpec:
         chunk = _grain(t, "chunk_size", DEFAULT_CHUNK_SIZE)
         result = StripeSpec(
             name=name, members=tuple(_target(m) for m in _members(t, 2)), chunk_size=chunk
+        )
+    elif kind in ("raid5", "raid6"):
+        cls = Raid5Spec if kind == "raid5" else Raid6Spec
+        result = cls(
+            name=name,
+            members=tuple(_target(m) for m in _members(t, cls.PARITY + 2)),
+            chunk_size=_grain(t, "chunk_size", DEFAULT_PARITY_CHUNK),
+            region_size=_grain(t, "region_size", DEFAULT_REGION_SIZE),
+            metadata=t.flag("metadata", True),
+            leg_timeout=t.duration("leg_timeout", DEFAULT_LEG_TIMEOUT),
+            resync_rate=t.size("resync_rate", 0),
+            resync_min_rate=t.size("resync_min_rate", 0),
+            clear_delay=t.duration("clear_delay", DEFAULT_CLEAR_DELAY),
+            start_dirty_degraded=t.flag("start_dirty_degraded", False),
         )
     else:
         result = MirrorSpec(
@@ -339,7 +359,7 @@ def _rename(t: TargetSpec, path: str, names: Mapping[str, str]) -> TargetSpec:
     if isinstance(t, LinearSpec):
         parts = tuple(dataclasses.replace(p, target=c) for p, c in zip(t.members, sub, strict=True))
         return dataclasses.replace(t, name=name, members=parts)
-    if isinstance(t, StripeSpec | MirrorSpec):
+    if isinstance(t, StripeSpec | MirrorSpec | ParitySpec):
         return dataclasses.replace(t, name=name, members=tuple(sub))
     return dataclasses.replace(t, name=name)
 
@@ -389,6 +409,16 @@ def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
         d["members"] = [_part_to_dict(p, human=human) for p in t.members]
     elif isinstance(t, StripeSpec):
         d["chunk_size"] = size(t.chunk_size)
+        d["members"] = [target_to_dict(m, human=human) for m in t.members]
+    elif isinstance(t, ParitySpec):
+        d["chunk_size"] = size(t.chunk_size)
+        d["region_size"] = size(t.region_size)
+        d["metadata"] = t.metadata
+        d["leg_timeout"] = t.leg_timeout
+        d["resync_rate"] = size(t.resync_rate)
+        d["resync_min_rate"] = size(t.resync_min_rate)
+        d["clear_delay"] = t.clear_delay
+        d["start_dirty_degraded"] = t.start_dirty_degraded
         d["members"] = [target_to_dict(m, human=human) for m in t.members]
     else:
         d["region_size"] = size(t.region_size)

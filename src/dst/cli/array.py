@@ -99,7 +99,7 @@ def add_array_commands(sub: Any) -> None:
     p.add_argument("array", metavar="ARRAY")
     p = add(
         "assemble",
-        "rebuild a mirror from its members",
+        "rebuild an array from its members",
         "Read the superblocks of the members (local paths or NBD URIs), check they are "
         "all the members of one array, and start that array in the daemon with each "
         "member in its role, under its recorded name and export addresses.  Out-of-date "
@@ -124,6 +124,12 @@ def add_array_commands(sub: Any) -> None:
     )
     p.add_argument("--degraded", action="store_true", help="start without the members not given")
     p.add_argument("--dry-run", action="store_true", help="print the spec, start nothing")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a raid5/raid6 that is dirty and degraded (the write hole: regions dirty "
+        "at the crash may rebuild wrongly; see docs/parity.md)",
+    )
     for verb, what in (
         (
             "suspend",
@@ -242,6 +248,7 @@ def run_array(args: argparse.Namespace) -> int:
             export=args.export,
             dry_run=args.dry_run,
             degraded=args.degraded,
+            force=args.force,
         )
     if cmd in ("suspend", "resume"):
         node_args = {"array": args.array} | ({"node": args.node} if args.node else {})

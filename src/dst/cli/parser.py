@@ -33,7 +33,7 @@ commands:
   start, stop      start or stop an array
   add, remove      grow or shrink an array live (linear, stripe, mirror legs)
   replace          replace a node by another, its data copied live
-  assemble         rebuild a mirror from its members' superblocks (after a crash)
+  assemble         rebuild an array from its members' superblocks (after a crash)
   suspend, resume  hold the I/O to one node (or the array) and release it
   fail, readd      take a mirror leg out for maintenance, bring it back (resync)
   verify  compare mirror legs online (--repair rewrites differing regions)

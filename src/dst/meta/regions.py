@@ -37,6 +37,11 @@ A region's life::
   new writes to the region wait until :meth:`end_resync`.  A copy of a whole span of
   regions (the sparse copier's holes) is done under the caller's byte-range lock
   instead, and reported with :meth:`synced`.
+* ``unsynced`` regions (MD's "resync" as opposed to "recovery") are those whose
+  redundancy must be recomputed though no leg misses them: a parity array's regions
+  that were dirty at a crash, whose parity may not match the data.  Like a missed
+  region, an unsynced one keeps its bit until a resync says it is consistent
+  (``end_resync(..., consistent=True)``).
 
 Huge sets of regions (a full resync of a 1 TiB member is 16 Mi regions) are never
 walked region by region: :meth:`leg_missed` and :meth:`settled` take a ``range`` or a
@@ -100,6 +105,7 @@ class RegionTracker:
         max_pages: int | None = None,
     ) -> None:
         self.region_size = region_size
+        self.data_size = data_size
         self.nregions = -(-data_size // region_size)
         self.clear_delay = clear_delay
         self.bitmap = bitmap or Bitmap(self.nregions, page_bits=page_bits, max_pages=max_pages)
@@ -109,6 +115,7 @@ class RegionTracker:
             for _ in range(legs)
         ]
         self.down: set[int] = set()
+        self.unsynced = Bitmap(self.nregions, page_bits=self.bitmap.page_bits, max_pages=max_pages)
         self._marking: dict[int, int] = {}  # region -> batch persisting its mark
         self._page_marking: dict[int, int] = {}  # page went full -> batch persisting it
         self._next = 1  # id of the batch being gathered
@@ -275,6 +282,19 @@ class RegionTracker:
         self._mark_pages(pages)
         return self._progress()
 
+    def mark_unsynced(self, regions: Regions) -> Out:
+        """``regions`` need their redundancy recomputed (their bits stay set until a
+        resync says they are consistent); a Bitmap is done a page at a time."""
+        if isinstance(regions, Bitmap):
+            self.unsynced.update(regions)
+            self._mark_pages(self.bitmap.update(regions))
+            return self._progress()
+        for r in regions:
+            self._idle.pop(r, None)
+            self._mark(r)
+            self.unsynced.set(r)
+        return self._progress()
+
     def settled(self, regions: Regions, now: float) -> None:
         """``regions`` hold the same data on every leg (e.g. bits loaded after a clean
         shutdown, or checked by a resync): let their bits be cleared lazily."""
@@ -314,11 +334,16 @@ class RegionTracker:
         self._idle.pop(region, None)
         return self._progress()
 
-    def end_resync(self, region: int, now: float, *, synced: Iterable[int] = ()) -> Out:
-        """Release the lock; ``synced`` legs now hold ``region``."""
+    def end_resync(
+        self, region: int, now: float, *, synced: Iterable[int] = (), consistent: bool = False
+    ) -> Out:
+        """Release the lock; ``synced`` legs now hold ``region``; ``consistent``: its
+        redundancy was recomputed (it is no longer unsynced)."""
         self._resync.remove(region)
         for leg in synced:
             self.oos[leg].clear(region)
+        if consistent:
+            self.unsynced.clear(region)
         if region not in self._held:
             self._idle.pop(region, None)
             self._idle[region] = now
@@ -343,7 +368,7 @@ class RegionTracker:
         for regions that keep being marked again right after a clear) that every leg
         holds."""
         busy = (*self._held, *self._resync, *self._resync_wait, *self._marking)
-        self.lazy.clear(self.bitmap, self.oos, busy, now)
+        self.lazy.clear(self.bitmap, (*self.oos, self.unsynced), busy, now)
         return self._progress()
 
     # --- internals -----------------------------------------------------------------

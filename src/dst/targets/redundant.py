@@ -3,7 +3,10 @@
 A redundant target holds every acknowledged write on more than one member, so the array
 keeps it healthy in the background: it resyncs what members miss, re-adds members whose
 node came back, verifies, and rebuilds a replaced member from the others instead of
-copying it.  :class:`Redundant` is that contract, checked structurally; the control
+copying it.  A mirror fills a new leg next to the old one (``add_leg`` then
+``remove_leg``); a parity array puts it in the old member's role at once
+(``replaces_in_place``, ``replace_leg``) and rebuilds it from the others.
+:class:`Redundant` is that contract, checked structurally; the control
 plane asks it of a device instead of naming a concrete target.
 """
 
@@ -28,6 +31,7 @@ class Redundant(Protocol):
     name: str
     resync_rate: int
     resync_min_rate: int
+    replaces_in_place: bool  # dst replace: the new member takes the old one's role at once
 
     @property
     def size(self) -> int: ...
@@ -61,26 +65,27 @@ class Redundant(Protocol):
 
     async def readd(self, index: int, *, full: bool = False) -> ReaddPlan: ...
 
-    async def resync_region(self, region: int, targets: Sequence[int]) -> int: ...
-
     async def resync_span(self, span: Span, targets: Sequence[int]) -> Moved: ...
 
     async def verify_span(
         self, span: Span, *, repair_from: int | None = None
     ) -> tuple[Moved, list[int]]: ...
 
-    async def block_status(self, offset: int, length: int) -> Sequence[Extent]: ...
+    async def copy_status(self, offset: int, length: int) -> Sequence[Extent]:
+        """Block status of the source of a resync, in region space (what the copier
+        plans holes and data by)."""
+        ...
 
-    async def verify_status(self, offset: int, length: int) -> Sequence[Extent]: ...
+    async def verify_status(self, offset: int, length: int) -> Sequence[Extent]:
+        """Block status saying zero only where no member holds data (a verify's plan)."""
+        ...
 
     async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None: ...
 
     async def resync_done(self, index: int) -> bool: ...
 
-    async def verify_region(
-        self, region: int, *, region_size: int | None = None, repair_from: int | None = None
-    ) -> bool: ...
-
     async def add_leg(self, dev: BlockDevice) -> int: ...
 
     async def remove_leg(self, index: int) -> BlockDevice: ...
+
+    async def replace_leg(self, index: int, dev: BlockDevice) -> BlockDevice: ...

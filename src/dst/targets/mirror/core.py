@@ -23,10 +23,11 @@ from typing import Any
 from dst.aio import TaskSet
 from dst.device import BlockDevice, Capabilities
 from dst.errors import BlockError, ConfigError
+from dst.meta.bitmap import Bitmap
 from dst.meta.layout import DEFAULT_REGION_SIZE, check_region_size
 from dst.meta.regions import RegionTracker
 from dst.targets.composite import intersect_caps
-from dst.targets.mirror.dirtylog import DirtyLog
+from dst.targets.mirror.dirtylog import DirtyLog, Opening
 from dst.targets.mirror.disklog import DiskLog
 from dst.targets.mirror.legs import Deadlines, Leg, LegState
 from dst.targets.mirror.regionhash import RegionHash
@@ -50,6 +51,7 @@ class MirrorCore:
         leg_timeout: float | None,
         array_uuid: uuid.UUID | None,
         label: Mapping[str, Any] | None = None,
+        layout: Mapping[str, Any] | None = None,
     ) -> None:
         if len(devices) < 2:
             raise ConfigError("a mirror needs at least two legs", where="legs")
@@ -68,7 +70,7 @@ class MirrorCore:
         kind = DiskLog if metadata else DirtyLog
         self.log: DirtyLog = kind(
             devices, region_size=region_size, name=name, array_uuid=array_uuid,
-            leg_timeout=leg_timeout, on_fail=self.fail_index,
+            leg_timeout=leg_timeout, on_fail=self.fail_index, layout=layout,
         )  # fmt: skip
         self.log.label = dict(label) if label else None
         self._regions: RegionHash | None = None
@@ -116,6 +118,7 @@ class MirrorCore:
             raise BlockError(errno.EIO, f"{self.name}: no leg could be opened: "
                              + "; ".join(why.values()))  # fmt: skip
         op = await self.log.open([leg.opened for leg in self.legs])
+        self.opening(op)
         self.size = op.size
         tracker = RegionTracker(op.size, op.region_size, len(self.legs),
                                 clear_delay=self.clear_delay, bitmap=op.bitmap)  # fmt: skip
@@ -127,6 +130,8 @@ class MirrorCore:
                 leg.reason = f"did not open: {why[leg.index]}"
         for i, regions in op.missing.items():
             rh.missed(i, regions)
+        if op.crashed is not None:
+            self.crashed(op.crashed)
         await self.log.adopt_bitmap(
             [x.index for x in self.legs if x.state is LegState.RESYNCING], tracker.bitmap
         )
@@ -136,6 +141,17 @@ class MirrorCore:
             await self.log.settle()
         self.caps = intersect_caps([leg.dev for leg in self.legs if leg.opened])
         self.want_resync()
+
+    def opening(self, op: Opening) -> None:
+        """What the dirty log found, before anything is decided or written: a target
+        that must refuse some starts raises MetadataError here (a parity array that is
+        dirty and degraded at once).  A mirror takes every start."""
+
+    def crashed(self, regions: Bitmap) -> None:
+        """The daemon crashed with write intent on ``regions``: the legs may differ
+        there.  A mirror resyncs them from the lowest current leg to the others."""
+        for i in sorted(self.log.current)[1:]:
+            self.regions.missed(i, regions)
 
     async def close(self) -> None:
         """Clean shutdown: background work stops, the last bitmap batch is written and
@@ -211,7 +227,9 @@ class MirrorCore:
 
     def want_resync(self) -> None:
         rh = self._regions
-        if rh is not None and any(rh.missing(i) for i in rh.attached):
+        if rh is not None and (
+            any(rh.missing(i) for i in rh.attached) or rh.tracker.unsynced.count()
+        ):
             self.resync_wanted.set()
 
     def no_holder(self, what: str) -> BlockError:

@@ -61,6 +61,7 @@ class MirrorDevice(BlockDevice):
     """
 
     kind = "mirror"
+    replaces_in_place = False  # dst replace: a new leg joins, then the old one leaves
 
     def __init__(
         self,
@@ -229,6 +230,10 @@ class MirrorDevice(BlockDevice):
         self, span: Span, *, repair_from: int | None = None
     ) -> tuple[Moved, list[int]]:
         return await spans.verify_span(self.core, span, repair_from=repair_from)
+
+    async def copy_status(self, offset: int, length: int) -> Sequence[Extent]:
+        """A leg's block status (regions are array offsets, the same on every leg)."""
+        return await self.block_status(offset, length)
 
     async def verify_status(self, offset: int, length: int) -> Sequence[Extent]:
         """Block status saying zero only where every leg holding the range reads zeroes."""

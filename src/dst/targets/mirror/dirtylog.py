@@ -59,8 +59,11 @@ class ReaddPlan:
 class Opening:
     """What :meth:`DirtyLog.open` found: the data size and region size, the bitmap to
     start from (None: clean), every leg's state and why, the regions each leg misses,
-    the regions that may be cleared lazily, and whether the survivors must start a new
-    generation (:meth:`DirtyLog.settle`)."""
+    the regions that may be cleared lazily, whether the survivors must start a new
+    generation (:meth:`DirtyLog.settle`), and the regions marked dirty by a crash
+    (``crashed``: write intent the array did not clear; what they mean is the target's
+    policy: a mirror resyncs them from one current leg, a parity array recomputes their
+    parity)."""
 
     size: int
     region_size: int
@@ -69,6 +72,7 @@ class Opening:
     missing: dict[int, Regions] = field(default_factory=dict)
     settled: Regions = ()
     stale: bool = False
+    crashed: Bitmap | None = None
 
 
 class DirtyLog:
@@ -85,8 +89,12 @@ class DirtyLog:
         array_uuid: uuid.UUID | None = None,
         leg_timeout: float | None = None,
         on_fail: FailHook | None = None,
+        layout: Mapping[str, Any] | None = None,
     ) -> None:
         self.devices = list(devices)
+        # What the members' superblocks say the array is (``type`` and its geometry):
+        # written when a member is formatted, checked when the array is opened.
+        self.layout: dict[str, Any] = dict(layout or {"type": "mirror"})
         self.on_fail: FailHook = on_fail or (lambda leg, exc: self.leg_down(leg))
         self.region_size = region_size
         self.name = name

@@ -59,7 +59,8 @@ class DiskLog(DirtyLog):
 
     def __init__(self, devices: Sequence[BlockDevice], **kw: Any) -> None:
         super().__init__(devices, **kw)
-        self.stores = MemberStores(devices, name=self.name, leg_timeout=self.leg_timeout)
+        self.stores = MemberStores(devices, name=self.name, leg_timeout=self.leg_timeout,
+                                   layout=self.layout)  # fmt: skip
         self.size = 0
         self._ref: Superblock | None = None
         self._stale = False  # a current leg failed: rotation not yet persisted
@@ -83,6 +84,7 @@ class DiskLog(DirtyLog):
             region_size=self.region_size,
             label=self.label,
         )
+        _check_layout(self.name, got.ref, self.layout)
         self.array_uuid, self.region_size, self.size = got.array_uuid, got.region_size, got.size
         self.ref, self.current = got.ref, got.current
         if self.label is not None and self.ref.spec.get("array") != self.label:
@@ -322,3 +324,18 @@ class DiskLog(DirtyLog):
         return await self.stores.format(leg, array_uuid=self.array_uuid, generation=generation,
                                         size=self.size, region_size=self.region_size,
                                         inconsistent=inconsistent, label=self.label)  # fmt: skip
+
+
+def _check_layout(name: str, ref: Superblock, layout: Mapping[str, Any]) -> None:
+    """MetadataError unless the members are the kind of array (and geometry) asked for:
+    a mirror's legs are never opened as a raid5, nor a raid5 as a raid6."""
+    on_disk = {k: ref.spec.get(k, "mirror" if k == "type" else None) for k in layout}
+    if on_disk != layout:
+        raise MetadataError(
+            f"{name}: the members are {_describe(on_disk)}, not {_describe(layout)}"
+        )
+
+
+def _describe(layout: Mapping[str, Any]) -> str:
+    extra = ", ".join(f"{k} {v}" for k, v in layout.items() if k != "type" and v is not None)
+    return f"a {layout.get('type')}" + (f" ({extra})" if extra else "")

@@ -12,9 +12,10 @@ from (:class:`Opened`):
   generation, every member formatted, all current); otherwise nothing can be trusted
   and it is an error.
 * The legs holding the reference's generation are current; the union of their
-  bitmaps is the bitmap to start from.  After a crash (``DIRTY``) every current leg
-  but the lowest, which is the resync source, misses the dirty regions; after a clean
-  shutdown those regions may be cleared lazily.
+  bitmaps is the bitmap to start from.  After a crash (``DIRTY``) the dirty regions
+  are reported (``Opening.crashed``: a mirror resyncs them from its lowest current
+  leg, a parity array recomputes their parity); after a clean shutdown those regions
+  may be cleared lazily.
 * Every other leg gets its verdict (behind: what the bitmap says, or everything from
   where a resync stopped; diverged or foreign: failed).  A blank member among
   formatted ones is formatted with a new generation and resynced in full.
@@ -166,8 +167,7 @@ async def _classify(
     op.bitmap = bm
     got.current = set(current)
     dirty = any(sbs[i].state is State.DIRTY for i in current)
-    for i in current[1:] if dirty else ():
-        op.missing[i] = bm  # crash: the lowest current leg is the source
+    op.crashed = bm if dirty else None  # what that means is the target's policy (Opening)
     for i, sb in sbs.items():
         if i in got.current:
             continue

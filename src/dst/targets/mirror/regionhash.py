@@ -90,8 +90,9 @@ class RegionHash:
         return self.tracker.oos[leg].count()
 
     def complete(self) -> bool:
-        """No leg misses anything."""
-        return not any(o.count() for o in self.tracker.oos)
+        """No leg misses anything (and nothing is unsynced)."""
+        t = self.tracker
+        return not t.unsynced.count() and not any(o.count() for o in t.oos)
 
     def now(self) -> float:
         return self._loop.time()
@@ -139,7 +140,8 @@ class RegionHash:
 
     @asynccontextmanager
     async def resync_lock(self, region: int) -> AsyncIterator[list[int]]:
-        """Hold the resync lock of ``region``; append the legs that now hold it."""
+        """Hold the resync lock of ``region``; append the legs that now hold it (and
+        -1 when its redundancy was recomputed: it is no longer unsynced)."""
         fut = self._rs_waiters[region] = self._loop.create_future()
         self._apply(self.tracker.begin_resync(region))
         try:
@@ -152,12 +154,23 @@ class RegionHash:
         try:
             yield synced_legs
         finally:
-            self._apply(self.tracker.end_resync(region, self.now(), synced=synced_legs))
+            consistent = -1 in synced_legs
+            legs = [i for i in synced_legs if i >= 0]
+            self._apply(self.tracker.end_resync(region, self.now(), synced=legs,
+                                                consistent=consistent))  # fmt: skip
 
     def missed(self, leg: int, regions: Regions) -> None:
         """``leg`` does not hold ``regions`` (any more): they must be resynced to it (a
         ``range`` or a Bitmap is done a bitmap page at a time)."""
         self._apply(self.tracker.leg_missed(leg, regions))
+
+    def unsynced(self, regions: Regions) -> None:
+        """``regions`` need their redundancy recomputed (a parity array after a crash)."""
+        self._apply(self.tracker.mark_unsynced(regions))
+
+    def consistent(self, regions: range) -> bool:
+        """No region of ``regions`` waits for its redundancy to be recomputed."""
+        return self.tracker.unsynced.next_set(regions.start, regions.stop) is None
 
     def settled(self, regions: Regions) -> None:
         """``regions`` hold the same data on every leg: clear their bits lazily."""

@@ -70,9 +70,15 @@ class MemberStores:
     """The stores of the members ``devices`` (module docstring)."""
 
     def __init__(
-        self, devices: Sequence[BlockDevice], *, name: str, leg_timeout: float | None
+        self,
+        devices: Sequence[BlockDevice],
+        *,
+        name: str,
+        leg_timeout: float | None,
+        layout: Mapping[str, Any] | None = None,
     ) -> None:
         self.stores = [MetaStore(d) for d in devices]
+        self.layout = dict(layout or {"type": "mirror"})  # the array's kind and geometry
         self.name = name
         self.leg_timeout = leg_timeout
 
@@ -151,7 +157,7 @@ class MemberStores:
         store = self.stores[leg] = MetaStore(self.stores[leg].device)
         names = [s.device.name for s in self.stores]
         spec = {
-            "type": "mirror",
+            **self.layout,
             "size": size,
             "region_size": region_size,
             "legs": len(names),

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Benchmark parity arrays: raid5 of 3 and raid6 of 4 ``dst serve`` nodes against the
+mirror of 2, on the same workloads, in one interleaved run; and the rebuild time of a
+member.
+
+Theory of operation
+-------------------
+The fio/nbdcopy part is ``bench.py``'s driver (imported, not copied) with three
+targets, each a ``dst daemon`` over its own ``dst serve`` nodes on unix sockets:
+
+* ``dst-mirror``: a mirror of 2 nodes, each holding the whole array (``--size``);
+* ``dst-raid5``: a raid5 of 3 nodes, each holding half of it (plus its parity share);
+* ``dst-raid6``: a raid6 of 4 nodes, each holding half of it.
+
+Every target exports ``--size`` bytes; member files are prefilled with random data
+(reads are not answered from holes).  Repetitions interleave the targets, so slow
+drift of the machine is spread over all three.  1 MiB sequential writes are full
+stripes for the parity arrays (no reads); 4 KiB random writes are read-modify-write
+or reconstruct-write (a read and two or three writes per write: their honest cost).
+
+``python bench/parity.py rebuild --member 1G`` measures instead how long a member of
+that size takes to be rebuilt (``dst readd --full`` after ``dst fail``: every region
+recomputed from the other members; for the mirror, copied from the other leg), for
+each kind in turn, on members full of random data (no sparse shortcut).
+
+This is not a test: it prints numbers.  Run ``python bench/parity.py --help``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench import WORKLOADS, Context, MiB, Target, _server, fill_random, main, parse_size
+
+SLACK = 1 * MiB  # room for the metadata at the end of a member
+KINDS = {"mirror": (2, 1), "raid5": (3, 2), "raid6": (4, 2)}  # members, data shares
+
+
+def member_paths(ctx: Context, kind: str) -> list[Path]:
+    return [ctx.workdir / f"{kind}{i}.img" for i in range(KINDS[kind][0])]
+
+
+def member_size(ctx: Context, kind: str) -> int:
+    return ctx.size // KINDS[kind][1] + SLACK
+
+
+def spec_text(kind: str, uris: list[str], listen: str, name: str = "bench") -> str:
+    members = ", ".join(
+        f'{{ type = "remote", name = "n{i}", uri = {json.dumps(u)} }}' for i, u in enumerate(uris)
+    )
+    return (
+        f'[array]\nname = "{name}"\nlisten = [{json.dumps(listen)}]\nexport = "bench"\n\n'
+        f'[array.target]\ntype = "{kind}"\nname = "t"\nmembers = [{members}]\n'
+    )
+
+
+@contextlib.contextmanager
+def _array(ctx: Context, kind: str) -> Iterator[str]:
+    with contextlib.ExitStack() as stack:
+        uris = []
+        for i, path in enumerate(member_paths(ctx, kind)):
+            sock = ctx.workdir / f"{kind}-n{i}.sock"
+            cmd = [sys.executable, "-m", "dst", "serve", str(path), "--listen", f"unix:{sock}"]
+            log = ctx.workdir / f"{kind}-n{i}.log"
+            uris.append(stack.enter_context(_server(cmd, sock, f"nbd+unix:///?socket={sock}", log)))
+        sock = ctx.workdir / f"{kind}.sock"
+        spec = ctx.workdir / f"{kind}.toml"
+        spec.write_text(spec_text(kind, uris, f"unix:{sock}"))
+        control = ctx.workdir / f"{kind}-control.sock"
+        cmd = [sys.executable, "-m", "dst", "daemon", "--control", str(control), str(spec)]
+        log = ctx.workdir / f"{kind}-daemon.log"
+        yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///bench?socket={sock}", log))
+
+
+def _prepare(kind: str) -> Target:
+    def prepare(ctx: Context) -> None:
+        for path in member_paths(ctx, kind):
+            if not path.exists():
+                fill_random(path, member_size(ctx, kind))
+
+    def start(ctx: Context) -> contextlib.AbstractContextManager[str]:
+        return _array(ctx, kind)
+
+    n = KINDS[kind][0]
+    return Target(f"dst-{kind}", start, (), f"dst daemon: {kind} of {n} dst serve nodes", prepare)
+
+
+TARGETS = [_prepare(k) for k in KINDS]
+EPILOG = (
+    "examples:\n"
+    "  python bench/parity.py --size 512M --runtime 5 --reps 3   # about 6 minutes\n"
+    "  python bench/parity.py --quick\n"
+    "  python bench/parity.py rebuild --member 1G                 # rebuild time per kind\n"
+)
+
+
+# -- rebuild ------------------------------------------------------------------------
+
+
+def dst(control: Path, *args: str) -> str:
+    cmd = [sys.executable, "-m", "dst", *args, "--control", str(control)]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def rebuild(member: int, workdir: Path) -> dict[str, dict[str, float]]:
+    """Seconds to rebuild one member of ``member`` bytes, per kind."""
+    out: dict[str, dict[str, float]] = {}
+    paths = [workdir / f"m{i}.img" for i in range(4)]
+    for p in paths:
+        print(f"preparing {p} ({member // MiB} MiB of random data)", flush=True)
+        fill_random(p, member)
+    for kind, (n, _) in KINDS.items():
+        for p in paths:  # wipe the previous kind's metadata (the last MiB)
+            with open(p, "r+b") as f:
+                f.truncate(member - SLACK)
+                f.truncate(member)
+        with contextlib.ExitStack() as stack:
+            uris = []
+            for i in range(n):
+                sock = workdir / f"r{i}.sock"
+                cmd = [sys.executable, "-m", "dst", "serve", str(paths[i])]
+                cmd += ["--listen", f"unix:{sock}"]
+                uri = f"nbd+unix:///?socket={sock}"
+                uris.append(stack.enter_context(_server(cmd, sock, uri, workdir / f"r{i}.log")))
+            control = workdir / "control.sock"
+            cmd = [sys.executable, "-m", "dst", "daemon", "--control", str(control)]
+            stack.enter_context(_server(cmd, control, "", workdir / "daemon.log"))
+            spec = workdir / f"{kind}.toml"
+            spec.write_text(spec_text(kind, uris, f"unix:{workdir / 'a.sock'}", name="a"))
+            dst(control, "create", str(spec))
+            dst(control, "fail", "a", "n1")
+            t0 = time.monotonic()
+            dst(control, "readd", "a", "n1", "--full")
+            while True:
+                root = json.loads(dst(control, "status", "a", "--json"))["arrays"][0]["root"]
+                if all(m["state"] == "in_sync" for m in root["members"]):
+                    break
+                time.sleep(0.2)
+            took = time.monotonic() - t0
+            resync = root["detail"]["resync"]
+            out[kind] = {"seconds": took, "MB/s": resync["bytes"] / took / 1e6,
+                         "copier_seconds": resync["elapsed"]}  # fmt: skip
+            print(f"{kind}: member of {member // MiB} MiB rebuilt in {took:.1f} s "
+                  f"({out[kind]['MB/s']:.0f} MB/s)", flush=True)  # fmt: skip
+            dst(control, "stop", "a")
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["rebuild"]:
+        import argparse
+
+        p = argparse.ArgumentParser(prog="parity.py rebuild")
+        p.add_argument("--member", type=parse_size, default=1 << 30, help="member size")
+        p.add_argument("--dir", help="where to put the member files (default: $TMPDIR)")
+        a = p.parse_args(sys.argv[2:])
+        with tempfile.TemporaryDirectory(prefix="dst-rebuild-", dir=a.dir) as tmp:
+            print(json.dumps(rebuild(a.member, Path(tmp)), indent=2))
+        sys.exit(0)
+    sys.exit(
+        main(
+            targets=TARGETS,
+            default_targets=[t.name for t in TARGETS],
+            default_workloads=[w.name for w in WORKLOADS if w.kind == "fio"],
+            subject="dst-mirror",
+            ratios=["dst-raid5/dst-mirror", "dst-raid6/dst-mirror"],
+            description="Benchmark raid5 of 3 and raid6 of 4 dst serve nodes against the "
+            "mirror of 2 (fio nbd engine, nbdcopy), interleaved.",
+            epilog=EPILOG,
+            prefix="parity-",
+        )
+    )
