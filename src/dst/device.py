@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dst.errors import BlockError, ConfigError, Unsupported
+from dst.stats import Timing, new_timing
 
 Buffer = bytes | bytearray | memoryview
 Done = Callable[[BaseException | None, Any], None]
@@ -86,7 +87,11 @@ class Extent:
 
 @dataclass(slots=True)
 class IOCounters:
-    """Per-device I/O statistics, reported in status."""
+    """Per-device I/O statistics, reported in status and exported as metrics.
+
+    ``errnos`` counts the errors by errno; ``timing`` holds a latency histogram per
+    operation when the process serves metrics (:mod:`dst.stats`), else None.
+    """
 
     reads: int = 0
     writes: int = 0
@@ -96,6 +101,15 @@ class IOCounters:
     trims: int = 0
     zeroes: int = 0
     errors: int = 0
+    trim_bytes: int = 0
+    zero_bytes: int = 0
+    errnos: dict[int, int] = field(default_factory=dict)
+    timing: Timing | None = field(default_factory=new_timing)
+
+    def failed(self, exc: BlockError) -> None:
+        """Count one error (by its errno too)."""
+        self.errors += 1
+        self.errnos[exc.errno] = self.errnos.get(exc.errno, 0) + 1
 
     def as_dict(self) -> dict[str, int]:
         return {
