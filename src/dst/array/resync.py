@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dst import changes
 from dst.device import BlockDevice
 from dst.errors import ConfigError
 from dst.targets.copier import Copier, RateLimit
@@ -74,6 +75,7 @@ class Resync:
         self.checkpoint_interval = checkpoint_interval
         self.depth = max(1, depth)  # regions copied at once
         self.targets: list[int] = []
+        self.kind = ""  # full (a target is new or re-added in full) or delta, once known
         self.copier = Copier(
             name=f"{mirror.name}: resync",
             depth=depth,
@@ -152,6 +154,9 @@ class Resync:
         copier = self.copier
         while targets := self._targets():
             self.targets = targets
+            legs = self.mirror.legs
+            full = self.kind == "full" or any(legs[t].resync == "full" for t in targets)
+            self.kind = "full" if full else "delta"
             copier.total = copier.done + self._count(targets)
             errors = copier.errors
             await copier.run(self._while_live(targets), self._region_bytes, self._copy)
@@ -197,6 +202,8 @@ class Resync:
         bpr = self.regions.region_size * max(len(self.targets), 1)
         return {
             **self.copier.progress(bytes_per_region=bpr),
+            "kind": self.kind or "delta",
+            "bytes_per_region": bpr,
             "targets": list(self.targets),
             "max_rate": self.limit.max_rate,
             "min_rate": self.limit.min_rate,
@@ -221,6 +228,8 @@ class Resyncer:
         self.current: Resync | None = None
         self.last: Resync | None = None
         self.runs = 0
+        self.kind = "delta"  # of the current or last resync (once it had targets)
+        self.finished: dict[str, int] = {"full": 0, "delta": 0, "sparse_skip": 0}
         self._idle = False
         self._changed = asyncio.Event()
         self.started = asyncio.Event()  # set when a resync starts (status, tests)
@@ -270,11 +279,29 @@ class Resyncer:
                 checkpoint_interval=self.checkpoint_interval,
             )
             self.started.set()
+            changes.changed()
             try:
                 await self.current.run()
             finally:
+                self._count(self.current)
                 self.last, self.current = self.current, None
                 self.runs += 1
+                changes.changed()
+
+    def _count(self, r: Resync) -> None:
+        self.kind = r.kind or self.kind
+        self.finished[self.kind] += r.bytes
+        self.finished["sparse_skip"] += r.copier.skipped
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        """Bytes copied by full and by delta resyncs, and bytes not copied because the
+        source had holes (``sparse_skip``), so far: the running resync included."""
+        out = dict(self.finished)
+        r = self.current
+        if r is not None:
+            out[r.kind or self.kind] += r.bytes
+            out["sparse_skip"] += r.copier.skipped
+        return out
 
 
 @dataclass(slots=True)

@@ -118,6 +118,7 @@ class Copier:
         self.done = 0  # regions
         self.total = 0
         self.bytes = 0
+        self.skipped = 0  # bytes not copied because the source had a hole there (sparse)
         self.errors = 0
         self.error: BlockError | None = None  # the first one
         self.position = 0
@@ -179,8 +180,8 @@ class Copier:
         self.advanced.set()
 
     def progress(self, *, bytes_per_region: int) -> dict[str, Any]:
-        """State, regions done/total, percent, bytes, rate (B/s), ETA (s), position,
-        errors, elapsed (s)."""
+        """State, regions done/total, percent, bytes (copied), skipped (bytes not
+        copied: holes), rate (B/s), ETA (s), position, errors, elapsed (s)."""
         rate = self.meter.rate()
         left = max(self.total - self.done, 0)
         eta = left * bytes_per_region / rate if rate and left else None
@@ -191,6 +192,7 @@ class Copier:
             "regions_total": self.total,
             "percent": 100.0 * self.done / self.total if self.total else 100.0,
             "bytes": self.bytes,
+            "skipped": self.skipped,
             "rate": rate,
             "eta": eta,
             "position": self.position,

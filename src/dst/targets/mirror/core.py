@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dst import changes
 from dst.aio import TaskSet
 from dst.device import BlockDevice, Capabilities
 from dst.errors import BlockError, ConfigError
@@ -113,6 +114,7 @@ class MirrorCore:
         rh = self._regions = RegionHash(self.log, tracker, attached, name=self.name)
         for leg, (state, why) in zip(self.legs, op.legs, strict=True):
             leg.state, leg.reason = state, why
+            leg.resync = "full" if "full resync" in why else "delta"
         for i, regions in op.missing.items():
             rh.missed(i, regions)
         await self.log.adopt_bitmap(
@@ -145,6 +147,8 @@ class MirrorCore:
         if leg.state is not LegState.FAILED:
             log.warning("%s: leg %d (%s) failed: %r", self.name, leg.index, leg.dev.name, exc)
             leg.reason = repr(exc)
+            leg.failures += 1
+            changes.changed()
         leg.state = LegState.FAILED
         if leg.index < 0:
             return  # no longer a leg (removed or replaced meanwhile)

@@ -49,6 +49,9 @@ class Leg:
     counters: IOCounters = field(default_factory=IOCounters)
     reason: str = ""
     opened: bool = False
+    failures: int = 0  # times it failed (metrics: a leg that flaps)
+    timeouts: int = 0  # requests that got no answer within leg_timeout
+    resync: str = "delta"  # what its next resync is: full (new, or re-added fully) or delta
 
     @property
     def live(self) -> bool:
@@ -139,6 +142,7 @@ class LegCall:
             cancel()
 
     def expire(self, timeout: float) -> None:
+        self.leg.timeouts += 1
         self.stop(BlockError(errno.ETIMEDOUT, f"no answer within {timeout} s"))
 
 

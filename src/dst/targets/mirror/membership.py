@@ -217,7 +217,7 @@ async def _join(core: MirrorCore, leg: Leg) -> None:
                          f"{leg.reason}")  # fmt: skip
     log.info("%s: leg %d (%s) joins, %d regions to copy", core.name, i, leg.dev.name,
              rh.nregions)  # fmt: skip
-    leg.state, leg.reason = LegState.RESYNCING, "new member: full resync"
+    leg.state, leg.reason, leg.resync = LegState.RESYNCING, "new member: full resync", "full"
 
 
 async def _unjoin(core: MirrorCore, leg: Leg) -> None:

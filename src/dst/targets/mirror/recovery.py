@@ -27,6 +27,7 @@ import errno
 import logging
 from collections.abc import Sequence
 
+from dst import changes
 from dst.aio import gather_all
 from dst.errors import BlockError, ConfigError
 from dst.targets.mirror.core import MirrorCore
@@ -116,8 +117,9 @@ async def resync_done(core: MirrorCore, index: int) -> bool:
             everyone = len(core.log.current) + 1 == len(core.legs) and rh.complete()
             await core.log.leg_synced(index, everyone=everyone)
         if index in core.log.current:
-            leg.state, leg.reason = LegState.IN_SYNC, ""
+            leg.state, leg.reason, leg.resync = LegState.IN_SYNC, "", "delta"
             log.info("%s: leg %d (%s) is in sync", core.name, index, leg.dev.name)
+            changes.changed()
         return leg.state is LegState.IN_SYNC
 
 
@@ -145,6 +147,8 @@ async def readd(core: MirrorCore, index: int, *, full: bool = False) -> ReaddPla
     rh.attach(index)
     rh.missed(index, regions)
     leg.state, leg.reason = LegState.RESYNCING, f"re-added: {plan.relation}"
+    leg.resync = "full" if whole else "delta"
+    changes.changed()
     await core.log.adopt_bitmap([index], rh.tracker.bitmap)
     if index not in rh.attached:  # it failed again while being given the bitmap
         raise BlockError(errno.EIO, f"{core.name}: leg {index} failed while re-added: "
