@@ -17,7 +17,7 @@ import itertools
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from typing import Any
 
 from dst.control.messages import (
@@ -99,7 +99,7 @@ class ControlClient:
             raise ControlError(BAD_RESPONSE, f"control connection failed: {e}") from None
         return _result(decode_response(reply), rid)
 
-    async def stream(self, req: Request) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, req: Request) -> AsyncGenerator[dict[str, Any], None]:
         """Send a streamed request and yield its items until the daemon ends the stream
         (the connection is used up).  Raises ControlError."""
         async with self._lock:

@@ -44,6 +44,8 @@ from dst.net.server import NbdServer
 from dst.stats import Histogram
 
 Labels = Sequence[str]
+ERRNOS = (errnos.EIO, errnos.ETIMEDOUT, errnos.ENOSPC)
+"""Errors exported even before they happened (0), so rates and alerts see a series."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,7 @@ def io_families(prefix: str, what: str, names: Labels, rows: Iterable[IoRow]) ->
         for op, n in (("read", c.read_bytes), ("write", c.write_bytes),
                       ("trim", c.trim_bytes), ("zero", c.zero_bytes)):  # fmt: skip
             nbytes.add_metric([*lv, op], n)
-        for code, n in sorted(c.errnos.items()):
+        for code, n in sorted((dict.fromkeys(ERRNOS, 0) | c.errnos).items()):
             errors.add_metric([*lv, errno_name(code)], n)
         inflight.add_metric(lv, row.inflight)
         if c.timing is not None:

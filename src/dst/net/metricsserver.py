@@ -103,6 +103,7 @@ class MetricsServer:
         self.scrapes = 0
         self.denied = 0
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address | None = None
 
     @property
@@ -127,16 +128,27 @@ class MetricsServer:
         return self.url
 
     async def close(self) -> None:
+        """Stop listening; scrapes being answered are cut.  Idempotent."""
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
             self._server = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _access(self) -> AccessList | None:
         return self.acl.acl if self.acl is not None else None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._one(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, body, kind = await asyncio.wait_for(self._answer(reader, writer), READ_TIMEOUT)
         except (TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
