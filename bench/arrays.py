@@ -89,16 +89,23 @@ def array_spec(kind: str, uris: list[str], listen: str, ctx: Context) -> str:
     return "\n".join(lines) + "\n"
 
 
+METRICS = ["--metrics", "127.0.0.1:0"]  # every process serves /metrics (nobody scrapes)
+
+
 @contextlib.contextmanager
-def _dst_array(ctx: Context, kind: str, *, base: str | None = None) -> Iterator[str]:
-    """A ``dst daemon`` over two nodes; with ``base``, that source tree's daemon."""
+def _dst_array(
+    ctx: Context, kind: str, *, base: str | None = None, metrics: bool = False
+) -> Iterator[str]:
+    """A ``dst daemon`` over two nodes; with ``base``, that source tree's daemon; with
+    ``metrics``, the daemon and the nodes serve metrics (their I/O is timed)."""
     with contextlib.ExitStack() as stack:  # unwinds daemon first, then the nodes
-        uris = stack.enter_context(_nodes(ctx, stack))
+        uris = stack.enter_context(_nodes(ctx, stack, metrics=metrics))
         sock = ctx.workdir / "array.sock"
         spec = ctx.workdir / f"{kind}.toml"
         spec.write_text(array_spec(kind, uris, f"unix:{sock}", ctx))
         control = ctx.workdir / "control.sock"
         cmd = [sys.executable, "-m", "dst", "daemon", "--control", str(control), str(spec)]
+        cmd += METRICS if metrics else []
         if base is not None:
             cmd = ["env", f"PYTHONPATH={base}", *cmd]
         log = ctx.workdir / "daemon.log"
@@ -106,13 +113,15 @@ def _dst_array(ctx: Context, kind: str, *, base: str | None = None) -> Iterator[
 
 
 @contextlib.contextmanager
-def _nodes(ctx: Context, stack: contextlib.ExitStack) -> Iterator[list[str]]:
+def _nodes(
+    ctx: Context, stack: contextlib.ExitStack, *, metrics: bool = False
+) -> Iterator[list[str]]:
     """Start the two ``dst serve`` nodes (on ``stack``); their URIs."""
     uris = []
     for i, leg in enumerate(leg_paths(ctx)):
         sock = ctx.workdir / f"node{i}.sock"
         cmd = [sys.executable, "-m", "dst", "serve", str(leg), "--name", f"n{i}"]
-        cmd += ["--listen", f"unix:{sock}"]
+        cmd += ["--listen", f"unix:{sock}", *(METRICS if metrics else [])]
         uri = f"nbd+unix:///n{i}?socket={sock}"
         uris.append(stack.enter_context(_server(cmd, sock, uri, ctx.workdir / f"node{i}.log")))
     yield uris
@@ -149,6 +158,10 @@ def start_stripe(ctx: Context) -> contextlib.AbstractContextManager[str]:
 
 def start_mirror(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _dst_array(ctx, "mirror")
+
+
+def start_mirror_metrics(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _dst_array(ctx, "mirror", metrics=True)
 
 
 def start_mirror_base(ctx: Context) -> contextlib.AbstractContextManager[str]:
@@ -191,6 +204,13 @@ ARRAY_TARGETS: list[Target] = [
     Target("dst-stripe", start_stripe, (), f"dst daemon: stripe of {_LEGS_NOTE}", prepare_legs),
     Target("dst-mirror", start_mirror, (), f"dst daemon: mirror of {_LEGS_NOTE}", prepare_legs),
     Target(
+        "dst-mirror-metrics",
+        start_mirror_metrics,
+        (),
+        f"dst-mirror with --metrics on the daemon and the {_LEGS_NOTE} (I/O timed)",
+        prepare_legs,
+    ),
+    Target(
         "dst-mirror-memory",
         start_mirror_memory,
         (),
@@ -226,6 +246,8 @@ ALL_TARGETS = TARGETS + ARRAY_TARGETS
 DEFAULT_TARGETS = ["nbdkit", "dst-linear", "dst-stripe", "dst-mirror", "qemu-quorum"]
 RATIOS = [
     "dst-mirror/qemu-quorum",
+    "dst-mirror-metrics/dst-mirror",
+    "dst-metrics/dst",
     "dst-mirror/dst-mirror-base",
     "dst-mirror-meta/dst-mirror-memory",
     "dst-mirror/nbdkit",
@@ -238,6 +260,8 @@ EPILOG = (
     "  python bench/arrays.py --quick                          # sanity run\n"
     "  python bench/arrays.py --targets dst-mirror qemu-quorum --workloads randwrite-4k-qd32\n"
     "  python bench/arrays.py --targets dst dst-mirror --ratio dst-mirror/dst\n"
+    "  python bench/arrays.py --targets dst-mirror dst-mirror-metrics dst dst-metrics \\\n"
+    "      --ratio dst-mirror-metrics/dst-mirror dst-metrics/dst   # --metrics' cost\n"
     "  python bench/arrays.py --targets dst-mirror-memory dst-mirror-meta \\\n"
     "      --workloads randwrite-4k-qd32          # the write-intent bitmap's cost\n"
 )

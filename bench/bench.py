@@ -117,6 +117,13 @@ def start_dst(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _server(cmd, sock, f"nbd+unix:///?socket={sock}", ctx.workdir / "dst.log")
 
 
+def start_dst_metrics(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    sock = ctx.workdir / "dst.sock"
+    cmd = [sys.executable, "-m", "dst", "serve", str(ctx.file), "--listen", f"unix:{sock}"]
+    cmd += ["--metrics", "127.0.0.1:0"]  # its export counted and timed (nobody scrapes)
+    return _server(cmd, sock, f"nbd+unix:///?socket={sock}", ctx.workdir / "dst.log")
+
+
 def start_nbdkit(ctx: Context) -> contextlib.AbstractContextManager[str]:
     sock = ctx.workdir / "nbdkit.sock"
     cmd = ["nbdkit", "--foreground", "-U", str(sock), "file", str(ctx.file)]
@@ -145,6 +152,7 @@ def start_qemu_nbd(ctx: Context) -> contextlib.AbstractContextManager[str]:
 
 TARGETS: list[Target] = [
     Target("dst", start_dst, (), "dst serve (uvloop)"),
+    Target("dst-metrics", start_dst_metrics, (), "dst serve --metrics (its I/O timed)"),
     Target("nbdkit", start_nbdkit, ("nbdkit",), "nbdkit file plugin, default threads"),
     Target("qemu-nbd", start_qemu_nbd, ("qemu-nbd",), "qemu-nbd cache=writeback aio=threads"),
 ]
@@ -415,6 +423,7 @@ EPILOG = (
     "  python bench/bench.py                     # 1 GiB, 10 s per fio run, 3 reps\n"
     "  python bench/bench.py --quick             # sanity run, ~1 minute\n"
     "  python bench/bench.py --targets dst nbdkit --workloads seqread-1m-qd8\n"
+    "  python bench/bench.py --targets dst dst-metrics --ratio dst-metrics/dst  # --metrics\n"
 )
 
 
@@ -491,4 +500,4 @@ def main(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(default_targets=["dst", "nbdkit", "qemu-nbd"]))

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dst.errors import BlockError, ConfigError, Unsupported
-from dst.stats import Timing, new_timing
+from dst.stats import Histogram, Timing, new_timing
 
 Buffer = bytes | bytearray | memoryview
 Done = Callable[[BaseException | None, Any], None]
@@ -110,6 +110,23 @@ class IOCounters:
         """Count one error (by its errno too)."""
         self.errors += 1
         self.errnos[exc.errno] = self.errnos.get(exc.errno, 0) + 1
+
+    def count(self, op: str, nbytes: int = 0) -> Histogram | None:
+        """Count one request of ``op`` (read, write, flush, trim, zero) of ``nbytes``;
+        returns the histogram to time it into (None: not timed).  For the slow paths:
+        the hot ones do this inline."""
+        if op == "read":
+            self.reads, self.read_bytes = self.reads + 1, self.read_bytes + nbytes
+        elif op == "write":
+            self.writes, self.write_bytes = self.writes + 1, self.write_bytes + nbytes
+        elif op == "flush":
+            self.flushes += 1
+        elif op == "trim":
+            self.trims, self.trim_bytes = self.trims + 1, self.trim_bytes + nbytes
+        else:
+            self.zeroes, self.zero_bytes = self.zeroes + 1, self.zero_bytes + nbytes
+        t = self.timing
+        return getattr(t, op) if t is not None else None
 
     def as_dict(self) -> dict[str, int]:
         return {

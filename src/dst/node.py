@@ -21,8 +21,8 @@ and ``--acl FILE``.  Certificates or a PSK without ``--tls`` mean ``require``; w
 neither, plaintext is allowed on loopback and unix sockets only -- a listener on
 another address needs TLS or an explicit ``--tls off``.
 
-Metrics (``--metrics ADDR``, :mod:`dst.net.metricsserver`): the export is served
-through a :class:`~dst.targets.gate.GateDevice` that counts and times its requests,
+Metrics (``--metrics ADDR``, :mod:`dst.net.metricsserver`): the file is served as a
+:class:`~dst.targets.meteredfile.MeteredFile`, which counts and times its requests,
 and ``metrics on URL`` is printed after the ``listening on`` lines.
 
 :func:`run` is the process shell: one event loop (uvloop), SIGTERM/SIGINT set
@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dst import stats, units
-from dst.device import BlockDevice
 from dst.errors import ConfigError, DstError
 from dst.nbd.constants import DEFAULT_PORT
 from dst.nbd.server import TlsMode
@@ -52,11 +51,11 @@ from dst.net.address import DEFAULT_HOST, Address, parse_address
 from dst.net.loop import run as loop_run
 from dst.net.metricsserver import MetricsOptions, metrics_options
 from dst.net.tls import ServerTlsConfig, check_exposure, parse_mode
-from dst.targets.gate import GateDevice
 
 if TYPE_CHECKING:
     from dst.net.metricsserver import MetricsServer
     from dst.net.server import NbdServer
+    from dst.targets.meteredfile import MeteredFile
 
 log = logging.getLogger(__name__)
 
@@ -251,22 +250,20 @@ async def serve(
 
     from dst.net.server import NbdServer
     from dst.targets.file import FileDevice
+    from dst.targets.meteredfile import MeteredFile
 
     if opts.metrics is not None:
         stats.enable()
     # The device name is the export description (NBD_INFO_DESCRIPTION, LIST).
-    device: BlockDevice = FileDevice(
-        opts.path, read_only=opts.read_only, name=opts.description or opts.path.name
-    )
-    if opts.metrics is not None:
-        device = GateDevice(device)  # counts and times the export's requests
+    kind = FileDevice if opts.metrics is None else MeteredFile  # counted and timed
+    device = kind(opts.path, read_only=opts.read_only, name=opts.description or opts.path.name)
     await device.open()
     try:
         # "" (the default export) also reaches a named export: qemu's nbd:HOST:PORT.
         server = NbdServer({opts.name: device}, default=opts.name, **secure)
         tls = opts.tls.mode is TlsMode.REQUIRE
         metrics = None
-        if isinstance(device, GateDevice) and opts.metrics is not None:
+        if isinstance(device, MeteredFile) and opts.metrics is not None:
             metrics = _metrics(opts.name or device.name, server, device, opts.metrics)
         try:
             for addr in opts.listen:
@@ -287,12 +284,16 @@ async def serve(
         await device.close()
 
 
-def _metrics(name: str, server: NbdServer, gate: GateDevice, opts: MetricsOptions) -> MetricsServer:
+def _metrics(
+    name: str, server: NbdServer, device: MeteredFile, opts: MetricsOptions
+) -> MetricsServer:
     from dst.net.metrics import node_collector, registry
     from dst.net.metricsserver import MetricsServer
 
-    collect = node_collector(name, server, gate.counters, lambda: gate.inflight)
-    return MetricsServer(registry(collect), opts)
+    def inflight() -> int:
+        return sum(conn.inflight for conn in server.connections)
+
+    return MetricsServer(registry(node_collector(name, server, device.counters, inflight)), opts)
 
 
 async def _listen(server: NbdServer, addr: Address) -> list[Address]:

@@ -20,8 +20,7 @@ from dst.net.client import NbdClient
 from dst.net.metrics import node_collector, registry
 from dst.net.metricsserver import MetricsOptions, MetricsServer, metrics_options
 from dst.net.server import NbdServer
-from dst.targets.gate import GateDevice
-from dst.targets.memory import MemoryDevice
+from dst.targets.meteredfile import MeteredFile
 from tests.support.scrape import get, matching, scrape, value
 
 pytestmark = pytest.mark.timeout(30)
@@ -52,11 +51,14 @@ def test_options() -> None:
         metrics_options(None, tls="off", acl=None)
 
 
-async def test_node_export_counted_timed_and_scraped(sock_dir: Path, timing: None) -> None:
-    gate = GateDevice(MemoryDevice(1 << 20, name="disk"))
-    server = NbdServer({"n1": gate}, default="n1")
+async def test_node_export_counted_timed_and_scraped(
+    sock_dir: Path, tmp_path: Path, timing: None
+) -> None:
+    disk = MeteredFile(tmp_path / "disk.img", size=1 << 20, create=True, name="disk")
+    await disk.open()
+    server = NbdServer({"n1": disk}, default="n1")
     (address,) = await server.start(f"unix:{sock_dir / 'n.sock'}")
-    collect = node_collector("n1", server, gate.counters, lambda: gate.inflight)
+    collect = node_collector("n1", server, disk.counters, lambda: 0)
     metrics = MetricsServer(registry(collect), MetricsOptions.from_strings("0"))
     url = await metrics.start()
     try:
@@ -96,6 +98,39 @@ async def test_node_export_counted_timed_and_scraped(sock_dir: Path, timing: Non
     finally:
         await metrics.close()
         await server.close()
+        await disk.close()
+
+
+async def test_metered_file_counts_every_request(tmp_path: Path, timing: None) -> None:
+    path = tmp_path / "f.img"
+    dev = MeteredFile(path, size=1 << 20, create=True)
+    await dev.open()
+    try:
+        await dev.write(0, b"a" * 4096)
+        await dev.write(4096, b"b" * 4096, fua=True)
+        assert await dev.read(0, 8192) == b"a" * 4096 + b"b" * 4096
+        await dev.flush()
+        await dev.trim(0, 4096)
+        await dev.write_zeroes(8192, 8192)
+        c = dev.counters
+        assert (c.reads, c.writes, c.flushes, c.trims, c.zeroes) == (1, 2, 1, 1, 1)
+        assert (c.read_bytes, c.write_bytes, c.trim_bytes, c.zero_bytes) == (8192, 8192, 4096, 8192)
+        assert c.timing is not None
+        assert [h.count for _, h in c.timing.items()] == [1, 2, 1, 1, 1]
+    finally:
+        await dev.close()
+    ro = MeteredFile(path, read_only=True)
+    await ro.open()
+    try:
+        with pytest.raises(BlockError) as err:
+            await ro.write(0, b"x")
+        assert err.value.errno == errno.EPERM
+        with pytest.raises(BlockError):
+            await ro.read(1 << 20, 10)  # beyond the end: a short read
+        assert ro.counters.errnos == {errno.EPERM: 1, errno.EIO: 1}
+        assert ro.counters.writes == 0 and ro.counters.reads == 0
+    finally:
+        await ro.close()
 
 
 def test_errors_by_errno() -> None:
