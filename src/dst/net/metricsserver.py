@@ -198,5 +198,8 @@ class MetricsServer:
         decision = acl.decide(Peer.from_peername(writer.get_extra_info("peername"), dn=dn))
         if decision is not None and decision.allowed:
             return True
-        log.warning("metrics: %s denied", writer.get_extra_info("peername"))
+        if not self.denied % 100:  # the first, then every hundredth: scrapers repeat
+            peer = writer.get_extra_info("peername")
+            log.warning("metrics: %s%s denied; %d so far", peer, f" ({dn})" if dn else "",
+                        self.denied + 1)  # fmt: skip
         return False
