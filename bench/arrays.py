@@ -72,20 +72,30 @@ def array_target(kind: str, uris: list[str], ctx: Context) -> dict[str, Any]:
     return {"type": kind, "members": members}
 
 
-def _nodes(ctx: Context, c: Cluster) -> list[str]:
-    """Start the two ``dst serve`` nodes on the leg files; their URIs."""
-    nodes = [c.node(f"n{i}", path=leg, args=["--name", f"n{i}"]) for i, leg in
+METRICS = ["--metrics", "127.0.0.1:0"]  # every process serves /metrics (nobody scrapes)
+
+
+def _nodes(ctx: Context, c: Cluster, *, metrics: bool = False) -> list[str]:
+    """Start the two ``dst serve`` nodes on the leg files (serving metrics too, with
+    ``metrics``); their URIs."""
+    args = METRICS if metrics else []
+    nodes = [c.node(f"n{i}", path=leg, args=["--name", f"n{i}", *args]) for i, leg in
              enumerate(leg_paths(ctx))]  # fmt: skip
     return [n.uri for n in nodes]
 
 
 @contextlib.contextmanager
-def _dst_array(ctx: Context, kind: str, *, base: str | None = None) -> Iterator[str]:
-    """A ``dst daemon`` over two nodes; with ``base``, that source tree's daemon."""
+def _dst_array(
+    ctx: Context, kind: str, *, base: str | None = None, metrics: bool = False
+) -> Iterator[str]:
+    """A ``dst daemon`` over two nodes; with ``base``, that source tree's daemon; with
+    ``metrics``, the daemon and the nodes serve metrics (their I/O is timed)."""
     with cluster(ctx) as c:  # stops the daemon first, then the nodes
         name = f"bench-{kind}"
-        spec = c.spec(name, array_target(kind, _nodes(ctx, c), ctx), export="bench")
-        c.start_daemon(spec, env={"PYTHONPATH": base} if base is not None else None)
+        uris = _nodes(ctx, c, metrics=metrics)
+        spec = c.spec(name, array_target(kind, uris, ctx), export="bench")
+        c.start_daemon(spec, env={"PYTHONPATH": base} if base is not None else None,
+                       options=METRICS if metrics else ())  # fmt: skip
         yield c.uri(name, "bench")
 
 
@@ -119,6 +129,10 @@ def start_stripe(ctx: Context) -> contextlib.AbstractContextManager[str]:
 
 def start_mirror(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _dst_array(ctx, "mirror")
+
+
+def start_mirror_metrics(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _dst_array(ctx, "mirror", metrics=True)
 
 
 def start_mirror_base(ctx: Context) -> contextlib.AbstractContextManager[str]:
@@ -158,6 +172,13 @@ ARRAY_TARGETS: list[Target] = [
     Target("dst-stripe", start_stripe, (), f"dst daemon: stripe of {_LEGS_NOTE}", prepare_legs),
     Target("dst-mirror", start_mirror, (), f"dst daemon: mirror of {_LEGS_NOTE}", prepare_legs),
     Target(
+        "dst-mirror-metrics",
+        start_mirror_metrics,
+        (),
+        f"dst-mirror with --metrics on the daemon and the {_LEGS_NOTE} (I/O timed)",
+        prepare_legs,
+    ),
+    Target(
         "dst-mirror-memory",
         start_mirror_memory,
         (),
@@ -193,6 +214,8 @@ ALL_TARGETS = TARGETS + ARRAY_TARGETS
 DEFAULT_TARGETS = ["nbdkit", "dst-linear", "dst-stripe", "dst-mirror", "qemu-quorum"]
 RATIOS = [
     "dst-mirror/qemu-quorum",
+    "dst-mirror-metrics/dst-mirror",
+    "dst-metrics/dst",
     "dst-mirror/dst-mirror-base",
     "dst-mirror-meta/dst-mirror-memory",
     "dst-mirror/nbdkit",
@@ -205,6 +228,8 @@ EPILOG = (
     "  python bench/arrays.py --quick                          # sanity run\n"
     "  python bench/arrays.py --targets dst-mirror qemu-quorum --workloads randwrite-4k-qd32\n"
     "  python bench/arrays.py --targets dst dst-mirror --ratio dst-mirror/dst\n"
+    "  python bench/arrays.py --targets dst-mirror dst-mirror-metrics dst dst-metrics \\\n"
+    "      --ratio dst-mirror-metrics/dst-mirror dst-metrics/dst   # --metrics' cost\n"
     "  python bench/arrays.py --targets dst-mirror-memory dst-mirror-meta \\\n"
     "      --workloads randwrite-4k-qd32          # the write-intent bitmap's cost\n"
 )

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,9 +99,9 @@ def cluster(ctx: Context) -> Iterator[Cluster]:
 
 
 @contextlib.contextmanager
-def _dst(ctx: Context) -> Iterator[str]:
+def _dst(ctx: Context, args: Sequence[str] = ()) -> Iterator[str]:
     with cluster(ctx) as c:
-        yield c.node("dst", path=ctx.file).uri
+        yield c.node("dst", path=ctx.file, args=args).uri
 
 
 @contextlib.contextmanager
@@ -127,6 +127,10 @@ def start_dst(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _dst(ctx)
 
 
+def start_dst_metrics(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _dst(ctx, ["--metrics", "127.0.0.1:0"])  # its export counted and timed (nobody scrapes)
+
+
 def start_nbdkit(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _nbdkit(ctx)
 
@@ -137,6 +141,7 @@ def start_qemu_nbd(ctx: Context) -> contextlib.AbstractContextManager[str]:
 
 TARGETS: list[Target] = [
     Target("dst", start_dst, (), "dst serve (uvloop)"),
+    Target("dst-metrics", start_dst_metrics, (), "dst serve --metrics (its I/O timed)"),
     Target("nbdkit", start_nbdkit, ("nbdkit",), "nbdkit file plugin, default threads"),
     Target("qemu-nbd", start_qemu_nbd, ("qemu-nbd",), "qemu-nbd cache=writeback aio=threads"),
 ]
@@ -407,6 +412,7 @@ EPILOG = (
     "  python bench/bench.py                     # 1 GiB, 10 s per fio run, 3 reps\n"
     "  python bench/bench.py --quick             # sanity run, ~1 minute\n"
     "  python bench/bench.py --targets dst nbdkit --workloads seqread-1m-qd8\n"
+    "  python bench/bench.py --targets dst dst-metrics --ratio dst-metrics/dst  # --metrics\n"
 )
 
 
@@ -483,4 +489,4 @@ def main(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(default_targets=["dst", "nbdkit", "qemu-nbd"]))

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import WORKLOADS, Context, MiB, Target, _server, fill_random, main, parse_size
+from bench import WORKLOADS, Context, MiB, Target, cluster, fill_random, main, parse_size
+from tests.support.cluster import Cluster, remote  # importable once bench is imported
 
 SLACK = 1 * MiB  # room for the metadata at the end of a member
 KINDS = {"mirror": (2, 1), "raid5": (3, 2), "raid6": (4, 2)}  # members, data shares
@@ -51,32 +51,18 @@ def member_size(ctx: Context, kind: str) -> int:
     return ctx.size // KINDS[kind][1] + SLACK
 
 
-def spec_text(kind: str, uris: list[str], listen: str, name: str = "bench") -> str:
-    members = ", ".join(
-        f'{{ type = "remote", name = "n{i}", uri = {json.dumps(u)} }}' for i, u in enumerate(uris)
-    )
-    return (
-        f'[array]\nname = "{name}"\nlisten = [{json.dumps(listen)}]\nexport = "bench"\n\n'
-        f'[array.target]\ntype = "{kind}"\nname = "t"\nmembers = [{members}]\n'
-    )
+def target(kind: str, uris: list[str]) -> dict[str, object]:
+    members = [remote(f"n{i}", u) for i, u in enumerate(uris)]
+    return {"type": kind, "name": "t", "members": members}
 
 
 @contextlib.contextmanager
 def _array(ctx: Context, kind: str) -> Iterator[str]:
-    with contextlib.ExitStack() as stack:
-        uris = []
-        for i, path in enumerate(member_paths(ctx, kind)):
-            sock = ctx.workdir / f"{kind}-n{i}.sock"
-            cmd = [sys.executable, "-m", "dst", "serve", str(path), "--listen", f"unix:{sock}"]
-            log = ctx.workdir / f"{kind}-n{i}.log"
-            uris.append(stack.enter_context(_server(cmd, sock, f"nbd+unix:///?socket={sock}", log)))
-        sock = ctx.workdir / f"{kind}.sock"
-        spec = ctx.workdir / f"{kind}.toml"
-        spec.write_text(spec_text(kind, uris, f"unix:{sock}"))
-        control = ctx.workdir / f"{kind}-control.sock"
-        cmd = [sys.executable, "-m", "dst", "daemon", "--control", str(control), str(spec)]
-        log = ctx.workdir / f"{kind}-daemon.log"
-        yield stack.enter_context(_server(cmd, sock, f"nbd+unix:///bench?socket={sock}", log))
+    with cluster(ctx) as c:  # stops the daemon first, then the nodes
+        uris = [c.node(f"{kind}-n{i}", path=path).uri
+                for i, path in enumerate(member_paths(ctx, kind))]  # fmt: skip
+        c.start_daemon(c.spec(kind, target(kind, uris), export="bench"))
+        yield c.uri(kind, "bench")
 
 
 def _prepare(kind: str) -> Target:
@@ -104,11 +90,6 @@ EPILOG = (
 # -- rebuild ------------------------------------------------------------------------
 
 
-def dst(control: Path, *args: str) -> str:
-    cmd = [sys.executable, "-m", "dst", *args, "--control", str(control)]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
 def rebuild(member: int, workdir: Path) -> dict[str, dict[str, float]]:
     """Seconds to rebuild one member of ``member`` bytes, per kind."""
     out: dict[str, dict[str, float]] = {}
@@ -121,35 +102,25 @@ def rebuild(member: int, workdir: Path) -> dict[str, dict[str, float]]:
             with open(p, "r+b") as f:
                 f.truncate(member - SLACK)
                 f.truncate(member)
-        with contextlib.ExitStack() as stack:
-            uris = []
-            for i in range(n):
-                sock = workdir / f"r{i}.sock"
-                cmd = [sys.executable, "-m", "dst", "serve", str(paths[i])]
-                cmd += ["--listen", f"unix:{sock}"]
-                uri = f"nbd+unix:///?socket={sock}"
-                uris.append(stack.enter_context(_server(cmd, sock, uri, workdir / f"r{i}.log")))
-            control = workdir / "control.sock"
-            cmd = [sys.executable, "-m", "dst", "daemon", "--control", str(control)]
-            stack.enter_context(_server(cmd, control, "", workdir / "daemon.log"))
-            spec = workdir / f"{kind}.toml"
-            spec.write_text(spec_text(kind, uris, f"unix:{workdir / 'a.sock'}", name="a"))
-            dst(control, "create", str(spec))
-            dst(control, "fail", "a", "n1")
+        with Cluster(workdir / kind) as c:
+            uris = [c.node(f"n{i}", path=paths[i]).uri for i in range(n)]
+            daemon = c.start_daemon()
+            c.create("a", target(kind, uris))
+            daemon.dst("fail", "a", "n1")
             t0 = time.monotonic()
-            dst(control, "readd", "a", "n1", "--full")
+            daemon.dst("readd", "a", "n1", "--full")
             while True:
-                root = json.loads(dst(control, "status", "a", "--json"))["arrays"][0]["root"]
+                root = c.status("a")["root"]
                 if all(m["state"] == "in_sync" for m in root["members"]):
                     break
-                time.sleep(0.2)
+                time.sleep(0.2)  # a benchmark polling for the end, not a test
             took = time.monotonic() - t0
             resync = root["detail"]["resync"]
             out[kind] = {"seconds": took, "MB/s": resync["bytes"] / took / 1e6,
                          "copier_seconds": resync["elapsed"]}  # fmt: skip
             print(f"{kind}: member of {member // MiB} MiB rebuilt in {took:.1f} s "
                   f"({out[kind]['MB/s']:.0f} MB/s)", flush=True)  # fmt: skip
-            dst(control, "stop", "a")
+            daemon.dst("stop", "a")
     return out
 
 

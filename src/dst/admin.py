@@ -25,6 +25,7 @@ from dst.view import render_status
 
 if TYPE_CHECKING:
     from dst.array.daemon import Daemon
+    from dst.net.metricsserver import MetricsOptions
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,26 @@ def request(control: str, op: str, args: dict[str, Any] | None = None) -> Any:
     try:
         return call(control, op, args or {})
     except ControlError as exc:
-        if exc.code == "unreachable":
-            raise DstError(
-                f"no array daemon at {control} (start one with 'dst daemon' or 'dst up', "
-                "or point --control / $DST_CONTROL at it)"
-            ) from None
-        raise
+        raise _no_daemon(control, exc) from None
+
+
+def _no_daemon(control: str, exc: ControlError) -> DstError:
+    if exc.code == "unreachable":
+        return DstError(
+            f"no array daemon at {control} (start one with 'dst daemon' or 'dst up', "
+            "or point --control / $DST_CONTROL at it)"
+        )
+    return exc
 
 
 # -- commands ---------------------------------------------------------------------------
 
 
-def cmd_daemon(control: str, spec_files: list[str]) -> int:
-    """Run the array daemon in the foreground until SIGTERM/SIGINT."""
+def cmd_daemon(
+    control: str, spec_files: list[str], *, metrics: MetricsOptions | None = None
+) -> int:
+    """Run the array daemon in the foreground until SIGTERM/SIGINT (with ``metrics``,
+    serving Prometheus metrics; ``metrics on URL`` follows the readiness line)."""
     from dst.array.daemon import run_daemon
     from dst.array.specfile import load_spec
     from dst.net.loop import run
@@ -71,8 +79,10 @@ def cmd_daemon(control: str, spec_files: list[str]) -> int:
         def ready(daemon: Daemon) -> None:
             loop.add_signal_handler(signal.SIGHUP, reload_logged, daemon)
             print(f"control socket {control}", flush=True)
+            if daemon.metrics is not None:
+                print(f"metrics on {daemon.metrics.url}", flush=True)
 
-        await run_daemon(control, specs=specs, stop=stop, on_ready=ready)
+        await run_daemon(control, specs=specs, stop=stop, on_ready=ready, metrics=metrics)
 
     run(main())
     return 0
@@ -87,6 +97,21 @@ def reload_logged(daemon: Daemon) -> None:
         log.error("reload failed, keeping the settings in force: %s", exc)
         return
     log.warning("reloaded ACLs and TLS credentials of %s", ", ".join(done) or "no array")
+
+
+def cmd_events(control: str, *, now: bool) -> int:
+    """Print the daemon's events as JSON lines until it stops (or Ctrl-C)."""
+    from dst.control.client import stream
+
+    try:
+        for item in stream(control, "events", {"now": now}):
+            print(json.dumps(item), flush=True)
+    except ControlError as exc:
+        raise _no_daemon(control, exc) from None
+    except BrokenPipeError:  # | head: the reader is gone
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    return 0
 
 
 def cmd_reload(control: str, array: str | None) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dst.errors import BlockError, ConfigError, Unsupported
+from dst.stats import Histogram, Timing, new_timing
 
 Buffer = bytes | bytearray | memoryview
 Done = Callable[[BaseException | None, Any], None]
@@ -86,7 +87,11 @@ class Extent:
 
 @dataclass(slots=True)
 class IOCounters:
-    """Per-device I/O statistics, reported in status."""
+    """Per-device I/O statistics, reported in status and exported as metrics.
+
+    ``errnos`` counts the errors by errno; ``timing`` holds a latency histogram per
+    operation when the process serves metrics (:mod:`dst.stats`), else None.
+    """
 
     reads: int = 0
     writes: int = 0
@@ -96,6 +101,32 @@ class IOCounters:
     trims: int = 0
     zeroes: int = 0
     errors: int = 0
+    trim_bytes: int = 0
+    zero_bytes: int = 0
+    errnos: dict[int, int] = field(default_factory=dict)
+    timing: Timing | None = field(default_factory=new_timing)
+
+    def failed(self, exc: BlockError) -> None:
+        """Count one error (by its errno too)."""
+        self.errors += 1
+        self.errnos[exc.errno] = self.errnos.get(exc.errno, 0) + 1
+
+    def count(self, op: str, nbytes: int = 0) -> Histogram | None:
+        """Count one request of ``op`` (read, write, flush, trim, zero) of ``nbytes``;
+        returns the histogram to time it into (None: not timed).  For the slow paths:
+        the hot ones do this inline."""
+        if op == "read":
+            self.reads, self.read_bytes = self.reads + 1, self.read_bytes + nbytes
+        elif op == "write":
+            self.writes, self.write_bytes = self.writes + 1, self.write_bytes + nbytes
+        elif op == "flush":
+            self.flushes += 1
+        elif op == "trim":
+            self.trims, self.trim_bytes = self.trims + 1, self.trim_bytes + nbytes
+        else:
+            self.zeroes, self.zero_bytes = self.zeroes + 1, self.zero_bytes + nbytes
+        t = self.timing
+        return getattr(t, op) if t is not None else None
 
     def as_dict(self) -> dict[str, int]:
         return {

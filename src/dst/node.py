@@ -21,6 +21,10 @@ and ``--acl FILE``.  Certificates or a PSK without ``--tls`` mean ``require``; w
 neither, plaintext is allowed on loopback and unix sockets only -- a listener on
 another address needs TLS or an explicit ``--tls off``.
 
+Metrics (``--metrics ADDR``, :mod:`dst.net.metricsserver`): the file is served as a
+:class:`~dst.targets.meteredfile.MeteredFile`, which counts and times its requests,
+and ``metrics on URL`` is printed after the ``listening on`` lines.
+
 :func:`run` is the process shell: one event loop (uvloop), SIGTERM/SIGINT set
 ``stop``, SIGHUP re-reads the ACL file and the TLS credentials.
 """
@@ -39,16 +43,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dst import units
+from dst import stats, units
 from dst.errors import ConfigError, DstError
 from dst.nbd.constants import DEFAULT_PORT
 from dst.nbd.server import TlsMode
 from dst.net.address import DEFAULT_HOST, Address, parse_address
 from dst.net.loop import run as loop_run
+from dst.net.metricsserver import MetricsOptions, metrics_options
 from dst.net.tls import ServerTlsConfig, check_exposure, parse_mode
 
 if TYPE_CHECKING:
+    from dst.net.metricsserver import MetricsServer
     from dst.net.server import NbdServer
+    from dst.targets.meteredfile import MeteredFile
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +94,7 @@ class ServeOptions:
     listen: tuple[Address, ...] = (Address(host=DEFAULT_HOST, port=DEFAULT_PORT),)
     tls: ServerTlsConfig = NO_TLS
     acl: Path | None = None
+    metrics: MetricsOptions | None = None
 
     @classmethod
     def from_strings(
@@ -103,6 +111,9 @@ class ServeOptions:
         tls_verify_peer: bool = False,
         tls_psk: str | None = None,
         acl: str | None = None,
+        metrics: str | None = None,
+        metrics_tls: str | None = None,
+        metrics_acl: str | None = None,
     ) -> ServeOptions:
         """Validate command-line strings.  Raises ConfigError naming the bad value."""
         if not path:
@@ -134,6 +145,7 @@ class ServeOptions:
             listen=addrs,
             tls=tls_config,
             acl=Path(acl) if acl else None,
+            metrics=metrics_options(metrics, tls=metrics_tls, acl=metrics_acl),
         )
 
 
@@ -224,9 +236,11 @@ async def serve(
     *,
     on_listen: Callable[[str], None] = lambda uri: _print_line(f"listening on {uri}"),
     on_server: Callable[[NbdServer], None] | None = None,
+    on_metrics: Callable[[str], None] = lambda url: _print_line(f"metrics on {url}"),
 ) -> None:
     """Serve PATH until ``stop`` is set, then shut down cleanly.  ``on_server`` gets
-    the server once it listens (the process shell hooks SIGHUP onto it).
+    the server once it listens (the process shell hooks SIGHUP onto it), ``on_metrics``
+    the metrics URL (with ``--metrics``).
 
     Raises ConfigError for bad options, OSError when a file or socket cannot be opened
     or bound, BlockError when the device cannot be opened.
@@ -236,29 +250,50 @@ async def serve(
 
     from dst.net.server import NbdServer
     from dst.targets.file import FileDevice
+    from dst.targets.meteredfile import MeteredFile
 
+    if opts.metrics is not None:
+        stats.enable()
     # The device name is the export description (NBD_INFO_DESCRIPTION, LIST).
-    device = FileDevice(
-        opts.path, read_only=opts.read_only, name=opts.description or opts.path.name
-    )
+    kind = FileDevice if opts.metrics is None else MeteredFile  # counted and timed
+    device = kind(opts.path, read_only=opts.read_only, name=opts.description or opts.path.name)
     await device.open()
     try:
         # "" (the default export) also reaches a named export: qemu's nbd:HOST:PORT.
         server = NbdServer({opts.name: device}, default=opts.name, **secure)
         tls = opts.tls.mode is TlsMode.REQUIRE
+        metrics = None
+        if isinstance(device, MeteredFile) and opts.metrics is not None:
+            metrics = _metrics(opts.name or device.name, server, device, opts.metrics)
         try:
             for addr in opts.listen:
                 for bound in await _listen(server, addr):
                     on_listen(replace(bound, export=opts.name, tls=tls).uri())  # real port
+            if metrics is not None:
+                on_metrics(await metrics.start())
             if on_server is not None:
                 on_server(server)
             log.info("serving %s (%d bytes)", opts.path, device.size)
             await stop.wait()
             log.info("shutting down")
         finally:
+            if metrics is not None:
+                await metrics.close()
             await server.close()
     finally:
         await device.close()
+
+
+def _metrics(
+    name: str, server: NbdServer, device: MeteredFile, opts: MetricsOptions
+) -> MetricsServer:
+    from dst.net.metrics import node_collector, registry
+    from dst.net.metricsserver import MetricsServer
+
+    def inflight() -> int:
+        return sum(conn.inflight for conn in server.connections)
+
+    return MetricsServer(registry(node_collector(name, server, device.counters, inflight)), opts)
 
 
 async def _listen(server: NbdServer, addr: Address) -> list[Address]:

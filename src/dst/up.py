@@ -25,6 +25,10 @@ and ``user``.  The nodes require TLS, verify client certificates and admit only
 ``CN=array`` (an ACL); the array connects to them as ``nbds://`` with its own
 certificate, and requires TLS with a verified client certificate on its exports --
 ``DATA/pki/user`` is the one to give clients (the printed URIs say so).
+
+With ``--metrics HOST:PORT`` the daemon serves Prometheus metrics there and the nodes
+on ``PORT+1`` and ``PORT+2`` (with port 0, free ports), so one scrape configuration
+(``monitoring/prometheus.yml``) finds all three; the URLs are printed.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from dst.errors import ControlError, DstError
 from dst.meta.layout import member_size_for
 from dst.nbd.server import TlsMode
 from dst.net.address import Address, parse_address
+from dst.net.metricsserver import MetricsOptions
 from dst.net.tls import ServerTlsConfig
 from dst.units import format_size, parse_size
 
@@ -60,6 +65,7 @@ class UpOptions:
     config: str | None = None
     live: bool = True
     tls: bool = False
+    metrics: MetricsOptions | None = None
 
     @property
     def pki(self) -> Path:
@@ -74,6 +80,7 @@ def options(
     control: str,
     config: str | None,
     tls: bool = False,
+    metrics: MetricsOptions | None = None,
 ) -> UpOptions:
     addrs = listen or [f"unix:{Path(data_dir).absolute() / 'dst.sock'}", "127.0.0.1:10809"]
     return UpOptions(
@@ -84,6 +91,7 @@ def options(
         config=config,
         live=sys.stdout.isatty(),
         tls=tls,
+        metrics=metrics,
     )
 
 
@@ -120,6 +128,7 @@ class Node:
         self.args = args  # more dst serve options (TLS)
         self.proc: asyncio.subprocess.Process | None = None
         self.uri = ""
+        self.metrics = ""  # its metrics URL (with --metrics)
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -131,15 +140,25 @@ class Node:
             preexec_fn=_die_with_parent,  # ... and if we are killed, the nodes stop too
         )  # fmt: skip
         assert self.proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), NODE_START_TIMEOUT)
-        except TimeoutError:
-            line = b""
-        text = line.decode(errors="replace").strip()
+        text = await self._line()
         if not text.startswith("listening on "):
             await self.stop()
             raise DstError(f"node {self.name} ({self.path}) did not start")
         self.uri = text.removeprefix("listening on ")
+        if "--metrics" in self.args:
+            text = await self._line()
+            if not text.startswith("metrics on "):
+                await self.stop()
+                raise DstError(f"node {self.name} did not serve metrics")
+            self.metrics = text.removeprefix("metrics on ")
+
+    async def _line(self) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), NODE_START_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        return line.decode(errors="replace").strip()
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -157,7 +176,7 @@ def demo_nodes(opts: UpOptions) -> list[Node]:
     """The two demo nodes: existing member files are reused, new ones sized for
     ``opts.size`` bytes of data plus the mirror's metadata."""
     member = member_size_for(opts.size)
-    nodes = []
+    nodes: list[Node] = []
     for c in "ab":
         path = opts.data_dir / f"node-{c}.img"
         size = path.stat().st_size if path.exists() else member
@@ -168,6 +187,12 @@ def demo_nodes(opts: UpOptions) -> list[Node]:
         if opts.tls:
             args = ("--tls", "require", "--tls-certificates", str(opts.pki / name))
             args += ("--tls-verify-peer", "--acl", str(opts.pki / "nodes.acl"))
+        m = opts.metrics
+        if m is not None:
+            port = m.address.port + 1 + len(nodes) if m.address.port else 0
+            args += ("--metrics", str(m.with_port(port).address))
+            args += ("--metrics-tls", str(m.tls) if m.tls else "off")
+            args += ("--metrics-acl", str(m.acl)) if m.acl else ()
         nodes.append(Node(name, path, size, args=args))
     return nodes
 
@@ -257,7 +282,7 @@ async def up(opts: UpOptions) -> int:
     opts.data_dir.mkdir(parents=True, exist_ok=True)
     Path(opts.control).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     nodes: list[Node] = []
-    daemon = Daemon(opts.control)
+    daemon = Daemon(opts.control, metrics=opts.metrics)
     try:
         if opts.config is not None:
             from dst.array.specfile import load_spec
@@ -286,6 +311,10 @@ async def up(opts: UpOptions) -> int:
                 "MEMBER..., or give dst up another --dir for a new cluster"
             ) from None
         pki = opts.pki if opts.tls and opts.config is None else None
+        if daemon.metrics is not None:
+            urls = [f"metrics on {daemon.metrics.url} (array daemon)"]
+            urls += [f"metrics on {n.metrics} ({n.name})" for n in nodes]
+            print("\n".join(urls), flush=True)
         print(usage(array.exports, opts.control, pki=pki), flush=True)
         await _show(daemon, stop, live=opts.live)
     finally:

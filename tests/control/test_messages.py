@@ -38,6 +38,8 @@ EXAMPLES: list[m.Request] = [
     m.Reload(),
     m.Reload(array="demo"),
     m.Shutdown(),
+    m.Events(),
+    m.Events(now=True),
 ]
 
 

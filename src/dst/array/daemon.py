@@ -19,6 +19,10 @@ Status shape (``status`` op), JSON-able::
                  "suspended", "held", "replace", "spec", "root": NODE}]}
 
 with NODE as in :mod:`dst.array.status`.
+
+The daemon also streams its state changes (``events``, :mod:`dst.array.events`) and,
+given ``metrics``, serves Prometheus metrics (:mod:`dst.array.metrics`) on its own
+endpoint (:mod:`dst.net.metricsserver`).
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from dst import stats
 from dst.array import ops, reshape
 from dst.array.array import Array, bad_spec
+from dst.array.events import EventHub
 from dst.array.spec import ArraySpec
 from dst.array.specdict import spec_from_dict
 from dst.control import messages as m
 from dst.control.server import ControlServer
 from dst.errors import ConfigError, ControlError, DstError
+from dst.net.metricsserver import MetricsOptions, MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +49,39 @@ log = logging.getLogger(__name__)
 class Daemon:
     """All arrays of this process, and the control socket that manages them."""
 
-    def __init__(self, control_path: str | None = None) -> None:
+    def __init__(
+        self, control_path: str | None = None, *, metrics: MetricsOptions | None = None
+    ) -> None:
         self.control_path = control_path
         self.arrays: dict[str, Array] = {}
         self._control: ControlServer | None = None
         self.stopping = asyncio.Event()
+        self.events = EventHub(self.arrays)
+        self.metrics: MetricsServer | None = None
+        if metrics is not None:
+            from dst.array.metrics import collector
+            from dst.net.metrics import registry
+
+            stats.enable()  # time the I/O of the arrays built from now on
+            self.metrics = MetricsServer(registry(collector(self.arrays)), metrics)
 
     async def start(self) -> None:
+        """Listen on the control socket and the metrics endpoint.  Raises OSError."""
+        if self.metrics is not None:
+            await self.metrics.start()
         if self.control_path is not None:
             self._control = ControlServer(self.control_path, self.handle)
             await self._control.start()
 
     async def close(self) -> None:
+        self.events.close()
         if self._control is not None:
             await self._control.close()
             self._control = None
         for array in list(self.arrays.values()):
             await array.stop()
+        if self.metrics is not None:
+            await self.metrics.close()
 
     def array(self, name: str) -> Array:
         try:
@@ -109,6 +132,8 @@ class Daemon:
         except DstError as exc:
             log.warning("%s failed: %s", req.OP, exc)
             raise ControlError("failed", str(exc)) from None
+        finally:
+            self.events.poke()
 
 
 # -- the control request table --------------------------------------------------------
@@ -130,6 +155,10 @@ async def _create(d: Daemon, req: m.Create) -> Any:
 
 async def _reload(d: Daemon, req: m.Reload) -> Any:
     return d.reload(req.array)
+
+
+async def _events(d: Daemon, req: m.Events) -> Any:
+    return d.events.subscribe(now=req.now)
 
 
 async def _shutdown(d: Daemon, req: m.Shutdown) -> Any:
@@ -160,6 +189,7 @@ HANDLERS: dict[type[m.Request], Handler] = {
     m.Create: _create,
     m.Shutdown: _shutdown,
     m.Reload: _reload,
+    m.Events: _events,
     m.Readd: _readd,
     m.Start: _on_array(lambda a, r: a.start()),
     m.Stop: _on_array(lambda a, r: a.stop()),
@@ -183,12 +213,14 @@ async def run_daemon(
     specs: Iterable[ArraySpec] = (),
     stop: asyncio.Event | None = None,
     on_ready: Callable[[Daemon], None] | None = None,
+    metrics: MetricsOptions | None = None,
 ) -> None:
     """Run a daemon with ``specs`` started until ``stop`` (or a shutdown request) is set.
 
-    ``on_ready`` is called once the control socket accepts and ``specs`` run.
+    ``on_ready`` is called once the control socket accepts and ``specs`` run; with
+    ``metrics`` the daemon serves Prometheus metrics there.
     """
-    daemon = Daemon(control_path)
+    daemon = Daemon(control_path, metrics=metrics)
     await daemon.start()
     try:
         for spec in specs:

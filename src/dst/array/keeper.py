@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dst import changes
 from dst.array.resync import Resyncer, VerifyReport, verify
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
@@ -214,6 +215,7 @@ class MirrorKeeper:
             job.state, job.error = "failed", str(exc)
         finally:
             job.finished = time.monotonic()
+            changes.changed()
         log.info("%s: verify %s: %d regions differ", self.mirror.name, job.state,
                  len(job.report.mismatched))  # fmt: skip
 

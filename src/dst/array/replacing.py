@@ -38,6 +38,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from dst import changes
 from dst.array.resync import Resyncer
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
@@ -157,10 +158,17 @@ class ReplaceJob:
             p = self._rep.progress()
             out |= {k: p[k] for k in ("regions_done", "regions_total", "rate", "eta")}
             out["bytes"] = p["bytes_copied"] + p["bytes_zeroed"]
+            per_region = self._rep.region_size
         elif self._mirror is not None and self._mirror.resync_status is not None:
             r = self._mirror.resync_status()
             out |= {k: r.get(k) for k in ("regions_done", "regions_total", "rate", "eta")}
             out["bytes"] = r.get("bytes", 0)
+            per_region = r.get("bytes_per_region", 0)
+        else:
+            return out
+        size = self.old.size
+        out["bytes_done"] = min((out["regions_done"] or 0) * per_region, size)
+        out["bytes_total"] = min((out["regions_total"] or 0) * per_region, size)
         return out
 
     # -- the work --------------------------------------------------------------------
@@ -187,6 +195,7 @@ class ReplaceJob:
                 await self._undo()
         self.state = outcome
         self._on_finished(self)
+        changes.changed()
 
     async def _run_copy(self, rep: ReplaceDevice) -> str:
         await rep.run()

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dst import changes
 from dst.device import BlockDevice
 from dst.errors import ConfigError
 from dst.meta.bitmap import union_count, union_run
@@ -100,6 +101,11 @@ class Resync:
     @property
     def state(self) -> str:
         return self.copier.state
+
+    @property
+    def kind(self) -> str:
+        """``full`` (the targets missed every region) or ``delta``, once known."""
+        return self.copier.kind
 
     @property
     def done(self) -> int:
@@ -234,6 +240,7 @@ class Resync:
         bpr = self.regions.region_size * max(len(self.targets), 1)
         out = {
             **self.copier.progress(bytes_per_region=bpr),
+            "bytes_per_region": bpr,
             "targets": list(self.targets),
             "max_rate": self.limit.max_rate,
             "min_rate": self.limit.min_rate,
@@ -261,6 +268,8 @@ class Resyncer:
         self.current: Resync | None = None
         self.last: Resync | None = None
         self.runs = 0
+        self.kind = "delta"  # of the current or last resync (once it had targets)
+        self.finished: dict[str, int] = {"full": 0, "delta": 0, "sparse_skip": 0}
         self._idle = False
         self._changed = asyncio.Event()
         self.started = asyncio.Event()  # set when a resync starts (status, tests)
@@ -310,11 +319,29 @@ class Resyncer:
                 checkpoint_interval=self.checkpoint_interval,
             )
             self.started.set()
+            changes.changed()
             try:
                 await self.current.run()
             finally:
+                self._count(self.current)
                 self.last, self.current = self.current, None
                 self.runs += 1
+                changes.changed()
+
+    def _count(self, r: Resync) -> None:
+        self.kind = r.kind or self.kind
+        self.finished[self.kind] += r.bytes
+        self.finished["sparse_skip"] += r.copier.skipped
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        """Bytes copied by full and by delta resyncs, and bytes not copied because the
+        source had holes (``sparse_skip``), so far: the running resync included."""
+        out = dict(self.finished)
+        r = self.current
+        if r is not None:
+            out[r.kind or self.kind] += r.bytes
+            out["sparse_skip"] += r.copier.skipped
+        return out
 
 
 @dataclass(slots=True)

@@ -15,12 +15,12 @@ says of a child (a mirror leg's state, a linear member's start) comes from the p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from dst.array.keeper import MirrorKeeper
 from dst.array.spec import TargetSpec, children
-from dst.device import BlockDevice
+from dst.device import BlockDevice, Health
 
 
 def node_status(
@@ -33,9 +33,7 @@ def node_status(
     of it (see :meth:`~dst.device.BlockDevice.member_info`)."""
     info = info or {}
     health = dev.health()
-    state = info.get("state") or health.state
-    if dev.node and dev.suspended:
-        state = "suspended"
+    state = state_of(dev, info, health)
     node: dict[str, Any] = {
         "name": dev.name,
         "type": dev.kind,
@@ -47,18 +45,46 @@ def node_status(
         "detail": jsonable(health.detail),
         "members": [],
     }
-    infos = dev.member_info()
+    infos = member_infos(dev, keepers)
     keeper = keepers.get(dev.name)
     if keeper is not None and keeper.keeps(dev):
         node["detail"]["keeper"] = jsonable(keeper.status())
-        for i in keeper.suspended:
-            if i < len(infos):
-                infos[i] = {**infos[i], "state": "suspended"}
     node["members"] = [
         node_status(kid, keepers=keepers, info=kinfo)
         for kid, kinfo in zip(dev.children(), infos, strict=True)
     ]
     return node
+
+
+def state_of(dev: BlockDevice, info: Mapping[str, Any], health: Health | None = None) -> str:
+    """The one word status gives ``dev``, ``info`` being what its parent says of it."""
+    if dev.node and dev.suspended:
+        return "suspended"
+    return str(info.get("state") or (health or dev.health()).state)
+
+
+def member_infos(dev: BlockDevice, keepers: Mapping[str, MirrorKeeper]) -> list[dict[str, Any]]:
+    """What ``dev`` says of each of its children (a leg its keeper suspended: so)."""
+    infos = dev.member_info()
+    keeper = keepers.get(dev.name)
+    if keeper is not None and keeper.keeps(dev):
+        for i in keeper.suspended:
+            if i < len(infos):
+                infos[i] = {**infos[i], "state": "suspended"}
+    return infos
+
+
+def walk(
+    root: BlockDevice, *, keepers: Mapping[str, MirrorKeeper]
+) -> Iterator[tuple[BlockDevice, BlockDevice | None, str]]:
+    """Every device of the tree under ``root`` (root first, depth first) with its parent
+    and its state as :func:`node_status` says it."""
+    stack: list[tuple[BlockDevice, BlockDevice | None, Mapping[str, Any]]] = [(root, None, {})]
+    while stack:
+        dev, parent, info = stack.pop()
+        yield dev, parent, state_of(dev, info)
+        kids = list(zip(dev.children(), member_infos(dev, keepers), strict=True))
+        stack.extend((kid, dev, kinfo) for kid, kinfo in reversed(kids))
 
 
 def stopped_status(t: TargetSpec) -> dict[str, Any]:

@@ -67,6 +67,9 @@ def _run(args: argparse.Namespace) -> int:
         tls_verify_peer=args.tls_verify_peer,
         tls_psk=args.tls_psk,
         acl=args.acl,
+        metrics=args.metrics,
+        metrics_tls=args.metrics_tls,
+        metrics_acl=args.metrics_acl,
     )
     return node.run(options)
 

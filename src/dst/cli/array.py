@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dst.cli.parser import add_control, formatter
+from dst.cli.parser import add_control, add_metrics, formatter
 
 ARRAY_EPILOG = """\
 examples:
@@ -47,6 +47,18 @@ def add_array_commands(sub: Any) -> None:
 
     p = add("daemon", "run the array daemon", "Run the array daemon in the foreground.")
     p.add_argument("specs", metavar="SPEC", nargs="*", help="array specs to start at once")
+    add_metrics(p)
+    p = add(
+        "events",
+        "stream state changes",
+        "Print the daemon's state changes as JSON lines as they happen (a leg failed, "
+        "re-added, in sync; a resync started or finished; a node added, removed or "
+        "replaced; an array suspended...), like drbdsetup events2.  See "
+        "docs/monitoring.md.",
+    )
+    p.add_argument(
+        "--now", action="store_true", help="print the current state first (event exists)"
+    )
     p = add("create", "create and start an array", "Create an array from a TOML spec and start it.")
     p.add_argument("spec", metavar="SPEC", help="array spec file (TOML; see examples/)")
     for verb in ("start", "stop"):
@@ -205,9 +217,12 @@ def add_array_commands(sub: Any) -> None:
 def run_array(args: argparse.Namespace) -> int:
     """Run the array command (or ``dst up``) in ``args``; the exit status."""
     from dst import admin
+    from dst.net.metricsserver import metrics_options
 
     control = args.control or admin.default_control()
     cmd = args.command
+    if cmd in ("up", "daemon"):
+        metrics = metrics_options(args.metrics, tls=args.metrics_tls, acl=args.metrics_acl)
     if cmd == "up":
         from dst import up
 
@@ -218,10 +233,13 @@ def run_array(args: argparse.Namespace) -> int:
             control=control,
             config=args.config,
             tls=args.tls,
+            metrics=metrics,
         )
         return up.run(opts)
     if cmd == "daemon":
-        return admin.cmd_daemon(control, args.specs)
+        return admin.cmd_daemon(control, args.specs, metrics=metrics)
+    if cmd == "events":
+        return admin.cmd_events(control, now=args.now)
     if cmd == "create":
         return admin.cmd_create(control, args.spec)
     if cmd in ("start", "stop"):

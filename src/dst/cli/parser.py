@@ -29,6 +29,7 @@ commands:
   serve   export a file or block device over NBD (a storage node)
   certs   make a CA and TLS certificates for a cluster
   daemon  run the array daemon (control socket) in the foreground
+  events  stream state changes as JSON lines (--now: the current state first)
   create  create and start an array from a spec file (TOML)
   start, stop      start or stop an array
   add, remove      grow or shrink an array live (linear, stripe, mirror legs)
@@ -101,7 +102,8 @@ both).  Prints how to use it, shows live status until Ctrl-C, then stops the arr
 
 With --tls both hops use TLS with verified client certificates: DIR/pki gets a CA
 and certificates for the nodes, the array and a user (DIR/pki/user for your
-clients).
+clients).  With --metrics HOST:PORT the daemon serves Prometheus metrics there and
+the two nodes on PORT+1 and PORT+2 (port 0: free ports); the URLs are printed.
 
 Run again on the same DIR, it reuses the member files (--size is ignored) and the
 mirror comes back from their metadata: data kept, after a crash only the regions
@@ -113,6 +115,7 @@ examples:
   dst up --tls
   dst up --dir /var/lib/dst --size 20G --listen 127.0.0.1:0
   dst up --config my-array.toml
+  dst up --metrics 127.0.0.1:9300     # then: prometheus --config.file=monitoring/prometheus.yml
 """
 
 
@@ -152,6 +155,23 @@ def _add_serve_options(p: argparse.ArgumentParser, *, default_size: str | None) 
     )
     t.add_argument("--tls-psk", metavar="FILE", help="TLS-PSK keys, USER:HEXKEY lines (3.13+)")
     t.add_argument("--acl", metavar="FILE", help="allow/deny rules (re-read on SIGHUP)")
+
+
+def add_metrics(p: argparse.ArgumentParser) -> None:
+    """``--metrics ADDR`` and its TLS and ACL (``dst serve``, ``dst daemon``, ``dst up``)."""
+    m = p.add_argument_group("metrics (Prometheus; see docs/monitoring.md)")
+    m.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help="serve /metrics on HOST:PORT (PORT alone: 127.0.0.1; 0: a free port)",
+    )
+    m.add_argument(
+        "--metrics-tls",
+        metavar="DIR|off",
+        help="HTTPS with DIR's server certificate, client certificates of its CA required; "
+        "off: plain HTTP beyond loopback",
+    )
+    m.add_argument("--metrics-acl", metavar="FILE", help="allow/deny rules for scrapers")
 
 
 def add_control(p: argparse.ArgumentParser) -> None:
@@ -206,6 +226,7 @@ def base_parser() -> tuple[argparse.ArgumentParser, Any]:
     )
     serve.add_argument("path", metavar="PATH", help="file or block device to export")
     _add_serve_options(serve, default_size=None)
+    add_metrics(serve)
 
     up = sub.add_parser(
         "up",
@@ -233,6 +254,7 @@ def base_parser() -> tuple[argparse.ArgumentParser, Any]:
     )
     up.add_argument("--tls", action="store_true", help="TLS with verified peers on both hops")
     add_control(up)
+    add_metrics(up)
 
     certs = sub.add_parser(
         "certs",

@@ -5,7 +5,8 @@ Both send one request at a time and return the ``result`` of the response, or ra
 side failures have their own codes: ``unreachable`` (no daemon at the socket),
 ``timeout`` and ``bad-response``.  ``call(path, op, args)`` sends ``op`` and
 ``args`` as given -- the daemon checks them; :meth:`ControlClient.request` takes a
-typed :class:`~dst.control.messages.Request`.
+typed :class:`~dst.control.messages.Request`.  A streamed request (``events``) is read
+with :meth:`ControlClient.stream` or, blocking, :func:`stream`: its items one by one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import itertools
 import json
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from typing import Any
 
 from dst.control.messages import (
@@ -98,6 +99,15 @@ class ControlClient:
             raise ControlError(BAD_RESPONSE, f"control connection failed: {e}") from None
         return _result(decode_response(reply), rid)
 
+    async def stream(self, req: Request) -> AsyncGenerator[dict[str, Any], None]:
+        """Send a streamed request and yield its items until the daemon ends the stream
+        (the connection is used up).  Raises ControlError."""
+        async with self._lock:
+            rid = next(self._ids)
+            await self._roundtrip(rid, encode_request(rid, req))
+            while line := await self._reader.readline():
+                yield _item(line, rid)
+
     async def close(self) -> None:
         self._writer.close()
         with contextlib.suppress(OSError):
@@ -140,6 +150,35 @@ def call(
         except OSError as e:
             raise ControlError(BAD_RESPONSE, f"control connection failed: {e}") from None
     return _result(decode_response(reply), 1)
+
+
+def stream(
+    socket_path: str | os.PathLike[str], op: str, args: Mapping[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Blocking streamed request (``dst events``): its items until the daemon ends the
+    stream.  Raises ControlError as :func:`call`."""
+    path = os.fspath(socket_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise _unreachable(path, e) from None
+        sock.sendall(_encode(1, op, args))
+        with sock.makefile("rb") as f:
+            _result(decode_response(f.readline()), 1)
+            while line := f.readline():
+                yield _item(line, 1)
+
+
+def _item(line: bytes, rid: int) -> dict[str, Any]:
+    try:
+        msg = json.loads(line)
+        item = msg["item"] if msg.get("id") == rid else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        item = None
+    if not isinstance(item, dict):
+        raise ControlError(BAD_RESPONSE, f"not a stream item: {line[:200]!r}")
+    return item
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -23,6 +23,7 @@ node name, ``spec`` a spec dict (the array document of :mod:`dst.array.spec` for
 ``create``, one node for ``add``/``replace``).  Specs are plain dicts here: this
 layer sits below ``array/`` and the daemon validates them.
 
+``events`` is answered by a stream of lines (:mod:`dst.control.stream`).
 Ops marked *reserved* are defined for later issues; a daemon that does not
 implement one answers ``not-implemented``.
 """
@@ -224,6 +225,14 @@ class Shutdown(Request):
     OP: ClassVar[str] = "shutdown"
 
 
+@dataclass(frozen=True, slots=True)
+class Events(Request):
+    """Stream state changes as JSON lines (``now``: the current state first)."""
+
+    OP: ClassVar[str] = "events"
+    now: bool = False
+
+
 REQUESTS: dict[str, type[Request]] = {
     c.OP: c
     for c in (
@@ -243,6 +252,7 @@ REQUESTS: dict[str, type[Request]] = {
         Verify,
         ResyncRate,
         Shutdown,
+        Events,
     )
 }
 

@@ -17,6 +17,10 @@ server go on.  A line that is not a valid request gets a typed error and the
 connection stays usable; a line over ``MAX_LINE`` breaks the framing, so it gets
 ``too-big`` and that connection is closed.
 
+A handler that returns a :class:`~dst.control.stream.Stream` (``events``) turns the
+connection into that stream: the response says so, then every item is a line, until
+the stream ends or the client closes (:mod:`dst.control.stream`).
+
 ``close()`` stops listening, cancels the connection tasks (a running handler is
 cancelled too), waits for them and removes the socket if it is still ours.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import secrets
@@ -38,6 +43,7 @@ from dst.control.messages import (
     INTERNAL,
     MAX_LINE,
     TOO_BIG,
+    VERSION,
     BadRequest,
     Request,
     Response,
@@ -45,6 +51,7 @@ from dst.control.messages import (
     encode_response,
     error_response,
 )
+from dst.control.stream import Stream
 from dst.errors import ControlError
 
 log = logging.getLogger(__name__)
@@ -181,14 +188,44 @@ class ControlServer:
         except BadRequest as e:
             await self._send(writer, error_response(e.request_id, e))
             return True
-        writer.write(await self._call(rid, req))
+        answer = await self._call(rid, req)
+        if isinstance(answer, Stream):
+            await self._stream(rid, answer, reader, writer)
+            return False
+        writer.write(answer)
         await writer.drain()
         return True
 
-    async def _call(self, rid: int, req: Request) -> bytes:
-        """The encoded response to ``req``."""
+    async def _stream(
+        self, rid: int, stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Send ``stream``'s items until it ends or the client closes (or sends more)."""
+        hangup = asyncio.ensure_future(reader.read(1))
         try:
-            return encode_response(Response(rid, await self.handler(req)))
+            writer.write(encode_response(Response(rid, {"stream": True})))
+            while True:
+                item = asyncio.ensure_future(stream.get())
+                await asyncio.wait((item, hangup), return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    return
+                value = item.result()
+                if value is None:
+                    return
+                line = json.dumps({"v": VERSION, "id": rid, "item": value}, separators=(",", ":"))
+                writer.write(line.encode() + b"\n")
+                await writer.drain()
+        finally:
+            hangup.cancel()
+            stream.close()
+
+    async def _call(self, rid: int, req: Request) -> bytes | Stream:
+        """The encoded response to ``req``, or the stream that answers it."""
+        try:
+            result = await self.handler(req)
+            if isinstance(result, Stream):
+                return result
+            return encode_response(Response(rid, result))
         except ControlError as e:
             return encode_response(error_response(rid, e))
         except Exception:  # the edge: log the bug, answer, keep serving

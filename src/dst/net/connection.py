@@ -51,6 +51,7 @@ from dst.nbd.constants import Cmd, CmdFlags, NbdErr, errno_to_nbd
 from dst.nbd.events import ExportInfo, Request
 from dst.nbd.server import ServerHandshake
 from dst.net.budget import Holdings
+from dst.net.counters import TIMEOUT
 from dst.net.edge import Binding, describe_peer, device_call, tune_socket
 from dst.net.negotiate import Negotiator, Server
 from dst.net.tls import TlsInfo
@@ -118,6 +119,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _hs_timeout(self) -> None:
         if self.parser is None:
             log.warning("%s: handshake not finished in time; closing", self.peer)
+            self.server.counters.failed(TIMEOUT)
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:

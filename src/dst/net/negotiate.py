@@ -46,6 +46,7 @@ from dst.nbd.events import (
     StartTlsRequest,
 )
 from dst.nbd.server import ServerHandshake, TlsMode
+from dst.net import counters
 from dst.net.acl import AccessList, Decision, Peer
 from dst.net.edge import transmission_flags
 from dst.net.tls import ServerTls, TlsInfo, session_info
@@ -65,6 +66,8 @@ class Exports(Protocol):
     def closing(self) -> bool: ...
     @property
     def handshake_timeout(self) -> float: ...
+    @property
+    def counters(self) -> counters.ServerCounters: ...
     def access(self) -> AccessList | None: ...
     def export_list(self) -> list[tuple[str, str]]: ...
     def lookup(self, name: str) -> BlockDevice | None: ...
@@ -121,8 +124,12 @@ class Negotiator:
         if self.upgrading:
             self.early.append(data)
             return
-        self.hs.receive_data(data)
-        self._step()
+        try:
+            self.hs.receive_data(data)
+            self._step()
+        except ProtocolError:
+            self.conn.server.counters.failed(counters.PROTOCOL)
+            raise
 
     # --- driving the codec ------------------------------------------------------------
 
@@ -215,6 +222,7 @@ class Negotiator:
         self.decision = decision
         if decision.allowed:
             return
+        self.conn.server.counters.failed(counters.DENIED)
         who = self.conn.peer
         if self.info is not None and (self.info.dn or self.info.psk):
             who += f" ({self.info.dn or 'psk ' + self.info.psk})"
@@ -234,6 +242,7 @@ class Negotiator:
             upgraded = await conn.start_tls(tls.context(self._on_psk))
         except (OSError, ssl.SSLError, EOFError) as exc:
             log.warning("%s: TLS handshake failed: %s; closing", conn.peer, _why(exc))
+            conn.server.counters.failed(counters.TLS)
             conn.connection_lost(None)
             return
         except Exception:  # a connection edge: a bug, logged; the others go on
@@ -245,6 +254,7 @@ class Negotiator:
             conn.connection_lost(None)
             return
         assert conn.transport is not None
+        conn.server.counters.tls_handshakes += 1
         self.upgrading = False
         self.info = session_info(conn.transport, psk=self.psk)
         self.hs.tls_established()
@@ -259,6 +269,7 @@ class Negotiator:
             self._step()
         except ProtocolError as exc:
             log.warning("%s: protocol error: %s; closing", conn.peer, exc)
+            conn.server.counters.failed(counters.PROTOCOL)
             conn.abort()
         except Exception:
             log.exception("%s: unexpected error; closing", conn.peer)

@@ -50,6 +50,7 @@ from dst.net.acl import AccessList, AclFile
 from dst.net.address import Address, parse_address
 from dst.net.budget import DEFAULT_STALL_TIMEOUT, Budget
 from dst.net.connection import ServerConnection
+from dst.net.counters import ServerCounters
 from dst.net.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class NbdServer:
         self.max_connections = max_connections or budgets.MAX_CONNECTIONS
         self.stall_timeout = stall_timeout  # a client that reads or sends nothing more
         self.refused = 0  # connections refused over max_connections
+        self.counters = ServerCounters()  # accepted, handshake failures, TLS (metrics)
         self.tls = tls
         self.tls_only = frozenset(tls_only)
         self.acl = acl
@@ -190,6 +192,7 @@ class NbdServer:
         self.connections.discard(conn)
 
     def _factory(self) -> ServerConnection:
+        self.counters.accepted += 1
         return ServerConnection(self)
 
     async def serve_forever(self) -> None:

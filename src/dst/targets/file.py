@@ -18,6 +18,10 @@ declared in ``caps``.  Block devices use ``BLKDISCARD``/``BLKZEROOUT``.
 
 Errors: every ``OSError`` becomes :class:`BlockError` with the same errno; sizing
 problems at open are :class:`ConfigError` naming ``size``.
+
+Every request goes through :meth:`FileDevice._read`, :meth:`~FileDevice._write` or
+:meth:`~FileDevice._counted`, where :class:`~dst.targets.meteredfile.MeteredFile`
+counts and times them (``dst serve --metrics``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health, no_cancel
@@ -174,7 +178,8 @@ class FileDevice(BlockDevice):
 
     # -- hot path --------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> Buffer:
+    def _read(self, offset: int, length: int) -> bytes:
+        """pread the range: both faces of READ.  Raises BlockError."""
         try:
             data = os.pread(self._fd, length, offset)
         except OSError as exc:
@@ -197,12 +202,8 @@ class FileDevice(BlockDevice):
             raise _block_error(exc, "read") from None
         return b"".join(parts)
 
-    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        if fua:
-            # RWF_DSYNC: durable on return, syncing only this write's range (not every
-            # dirty page of the file, as a flush would).
-            await self._in_thread(self._write_dsync, data, offset, what="write")
-            return
+    def _write(self, offset: int, data: Buffer) -> None:
+        """pwrite the data: both faces of WRITE (but FUA).  Raises BlockError."""
         try:
             n = os.pwrite(self._fd, data, offset)
             if n != len(data):
@@ -212,15 +213,23 @@ class FileDevice(BlockDevice):
                 raise BlockError(errno.EPERM, f"{self.name} is read-only") from None
             raise _block_error(exc, "write") from None
 
+    async def read(self, offset: int, length: int) -> Buffer:
+        return self._read(offset, length)
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        if not fua:
+            self._write(offset, data)
+            return
+        # RWF_DSYNC: durable on return, syncing only this write's range (not every dirty
+        # page of the file, as a flush would).
+        dsync = self._in_thread(self._write_dsync, data, offset, what="write")
+        await self._counted("write", len(data), dsync)
+
     # The callback fast path (dst.device): the same page-cache I/O, done at once.
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         try:
-            data = os.pread(self._fd, length, offset)
-            if len(data) != length:
-                data = self._read_rest(data, offset, length)
-        except OSError as exc:
-            done(_block_error(exc, "read"), None)
+            data = self._read(offset, length)
         except BlockError as exc:
             done(exc, None)
         else:
@@ -231,14 +240,16 @@ class FileDevice(BlockDevice):
         if fua or self._read_only:
             return None  # the coroutine: RWF_DSYNC in a thread, or the read-only error
         try:
-            n = os.pwrite(self._fd, data, offset)
-            if n != len(data):
-                self._write_rest(data, offset, n)
-        except OSError as exc:
-            done(_block_error(exc, "write"), None)
+            self._write(offset, data)
+        except BlockError as exc:
+            done(exc, None)
         else:
             done(None, None)
         return no_cancel
+
+    async def _counted(self, op: str, nbytes: int, work: Awaitable[None]) -> None:
+        """Await ``work``: a request of ``op`` (write with FUA, flush, trim, zero)."""
+        await work
 
     def _write_dsync(self, data: Buffer, offset: int) -> None:
         if self._read_only:
@@ -260,18 +271,24 @@ class FileDevice(BlockDevice):
             done += n
 
     async def flush(self) -> None:
+        await self._counted("flush", 0, self._fsync())
+
+    async def _fsync(self) -> None:
         await self._in_thread(os.fdatasync, self._fd, what="flush")
 
     # -- sparse operations -----------------------------------------------------------
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._counted("trim", length, self._trim(offset, length, fua=fua))
+
+    async def _trim(self, offset: int, length: int, *, fua: bool) -> None:
         if self._is_blk:
             await self._blk_ioctl(BLKDISCARD, offset, length, advisory=True)
         elif self.caps.trim:
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
             await self._in_thread(fallocate, self._fd, mode, offset, length, what="trim")
         if fua:
-            await self.flush()
+            await self._fsync()  # part of this request: not counted as a flush
 
     async def write_zeroes(
         self,
@@ -282,6 +299,10 @@ class FileDevice(BlockDevice):
         punch: bool = False,
         fast: bool = False,
     ) -> None:
+        zero = self._zero(offset, length, fua=fua, punch=punch, fast=fast)
+        await self._counted("zero", length, zero)
+
+    async def _zero(self, offset: int, length: int, *, fua: bool, punch: bool, fast: bool) -> None:
         if self._is_blk:
             if fast:
                 raise BlockError(errno.ENOTSUP, "fast zero not supported on block devices")
@@ -289,7 +310,7 @@ class FileDevice(BlockDevice):
         elif not await self._zero_natively(offset, length, punch):
             await super().write_zeroes(offset, length, fast=fast)
         if fua:
-            await self.flush()
+            await self._fsync()
 
     async def _zero_natively(self, offset: int, length: int, punch: bool) -> bool:
         """Zero with fallocate if the filesystem can; False if it cannot."""

@@ -32,7 +32,9 @@ resume, :meth:`GateDevice.reconfigure`) and every storage node
 request crosses it once, by either face of :mod:`dst.device`: the callback form is
 taken only while the gate is open (one attribute test, two integer updates and a
 closure more than the device inside); the coroutine form waits in the gate's queue.
-Both count the request in :class:`~dst.device.IOCounters` and its errors.
+Both count the request in :class:`~dst.device.IOCounters` and its errors (by errno)
+and, when the process serves metrics, time it into the counters' latency histograms
+(:mod:`dst.stats`: two clock reads and two integer additions).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import asyncio
 import collections
 import errno
 from collections.abc import Awaitable, Callable, Sequence
+from time import perf_counter_ns
 from typing import Any, TypeVar
 
 from dst.device import (
@@ -54,6 +57,7 @@ from dst.device import (
     IOCounters,
 )
 from dst.errors import BlockError, ConfigError
+from dst.stats import Histogram
 
 T = TypeVar("T")
 
@@ -248,11 +252,15 @@ class GateDevice(BlockDevice):
     # -- I/O ---------------------------------------------------------------------------
 
     def _error(self, exc: BlockError) -> BlockError:
-        self.counters.errors += 1
+        self.counters.failed(exc)
         return exc
 
-    async def _through(self, op: Callable[[BlockDevice], Awaitable[T]]) -> T:
-        """Run ``op`` on the device inside, through the gate, counting its errors."""
+    async def _through(
+        self, op: Callable[[BlockDevice], Awaitable[T]], h: Histogram | None = None
+    ) -> T:
+        """Run ``op`` on the device inside, through the gate, counting its errors and,
+        with ``h``, timing it (the wait in a suspended gate included)."""
+        t0 = perf_counter_ns() if h is not None else 0
         g = self._gate
         if g.closed:
             try:
@@ -267,21 +275,43 @@ class GateDevice(BlockDevice):
             raise self._error(exc) from None
         finally:
             g.leave()
+            if h is not None:
+                h.observe(perf_counter_ns() - t0)
 
     async def read(self, offset: int, length: int) -> Buffer:
         c = self.counters
         c.reads += 1
         c.read_bytes += length
-        return await self._through(lambda d: d.read(offset, length))
+        t = c.timing
+        return await self._through(lambda d: d.read(offset, length), t.read if t else None)
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         c = self.counters
         c.writes += 1
         c.write_bytes += len(data)
-        await self._through(lambda d: d.write(offset, data, fua=fua))
+        t = c.timing
+        await self._through(lambda d: d.write(offset, data, fua=fua), t.write if t else None)
 
-    # The callback faces count the request in flight and give it back from the
-    # completion (a closure made inline: this is every request's path).
+    def _finisher(self, done: Done, h: Histogram | None) -> Done:
+        """The completion of a callback-face request: it leaves the gate, is timed into
+        ``h`` (None: not timed) and its error counted, then ``done`` runs."""
+        g = self._gate
+        counters = self.counters
+        t0 = perf_counter_ns() if h is not None else 0
+
+        def fin(exc: BaseException | None, value: Any) -> None:
+            g.inflight -= 1
+            if not g.inflight:
+                g.leave_last()
+            if h is not None:
+                ns = perf_counter_ns() - t0
+                h.counts[ns.bit_length()] += 1
+                h.total_ns += ns
+            if exc is not None and isinstance(exc, BlockError):
+                counters.failed(exc)
+            done(exc, value)
+
+        return fin
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         g = self._gate
@@ -289,15 +319,8 @@ class GateDevice(BlockDevice):
             return None
         g.inflight += 1
         counters = self.counters
-
-        def fin(exc: BaseException | None, value: Any) -> None:
-            g.inflight -= 1
-            if not g.inflight and g.draining:
-                g.leave_last()
-            if exc is not None and isinstance(exc, BlockError):
-                counters.errors += 1
-            done(exc, value)
-
+        t = counters.timing
+        fin = self._finisher(done, t.read if t is not None else None)
         cancel = self.inner.submit_read(offset, length, fin)
         if cancel is None:
             g.leave()
@@ -312,15 +335,8 @@ class GateDevice(BlockDevice):
             return None
         g.inflight += 1
         counters = self.counters
-
-        def fin(exc: BaseException | None, value: Any) -> None:
-            g.inflight -= 1
-            if not g.inflight and g.draining:
-                g.leave_last()
-            if exc is not None and isinstance(exc, BlockError):
-                counters.errors += 1
-            done(exc, value)
-
+        t = counters.timing
+        fin = self._finisher(done, t.write if t is not None else None)
         cancel = self.inner.submit_write(offset, data, fua, fin)
         if cancel is None:
             g.leave()
@@ -330,12 +346,17 @@ class GateDevice(BlockDevice):
         return cancel
 
     async def flush(self) -> None:
-        self.counters.flushes += 1
-        await self._through(lambda d: d.flush())
+        c = self.counters
+        c.flushes += 1
+        t = c.timing
+        await self._through(lambda d: d.flush(), t.flush if t else None)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self.counters.trims += 1
-        await self._through(lambda d: d.trim(offset, length, fua=fua))
+        c = self.counters
+        c.trims += 1
+        c.trim_bytes += length
+        t = c.timing
+        await self._through(lambda d: d.trim(offset, length, fua=fua), t.trim if t else None)
 
     async def write_zeroes(
         self,
@@ -346,9 +367,12 @@ class GateDevice(BlockDevice):
         punch: bool = False,
         fast: bool = False,
     ) -> None:
-        self.counters.zeroes += 1
+        c = self.counters
+        c.zeroes += 1
+        c.zero_bytes += length
         await self._through(
-            lambda d: d.write_zeroes(offset, length, fua=fua, punch=punch, fast=fast)
+            lambda d: d.write_zeroes(offset, length, fua=fua, punch=punch, fast=fast),
+            c.timing.zero if c.timing else None,
         )
 
     async def cache(self, offset: int, length: int) -> None:

@@ -53,6 +53,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from dst import changes
 from dst.aio import submit_coro
 from dst.device import Cancel, Capabilities, Done, Health
 from dst.errors import BlockError, ConfigError, ProtocolError, ServerRefused
@@ -118,6 +119,7 @@ class Link:
         self._last_error = ""
         self._refused = ""  # why the last connection was not used (size changed)
         self._down_since = 0.0
+        self.reconnects = 0  # connections found again after a loss
 
     @property
     def uri(self) -> str:
@@ -196,6 +198,7 @@ class Link:
             _settle(waiter, True)
 
     def _notify(self, up: bool) -> None:
+        changes.changed()
         for callback in list(self._listeners):
             try:
                 callback(up)
@@ -239,6 +242,7 @@ class Link:
         self._task = None
         self._use(conn)
         self._refused = ""
+        self.reconnects += 1
         self._wake()
         self._notify(True)
 
@@ -337,15 +341,18 @@ class Link:
         without ``reconnect``).  While reconnecting the detail has ``attempts``,
         ``last_error``, ``down_since`` (seconds since the loss), ``waiting`` (requests
         held for the reconnect) and, when a server answered with another export,
-        ``refused`` (why it was not used)."""
+        ``refused`` (why it was not used).  Every detail has ``reconnects``, the
+        connections found again after a loss so far."""
         conn = self.conn
+        n = {"reconnects": self.reconnects}
         if self.closed:
-            return Health("disconnected")
+            return Health("disconnected", n)
         if conn is not None and conn.connected:
-            return Health("connected", {"tls": conn.tls.as_dict()} if conn.tls else {})
+            return Health("connected", {"tls": conn.tls.as_dict(), **n} if conn.tls else n)
         if self._task is None:
-            return Health("disconnected", {"last_error": self._last_error or "connection lost"})
+            return Health("disconnected", {"last_error": self._last_error or "connection lost"} | n)
         detail: dict[str, Any] = {
+            **n,
             "attempts": self._attempts,
             "last_error": self._last_error,
             "down_since": round(time.monotonic() - self._down_since, 3),

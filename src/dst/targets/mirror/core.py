@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from dst import changes
 from dst.aio import TaskSet
 from dst.device import BlockDevice, Capabilities
 from dst.errors import BlockError, ConfigError
@@ -177,6 +178,8 @@ class MirrorCore:
         if leg.state is not LegState.FAILED:
             log.warning("%s: leg %d (%s) failed: %r", self.name, leg.index, leg.dev.name, exc)
             leg.reason = repr(exc)
+            leg.failures += 1
+            changes.changed()
         if isinstance(exc, BlockError) and exc.errno == errno.ETIMEDOUT:
             leg.dev.reset(f"{leg.dev.name}: {exc.message}")
         leg.state = LegState.FAILED

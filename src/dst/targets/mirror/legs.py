@@ -63,6 +63,8 @@ class Leg:
     answers: int = 0  # answers so far (the deadline sweep watches it move)
     seen: int = 0  # ``answers`` at the last sweep
     alive_at: float = 0.0  # loop time of the sweep that last saw ``answers`` move
+    failures: int = 0  # times it failed (metrics: a leg that flaps)
+    timeouts: int = 0  # requests that got no answer within leg_timeout
 
     @property
     def live(self) -> bool:
@@ -159,6 +161,7 @@ class LegCall:
             cancel()
 
     def expire(self, timeout: float) -> None:
+        self.leg.timeouts += 1
         self.stop(BlockError(errno.ETIMEDOUT, f"no answer within {timeout} s"))
 
     def expire_silent(self, timeout: float, silent: Silent) -> bool:

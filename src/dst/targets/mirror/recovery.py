@@ -29,6 +29,7 @@ import errno
 import logging
 from collections.abc import Sequence
 
+from dst import changes
 from dst.aio import gather_all
 from dst.errors import BlockError, ConfigError
 from dst.meta.bitmap import Bitmap
@@ -121,6 +122,7 @@ async def resync_done(core: MirrorCore, index: int) -> bool:
         if index in core.log.current:
             leg.state, leg.reason = LegState.IN_SYNC, ""
             log.info("%s: leg %d (%s) is in sync", core.name, index, leg.dev.name)
+            changes.changed()
         return leg.state is LegState.IN_SYNC
 
 
@@ -159,6 +161,7 @@ async def readd(core: MirrorCore, index: int, *, full: bool = False) -> ReaddPla
     rh.attach(index)
     rh.missed(index, regions)
     leg.state, leg.reason = LegState.RESYNCING, f"re-added: {plan.relation}"
+    changes.changed()
     await core.log.adopt_bitmap([index], rh.tracker.bitmap)
     if index not in rh.attached:  # it failed again while being given the bitmap
         raise BlockError(errno.EIO, f"{core.name}: leg {index} failed while re-added: "

@@ -57,6 +57,8 @@ class RegionHash:
         self._loop = asyncio.get_running_loop()
         self._batches = TaskSet(f"{name}:bitmap")  # drained, not cancelled
         self._clear: asyncio.Task[None] | None = None
+        self.bitmap_writes = 0  # metadata batches persisted (metrics)
+        self.bitmap_pages = 0  # ... and the bitmap pages they wrote (to every attached leg)
         for leg in range(len(tracker.oos)):
             if leg not in self.attached:
                 self._apply(tracker.leg_failed(leg))
@@ -268,6 +270,8 @@ class RegionHash:
 
     async def _persist(self, batch: int, pages: Mapping[int, bytes]) -> None:
         await self.log.write_pages(pages, sorted(self.attached))
+        self.bitmap_writes += 1
+        self.bitmap_pages += len(pages)
         self._apply(self.tracker.persisted(batch))
         if not self.tracker.busy():
             self._idle.set()
