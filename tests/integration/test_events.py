@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -22,9 +21,9 @@ import pytest
 
 from dst.meta.layout import member_size_for
 from dst.net.client import NbdClient
+from tests.support.cluster import DST, Cluster, remote
 
-from .arrays import member_data, remote, start_daemon, unix_uri, write_spec
-from .helpers import DST, Node, start_node
+from .arrays import member_data
 
 pytestmark = pytest.mark.timeout(120)
 MiB, REGION = 1 << 20, 64 << 10
@@ -74,28 +73,15 @@ async def write(uri: str, offset: int, data: bytes) -> None:
 
 
 @pytest.mark.slow
-def test_events_across_a_node_kill_and_resync(tmp_path: Path, sockdir: Path) -> None:
-    nodes: list[Node] = []
-
-    def node(i: int) -> Node:
-        n = start_node(
-            tmp_path / f"leg{i}.img",
-            listen=[f"unix:{sockdir}/leg{i}.sock"],
-            args=["--size", str(member_size_for(DATA))],
-            stderr_path=tmp_path / f"leg{i}-{len(nodes)}.stderr",
-        )
-        nodes.append(n)
-        return n
-
-    n0, n1 = node(0), node(1)
-    daemon = start_daemon(sockdir / "control.sock", tmp_path / "daemon.stderr")
+def test_events_across_a_node_kill_and_resync(cluster: Cluster) -> None:
+    size = str(member_size_for(DATA))
+    n0, n1 = cluster.node("leg0", size), cluster.node("leg1", size)
+    daemon = cluster.start_daemon()
     events: Events | None = None
     try:
         target = {"type": "mirror", "name": "m", "members": [remote("a", n0.uri),
                                                              remote("b", n1.uri)]}  # fmt: skip
-        spec = write_spec(tmp_path / "r.toml", "r", [f"unix:{sockdir}/r.sock"], target)
-        daemon.dst("create", str(spec))
-        uri = unix_uri(sockdir / "r.sock")
+        uri = cluster.create("r", target)
         events = Events(daemon.control)
         now = [events.next() for _ in range(5)]
         assert [(e["event"], e["object"], e.get("node")) for e in now] == [
@@ -104,7 +90,7 @@ def test_events_across_a_node_kill_and_resync(tmp_path: Path, sockdir: Path) -> 
         ]  # fmt: skip
         assert now[2]["state"] == "in_sync" and now[0]["degraded"] is False
 
-        n1.stop(signal.SIGKILL)
+        n1.kill()
         asyncio.run(write(uri, 0, b"\x5a" * (3 * REGION)))  # b misses regions 0-2
         failed = events.until(object="node", node="b")
         assert (failed["event"], failed["state"], failed["old"]["state"]) == (
@@ -114,7 +100,7 @@ def test_events_across_a_node_kill_and_resync(tmp_path: Path, sockdir: Path) -> 
         degraded = events.until(object="array")
         assert degraded["degraded"] is True
 
-        node(1)  # back on the same socket and file: re-added by itself
+        cluster.node("leg1", size)  # back on the same socket and file: re-added by itself
         readded = events.until(object="node", node="b")
         assert (readded["state"], readded["old"]["state"]) == ("resyncing", "failed")
         started = events.until(object="resync")
@@ -136,9 +122,7 @@ def test_events_across_a_node_kill_and_resync(tmp_path: Path, sockdir: Path) -> 
     finally:
         if events is not None:
             events.stop()
-        daemon.stop()
-        for n in nodes:
-            n.stop()
+        cluster.close()  # every process stopped cleanly (the killed node excepted)
     expected = b"\x5a" * (3 * REGION)
     for i in range(2):
-        assert member_data(tmp_path / f"leg{i}.img")[: 3 * REGION] == expected, f"leg {i}"
+        assert member_data(cluster.work / f"leg{i}.img")[: 3 * REGION] == expected, f"leg {i}"

@@ -18,15 +18,15 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dst.net.client import NbdClient
+from tests.support.cluster import DST, Cluster, run, unix_uri
 
 from . import prom
-from .arrays import member_data, unix_uri
-from .helpers import DST, require, run, start_node
+from .arrays import member_data
+from .helpers import require
 from .test_up import _start_up
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,13 +110,13 @@ def check_expression(p: prom.Prometheus, expr: str, *, nonempty: bool) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_prometheus_scrapes_a_dst_up_cluster(tmp_path: Path, sockdir: Path) -> None:
+def test_prometheus_scrapes_a_dst_up_cluster(cluster: Cluster) -> None:
     require("prometheus", "promtool")
+    tmp_path, sockdir = cluster.work, cluster.sockets
     data_dir, sock, control = tmp_path / "data", sockdir / "dst.sock", sockdir / "control.sock"
     cmd = [*DST, "up", "--dir", str(data_dir), "--size", "64M", "--listen", f"unix:{sock}"]
     cmd += ["--control", str(control), "--metrics", "127.0.0.1:0"]
     up, _, out = _start_up(cmd)
-    node_b: Any = None
     p: prom.Prometheus | None = None
     try:
         urls = dict(re.findall(r"metrics on (\S+) \((.+)\)", "".join(out)))
@@ -182,11 +182,11 @@ def test_prometheus_scrapes_a_dst_up_cluster(tmp_path: Path, sockdir: Path) -> N
 
         # -- back: re-added, delta resync of exactly the regions written meanwhile ------
         port = int(legs["node-b"].rsplit(":", 1)[1].split("/")[0])
-        node_b = start_node(
-            data_dir / "node-b.img",
+        cluster.node(  # stopped, and checked, by the fixture
+            "node-b",
+            path=data_dir / "node-b.img",
             listen=[f"127.0.0.1:{port}"],
             args=["--name", "node-b", "--metrics", hostports["node-b"], "--metrics-tls", "off"],
-            stderr_path=tmp_path / "node-b.stderr",
         )
         t = f'{arr},target="mirror"'
         p.wait(f'dst_member_state{{{b},state="in_sync"}}', lambda v: v == 1, "node-b in sync")
@@ -207,11 +207,7 @@ def test_prometheus_scrapes_a_dst_up_cluster(tmp_path: Path, sockdir: Path) -> N
             p.stop()
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGINT)
-        try:
-            rc = up.wait(timeout=30)
-        finally:
-            if node_b is not None:
-                node_b.stop()
+        rc = up.wait(timeout=30)
     assert rc == 0
     size = WRITES * WSIZE
     a, b_img = member_data(data_dir / "node-a.img"), member_data(data_dir / "node-b.img")
