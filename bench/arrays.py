@@ -95,7 +95,7 @@ def _dst_array(
         uris = _nodes(ctx, c, metrics=metrics)
         spec = c.spec(name, array_target(kind, uris, ctx), export="bench")
         c.start_daemon(spec, env={"PYTHONPATH": base} if base is not None else None,
-                       options=METRICS if metrics else ())  # fmt: skip
+                       args=METRICS if metrics else ())  # fmt: skip
         yield c.uri(name, "bench")
 
 

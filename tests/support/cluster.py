@@ -335,11 +335,13 @@ def start_daemon(
     name: str = "daemon",
     env: Mapping[str, str] | None = None,
     options: Sequence[str] = (),
+    args: Sequence[str] = (),
     timeout: float = START_TIMEOUT,
 ) -> Daemon:
-    """Start ``dst OPTIONS daemon --control CONTROL SPECS`` (``env``: extra environment,
-    e.g. PYTHONPATH for another checkout's dst) and wait for its readiness line."""
-    cmd = [*DST, *options, "daemon", "--control", str(control), *map(str, specs)]
+    """Start ``dst OPTIONS daemon --control CONTROL ARGS SPECS`` (``env``: extra
+    environment, e.g. PYTHONPATH for another checkout's dst) and wait for its readiness
+    line."""
+    cmd = [*DST, *options, "daemon", "--control", str(control), *args, *map(str, specs)]
     daemon = Daemon(name, cmd, stderr_path, control, env)
     try:
         line = daemon.next_line(timeout)
@@ -477,16 +479,20 @@ class Cluster:
         return node
 
     def start_daemon(
-        self, *specs: Path, env: Mapping[str, str] | None = None, options: Sequence[str] = ()
+        self,
+        *specs: Path,
+        env: Mapping[str, str] | None = None,
+        options: Sequence[str] = (),
+        args: Sequence[str] = (),
     ) -> Daemon:
         """Start a ``dst daemon`` (with these spec files, ``env`` added to the
-        environment, ``options`` of ``dst`` before the command); :attr:`daemon` is the
-        latest."""
+        environment, ``options`` of ``dst`` before the command, ``args`` of the daemon
+        after it); :attr:`daemon` is the latest."""
         n = len(self.daemons)
         control = self.sockets / ("control.sock" if n == 0 else f"control{n + 1}.sock")
         name = "daemon" if n == 0 else f"daemon{n + 1}"
         daemon = start_daemon(
-            control, self._stderr(name), specs, name=name, env=env, options=options
+            control, self._stderr(name), specs, name=name, env=env, options=options, args=args
         )
         self.daemons.append(daemon)
         self.processes.append(daemon)
