@@ -371,3 +371,19 @@ def test_reply_parser_violations(reply: bytes) -> None:
     p.request(Cmd.READ, 0, 4096)
     with pytest.raises(ProtocolError):
         p.feed(reply)
+
+
+@pytest.mark.parametrize(
+    ("length", "arrived", "heap"),
+    [
+        (64 << 10, 0, True),  # small: always a heap buffer
+        (1 << 20, 128 << 10, True),  # an eighth came with the header (an honest 1 MiB write)
+        (1 << 20, 100, False),  # a header and a few bytes: a mapping, filled as data arrives
+        (2 << 20, 1 << 20, True),
+        (32 << 20, 256 << 10, False),  # large: always a mapping
+    ],
+)
+def test_payload_buffers_are_sized_by_what_arrived(length: int, arrived: int, heap: bool) -> None:
+    buf = rq.payload_buffer(length, arrived)
+    assert len(buf) == length and not any(bytes(buf[-4096:]))
+    assert isinstance(buf, bytearray) is heap

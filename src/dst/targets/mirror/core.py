@@ -210,14 +210,25 @@ class MirrorCore:
         return leg.live and self.regions.holds(leg.index, regions)
 
     def read_order(self, regions: range) -> list[Leg]:
-        """Legs that hold ``regions``, least busy first; ties rotate."""
+        """Legs that hold ``regions``, least busy first; ties rotate.  (Every read asks:
+        :meth:`holds` inlined.)"""
         legs = self.legs
         n = len(legs)
         start = self.rotation % n
         self.rotation = (start + 1) % n
-        ok = [x for x in (legs[(start + i) % n] for i in range(n)) if self.holds(x, regions)]
+        t = self.regions.tracker
+        down, oos, a, b = t.down, t.oos, regions.start, regions.stop
+        failed = LegState.FAILED
+        ok = []
+        for i in range(n):
+            leg = legs[(start + i) % n]
+            j = leg.index
+            if leg.state is not failed and j not in down:
+                miss = oos[j]
+                if miss.empty() or miss.next_set(a, b) is None:
+                    ok.append(leg)
         if len(ok) > 1:
-            ok.sort(key=lambda leg: leg.inflight)
+            ok.sort(key=_inflight)
         return ok
 
     # -- regions -------------------------------------------------------------------------
@@ -237,3 +248,7 @@ class MirrorCore:
 
     def no_holder(self, what: str) -> BlockError:
         return BlockError(errno.EIO, f"{self.name}: {what} reached no leg in sync")
+
+
+def _inflight(leg: Leg) -> int:
+    return leg.inflight
