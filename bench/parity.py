@@ -102,6 +102,7 @@ def rebuild(member: int, workdir: Path) -> dict[str, dict[str, float]]:
             with open(p, "r+b") as f:
                 f.truncate(member - SLACK)
                 f.truncate(member)
+        (workdir / kind).mkdir()
         with Cluster(workdir / kind) as c:
             uris = [c.node(f"n{i}", path=paths[i]).uri for i in range(n)]
             daemon = c.start_daemon()
