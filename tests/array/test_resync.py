@@ -15,7 +15,7 @@ from dst.array.resync import Resync, Resyncer, verify
 from dst.device import Buffer
 from dst.errors import BlockError
 from dst.meta.store import MetaStore
-from dst.targets.copier import RateLimit
+from dst.targets.copier import DATA_BYTES, RateLimit
 from dst.targets.fault import FaultDevice
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import LegState, MirrorDevice
@@ -209,7 +209,7 @@ async def test_full_resync_resumes_after_restart() -> None:
 
 async def test_rate_limit_progress_and_live_change() -> None:
     m, _, disks = await make(4 << 20)
-    resyncer = Resyncer(m, max_rate=32 * R)  # 1 MiB spans, ~2 s for the whole disk
+    resyncer = Resyncer(m, max_rate=32 * R)  # spans of 8 regions (1/4 s), ~2 s in all
     resyncer.start()
     await m.fail_leg(1)
     await m.readd(1, full=True)
@@ -226,6 +226,25 @@ async def test_rate_limit_progress_and_live_change() -> None:
     await resyncer.wait_idle()
     assert time.monotonic() - started < 5
     assert same(m, disks) and resyncer.progress()["state"] == "done"
+    await m.close()
+
+
+async def test_spans_shrink_to_a_quarter_second_of_the_rate() -> None:
+    m, _, _ = await make(4 << 20)
+    await m.fail_leg(1)
+    await m.readd(1, full=True)
+    limit = RateLimit()
+    r = Resync(m, limit=limit)
+    r.targets = [1]
+    assert r._span_bytes() == DATA_BYTES  # unlimited: the largest spans
+    limit.set(max_rate=32 * R)
+    assert r._span_bytes() == 8 * R
+    limit.set(max_rate=32 * R, min_rate=4 * R)  # the lower one, under load
+    assert r._span_bytes() == R
+    limit.set(max_rate=1)  # never less than a region
+    assert r._span_bytes() == R
+    limit.set(max_rate=None)
+    assert r._span_bytes() == DATA_BYTES
     await m.close()
 
 

@@ -54,7 +54,7 @@ from dst import changes
 from dst.device import BlockDevice
 from dst.errors import ConfigError
 from dst.meta.bitmap import union_count, union_run
-from dst.targets.copier import Copier, Moved, RateLimit, Span, plan
+from dst.targets.copier import DATA_BYTES, Copier, Moved, RateLimit, Span, plan
 from dst.targets.mirror import LegState
 from dst.targets.redundant import Redundant
 
@@ -181,7 +181,7 @@ class Resync:
             alive = lambda: self._alive(self.targets)  # noqa: E731
             spans = plan(
                 self._runs(targets), self.mirror.copy_status, region_size=rh.region_size,
-                size=rh.tracker.data_size, alive=alive,
+                size=rh.tracker.data_size, alive=alive, data_bytes=self._span_bytes,
             )  # fmt: skip
             await copier.run(spans, self._copy, alive=alive)
             if copier.errors > errors:
@@ -196,6 +196,15 @@ class Resync:
         await self.mirror.resync_checkpoint(None, self.targets)
         if copier.state == "pending":
             copier.state = "done"  # nothing was missing
+
+    def _span_bytes(self) -> int:
+        """A data span under a rate limit holds about a quarter of a second of it (at
+        least a region), so a copy keeps its rate smoothly, not in 1 MiB steps."""
+        rates = [r for lim in self._limits(self._live(self.targets))
+                 for r in (lim.max_rate, lim.min_rate) if r]  # fmt: skip
+        if not rates:
+            return DATA_BYTES
+        return max(self.regions.region_size, min(DATA_BYTES, int(min(rates) // 4)))
 
     def _left(self, targets: Sequence[int]) -> bool:
         """True if every target of the pass left (failed or taken out): the resync

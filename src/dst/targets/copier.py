@@ -152,10 +152,12 @@ def zeroes_everywhere(lists: Sequence[Sequence[Extent]], length: int) -> list[Ex
     return merged
 
 
-def _split(span: Span, region_size: int, data_bytes: int) -> Iterable[Span]:
-    most = max(1, (data_bytes if span.data else ZERO_BYTES) // region_size)
-    for r in range(span.first, span.stop, most):
+def _split(span: Span, region_size: int, data_bytes: Callable[[], int]) -> Iterable[Span]:
+    r = span.first
+    while r < span.stop:
+        most = max(1, (data_bytes() if span.data else ZERO_BYTES) // region_size)
         yield Span(r, min(most, span.stop - r), span.data)
+        r += most
 
 
 async def plan(
@@ -165,12 +167,14 @@ async def plan(
     region_size: int,
     size: int,
     alive: Callable[[], bool] | None = None,
-    data_bytes: int = DATA_BYTES,
+    data_bytes: int | Callable[[], int] = DATA_BYTES,
 ) -> AsyncIterator[Span]:
     """The spans for ``runs`` of regions ``[start, stop)`` (lazily: a run is taken when
     the previous one is planned), by ``status`` of the source (None, or a status that
     fails: everything is data); data spans hold up to ``data_bytes`` (at least one
-    region).  Stops early once ``alive()`` is False."""
+    region; a callable is asked for every span: a rate limit that changes).  Stops
+    early once ``alive()`` is False."""
+    span_bytes = data_bytes if callable(data_bytes) else lambda: data_bytes
     chunk = max(1, PLAN_BYTES // region_size)
     for start, stop in runs:
         pos = start
@@ -190,7 +194,7 @@ async def plan(
             else:
                 parts, nxt = [Span(pos, end - pos, True)], end
             for part in parts:
-                for s in _split(part, region_size, data_bytes):
+                for s in _split(part, region_size, span_bytes):
                     yield s
             pos = nxt
 
