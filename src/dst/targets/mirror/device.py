@@ -25,28 +25,25 @@ regions only.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dst.aio import TaskSet, wait_done
+from dst.aio import wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
 from dst.targets.copier import Moved, Span
 from dst.targets.mirror import membership, recovery, spans
 from dst.targets.mirror.core import MirrorCore
-from dst.targets.mirror.dirtylog import DirtyLog, ReaddPlan
+from dst.targets.mirror.coredevice import CoreDevice
 from dst.targets.mirror.fanout import Kind, submit_mutation
-from dst.targets.mirror.legs import Leg, LegState, call_leg
+from dst.targets.mirror.legs import LegState, call_leg
 from dst.targets.mirror.read import submit_read
-from dst.targets.mirror.regionhash import RegionHash
-from dst.targets.rangelock import RangeLock
 
 
-class MirrorDevice(BlockDevice):
+class MirrorDevice(CoreDevice):
     """``legs`` mirrored (2 or more).
 
     The size is the smallest leg's; with ``metadata`` the smallest leg's data size
@@ -95,46 +92,6 @@ class MirrorDevice(BlockDevice):
     def caps(self) -> Capabilities:  # type: ignore[override]
         return self.core.caps
 
-    @property
-    def legs(self) -> list[Leg]:
-        return self.core.legs
-
-    @property
-    def regions(self) -> RegionHash:
-        return self.core.regions
-
-    @property
-    def log(self) -> DirtyLog:
-        return self.core.log
-
-    @property
-    def locks(self) -> RangeLock:
-        return self.core.locks
-
-    @property
-    def tasks(self) -> TaskSet:
-        return self.core.tasks
-
-    @property
-    def io_ops(self) -> int:
-        return self.core.io_ops
-
-    @property
-    def leg_timeout(self) -> float | None:
-        return self.core.leg_timeout
-
-    @property
-    def resync_wanted(self) -> asyncio.Event:
-        return self.core.resync_wanted
-
-    @property
-    def resync_status(self) -> Callable[[], dict[str, Any]] | None:
-        return self.core.resync_status
-
-    @resync_status.setter
-    def resync_status(self, fn: Callable[[], dict[str, Any]] | None) -> None:
-        self.core.resync_status = fn
-
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -144,11 +101,6 @@ class MirrorDevice(BlockDevice):
         inconsistent or diverged members.
         """
         await self.core.open()
-
-    async def close(self) -> None:
-        """Clean shutdown: background work stops, the metadata is drained and marked
-        clean.  I/O must have stopped."""
-        await self.core.close()
 
     # -- I/O: the callback face, and the coroutine face as the callback face plus a wait -
 
@@ -217,9 +169,6 @@ class MirrorDevice(BlockDevice):
     async def fail_leg(self, index: int) -> None:
         await recovery.fail_leg(self.core, index)
 
-    async def readd(self, index: int, *, full: bool = False) -> ReaddPlan:
-        return await recovery.readd(self.core, index, full=full)
-
     async def resync_region(self, region: int, targets: Sequence[int]) -> int:
         return await recovery.resync_region(self.core, region, targets)
 
@@ -239,34 +188,11 @@ class MirrorDevice(BlockDevice):
         """Block status saying zero only where every leg holding the range reads zeroes."""
         return await spans.merged_status(self.core, offset, length)
 
-    async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None:
-        await recovery.resync_checkpoint(self.core, region, targets)
-
-    async def resync_done(self, index: int) -> bool:
-        return await recovery.resync_done(self.core, index)
-
-    async def verify_region(
-        self, region: int, *, region_size: int | None = None, repair_from: int | None = None
-    ) -> bool:
-        return await recovery.verify_region(
-            self.core, region, region_size=region_size, repair_from=repair_from
-        )
-
-    def region_range(self, region: int, region_size: int | None = None) -> tuple[int, int]:
-        return self.core.region_range(region, region_size)
-
     async def add_leg(self, dev: BlockDevice) -> int:
         return await membership.add_leg(self.core, dev)
 
     async def remove_leg(self, index: int) -> BlockDevice:
         return await membership.remove_leg(self.core, index)
-
-    def leg_index(self, name: str) -> int:
-        """The index of the leg called ``name``.  ConfigError if there is none."""
-        for leg in self.core.legs:
-            if leg.dev.name == name:
-                return leg.index
-        raise ConfigError(f"{name!r} is not a leg of {self.name!r}", where="node")
 
     async def add_member(self, dev: BlockDevice, *, start: int = 0, length: int | None = None
                          ) -> None:  # fmt: skip
@@ -275,9 +201,6 @@ class MirrorDevice(BlockDevice):
             raise ConfigError("a mirror leg is a whole device (no start or length)",
                               where="node")  # fmt: skip
         await self.add_leg(dev)
-
-    async def remove_member(self, name: str) -> BlockDevice:
-        return await self.remove_leg(self.leg_index(name))
 
     async def replace_leg(self, index: int, dev: BlockDevice) -> BlockDevice:
         return await membership.replace_leg(self.core, index, dev)
@@ -309,18 +232,5 @@ class MirrorDevice(BlockDevice):
         detail: dict[str, Any] = {"legs": legs, "readmitted": core.readmitted}
         if core.last_standing is not None:  # every leg failed: this one comes back first
             detail["last_standing"] = core.last_standing.dev.name
-        if core.ready:
-            rh = core.regions
-            for leg, d in zip(core.legs, legs, strict=True):
-                d["missing_regions"] = rh.missing(leg.index)
-            detail["region_size"] = rh.region_size
-            detail["dirty_regions"] = rh.tracker.bitmap.count()
-        if core.resync_status is not None:
-            detail["resync"] = core.resync_status()
+        self.health_regions(detail, legs)
         return Health(state, detail)
-
-    def children(self) -> Sequence[BlockDevice]:
-        return [leg.dev for leg in self.core.legs]
-
-    def member_info(self) -> list[dict[str, Any]]:
-        return [{"state": leg.state.value} for leg in self.core.legs]

@@ -1,13 +1,14 @@
-"""Recovery primitives of a mirror: fail and re-add a leg, resync and verify a region.
+"""Recovery primitives of a mirror: fail and re-add a leg, resync a region.
 
 Theory of operation
 -------------------
-Resync and verify work region by region under the region's range lock (and, for
-resync, its resync lock in the region hash), so writes to *that* region wait while
+A resync of one region holds the region's range lock and its resync lock in the
+region hash, so writes to *that* region wait while
 writes and reads elsewhere keep flowing, and a write that raced the copy is applied
 after it on every leg.  The engines that drive them over a whole mirror, with rate
 limits and progress, are the array's (:mod:`dst.array.resync`, on the shared region
-copier); what is here does one region and the bookkeeping around it:
+copier; spans of regions: :mod:`.spans`); what is here does one region and the
+bookkeeping around it:
 
 * :func:`resync_region` copies a region from a leg holding it to the attached targets
   missing it; :func:`resync_checkpoint` persists how far a full resync got;
@@ -18,8 +19,6 @@ copier); what is here does one region and the bookkeeping around it:
   is refused.  When every leg failed, the one that failed last holds every acknowledged
   write: :func:`readmit` takes it back as it is, in sync, and the others are then
   re-added from it (DESIGN.md semantics 10; MD's ``--force``, DRBD's *Consistent*).
-* :func:`verify_region` compares a region on every leg holding it, and can rewrite the
-  others from one leg.
 * :func:`fail_leg` takes a leg out on the operator's word.
 """
 
@@ -36,7 +35,7 @@ from dst.meta.bitmap import Bitmap
 from dst.targets.mirror.core import MirrorCore
 from dst.targets.mirror.dirtylog import ReaddPlan
 from dst.targets.mirror.legs import Leg, LegState
-from dst.targets.mirror.read import leg_read, leg_write, repair
+from dst.targets.mirror.read import leg_read, leg_write
 
 log = logging.getLogger(__name__)
 
@@ -200,24 +199,3 @@ async def readmit(core: MirrorCore, index: int) -> ReaddPlan:
     log.warning("%s: leg %d (%s) %s", core.name, index, leg.dev.name, why)
     core.want_resync()
     return ReaddPlan(index, "readmitted", False, 0)
-
-
-async def verify_region(
-    core: MirrorCore, region: int, *, region_size: int | None = None, repair_from: int | None = None
-) -> bool:
-    """Compare ``region`` on the legs that hold it; True if they differ.
-
-    With ``repair_from`` (a leg index) the others are rewritten from that leg.
-    """
-    off, n = core.region_range(region, region_size)
-    async with core.locks.hold(off, n):
-        regions = core.regions.regions(off, n)
-        legs = [x for x in core.legs if core.holds(x, regions)]
-        datas = [bytes(await leg_read(core, x, off, n)) for x in legs]
-        if all(d == datas[0] for d in datas[1:]):
-            return False
-        log.warning("%s: legs differ in region %d", core.name, region)
-        if repair_from is not None and core.legs[repair_from] in legs:
-            src = datas[legs.index(core.legs[repair_from])]
-            await repair(core, [x for x, d in zip(legs, datas, strict=True) if d != src], off, src)
-        return True

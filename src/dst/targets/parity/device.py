@@ -28,35 +28,31 @@ the coroutine face, which is the callback face plus a wait (:func:`dst.aio.wait_
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import errno
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import islice
 from typing import Any
 
-from dst.aio import TaskSet, submit_coro, wait_done
+from dst.aio import submit_coro, wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
 from dst.targets.copier import Moved, Span
 from dst.targets.mirror import membership
-from dst.targets.mirror import recovery as mirror_recovery
-from dst.targets.mirror.dirtylog import DirtyLog, ReaddPlan
-from dst.targets.mirror.legs import Leg, LegState
-from dst.targets.mirror.regionhash import RegionHash
+from dst.targets.mirror.coredevice import CoreDevice
+from dst.targets.mirror.legs import LegState
 from dst.targets.parity import recovery
 from dst.targets.parity.core import LAYOUT, ParityCore
 from dst.targets.parity.fan import Op, failures, fan
 from dst.targets.parity.read import submit_read
 from dst.targets.parity.write import write as write_stripes
-from dst.targets.rangelock import RangeLock
 
 DEFAULT_PARITY_CHUNK = 32 << 10  # ISA-L encodes fastest at 16-32 KiB chunks
 
 
-class ParityDevice(BlockDevice):
+class ParityDevice(CoreDevice):
     """``members`` (``parity + 2`` or more) with ``parity`` (1: raid5, 2: raid6) parity
     chunks of ``chunk`` bytes per stripe.  ``metadata``, ``region_size``,
     ``clear_delay``, ``leg_timeout``, ``array_uuid``, ``resync_rate`` and
@@ -65,6 +61,8 @@ class ParityDevice(BlockDevice):
     :mod:`.core`).  Raises ConfigError for too few members or a bad chunk size."""
 
     replaces_in_place = True  # a new member takes the old one's role (no extra leg)
+    MEMBER = "member"
+    core: ParityCore
 
     def __init__(
         self,
@@ -104,46 +102,6 @@ class ParityDevice(BlockDevice):
         return dataclasses.replace(c, trim=False, fast_zero=False, cache=False,
                                    block_status=False)  # fmt: skip
 
-    @property
-    def legs(self) -> list[Leg]:
-        return self.core.legs
-
-    @property
-    def regions(self) -> RegionHash:
-        return self.core.regions
-
-    @property
-    def log(self) -> DirtyLog:
-        return self.core.log
-
-    @property
-    def locks(self) -> RangeLock:
-        return self.core.locks
-
-    @property
-    def tasks(self) -> TaskSet:
-        return self.core.tasks
-
-    @property
-    def io_ops(self) -> int:
-        return self.core.io_ops
-
-    @property
-    def leg_timeout(self) -> float | None:
-        return self.core.leg_timeout
-
-    @property
-    def resync_wanted(self) -> asyncio.Event:
-        return self.core.resync_wanted
-
-    @property
-    def resync_status(self) -> Callable[[], dict[str, Any]] | None:
-        return self.core.resync_status
-
-    @resync_status.setter
-    def resync_status(self, fn: Callable[[], dict[str, Any]] | None) -> None:
-        self.core.resync_status = fn
-
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -154,9 +112,6 @@ class ParityDevice(BlockDevice):
         if sum(x.opened for x in self.core.legs) < self.core.geometry.data:
             raise BlockError(errno.EIO, f"{self.name}: fewer than {self.core.geometry.data} "
                              "members could be opened")  # fmt: skip
-
-    async def close(self) -> None:
-        await self.core.close()
 
     # -- I/O: the callback face, and the coroutine face as the callback face plus a wait -
 
@@ -187,12 +142,6 @@ class ParityDevice(BlockDevice):
     async def fail_leg(self, index: int) -> None:
         await recovery.fail_member(self.core, index)
 
-    async def readd(self, index: int, *, full: bool = False) -> ReaddPlan:
-        return await mirror_recovery.readd(self.core, index, full=full)
-
-    async def resync_region(self, region: int, targets: Sequence[int]) -> int:
-        return await recovery.resync_region(self.core, region, targets)
-
     async def resync_span(self, span: Span, targets: Sequence[int]) -> Moved:
         return await recovery.resync_span(self.core, span, targets)
 
@@ -211,28 +160,6 @@ class ParityDevice(BlockDevice):
     async def verify_status(self, offset: int, length: int) -> Sequence[Extent]:
         return [Extent(length)]
 
-    async def resync_checkpoint(self, region: int | None, targets: Sequence[int]) -> None:
-        await mirror_recovery.resync_checkpoint(self.core, region, targets)
-
-    async def resync_done(self, index: int) -> bool:
-        return await mirror_recovery.resync_done(self.core, index)
-
-    async def verify_region(
-        self, region: int, *, region_size: int | None = None, repair_from: int | None = None
-    ) -> bool:
-        """Check the parity of ``region`` (recomputed from the data); ``repair_from``
-        (any member) rewrites what differs."""
-        return await recovery.verify_region(self.core, region, repair=repair_from is not None)
-
-    def region_range(self, region: int, region_size: int | None = None) -> tuple[int, int]:
-        return self.core.region_range(region, region_size)
-
-    def leg_index(self, name: str) -> int:
-        for leg in self.core.legs:
-            if leg.dev.name == name:
-                return leg.index
-        raise ConfigError(f"{name!r} is not a member of {self.name!r}", where="node")
-
     async def add_leg(self, dev: BlockDevice) -> int:
         raise ConfigError(f"a {self.kind} does not grow by a member (no restripe)", where="node")
 
@@ -242,9 +169,6 @@ class ParityDevice(BlockDevice):
     async def add_member(self, dev: BlockDevice, *, start: int = 0, length: int | None = None
                          ) -> None:  # fmt: skip
         await self.add_leg(dev)
-
-    async def remove_member(self, name: str) -> BlockDevice:
-        return await self.remove_leg(self.leg_index(name))
 
     async def replace_leg(self, index: int, dev: BlockDevice) -> BlockDevice:
         """``dev`` in the role of member ``index`` (dead or alive), rebuilt from the
@@ -290,22 +214,10 @@ class ParityDevice(BlockDevice):
             "degraded": down,
             "legs": legs,
         }  # fmt: skip
+        self.health_regions(detail, legs)
         if core.ready:
-            rh = core.regions
-            for leg, d in zip(core.legs, legs, strict=True):
-                d["missing_regions"] = rh.missing(leg.index)
-            detail["region_size"] = rh.region_size
-            detail["dirty_regions"] = rh.tracker.bitmap.count()
-            detail["unsynced_regions"] = rh.tracker.unsynced.count()
+            detail["unsynced_regions"] = core.regions.tracker.unsynced.count()
         if core.at_risk is not None:
             detail["at_risk"] = list(islice(core.at_risk, 100))
             detail["at_risk_regions"] = core.at_risk.count()
-        if core.resync_status is not None:
-            detail["resync"] = core.resync_status()
         return Health(state, detail)
-
-    def children(self) -> Sequence[BlockDevice]:
-        return [leg.dev for leg in self.core.legs]
-
-    def member_info(self) -> list[dict[str, Any]]:
-        return [{"state": leg.state.value} for leg in self.core.legs]
