@@ -221,23 +221,28 @@ async def test_assemble_refuses_what_does_not_belong_together(tmp_path: Path) ->
             assemble_spec(await probe_all([str(p) for p in members]))
 
 
+@pytest.mark.parametrize("kind", ["mirror", "raid5"])
 async def test_assemble_brings_the_array_back_under_its_own_name_and_addresses(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
     """Issue 11, point 7: ``dst assemble`` named the array after its mirror target and
-    dropped its listeners; the superblocks record the array's name and exports."""
+    dropped its listeners; the superblocks record the array's name and exports (a
+    parity array's too)."""
     sock = tmp_path / "s.sock"
+    spec = mirror_spec("demo", tmp_path, sock, legs=2 if kind == "mirror" else 3)
+    spec["array"]["target"]["type"] = kind
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("demo", tmp_path, sock)))
+        await daemon.handle(m.Create(spec))
         c = await connect(sock)
         await c.write(0, b"n" * 4096)  # the first write records the label
         await c.close()
     finally:
         await daemon.close()
-    paths = [str(tmp_path / f"leg{i}.img") for i in range(2)]
+    paths = [str(tmp_path / f"leg{i}.img") for i in range(len(spec["array"]["target"]["members"]))]
     array = assemble_spec(await probe_all(paths))["array"]
     assert (array["name"], array["listen"]) == ("demo", [f"unix:{sock}"])
+    assert array["target"]["type"] == kind
     daemon = Daemon()
     try:
         await daemon.handle(m.Create({"array": array}))

@@ -98,34 +98,22 @@ def construct(
     if isinstance(target, StripeSpec):
         kids = [construct(m, io_timeout=io_timeout, replay=replay) for m in target.members]
         return StripeDevice(kids, chunk=target.chunk_size, name=target.name)
-    if isinstance(target, MirrorSpec):
+    if isinstance(target, MirrorSpec | ParitySpec):
         kids = [construct(m, io_timeout=io_timeout, replay=False) for m in target.members]
-        return MirrorDevice(
-            kids,
-            name=target.name,
-            region_size=target.region_size,
-            metadata=target.metadata,
-            leg_timeout=target.leg_timeout,
-            clear_delay=target.clear_delay,
-            resync_rate=target.resync_rate,
-            resync_min_rate=target.resync_min_rate,
-            label=label,
-        )
-    if isinstance(target, ParitySpec):
-        kids = [construct(m, io_timeout=io_timeout, replay=False) for m in target.members]
-        return ParityDevice(
-            kids,
-            parity=target.PARITY,
-            chunk=target.chunk_size,
-            name=target.name,
-            region_size=target.region_size,
-            metadata=target.metadata,
-            leg_timeout=target.leg_timeout,
-            clear_delay=target.clear_delay,
-            resync_rate=target.resync_rate,
-            resync_min_rate=target.resync_min_rate,
-            start_dirty_degraded=target.start_dirty_degraded,
-        )
+        common: dict[str, Any] = {
+            "name": target.name,
+            "region_size": target.region_size,
+            "metadata": target.metadata,
+            "leg_timeout": target.leg_timeout,
+            "clear_delay": target.clear_delay,
+            "resync_rate": target.resync_rate,
+            "resync_min_rate": target.resync_min_rate,
+            "label": label,
+        }
+        if isinstance(target, MirrorSpec):
+            return MirrorDevice(kids, **common)
+        return ParityDevice(kids, parity=target.PARITY, chunk=target.chunk_size,
+                            start_dirty_degraded=target.start_dirty_degraded, **common)  # fmt: skip
     raise ConfigError(f"unknown target type {type(target).__name__}")
 
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
+from typing import Any
 
 from dst.device import BlockDevice
 from dst.errors import ConfigError
@@ -67,6 +68,7 @@ class ParityCore(MirrorCore):
         leg_timeout: float | None,
         array_uuid: uuid.UUID | None,
         start_dirty_degraded: bool,
+        label: Mapping[str, Any] | None = None,
     ) -> None:
         kind = "raid5" if parity == 1 else "raid6"
         if len(devices) < parity + 2:
@@ -77,7 +79,7 @@ class ParityCore(MirrorCore):
         super().__init__(
             devices, name=name, region_size=region_size, metadata=metadata,
             clear_delay=clear_delay, leg_timeout=leg_timeout, array_uuid=array_uuid,
-            layout=layout,
+            layout=layout, label=label,
         )  # fmt: skip
         self.kind = kind
         self.parity, self.chunk = parity, chunk

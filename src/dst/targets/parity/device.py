@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -79,11 +79,12 @@ class ParityDevice(CoreDevice):
         resync_rate: int = 0,
         resync_min_rate: int = 0,
         start_dirty_degraded: bool = False,
+        label: Mapping[str, Any] | None = None,
     ) -> None:
         self.core = ParityCore(
             members, parity=parity, chunk=chunk, name=name, region_size=region_size,
             metadata=metadata, clear_delay=clear_delay, leg_timeout=leg_timeout,
-            array_uuid=array_uuid, start_dirty_degraded=start_dirty_degraded,
+            array_uuid=array_uuid, start_dirty_degraded=start_dirty_degraded, label=label,
         )  # fmt: skip
         self.kind = self.core.kind
         self.name = name
