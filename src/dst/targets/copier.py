@@ -199,6 +199,20 @@ async def plan(
             pos = nxt
 
 
+async def region_by_region(span: Span, work: Callable[[int], Awaitable[int]]) -> int:
+    """``work`` every region of ``span`` in turn; the sum of what they return.  Raises
+    the first BlockError once every region was tried (only the bad ones stay undone)."""
+    done, first = 0, None
+    for r in range(span.first, span.stop):
+        try:
+            done += await work(r)
+        except BlockError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+    return done
+
+
 async def copy_sparse(
     status: Status | None,
     read: Callable[[int, int], Awaitable[Buffer]],

@@ -34,7 +34,14 @@ from typing import Any
 from dst.aio import gather_all
 from dst.device import Buffer, Extent
 from dst.errors import BlockError
-from dst.targets.copier import DATA_BYTES, Moved, Span, copy_sparse, zeroes_everywhere
+from dst.targets.copier import (
+    DATA_BYTES,
+    Moved,
+    Span,
+    copy_sparse,
+    region_by_region,
+    zeroes_everywhere,
+)
 from dst.targets.mirror.core import MirrorCore
 from dst.targets.mirror.legs import Leg, call_leg
 from dst.targets.mirror.read import leg_read, leg_write, repair
@@ -163,15 +170,7 @@ async def resync_span(core: MirrorCore, span: Span, targets: Sequence[int]) -> M
 
 async def _by_region(core: MirrorCore, span: Span, targets: Sequence[int]) -> Moved:
     """Copy ``span`` a region at a time; raises the first region's error at the end."""
-    done, first = 0, None
-    for r in range(span.first, span.stop):
-        try:
-            done += await resync_region(core, r, targets)
-        except BlockError as exc:
-            first = first or exc
-    if first is not None:
-        raise first
-    return Moved(done, 0)
+    return Moved(await region_by_region(span, lambda r: resync_region(core, r, targets)))
 
 
 async def _zero_span(core: MirrorCore, span: Span, targets: Sequence[int]) -> Moved | None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from dst.errors import BlockError, ConfigError
 from dst.meta.members import LegState
-from dst.targets.copier import Moved, Span
+from dst.targets.copier import Moved, Span, region_by_region
 from dst.targets.mirror.legs import Leg
 from dst.targets.parity.core import ParityCore
 from dst.targets.parity.fan import Op, chunk, failures, fan
@@ -95,15 +95,7 @@ async def resync_region(core: ParityCore, region: int, targets: Sequence[int]) -
 async def resync_span(core: ParityCore, span: Span, targets: Sequence[int]) -> Moved:
     """:func:`resync_region` for each region of ``span`` (each finds its own holes);
     raises the first region's BlockError once the others are done."""
-    written, first = 0, None
-    for r in range(span.first, span.stop):
-        try:
-            written += await resync_region(core, r, targets)
-        except BlockError as exc:
-            first = first or exc
-    if first is not None:
-        raise first
-    return Moved(written, 0)
+    return Moved(await region_by_region(span, lambda r: resync_region(core, r, targets)))
 
 
 async def _rebuild(core: ParityCore, off: int, n: int, sources: list[Leg], want: list[Leg],
