@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from dst.array.resync import Resync, Resyncer, verify
+from dst.array.resync import Resync, Resyncer
+from dst.array.verify import verify
 from dst.device import Buffer
 from dst.errors import BlockError
 from dst.meta.store import MetaStore

@@ -42,7 +42,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dst import changes
-from dst.array.resync import Resyncer, VerifyReport, verify
+from dst.array.resync import Resyncer
+from dst.array.verify import VerifyReport, verify
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError
 from dst.meta.superblock import MetadataError

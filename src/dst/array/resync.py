@@ -1,4 +1,4 @@
-"""Background resync and online verify of mirror legs.
+"""Background resync of the members of a mirror or parity array.
 
 Theory of operation
 -------------------
@@ -38,24 +38,20 @@ from the persisted bitmap, which only still holds the regions not yet copied.
 
 :class:`Resyncer` runs resyncs in the mirror's task set whenever the mirror asks
 (``resync_wanted``: a leg was re-added, or the array opened with legs to catch up).
-:func:`verify` compares the legs span by span online (a hole on every leg is equal
-without reading it) and optionally repairs.
+The online verify is :mod:`dst.array.verify`, on the same copier.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from dst import changes
 from dst.device import BlockDevice
-from dst.errors import ConfigError
 from dst.meta.bitmap import union_count, union_run
 from dst.targets.copier import DATA_BYTES, Copier, Moved, RateLimit, Span, plan
-from dst.targets.mirror import LegState
 from dst.targets.redundant import Redundant
 
 log = logging.getLogger(__name__)
@@ -351,76 +347,3 @@ class Resyncer:
             out[r.kind or self.kind] += r.bytes
             out["sparse_skip"] += r.copier.skipped
         return out
-
-
-@dataclass(slots=True)
-class VerifyReport:
-    """Result of :func:`verify`."""
-
-    regions: int = 0
-    checked: int = 0
-    bytes: int = 0  # compared
-    skipped: int = 0  # holes on every leg: equal without reading
-    mismatched: list[int] = field(default_factory=list)
-    repaired: list[int] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "regions": self.regions,
-            "checked": self.checked,
-            "bytes": self.bytes,
-            "skipped": self.skipped,
-            "mismatched": list(self.mismatched),
-            "repaired": list(self.repaired),
-        }
-
-
-async def verify(
-    mirror: Redundant,
-    *,
-    repair: bool = False,
-    source: int | None = None,
-    max_rate: float | None = None,
-    min_rate: float | None = None,
-    progress: Callable[[VerifyReport], None] | None = None,
-) -> VerifyReport:
-    """Compare the legs online, span by span; report the regions that differ.
-
-    With ``repair`` the other legs are rewritten from ``source`` (default: the first
-    leg in sync).  Raises ConfigError if ``source`` is not in sync, BlockError if a leg
-    cannot be read.
-    """
-    if repair:
-        if source is None:
-            source = next(x.index for x in mirror.legs if x.state is LegState.IN_SYNC)
-        if mirror.legs[source].state is not LegState.IN_SYNC:
-            raise ConfigError(f"leg {source} is not in sync", where="source")
-    limit = RateLimit(max_rate=max_rate, min_rate=min_rate)
-    rh = mirror.regions
-    report = VerifyReport(regions=rh.nregions)
-    last_ops = mirror.io_ops
-
-    async def pace(region: int, nbytes: int) -> None:
-        nonlocal last_ops
-        busy, last_ops = mirror.io_ops != last_ops, mirror.io_ops
-        await limit.pace(nbytes, busy)
-
-    async def check(span: Span) -> Moved:
-        moved, differ = await mirror.verify_span(span, repair_from=source if repair else None)
-        report.checked += span.count
-        report.bytes += moved.copied
-        report.skipped += moved.skipped
-        report.mismatched = sorted(report.mismatched + differ)
-        if repair:
-            report.repaired = sorted(report.repaired + differ)
-        if progress is not None:
-            progress(report)
-        return moved
-
-    copier = Copier(name=f"{mirror.name}: verify", depth=4, pace=pace, stop_on_error=True,
-                    region_size=rh.region_size)  # fmt: skip
-    copier.kind, copier.total = "verify", report.regions
-    spans = plan([(0, rh.nregions)], mirror.verify_status, region_size=rh.region_size,
-                 size=rh.tracker.data_size)  # fmt: skip
-    await copier.run(spans, check)
-    return report

@@ -16,7 +16,8 @@ import random
 
 import pytest
 
-from dst.array.resync import Resync, verify
+from dst.array.resync import Resync
+from dst.array.verify import verify
 from dst.targets.mirror import LegState, MirrorDevice
 from tests.support.fastpath import until
 from tests.support.sparse import CHUNK, Heartbeat, SparseDevice

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dst.array.keeper import MirrorKeeper
-from dst.array.resync import Resync, verify
+from dst.array.resync import Resync
+from dst.array.verify import verify
 from dst.meta.superblock import MetadataError
 from dst.targets.fault import FaultDevice
 from dst.targets.file import FileDevice
