@@ -16,7 +16,8 @@ from dst.array.verify import verify
 from dst.device import Buffer
 from dst.errors import BlockError
 from dst.meta.store import MetaStore
-from dst.targets.copier import DATA_BYTES, RateLimit
+from dst.targets.copier import RateLimit
+from dst.targets.copyplan import DATA_BYTES
 from dst.targets.fault import FaultDevice
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import LegState, MirrorDevice

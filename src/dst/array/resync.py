@@ -9,7 +9,7 @@ makes every *unsynced* region consistent (one whose redundancy must be recompute
 though no member misses it: a parity array's after a crash).  The regions are walked
 lazily as runs of the targets' out-of-sync bitmaps
 (:func:`~dst.meta.bitmap.union_run`: a bitmap page at a time, whatever the device size)
-and planned into spans by the target's ``copy_status`` (:func:`dst.targets.copier.plan`):
+and planned into spans by the target's ``copy_status`` (:func:`dst.targets.copyplan.plan`):
 holes are punched on the targets, data is copied (DESIGN.md semantics 11), so time and
 space follow the data, not the device size.  Each span is
 :meth:`~dst.targets.redundant.Redundant.resync_span`: it holds the span's byte range, so
@@ -51,7 +51,8 @@ from typing import Any
 from dst import changes
 from dst.device import BlockDevice
 from dst.meta.bitmap import union_count, union_run
-from dst.targets.copier import DATA_BYTES, Copier, Moved, RateLimit, Span, plan
+from dst.targets.copier import Copier, RateLimit
+from dst.targets.copyplan import DATA_BYTES, Moved, Span, plan
 from dst.targets.redundant import Redundant
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dst.errors import ConfigError
-from dst.targets.copier import Copier, Moved, RateLimit, Span, plan
+from dst.targets.copier import Copier, RateLimit
+from dst.targets.copyplan import Moved, Span, plan
 from dst.targets.mirror import LegState
 from dst.targets.redundant import Redundant
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from dst.aio import TaskSet
 from dst.device import BlockDevice, Extent
-from dst.targets.copier import Moved, Span
+from dst.targets.copyplan import Moved, Span
 from dst.targets.mirror.dirtylog import ReaddPlan
 from dst.targets.mirror.legs import Leg
 from dst.targets.mirror.regionhash import RegionHash

@@ -49,7 +49,8 @@ from typing import Any, Protocol, TypeVar
 from dst.device import BlockDevice, Buffer, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.targets.composite import intersect_caps
-from dst.targets.copier import Copier, Moved, Span, copy_sparse, plan
+from dst.targets.copier import Copier
+from dst.targets.copyplan import Moved, Span, copy_sparse, plan
 from dst.targets.rangelock import RangeLock
 
 log = logging.getLogger(__name__)

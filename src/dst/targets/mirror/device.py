@@ -34,7 +34,7 @@ from dst.aio import wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
-from dst.targets.copier import Moved, Span
+from dst.targets.copyplan import Moved, Span
 from dst.targets.mirror import membership, recovery, spans
 from dst.targets.mirror.core import MirrorCore
 from dst.targets.mirror.coredevice import CoreDevice

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The array's resync and verify plan their work with :func:`dst.targets.copier.plan`:
+The array's resync and verify plan their work with :func:`dst.targets.copyplan.plan`:
 runs of regions cut into *zero spans* (whole regions the source read as zeroes, up to
 1 GiB) and *data spans* (up to 1 MiB).  Each span is done here under its byte range in
 the mirror's :class:`~dst.targets.rangelock.RangeLock`: a write to the span waits and
@@ -12,7 +12,7 @@ is copied as data, never punched.
 
 * :func:`resync_span` copies a span from a leg holding it to the attached targets that
   miss some of it: a zero span is one WRITE_ZEROES (holes punched) per target, a data
-  span a read and a write, holes inside it punched (:func:`~dst.targets.copier.
+  span a read and a write, holes inside it punched (:func:`~dst.targets.copyplan.
   copy_sparse`).  The targets that got it hold the span
   (:meth:`~dst.targets.mirror.regionhash.RegionHash.synced`); a target that fails is
   failed.  Without one leg holding the whole span, it falls back to region by region
@@ -21,7 +21,7 @@ is copied as data, never punched.
   leg still reads as zeroes is equal without reading it; data is read and compared
   region by region, and may be repaired from one leg.
 
-Both return what they moved (:class:`~dst.targets.copier.Moved`: bytes copied or
+Both return what they moved (:class:`~dst.targets.copyplan.Moved`: bytes copied or
 compared, bytes skipped as zeroes).
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 from dst.aio import gather_all
 from dst.device import Buffer, Extent
 from dst.errors import BlockError
-from dst.targets.copier import (
+from dst.targets.copyplan import (
     DATA_BYTES,
     Moved,
     Span,

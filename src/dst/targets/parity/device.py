@@ -39,7 +39,7 @@ from dst.aio import submit_coro, wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
-from dst.targets.copier import Moved, Span
+from dst.targets.copyplan import Moved, Span
 from dst.targets.mirror import membership
 from dst.targets.mirror.coredevice import CoreDevice
 from dst.targets.mirror.legs import LegState

@@ -31,7 +31,7 @@ import numpy as np
 
 from dst.errors import BlockError, ConfigError
 from dst.meta.members import LegState
-from dst.targets.copier import Moved, Span, region_by_region
+from dst.targets.copyplan import Moved, Span, region_by_region
 from dst.targets.mirror.legs import Leg
 from dst.targets.parity.core import ParityCore
 from dst.targets.parity.fan import Op, chunk, failures, fan
