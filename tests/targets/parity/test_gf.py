@@ -1,5 +1,6 @@
-"""Parity arithmetic (dst.targets.parity.gf) against a plain-Python P and Q written here
-from the definition, and recovery of every combination of lost chunks."""
+"""Parity arithmetic (dst.targets.parity.gf) against the plain-Python P and Q of
+:mod:`tests.support.parity` (written from the definition), and recovery of every
+combination of lost chunks."""
 
 from __future__ import annotations
 
@@ -10,31 +11,7 @@ import numpy as np
 import pytest
 
 from dst.targets.parity import gf
-
-
-def slow_mul(a: int, b: int) -> int:
-    """GF(2^8) multiplication, shift and add (polynomial 0x11d)."""
-    r = 0
-    while b:
-        if b & 1:
-            r ^= a
-        a <<= 1
-        if a & 0x100:
-            a ^= 0x11D
-        b >>= 1
-    return r
-
-
-def slow_pq(chunks: list[bytes]) -> tuple[bytes, bytes]:
-    n = len(chunks[0])
-    p, q = bytearray(n), bytearray(n)
-    g = 1
-    for c in chunks:
-        for j in range(n):
-            p[j] ^= c[j]
-            q[j] ^= slow_mul(g, c[j])
-        g = slow_mul(g, 2)
-    return bytes(p), bytes(q)
+from tests.support.parity import gf_mul, pq
 
 
 def arr(b: bytes) -> gf.Chunk:
@@ -44,7 +21,7 @@ def arr(b: bytes) -> gf.Chunk:
 def test_field_tables() -> None:
     for a in range(256):
         for b in (0, 1, 2, 3, 29, 128, 255):
-            assert gf.gmul(a, b) == slow_mul(a, b)
+            assert gf.gmul(a, b) == gf_mul(a, b)
         if a:
             assert gf.gmul(a, gf.ginv(a)) == 1
 
@@ -53,7 +30,7 @@ def test_field_tables() -> None:
 @pytest.mark.parametrize("length", [1, 13, 64, 4096, 4104])
 def test_encode_is_p_and_q(k: int, length: int) -> None:
     chunks = [os.urandom(length) for _ in range(k)]
-    p, q = slow_pq(chunks)
+    p, q = pq(chunks)
     for parity in (1, 2):
         got = gf.Coder(k, parity).encode([arr(c) for c in chunks])
         assert [bytes(x) for x in got] == [p, q][:parity]
@@ -67,7 +44,7 @@ def test_isal_is_used_and_agrees() -> None:
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_recover_every_combination(k: int) -> None:
     chunks = [os.urandom(257) for _ in range(k)]
-    p, q = slow_pq(chunks)
+    p, q = pq(chunks)
     coder = gf.Coder(k, 2)
     for lost in itertools.chain.from_iterable(
         itertools.combinations(range(k), r) for r in (0, 1, 2)
