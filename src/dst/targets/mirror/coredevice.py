@@ -4,7 +4,8 @@
 (a mirror's, or a parity array's :class:`~dst.targets.parity.core.ParityCore`, which
 extends it): the core's state as the array's keeper reads it
 (:class:`~dst.targets.redundant.Redundant`), and the recovery steps that are the core's
-own whatever the algorithm (re-add, resync checkpoints and completion, members by name).
+own whatever the algorithm (re-add, resync checkpoints and completion, members by name),
+and the coroutine face of READ and WRITE as the callback face plus a wait.
 The I/O, resync and verify of a span, membership changes, spec and health are each
 target's.
 """
@@ -15,8 +16,8 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dst.aio import TaskSet
-from dst.device import BlockDevice
+from dst.aio import TaskSet, wait_done
+from dst.device import BlockDevice, Buffer, Cancel, Done
 from dst.errors import ConfigError
 from dst.targets.mirror import recovery
 from dst.targets.mirror.core import MirrorCore
@@ -71,6 +72,22 @@ class CoreDevice(BlockDevice):
     @resync_status.setter
     def resync_status(self, fn: Callable[[], dict[str, Any]] | None) -> None:
         self.core.resync_status = fn
+
+    # The coroutine face is the callback face (each target's: it always has one) plus
+    # a wait.
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel:
+        raise NotImplementedError
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel:
+        raise NotImplementedError
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        await wait_done(lambda done: self.submit_write(offset, data, fua, done))
+
+    async def read(self, offset: int, length: int) -> Buffer:
+        data: Buffer = await wait_done(lambda done: self.submit_read(offset, length, done))
+        return data
 
     async def close(self) -> None:
         """Clean shutdown: background work stops, the metadata is drained and marked

@@ -110,13 +110,6 @@ class MirrorDevice(CoreDevice):
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel:
         return submit_read(self.core, offset, length, done)
 
-    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        await wait_done(lambda done: self.submit_write(offset, data, fua, done))
-
-    async def read(self, offset: int, length: int) -> Buffer:
-        data: Buffer = await wait_done(lambda done: self.submit_read(offset, length, done))
-        return data
-
     async def write_zeroes(
         self,
         offset: int,

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from itertools import islice
 from typing import Any
 
-from dst.aio import submit_coro, wait_done
+from dst.aio import submit_coro
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
@@ -121,13 +121,6 @@ class ParityDevice(CoreDevice):
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel:
         return submit_read(self.core, offset, length, done)
-
-    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        await wait_done(lambda done: self.submit_write(offset, data, fua, done))
-
-    async def read(self, offset: int, length: int) -> Buffer:
-        data: Buffer = await wait_done(lambda done: self.submit_read(offset, length, done))
-        return data
 
     async def flush(self) -> None:
         core = self.core
