@@ -192,6 +192,15 @@ class BlockDevice:
         None when not taken now.  The default never takes a request."""
         return None
 
+    def submit_gather(
+        self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
+    ) -> Cancel | None:
+        """:meth:`submit_write` of the buffers ``parts`` laid end to end, without joining
+        them first (a parity member's chunks of consecutive stripes: data from the
+        request, parity from the encoder).  None when not taken now; the default never
+        takes one (the caller joins them and writes that)."""
+        return None
+
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Advisory discard; the default does nothing (allowed by NBD)."""
 

@@ -40,6 +40,28 @@ async def test_client_submit_roundtrip(served: tuple[NbdServer, Address, Disk]) 
     await c.close()
 
 
+async def test_client_gather_sends_the_parts_end_to_end(
+    served: tuple[NbdServer, Address, Disk],
+) -> None:
+    """One WRITE from several buffers as they are (no join), also while the send buffer
+    is full: 64 MiB queued at once against a server that answers only when told."""
+    _, address, disk = served
+    c = await NbdClient.connect(address)
+    parts = [os.urandom(n) for n in (4096, 512, 60928)]
+    await submit(c, "gather", 4096, [memoryview(p) for p in parts], False)
+    assert disk.data[4096 : 4096 + 65536] == b"".join(parts)
+    assert [(r.kind, r.length) for r in disk.taken] == [("write", 65536)]  # one request
+    disk.mode = "manual"
+    chunks = [os.urandom(SIZE // 2) for _ in range(2)]
+    dones = [Completion() for _ in range(64)]
+    for d in dones:  # far more than the socket takes at once: the transport is paused
+        assert c.submit_gather(0, chunks, False, d) is not None
+    await until(lambda: disk.release() >= 0 and all(d.calls for d in dones), "every write")
+    assert all(d.calls == [(None, None)] for d in dones)
+    assert disk.data == b"".join(chunks)
+    await c.close()
+
+
 async def test_client_errors_come_from_the_server(
     served: tuple[NbdServer, Address, Disk],
 ) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Sequence
 
 import pytest
 
-from dst.device import Buffer
+from dst.device import Buffer, Cancel, Done
 from dst.errors import BlockError
 from dst.targets.gate import GateDevice
 from dst.targets.member import Member
@@ -201,3 +202,28 @@ async def test_root_switch_refuses_while_suspended_and_drains_fast_requests() ->
     assert member.inflight == 0 and member.counters.errors == 1
     disk.mode = "sync"
     assert await submit(root, "read", 4096, 4096) == data
+
+
+class GatherDisk(Disk):
+    """A disk whose fast path also takes gathered writes (as a remote node's does)."""
+
+    def submit_gather(self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
+                      ) -> Cancel | None:  # fmt: skip
+        return self.submit_write(offset, b"".join(parts), fua, done)
+
+
+async def test_member_gate_passes_gathered_writes_and_counts_them_once() -> None:
+    parts = [os.urandom(4096), os.urandom(8192)]
+    plain = Member(Disk(SIZE, mode="sync"), name="n0", where="mem")
+    await plain.open()
+    assert plain.submit_gather(0, parts, False, Completion()) is None  # not taken here
+    assert (plain.counters.writes, plain.inflight) == (0, 0)
+    disk = GatherDisk(SIZE, mode="async")
+    member = Member(disk, name="n1", where="mem")
+    await member.open()
+    assert await submit(member, "gather", 4096, parts, False) is None
+    assert disk.data[4096 : 4096 + 12288] == b"".join(parts)
+    assert (member.counters.writes, member.counters.write_bytes, member.inflight) == (1, 12288, 0)
+    await member.suspend()
+    assert member.submit_gather(0, parts, False, Completion()) is None  # suspended: refused
+    member.resume()

@@ -189,20 +189,22 @@ class NbdClient:
         return reply
 
     def _submit(
-        self, cmd: int, offset: int, length: int, flags: int, data: Buffer | None, done: Done
-    ) -> Cancel | None:
+        self, cmd: int, offset: int, length: int, flags: int, data: Buffer | None, done: Done,
+        parts: Sequence[Buffer] = (),
+    ) -> Cancel | None:  # fmt: skip
         """Queue a request whose reply calls ``done`` (None: not now, use the coroutine
-        form -- connection lost, send buffer full, or a per-request timeout to run)."""
+        form -- connection lost, or a per-request timeout to run); its payload is
+        ``data``, or else the buffers ``parts``.  A full send buffer does not refuse it:
+        the coroutine form would queue it all the same (its wait for the buffer to
+        drain cannot end the request sooner than its reply), and nothing is copied."""
         proto = self._proto
         if proto.lost is not None or self.timeout is not None:
-            return None
-        if proto.drain is not None and not proto.drain.done():
             return None
         assert proto.parser is not None
         handle, header = proto.parser.request(cmd, offset, length, flags)
         proto.calls[handle] = done
         if data is None:
-            proto.send(header)
+            proto.send(header, *parts)
         else:
             proto.send(header, data)
         return partial(proto.cancel, handle)
@@ -216,14 +218,19 @@ class NbdClient:
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
         """:meth:`write` with a callback: ``done(None, None)`` or ``done(error, None)``."""
         n = len(data)
-        if n > self.max_block:
+        if n > self.max_block or (fua and not self.flags & _TF.SEND_FUA):
             return None
-        flags = 0
-        if fua:
-            if not self.flags & _TF.SEND_FUA:
-                return None
-            flags = _FUA
-        return self._submit(_WRITE, offset, n, flags, data, done)
+        return self._submit(_WRITE, offset, n, _FUA if fua else 0, data, done)
+
+    def submit_gather(
+        self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
+    ) -> Cancel | None:
+        """:meth:`submit_write` of ``parts`` end to end: one request whose payload is
+        sent from the buffers as they are."""
+        n = sum(map(len, parts))
+        if n > self.max_block or (fua and not self.flags & _TF.SEND_FUA):
+            return None
+        return self._submit(_WRITE, offset, n, _FUA if fua else 0, None, done, parts)
 
     def _fua(self, fua: bool) -> int:
         return int(CmdFlags.FUA) if fua and self.flags & _TF.SEND_FUA else 0

@@ -138,6 +138,15 @@ class RemoteDevice(BlockDevice):
         req = Replayable(link, conn, done, lambda c: c.write(offset, data, fua=fua))
         return req.started(conn.submit_write(offset, data, fua, req.finish))
 
+    def submit_gather(
+        self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
+    ) -> Cancel | None:
+        link = self._link
+        conn = link.conn
+        if conn is None or not conn.connected or link.replays:  # a replay joins them
+            return None
+        return conn.submit_gather(offset, parts, fua, Reporting(link, conn, done).finish)
+
     async def flush(self) -> None:
         await self._link.run(lambda c: c.flush())
 

@@ -113,6 +113,19 @@ class LegCall:
             if self.deadlines is not None:
                 self.deadlines.add(self)
 
+    def gather(self, offset: int, parts: Sequence[Buffer], fua: bool) -> None:
+        """A write of ``parts`` end to end: sent as they are where the leg can, else
+        joined into one buffer."""
+        self.leg.inflight += 1
+        dev = self.leg.dev
+        cancel = dev.submit_gather(offset, parts, fua, self.finish)
+        if cancel is None:
+            data = b"".join(parts)
+            cancel = dev.submit_write(offset, data, fua, self.finish)
+            if cancel is None:
+                cancel = submit_coro(dev.write(offset, data, fua=fua), self.finish)
+        self._started(cancel)
+
     def read(self, offset: int, length: int) -> None:
         self.leg.inflight += 1
         dev = self.leg.dev

@@ -23,7 +23,8 @@ from dst.targets.mirror.legs import Leg, LegCall
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One request: a read of ``length`` bytes or a write of ``data`` at ``offset``."""
+    """One request: a read of ``length`` bytes or a write of ``data`` (or of the buffers
+    ``parts`` end to end) at ``offset``."""
 
     leg: Leg
     offset: int
@@ -32,6 +33,7 @@ class Op:
     fua: bool = False
     zero: bool = False  # write_zeroes of ``length`` bytes (may punch)
     flush: bool = False
+    parts: Sequence[Buffer] = ()
 
     @classmethod
     def read(cls, leg: Leg, offset: int, length: int) -> Op:
@@ -40,6 +42,10 @@ class Op:
     @classmethod
     def write(cls, leg: Leg, offset: int, data: Buffer, fua: bool = False) -> Op:
         return cls(leg, offset, len(data), data, fua)
+
+    @classmethod
+    def gather(cls, leg: Leg, offset: int, parts: Sequence[Buffer], fua: bool = False) -> Op:
+        return cls(leg, offset, sum(map(len, parts)), b"", fua, parts=parts)
 
 
 class _Fan:
@@ -85,6 +91,8 @@ async def fan(core: MirrorCore, ops: Sequence[Op]) -> list[Any]:
             call.run(dev.write_zeroes(off, n, fua=op.fua, punch=True))
         elif op.data is None:
             call.read(op.offset, op.length)
+        elif op.parts:
+            call.gather(op.offset, op.parts, op.fua)
         else:
             call.write(op.offset, op.data, op.fua)
     if f.left:

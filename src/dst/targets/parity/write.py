@@ -116,7 +116,7 @@ async def _full(
     core: ParityCore, stripes: range, data: Chunk, fua: bool, failed: dict[int, BlockError]
 ) -> None:
     """Consecutive whole stripes: no reads; one request per member (its chunks of
-    consecutive stripes are contiguous), joined from views of the data and parity."""
+    consecutive stripes are contiguous), sent from the data and parity where they lie."""
     geo = core.geometry
     t, k, m, c, n = len(stripes), geo.data, geo.parity, geo.chunk, geo.members
     cols = data[: t * k * c].reshape(t, k, c)
@@ -124,14 +124,13 @@ async def _full(
     parts: list[list[Any]] = [[] for _ in range(n)]
     for row, s in enumerate(stripes):
         base = n - 1 - s % n  # P's member; Q and the data follow
-        for j, pc in enumerate(parity[row]):
-            parts[(base + j) % n].append(pc)
+        for j in range(m):
+            parts[(base + j) % n].append(parity[row, j].data)
         for i in range(k):
             parts[(base + m + i) % n].append(cols[row, i].data)
     avail = core.available(stripes)
     moff = stripes.start * c
-    ops = [Op.write(leg, moff, b"".join(parts[leg.index]), fua)
-           for leg in core.legs if avail[leg.index]]  # fmt: skip
+    ops = [Op.gather(leg, moff, parts[leg.index], fua) for leg in core.legs if avail[leg.index]]
     failed.update(failures(ops, await fan(core, ops)))
 
 
