@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dst.targets.rangelock import RangeLock
+from dst.targets.rangelock import GRAIN, WIDE, Hold, RangeLock
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -107,3 +109,37 @@ async def test_range_lock_cancelled_waiter_releases() -> None:
     gate.set()
     await h
     assert len(lock) == 0
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),  # release an earlier hold (else register a range)
+            st.integers(0, 300 * GRAIN),  # offset
+            st.sampled_from([0, 1, 4096, GRAIN - 1, GRAIN, 3 * GRAIN, (WIDE + 2) * GRAIN]),
+            st.integers(0, 1000),  # which hold to release
+        ),
+        max_size=60,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_earlier_is_every_overlapping_hold_whatever_the_index(
+    ops: list[tuple[bool, int, int, int]],
+) -> None:
+    """The bucket index finds exactly what a scan of every hold finds: the earlier
+    holds that overlap, small, spanning buckets, empty or too wide to index."""
+    lock = RangeLock()
+    live: list[Hold] = []
+    for release, offset, length, pick in ops:
+        if release and live:
+            lock.release(live.pop(pick % len(live)))
+            continue
+        hold = lock.register(offset, length)
+        end = offset + length
+        want = {id(h) for h in live if h.start < end and offset < h.end}
+        assert {id(h) for h in hold.earlier or ()} == want
+        live.append(hold)
+        assert len(lock) == len(live)
+    for h in live:
+        lock.release(h)
+    assert len(lock) == 0 and not lock._index and not lock._wide  # nothing left indexed

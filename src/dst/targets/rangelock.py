@@ -11,9 +11,16 @@ order.  Non-overlapping holders never wait for each other.
 
 The hot path (an uncontended range) allocates one small object and awaits nothing: no
 Event and no future exist until a later holder actually has to wait, and each waiter
-waits on a future of its own (so cancelling one waiter never disturbs another).  The
-scan is linear in the number of holders, which is bounded by the in-flight request
-limit; release is O(1).  :meth:`~RangeLock.hold` is the ``async with`` form.
+waits on a future of its own (so cancelling one waiter never disturbs another).
+
+Finding the earlier overlapping holds does not scan every holder: holds are indexed by
+:data:`GRAIN`-sized buckets of the byte space (a hold is in every bucket it touches),
+so a request looks only at the holds of its own buckets -- a small write among many
+in flight (every connection's, a greedy client's) costs the same as alone.  A range
+over more than :data:`WIDE` buckets (a large zeroing, a resync window) is not indexed:
+it is compared with every hold when it registers, and every later hold is compared with
+it (there are few).  Release is O(holds per bucket).  :meth:`~RangeLock.hold` is the
+``async with`` form.
 """
 
 from __future__ import annotations
@@ -22,16 +29,23 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+GRAIN_SHIFT = 20
+GRAIN = 1 << GRAIN_SHIFT  # bytes per bucket of the index
+WIDE = 64  # a range over more buckets than this is not indexed (compared with all)
+
 
 class Hold:
     """One registered range; ``earlier`` are the overlapping holds it must wait for."""
 
-    __slots__ = ("earlier", "end", "released", "start", "waiters")
+    __slots__ = ("earlier", "end", "first", "last", "released", "start", "waiters")
 
-    def __init__(self, start: int, end: int, earlier: list[Hold] | None) -> None:
+    def __init__(
+        self, start: int, end: int, earlier: list[Hold] | None, first: int, last: int
+    ) -> None:
         self.start = start
         self.end = end
         self.earlier = earlier
+        self.first, self.last = first, last  # the index buckets it is in (-1: not indexed)
         self.waiters: list[asyncio.Future[None]] | None = None
         self.released = False
 
@@ -41,6 +55,8 @@ class RangeLock:
 
     def __init__(self) -> None:
         self._held: dict[Hold, None] = {}  # registered, not yet released, in arrival order
+        self._index: dict[int, list[Hold]] = {}  # bucket -> its holds, in arrival order
+        self._wide: list[Hold] = []  # holds too wide to index
 
     def __len__(self) -> int:
         return len(self._held)
@@ -49,14 +65,44 @@ class RangeLock:
         """Register ``[offset, offset + length)`` now; :meth:`wait` before using it
         (needed only if ``hold.earlier``), :meth:`release` after (always)."""
         end = offset + length
-        earlier: list[Hold] | None = None
-        for h in self._held:
+        first = offset >> GRAIN_SHIFT
+        last = (end - 1) >> GRAIN_SHIFT if length > 0 else first  # (empty: its point)
+        index = self._index
+        if last - first >= WIDE:
+            earlier = [h for h in self._held if h.start < end and offset < h.end] or None
+            hold = Hold(offset, end, earlier, -1, -1)
+            self._wide.append(hold)
+            self._held[hold] = None
+            return hold
+        wide = self._wide
+        if first == last:  # the hot path: a range in one bucket (no duplicates)
+            holds = index.get(first)
+            earlier = None
+            for h in holds or ():
+                if h.start < end and offset < h.end:
+                    earlier = [h] if earlier is None else [*earlier, h]
+            for h in wide:
+                if h.start < end and offset < h.end:
+                    earlier = [h] if earlier is None else [*earlier, h]
+            hold = Hold(offset, end, earlier, first, first)
+            if holds is None:
+                index[first] = [hold]
+            else:
+                holds.append(hold)
+            self._held[hold] = None
+            return hold
+        buckets = range(first, last + 1)
+        found: dict[Hold, None] = {}  # (a hold in two of the buckets is found twice)
+        for b in buckets:
+            for h in index.get(b, ()):
+                if h.start < end and offset < h.end:
+                    found[h] = None
+        for h in wide:
             if h.start < end and offset < h.end:
-                if earlier is None:
-                    earlier = [h]
-                else:
-                    earlier.append(h)
-        hold = Hold(offset, end, earlier)
+                found[h] = None
+        hold = Hold(offset, end, list(found) if found else None, first, last)
+        for b in buckets:
+            index.setdefault(b, []).append(hold)
         self._held[hold] = None
         return hold
 
@@ -82,6 +128,16 @@ class RangeLock:
             return
         hold.released = True
         del self._held[hold]
+        if hold.first < 0:
+            self._wide.remove(hold)
+        else:
+            index = self._index
+            for b in range(hold.first, hold.last + 1):
+                holds = index[b]
+                if len(holds) == 1:
+                    del index[b]
+                else:
+                    holds.remove(hold)
         if hold.waiters is not None:
             for fut in hold.waiters:
                 if not fut.done():
