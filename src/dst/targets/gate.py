@@ -330,37 +330,38 @@ class GateDevice(BlockDevice):
         return cancel
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
-        fin = self._write_finisher(done)
-        if fin is None:
-            return None
-        return self._write_started(self.inner.submit_write(offset, data, fua, fin), len(data))
-
-    def submit_gather(
-        self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
-    ) -> Cancel | None:
-        fin = self._write_finisher(done)
-        if fin is None:
-            return None
-        cancel = self.inner.submit_gather(offset, parts, fua, fin)
-        return self._write_started(cancel, sum(map(len, parts)))
-
-    def _write_finisher(self, done: Done) -> Done | None:
-        """A write enters the gate (None: closed, not now): its completion."""
         g = self._gate
         if g.closed:
             return None
         g.inflight += 1
-        t = self.counters.timing
-        return self._finisher(done, t.write if t is not None else None)
-
-    def _write_started(self, cancel: Cancel | None, n: int) -> Cancel | None:
-        """The device inside took the write (``cancel``) or not (None: it leaves)."""
+        counters = self.counters
+        t = counters.timing
+        fin = self._finisher(done, t.write if t is not None else None)
+        cancel = self.inner.submit_write(offset, data, fua, fin)
         if cancel is None:
-            self._gate.leave()
+            g.leave()
             return None
-        c = self.counters
-        c.writes += 1
-        c.write_bytes += n
+        counters.writes += 1
+        counters.write_bytes += len(data)
+        return cancel
+
+    def submit_gather(
+        self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
+    ) -> Cancel | None:
+        """:meth:`submit_write` of ``parts`` (inline there: the mirror's hot path)."""
+        g = self._gate
+        if g.closed:
+            return None
+        g.inflight += 1
+        counters = self.counters
+        t = counters.timing
+        fin = self._finisher(done, t.write if t is not None else None)
+        cancel = self.inner.submit_gather(offset, parts, fua, fin)
+        if cancel is None:
+            g.leave()
+            return None
+        counters.writes += 1
+        counters.write_bytes += sum(map(len, parts))
         return cancel
 
     async def flush(self) -> None:
