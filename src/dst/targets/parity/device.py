@@ -49,7 +49,7 @@ from dst.targets.parity.fan import Op, failures, fan
 from dst.targets.parity.read import submit_read
 from dst.targets.parity.write import write as write_stripes
 
-DEFAULT_PARITY_CHUNK = 32 << 10  # ISA-L encodes fastest at 16-32 KiB chunks
+DEFAULT_PARITY_CHUNK = 32 << 10  # kept: a spec that relies on the default keeps its layout
 
 
 class ParityDevice(CoreDevice):
