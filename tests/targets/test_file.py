@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 
-from dst.device import Extent
+from dst.device import Buffer, Extent
 from dst.errors import BlockError, ConfigError
 from dst.targets.file import FileDevice
 from tests.support.fastpath import Completion, submit
@@ -221,6 +221,25 @@ async def test_file_device_fast_path(tmp_path: Path) -> None:
     assert f.submit_read(4096, 8192, c) is not None
     exc, _ = c.calls[0]
     assert isinstance(exc, BlockError) and exc.errno == errno.EIO
+    await f.close()
+
+
+async def test_file_device_gathers_a_write_from_several_buffers(tmp_path: Path) -> None:
+    path = tmp_path / "g.img"
+    f = FileDevice(path, size=SIZE, create=True)
+    await f.open()
+    parts: list[Buffer] = [os.urandom(4096), memoryview(os.urandom(8192)), bytearray(512)]
+    c = Completion()
+    assert f.submit_gather(4096, parts, False, c) is not None
+    assert c.calls == [(None, None)]
+    assert path.read_bytes()[4096 : 4096 + 12800] == b"".join(parts)
+    assert f.submit_gather(0, parts, True, Completion()) is None  # FUA: joined elsewhere
+    f._fd, fd = -1, f._fd  # a write that fails: its error, not an exception
+    c = Completion()
+    assert f.submit_gather(0, parts, False, c) is not None
+    exc, _ = c.calls[0]
+    assert isinstance(exc, BlockError) and exc.errno == errno.EBADF
+    f._fd = fd
     await f.close()
 
 

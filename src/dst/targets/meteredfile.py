@@ -15,11 +15,11 @@ Without ``--metrics`` a node serves the plain device and pays nothing.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from time import perf_counter_ns
 from typing import Any
 
-from dst.device import Buffer, IOCounters
+from dst.device import Buffer, Cancel, Done, IOCounters
 from dst.errors import BlockError
 from dst.targets.file import FileDevice
 
@@ -63,6 +63,11 @@ class MeteredFile(FileDevice):
             ns = perf_counter_ns() - t0
             t.write.counts[ns.bit_length()] += 1
             t.write.total_ns += ns
+
+    def submit_gather(
+        self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
+    ) -> Cancel | None:
+        return None  # not taken: joined, it is written (and metered) by _write
 
     async def _counted(self, op: str, nbytes: int, work: Awaitable[None]) -> None:
         c = self.counters
