@@ -14,9 +14,9 @@ old parity ^ parity of (old data ^ new data), the unchanged chunks taken as zero
 RAID6 encoding uses ISA-L (:mod:`.isal`: the data read where they lie, the parity
 written into one new array, no copies) when it loads and agrees with the numpy code on
 a known vector (several GB/s against ~1 GB/s for numpy's Horner scheme); P alone is a
-numpy XOR.  Recovery of lost data needs a multiplication
-by a constant: a 256-byte table lookup per byte (numpy ``take``), used only when an
-array is degraded.  Chunks are numpy ``uint8`` arrays of one length.
+numpy XOR.  Recovery of lost data needs a multiplication by a constant: a 256-byte
+table lookup per byte (numpy ``take``), used only when an array is degraded.  Chunks
+are numpy ``uint8`` arrays of one length.
 """
 
 from __future__ import annotations
@@ -128,8 +128,7 @@ class Coder:
         if self._isal is not None and len(chunks[0]):
             flat = [np.ascontiguousarray(c) for c in chunks]
             out = np.empty((2, len(flat[0])), dtype=np.uint8)
-            at, n = out.ctypes.data, out.shape[1]
-            self._isal.encode(n, [c.ctypes.data for c in flat], [at, at + n])
+            self._isal.encode(out.shape[1], [c.ctypes.data for c in flat], out.ctypes.data)
             return [out[0], out[1]]
         return [xor(chunks), syndrome(chunks)]
 
@@ -147,8 +146,8 @@ class Coder:
         out = np.empty((t, 2, n), dtype=np.uint8)
         src, dst, encode = cols.ctypes.data, out.ctypes.data, self._isal.encode
         for i in range(t):
-            a, b = src + i * k * n, dst + i * 2 * n
-            encode(n, [a + j * n for j in range(k)], [b, b + n])
+            a = src + i * k * n
+            encode(n, [a + j * n for j in range(k)], dst + i * 2 * n)
         return out
 
     def recover(self, data: list[Chunk | None], parity: list[Chunk | None]) -> list[Chunk]:
@@ -189,8 +188,7 @@ def _isal(data: int) -> isal.Encoder | None:
     enc = isal.Encoder(lib, [[1] * data, [gpow(i) for i in range(data)]])
     probe = np.stack([np.arange(64, dtype=np.uint8) * (i + 3) for i in range(data)])
     out = np.empty((2, 64), dtype=np.uint8)
-    at = out.ctypes.data
-    enc.encode(64, [probe.ctypes.data + 64 * i for i in range(data)], [at, at + 64])
+    enc.encode(64, [probe.ctypes.data + 64 * i for i in range(data)], out.ctypes.data)
     if out[0].tobytes() != xor(list(probe)).tobytes() or (
         out[1].tobytes() != syndrome(list(probe)).tobytes()
     ):

@@ -78,10 +78,10 @@ class Encoder:
         self._src = _vp * self.k
         self._dst = _vp * self.rows
 
-    def encode(self, length: int, data: Sequence[int], parity: Sequence[int]) -> None:
+    def encode(self, length: int, data: Sequence[int], out: int) -> None:
         """Write the parity of the ``k`` vectors at addresses ``data`` (``length``
-        bytes each) to the ``rows`` vectors at addresses ``parity``.  The caller keeps
-        every buffer alive and the parity ones writable and not overlapping the data."""
-        assert len(data) == self.k and len(parity) == self.rows and length > 0
-        self._encode(length, self.k, self.rows, self._tables, self._src(*data),
-                     self._dst(*parity))  # fmt: skip
+        bytes each) to the ``rows`` vectors laid end to end from address ``out``.  The
+        caller keeps every buffer alive, and ``out`` writable and apart from the data."""
+        assert len(data) == self.k and length > 0
+        parity = self._dst(*(out + j * length for j in range(self.rows)))
+        self._encode(length, self.k, self.rows, self._tables, self._src(*data), parity)
