@@ -61,6 +61,30 @@ def test_writes_during_a_batch_join_the_next_one() -> None:
     assert t.persisted(2).writes == list(range(2, 12))  # ten writes, one metadata write
 
 
+def test_a_write_arriving_checks_only_itself() -> None:
+    """A greedy client's thousands of writes to fresh regions, all waiting for one
+    batch: each arrival checks its own regions, not every waiting write's (the cost
+    stays linear, was quadratic); the batch's end releases them all."""
+    n = 2000
+    t = tracker(nregions=n + 1)
+    checked = 0
+    durable = t.durable
+
+    def counting(region: int) -> bool:
+        nonlocal checked
+        checked += 1
+        return durable(region)
+
+    t.durable = counting  # type: ignore[method-assign]
+    first = meta(t.begin_write(1, 0, 1))
+    for wid in range(2, n + 2):
+        assert t.begin_write(wid, (wid - 1) * R, 1).writes == []
+    assert checked <= n + 1  # one region each (the scan checked about n * n / 2)
+    out = t.persisted(first.batch)
+    assert out.writes == [1]
+    assert t.persisted(meta(out).batch).writes == list(range(2, n + 2))
+
+
 def test_lazy_clear() -> None:
     t = tracker()
     t.persisted(meta(t.begin_write(1, 0, 1)).batch)

@@ -173,7 +173,7 @@ class RegionTracker:
             for leg in self.down:
                 self.oos[leg].set(r)
         self._waiting[wid] = None
-        return self._progress()
+        return self._progress(wid)
 
     def try_begin_write(self, wid: int, offset: int, length: int) -> bool:
         """The fast path of :meth:`begin_write`: if write ``wid`` needs nothing -- every
@@ -396,19 +396,26 @@ class RegionTracker:
             for r in w.regions
         )
 
-    def _progress(self) -> Out:
+    def _progress(self, new: int | None = None) -> Out:
+        """Start a batch if none is in flight; hand out the resyncs and writes that may
+        now proceed.  ``new``: only that write, just registered, can have become
+        ready (registering one only adds marks and holds), so only it is checked: the
+        cost of a write arriving stays flat however many wait for a batch (a greedy
+        client's thousand writes to fresh regions would otherwise scan each other,
+        quadratically)."""
         out = Out()
         if self._inflight is None:
             pages = self.bitmap.take_changed()
             if pages:
                 self._inflight, self._next = self._next, self._next + 1
                 out.meta = MetaWrite(self._inflight, pages)
-        for r in list(self._resync_wait):
-            if r not in self._active:
-                del self._resync_wait[r]
-                self._resync.add(r)
-                out.resyncs.append(r)
-        for wid in list(self._waiting):
+        if new is None:
+            for r in list(self._resync_wait):
+                if r not in self._active:
+                    del self._resync_wait[r]
+                    self._resync.add(r)
+                    out.resyncs.append(r)
+        for wid in list(self._waiting) if new is None else (new,):
             w = self._writes[wid]
             if self._may_write(w):
                 del self._waiting[wid]
