@@ -225,3 +225,35 @@ async def test_member_connections_carry_keepalive_and_abort_fails_requests() -> 
     finally:
         disk.finish_all()
         await server.close(timeout=1)
+
+
+async def test_when_lost_is_told_before_the_requests_in_flight_fail() -> None:
+    """A connection's owner hears of its loss first, then each callback-form request
+    gets its ConnectionLost (a mirror leg's completion may ask the owner about the
+    connection: it knows already); told after the loss, it hears of it soon."""
+    from tests.support.fastpath import Disk
+
+    disk = Disk(SIZE, name="lost", mode="manual")
+    server = NbdServer({"": disk}, tls=None)
+    (address,) = await server.start("127.0.0.1:0")
+    try:
+        c = await NbdClient.connect(address)
+        events: list[str] = []
+        c.when_lost(lambda: events.append("owner"))
+        for i in range(2):
+
+            def done(e: BaseException | None, _: object, i: int = i) -> None:
+                events.append(f"write {i}: {type(e).__name__}")
+
+            c.submit_write(i * 4096, b"x" * 4096, False, done)
+        await until(lambda: len(disk.queued) == 2, "the writes to reach the server")
+        c.abort("gone")
+        await until(lambda: len(events) == 3, "every completion")
+        assert events == ["owner", "write 0: ConnectionLost", "write 1: ConnectionLost"]
+        late = asyncio.Event()
+        c.when_lost(late.set)
+        await asyncio.wait_for(late.wait(), 5)
+        await c.close()
+    finally:
+        disk.finish_all()
+        await server.close(timeout=1)

@@ -34,6 +34,10 @@ from dst.nbd.events import Reply
 
 MAX_CHUNK = 4 << 20  # longest non-data chunk payload accepted
 _READ = int(Cmd.READ)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_DISC = int(Cmd.DISC)
+_SIMPLE_SIZE = wire.SIMPLE_REPLY_SIZE
+_unpack_simple = wire.SIMPLE_REPLY.unpack_from
 _DONE = int(ReplyFlags.DONE)
 
 
@@ -58,7 +62,10 @@ class ReplyParser:
     def __init__(self, *, structured: bool, context_id: int = 0) -> None:
         self.structured = structured
         self.context_id = context_id  # base:allocation id (0: accept any)
-        self._pending: dict[int, _Pending] = {}
+        # handle -> what its reply needs: a READ or BLOCK_STATUS its _Pending; any
+        # other command only its number (a reply carries nothing but an error: no
+        # object per WRITE; one is made if a structured chunk comes for it)
+        self._pending: dict[int, _Pending | int] = {}
         self._next = 1
         self._buf = b""
         self._pos = 0
@@ -79,8 +86,10 @@ class ReplyParser:
         """Register a request; returns (handle, header).  DISC is not registered."""
         handle = self._next
         self._next = handle + 1 if handle < 0xFFFF_FFFF_FFFF_FFFF else 1
-        if cmd != Cmd.DISC:
+        if cmd in (_READ, _BLOCK_STATUS):
             self._pending[handle] = _Pending(cmd, offset, length)
+        elif cmd != _DISC:
+            self._pending[handle] = cmd
         return handle, wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
 
     def feed(self, data: bytes) -> list[Reply]:
@@ -128,12 +137,19 @@ class ReplyParser:
         p = self._pending.get(handle)
         if p is None:
             raise ProtocolError(f"reply for unknown handle 0x{handle:x}")
+        if isinstance(p, int):
+            p = self._pending[handle] = _Pending(p, 0, 0)
         return p
 
     def _simple(self, data: bytes, mv: memoryview, pos: int, out: list[Reply]) -> int:
-        if len(data) - pos < wire.SIMPLE_REPLY_SIZE:
+        if len(data) - pos < _SIMPLE_SIZE:
             return 0
-        _, error, handle = wire.SIMPLE_REPLY.unpack_from(data, pos)
+        _, error, handle = _unpack_simple(data, pos)
+        p = self._pending.get(handle)
+        if isinstance(p, int):  # the common case: a WRITE's (or FLUSH's ...) answer
+            del self._pending[handle]
+            out.append(Reply(handle, error))
+            return _SIMPLE_SIZE
         p = self._lookup(handle)
         pos += wire.SIMPLE_REPLY_SIZE
         if p.cmd != _READ or error:
@@ -230,6 +246,7 @@ class ReplyParser:
 
     def _finish(self, handle: int) -> Reply:
         p = self._pending.pop(handle)
+        assert isinstance(p, _Pending)  # a chunk came for it: _lookup made one
         if p.error:
             return Reply(handle, p.error, p.message)
         if p.cmd == _READ:

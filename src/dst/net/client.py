@@ -146,8 +146,15 @@ class NbdClient:
         return self._proto.lost
 
     def when_lost(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` once the connection is gone (lost, aborted or closed)."""
-        self._proto.closed.add_done_callback(lambda _: callback())
+        """Call ``callback()`` once the connection is gone (lost, aborted or closed):
+        at once, before any request in flight gets its ConnectionLost (so what a
+        request's completion asks of the connection's owner already knows of the loss);
+        soon, if it is gone already."""
+        proto = self._proto
+        if proto.closed.done():
+            proto.loop.call_soon(callback)
+        else:
+            proto.on_lost.append(callback)
 
     def abort(self, reason: str) -> None:
         """Drop the connection now (its peer did not answer in time): requests in

@@ -37,6 +37,7 @@ import errno
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -106,6 +107,7 @@ class ClientProtocol(asyncio.Protocol):
         self.wakeup: asyncio.Future[None] | None = None
         self.lost: BlockError | None = None
         self.closed = self.loop.create_future()
+        self.on_lost: list[Callable[[], None]] = []  # told first when the connection goes
         self.out: list[Any] = []
         self.flush_scheduled = False
         self.drain: asyncio.Future[None] | None = None
@@ -173,6 +175,12 @@ class ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
             self.lost = ConnectionLost(f"connection to NBD server lost: {exc or 'closed'}")
+        hooks, self.on_lost = self.on_lost, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("a connection-lost hook failed")
         for fut in self.waiters.values():
             if not fut.done():
                 fut.set_exception(self.lost)

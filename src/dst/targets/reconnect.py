@@ -363,23 +363,6 @@ class Link:
         return Health("reconnecting", detail)
 
 
-class Reporting:
-    """A request on a connection that is not replayed (a mirror leg: it fails at once
-    and the mirror degrades): a loss it meets is only reported to the link."""
-
-    __slots__ = ("conn", "done", "link")
-
-    def __init__(self, link: Link, conn: NbdClient, done: Done) -> None:
-        self.link = link
-        self.conn = conn
-        self.done = done
-
-    def finish(self, exc: BaseException | None, value: Any) -> None:
-        if exc is not None and isinstance(exc, ConnectionLost):
-            self.link.lost(self.conn, exc)
-        self.done(exc, value)
-
-
 class Replayable:
     """A request on a connection's fast path that goes on as a replay in a Task
     (:meth:`Link.run`) if the connection is lost; the canceller handed out reaches

@@ -25,7 +25,7 @@ from typing import Any
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.net.address import Address
 from dst.net.client import ConnectionLost
-from dst.targets.reconnect import Link, Listener, Replayable, Reporting
+from dst.targets.reconnect import Link, Listener, Replayable
 
 
 class RemoteDevice(BlockDevice):
@@ -123,8 +123,8 @@ class RemoteDevice(BlockDevice):
         conn = link.conn
         if conn is None or not conn.connected:
             return None
-        if not link.replays:  # a loss only needs reporting: no replay to prepare
-            return conn.submit_read(offset, length, Reporting(link, conn, done).finish)
+        if not link.replays:  # the link learns of a loss from the connection itself
+            return conn.submit_read(offset, length, done)
         req = Replayable(link, conn, done, lambda c: c.read(offset, length))
         return req.started(conn.submit_read(offset, length, req.finish))
 
@@ -133,8 +133,8 @@ class RemoteDevice(BlockDevice):
         conn = link.conn
         if conn is None or not conn.connected:
             return None
-        if not link.replays:  # a loss only needs reporting: no replay to prepare
-            return conn.submit_write(offset, data, fua, Reporting(link, conn, done).finish)
+        if not link.replays:  # the link learns of a loss from the connection itself
+            return conn.submit_write(offset, data, fua, done)
         req = Replayable(link, conn, done, lambda c: c.write(offset, data, fua=fua))
         return req.started(conn.submit_write(offset, data, fua, req.finish))
 
@@ -145,7 +145,7 @@ class RemoteDevice(BlockDevice):
         conn = link.conn
         if conn is None or not conn.connected or link.replays:  # a replay joins them
             return None
-        return conn.submit_gather(offset, parts, fua, Reporting(link, conn, done).finish)
+        return conn.submit_gather(offset, parts, fua, done)
 
     async def flush(self) -> None:
         await self._link.run(lambda c: c.flush())
