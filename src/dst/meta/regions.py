@@ -184,16 +184,20 @@ class RegionTracker:
         resync, resync_wait = self._resync, self._resync_wait
         marking, page_marking = self._marking, self._page_marking
         bm = self.bitmap
-        pb = bm.page_bits
-        for r in regions:
-            if (
-                r in marking
-                or r in resync
-                or r in resync_wait
-                or r // pb in page_marking
-                or not bm.test(r)
-            ):
+        if not (marking or resync or resync_wait or page_marking):  # steady state
+            if not bm.all_set(regions.start, regions.stop):
                 return False
+        else:
+            pb = bm.page_bits
+            for r in regions:
+                if (
+                    r in marking
+                    or r in resync
+                    or r in resync_wait
+                    or r // pb in page_marking
+                    or not bm.test(r)
+                ):
+                    return False
         assert wid not in self._writes
         self._writes[wid] = _Write(regions, True)
         held, active, idle = self._held, self._active, self._idle
