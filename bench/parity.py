@@ -18,6 +18,13 @@ drift of the machine is spread over all three.  1 MiB sequential writes are full
 stripes for the parity arrays (no reads); 4 KiB random writes are read-modify-write
 or reconstruct-write (a read and two or three writes per write: their honest cost).
 
+``--member-rate RATE`` puts each node in a network namespace of its own, reached over
+TCP through a veth pair whose host end sends at most ``RATE`` bytes per second (``tc
+tbf``; :mod:`tests.support.netns`): members whose disk or link is the limit rather
+than the CPU, where a parity array's smaller share per member shows (a mirror of 2
+writes 1 MiB to each member per 1 MiB written; raid5 of 3 and raid6 of 4, 512 KiB).
+Choose a rate the CPU can keep up with (64M on a 2-core machine).
+
 ``python bench/parity.py rebuild --member 1G`` measures instead how long a member of
 that size takes to be rebuilt (``dst readd --full`` after ``dst fail``: every region
 recomputed from the other members; for the mirror, copied from the other leg), for
@@ -38,6 +45,7 @@ from pathlib import Path
 
 from bench import WORKLOADS, Context, MiB, Target, cluster, fill_random, main, parse_size
 from tests.support.cluster import Cluster, remote  # importable once bench is imported
+from tests.support.netns import namespace, node_in
 
 SLACK = 1 * MiB  # room for the metadata at the end of a member
 KINDS = {"mirror": (2, 1), "raid5": (3, 2), "raid6": (4, 2)}  # members, data shares
@@ -56,11 +64,21 @@ def target(kind: str, uris: list[str]) -> dict[str, object]:
     return {"type": kind, "name": "t", "members": members}
 
 
+MEMBER_RATE: int | None = None  # --member-rate: nodes in namespaces behind this limit
+
+
 @contextlib.contextmanager
 def _array(ctx: Context, kind: str) -> Iterator[str]:
-    with cluster(ctx) as c:  # stops the daemon first, then the nodes
-        uris = [c.node(f"{kind}-n{i}", path=path).uri
-                for i, path in enumerate(member_paths(ctx, kind))]  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(cluster(ctx))  # stops the daemon first, then the nodes
+        uris = []
+        for i, path in enumerate(member_paths(ctx, kind)):
+            name = f"{kind}-n{i}"
+            if MEMBER_RATE is None:
+                uris.append(c.node(name, path=path).uri)
+            else:  # removed after the cluster stopped (exit order)
+                ns = stack.enter_context(namespace(MEMBER_RATE))
+                uris.append(node_in(c, name, ns, path=path).uri)
         c.start_daemon(c.spec(kind, target(kind, uris), export="bench"))
         yield c.uri(kind, "bench")
 
@@ -83,6 +101,7 @@ EPILOG = (
     "examples:\n"
     "  python bench/parity.py --size 512M --runtime 5 --reps 3   # about 6 minutes\n"
     "  python bench/parity.py --quick\n"
+    "  python bench/parity.py --member-rate 64M --workloads seqwrite-1m-qd8  # link-bound\n"
     "  python bench/parity.py rebuild --member 1G                 # rebuild time per kind\n"
 )
 
@@ -136,16 +155,25 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory(prefix="dst-rebuild-", dir=a.dir) as tmp:
             print(json.dumps(rebuild(a.member, Path(tmp)), indent=2))
         sys.exit(0)
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--member-rate", type=parse_size)
+    known, rest = pre.parse_known_args()
+    MEMBER_RATE = known.member_rate
+    rated = f" behind {MEMBER_RATE // MiB} MiB/s links" if MEMBER_RATE else ""
     sys.exit(
         main(
+            rest,
             targets=TARGETS,
             default_targets=[t.name for t in TARGETS],
             default_workloads=[w.name for w in WORKLOADS if w.kind == "fio"],
             subject="dst-mirror",
             ratios=["dst-raid5/dst-mirror", "dst-raid6/dst-mirror"],
             description="Benchmark raid5 of 3 and raid6 of 4 dst serve nodes against the "
-            "mirror of 2 (fio nbd engine, nbdcopy), interleaved.",
+            f"mirror of 2 (fio nbd engine, nbdcopy), interleaved{rated}.  --member-rate "
+            "RATE: each node in a network namespace, its link limited to RATE bytes/s.",
             epilog=EPILOG,
-            prefix="parity-",
+            prefix=f"parity-rate{MEMBER_RATE // MiB}M-" if MEMBER_RATE else "parity-",
         )
     )

@@ -37,14 +37,14 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dst.meta.layout import layout_for, member_size_for
-from tests.support.cluster import DST, LISTENING, Cluster, Node, remote, run, wait_until
+from tests.support.cluster import Cluster, remote, run, wait_until
+from tests.support.netns import Netns, namespace, node_in
 from tests.support.pattern_client import BLOCK, PatternClient, compare
 
 from .helpers import require
@@ -58,33 +58,6 @@ ARRAY = "t"
 # -- network namespaces -------------------------------------------------------------------
 
 
-@dataclass
-class Netns:
-    """A network namespace joined to the host by a veth pair: the host end has
-    ``host_ip``, the end inside (``inner``) has ``ip``."""
-
-    name: str
-    outer: str
-    inner: str
-    host_ip: str
-    ip: str
-
-    def link(self, up: bool) -> None:
-        """Take the namespace's end of the link down (a silent partition) or up."""
-        run(["ip", "-n", self.name, "link", "set", "dev", self.inner, "up" if up else "down"])
-
-
-def _free_subnet() -> int:
-    """A /30 of 198.18.0.0/15 (RFC 2544, benchmarking) no host interface uses."""
-    used = run(["ip", "-4", "-o", "addr", "show"]).stdout
-    start = (os.getpid() * 7) % 32768
-    for k in range(32768):
-        idx = (start + k) % 32768
-        if f"198.{18 + idx // 16384}.{(idx % 16384) // 64}.{(idx % 64) * 4 + 1}/" not in used:
-            return idx
-    raise AssertionError("no free 198.18/15 subnet")
-
-
 @pytest.fixture
 def netns() -> Iterator[Netns]:
     """A namespace for one node (root only; removed at teardown, even on failure)."""
@@ -93,41 +66,8 @@ def netns() -> Iterator[Netns]:
         if os.environ.get("DST_REQUIRE_TOOLS") == "1":
             pytest.fail("network namespaces need root")
         pytest.skip("network namespaces need root")
-    pid = os.getpid()
-    name, outer, inner = f"dst{pid}n", f"dv{pid}a", f"dv{pid}b"
-    idx = _free_subnet()
-    prefix = f"198.{18 + idx // 16384}.{(idx % 16384) // 64}."
-    host_ip, ip = f"{prefix}{(idx % 64) * 4 + 1}", f"{prefix}{(idx % 64) * 4 + 2}"
-    try:
-        run(["ip", "netns", "add", name])
-        run(["ip", "link", "add", outer, "type", "veth", "peer", "name", inner])
-        run(["ip", "link", "set", inner, "netns", name])
-        run(["ip", "addr", "add", f"{host_ip}/30", "dev", outer])
-        run(["ip", "link", "set", outer, "up"])
-        run(["ip", "-n", name, "addr", "add", f"{ip}/30", "dev", inner])
-        run(["ip", "-n", name, "link", "set", inner, "up"])
-        run(["ip", "-n", name, "link", "set", "lo", "up"])
-        yield Netns(name, outer, inner, host_ip, ip)
-    finally:
-        run(["ip", "link", "del", outer], check=False)
-        run(["ip", "netns", "del", name], check=False)
-
-
-def ns_node(c: Cluster, name: str, ns: Netns, size: int) -> Node:
-    """``dst serve`` inside ``ns`` on its address (plain NBD: a test network); stopped
-    and checked with the cluster's other processes."""
-    path = c.work / f"{name}.img"
-    cmd = ["ip", "netns", "exec", ns.name, *DST, "serve", str(path), "--size", str(size)]
-    cmd += ["--listen", f"{ns.ip}:0", "--tls", "off"]
-    node = Node(name, cmd, c.work / f"{name}.stderr", path)
-    line = node.next_line(30)
-    if line is None or not line.startswith(LISTENING):
-        node.started_or_fail("listening")
-    assert line is not None
-    node.uris.append(line[len(LISTENING) :])
-    c.nodes[name] = node
-    c.processes.append(node)
-    return node
+    with namespace() as ns:
+        yield ns
 
 
 # -- the cluster ----------------------------------------------------------------------------
@@ -187,7 +127,7 @@ def test_a_silent_partition_heals_by_itself(cluster: Cluster, netns: Netns, tool
     size = member_size_for(NODE)
     cluster.start_daemon()
     cluster.node("a", size)
-    ns_node(cluster, "b", netns, size)
+    node_in(cluster, "b", netns, size)
     uri = mirror(cluster, ["a", "b"], leg_timeout="3s")
     image = fill(cluster, uri, NODE)
     w = writer(cluster, uri, 1, 0, NODE // BLOCK, read_every=3, base=cluster.work / "base.bin")

@@ -14,7 +14,9 @@ Sparse files: TRIM punches a hole (``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`
 WRITE_ZEROES punches when the client allows holes, else uses ``FALLOC_FL_ZERO_RANGE``,
 else punch + allocate, else (not ``fast``) writes zero buffers.  BLOCK_STATUS walks the
 file with ``SEEK_DATA``/``SEEK_HOLE``.  What works is probed once in :meth:`open` and
-declared in ``caps``.  Block devices use ``BLKDISCARD``/``BLKZEROOUT``.
+declared in ``caps``.  Block devices use ``BLKDISCARD``/``BLKZEROOUT``.  The system
+calls themselves (``fallocate``, the ioctls, the extent walk) are
+:mod:`dst.targets.fileops`.
 
 Errors: every ``OSError`` becomes :class:`BlockError` with the same errno; sizing
 problems at open are :class:`ConfigError` naming ``size``.
@@ -27,46 +29,27 @@ counts and times them (``dst serve --metrics``).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
-import fcntl
 import os
 import stat
-import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health, no_cancel
 from dst.errors import BlockError, ConfigError
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-BLKDISCARD = 0x1277  # _IO(0x12, 119)
-BLKZEROOUT = 0x127F  # _IO(0x12, 127)
-MAX_EXTENTS = 1024  # block_status answers at most this many extents per call
-
-_libc = ctypes.CDLL(None, use_errno=True)  # the process image, libc included
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one pwritev takes
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """``fallocate(2)``; raises OSError."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _block_error(exc: OSError, what: str) -> BlockError:
-    err = exc.errno or errno.EIO
-    return BlockError(err, f"{what}: {os.strerror(err)}")
-
-
-def _unsupported(exc: OSError) -> bool:
-    return exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL)
+from dst.targets.fileops import (
+    BLKDISCARD,
+    BLKZEROOUT,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    IOV_MAX,
+    blk_range,
+    block_error,
+    extents,
+    fallocate,
+    unsupported,
+)
 
 
 class FileDevice(BlockDevice):
@@ -116,7 +99,7 @@ class FileDevice(BlockDevice):
         try:
             fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
-            raise _block_error(exc, self.path) from None
+            raise block_error(exc, self.path) from None
         try:
             self._size_up(fd)
         except BaseException:
@@ -153,7 +136,7 @@ class FileDevice(BlockDevice):
             if want is not None:
                 self.size = want
         except OSError as exc:
-            raise _block_error(exc, self.path) from None
+            raise block_error(exc, self.path) from None
 
     def _probe(self, fd: int) -> Capabilities:
         if self._read_only:
@@ -185,7 +168,7 @@ class FileDevice(BlockDevice):
         try:
             data = os.pread(self._fd, length, offset)
         except OSError as exc:
-            raise _block_error(exc, "read") from None
+            raise block_error(exc, "read") from None
         if len(data) != length:
             return self._read_rest(data, offset, length)
         return data
@@ -201,7 +184,7 @@ class FileDevice(BlockDevice):
                 parts.append(more)
                 got += len(more)
         except OSError as exc:
-            raise _block_error(exc, "read") from None
+            raise block_error(exc, "read") from None
         return b"".join(parts)
 
     def _write(self, offset: int, data: Buffer) -> None:
@@ -213,7 +196,7 @@ class FileDevice(BlockDevice):
         except OSError as exc:
             if self._read_only:
                 raise BlockError(errno.EPERM, f"{self.name} is read-only") from None
-            raise _block_error(exc, "write") from None
+            raise block_error(exc, "write") from None
 
     async def read(self, offset: int, length: int) -> Buffer:
         return self._read(offset, length)
@@ -253,14 +236,14 @@ class FileDevice(BlockDevice):
         self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
     ) -> Cancel | None:
         """``parts`` end to end with one ``pwritev`` (no joined copy)."""
-        if fua or self._read_only or len(parts) > _IOV_MAX:
+        if fua or self._read_only or len(parts) > IOV_MAX:
             return None
         try:
             n = os.pwritev(self._fd, parts, offset)
             if n != sum(map(len, parts)):
                 self._write_rest(b"".join(parts), offset, n)
         except OSError as exc:
-            done(_block_error(exc, "write"), None)
+            done(block_error(exc, "write"), None)
         else:
             done(None, None)
         return no_cancel
@@ -343,8 +326,8 @@ class FileDevice(BlockDevice):
                 )
                 return True
             except OSError as exc:
-                if not _unsupported(exc):
-                    raise _block_error(exc, "zero") from None
+                if not unsupported(exc):
+                    raise block_error(exc, "zero") from None
                 self._zero_range = False
         if self.caps.trim:  # punch then allocate: zeroed, still allocated
             await self._in_thread(fallocate, self._fd, hole | keep, offset, length, what="zero")
@@ -353,52 +336,33 @@ class FileDevice(BlockDevice):
         return False
 
     async def _blk_ioctl(self, request: int, offset: int, length: int, *, advisory: bool) -> None:
-        arg = struct.pack("=QQ", offset, length)
         try:
             await asyncio.get_running_loop().run_in_executor(
-                None, fcntl.ioctl, self._fd, request, arg
+                None, blk_range, self._fd, request, offset, length
             )
         except OSError as exc:
-            if not (advisory and _unsupported(exc)):
-                raise _block_error(exc, "ioctl") from None
+            if not (advisory and unsupported(exc)):
+                raise block_error(exc, "ioctl") from None
 
     async def cache(self, offset: int, length: int) -> None:
         try:
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
         except OSError as exc:
-            raise _block_error(exc, "cache") from None
+            raise block_error(exc, "cache") from None
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         if not self.caps.block_status:
             return [Extent(length)]
         try:
-            return self._walk(offset, offset + length)
+            return extents(self._fd, offset, offset + length)
         except OSError as exc:
-            raise _block_error(exc, "block_status") from None
-
-    def _walk(self, pos: int, end: int) -> list[Extent]:
-        out: list[Extent] = []
-        while pos < end and len(out) < MAX_EXTENTS:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                data = end  # only a hole up to end of file
-            if data > pos:
-                stop = min(data, end)
-                out.append(Extent(stop - pos, hole=True, zero=True))
-            else:
-                stop = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
-                out.append(Extent(stop - pos))
-            pos = stop
-        return out
+            raise block_error(exc, "block_status") from None
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any, what: str) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         except OSError as exc:
-            raise _block_error(exc, what) from None
+            raise block_error(exc, what) from None
 
     # -- status ----------------------------------------------------------------------
 
