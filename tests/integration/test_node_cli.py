@@ -100,6 +100,21 @@ def test_size_creates_sparse_and_extends_empty(cluster: Cluster, tmp_path: Path)
     assert nbdsh(node2.uri, "print(h.get_size())").strip() == str(8 * MiB)
 
 
+def test_a_node_runs_on_one_thread_after_numpy_is_loaded(cluster: Cluster) -> None:
+    """A 512 KiB write is received into a numpy buffer (numpy, and with it OpenBLAS, is
+    loaded then): the node still has one thread, no BLAS workers spinning beside it,
+    and the data is there."""
+    node = cluster.node("node", "8M")
+    pid = node.pid
+    assert len(list(Path(f"/proc/{pid}/task").iterdir())) == 1
+    nbdsh(node.uri, "h.pwrite(b'\\x5a' * (512 << 10), 4096)")
+    assert "numpy" in Path(f"/proc/{pid}/maps").read_text()  # the write loaded it
+    assert len(list(Path(f"/proc/{pid}/task").iterdir())) == 1
+    with node.path.open("rb") as f:
+        f.seek(4096)
+        assert f.read(512 << 10) == b"\x5a" * (512 << 10)
+
+
 def test_unix_and_tcp_at_once(cluster: Cluster, sock_dir: Path) -> None:
     require("nbdinfo")
     node = cluster.node(
