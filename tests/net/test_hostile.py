@@ -23,6 +23,7 @@ from dst.net.address import Address
 from dst.net.client import NbdClient
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
+from tests.support.fastpath import until
 from tests.support.rawnbd import closed, go, greet, opt, option_reply, raw, request, simple_reply
 
 pytestmark = pytest.mark.timeout(60)
@@ -191,6 +192,37 @@ async def test_hostile_clients_cannot_hurt_the_server(
         assert await c.read(0, 11) == b"still alive"
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not bad, [r.getMessage() for r in bad]
+
+
+async def test_a_payload_trickling_in_over_tcp_is_received_whole() -> None:
+    """Over TCP the server asks to be woken only once a good part of a payload's rest
+    has come (SO_RCVLOWAT), never for more than is still to come: a 600 KiB WRITE sent
+    in 37 KiB pieces (the last one short) completes, reads back, and the connection
+    is woken per byte again afterwards (a small request right behind it is served)."""
+    dev = MemoryDevice(4 << 20)
+    server = NbdServer(dev)
+    (address,) = await server.start("127.0.0.1:0")
+    try:
+        async with raw(address) as (r, w):
+            await go(r, w)
+            n = 600 << 10
+            data = os.urandom(n)
+            w.write(request(Cmd.WRITE, 1, 4096, n))
+            await w.drain()
+            (conn,) = server.connections
+            for at in range(0, n, 37 << 10):
+                w.write(data[at : at + (37 << 10)])
+                await w.drain()
+                if at == 0:  # the header and a first piece came: woken for more
+                    await until(lambda: conn.lowat > 1, "SO_RCVLOWAT raised")
+                await asyncio.sleep(0.001)  # the trickle itself (not a wait for state)
+            assert await simple_reply(r) == (1, 0)
+            assert conn.lowat == 1
+            w.write(request(Cmd.READ, 2, 4096, n))
+            assert await simple_reply(r) == (2, 0)
+            assert await r.readexactly(n) == data
+    finally:
+        await server.close(timeout=1)
 
 
 async def test_idle_handshake_is_dropped(sock_dir: Path) -> None:

@@ -18,7 +18,10 @@ Raw = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 @contextlib.asynccontextmanager
 async def raw(address: Address) -> AsyncIterator[Raw]:
-    reader, writer = await asyncio.open_unix_connection(address.path)
+    if address.is_unix:
+        reader, writer = await asyncio.open_unix_connection(address.path)
+    else:
+        reader, writer = await asyncio.open_connection(address.host, address.port)
     try:
         yield reader, writer
     finally:

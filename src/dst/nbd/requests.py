@@ -119,6 +119,12 @@ class RequestParser:
         grows in memory as they come)."""
         return self._fill if self._wbuf is not None else 0
 
+    @property
+    def payload_left(self) -> int:
+        """Bytes of an incomplete WRITE payload still to come (0: none in progress)."""
+        wbuf = self._wbuf
+        return len(wbuf) - self._fill if wbuf is not None else 0
+
     def get_buffer(self) -> memoryview:
         """Where the next received bytes should go (``BufferedProtocol.get_buffer``).
 

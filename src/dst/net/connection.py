@@ -36,8 +36,11 @@ the transport closes.  Any error on one connection is logged and closes only it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Coroutine
 from functools import partial
@@ -61,6 +64,7 @@ log = logging.getLogger(__name__)
 _READ, _WRITE, _BS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.BLOCK_STATUS)
 _FUA = int(CmdFlags.FUA)
 _OUT_HIGH = 1 << 20  # flush queued replies once this many bytes are pending
+LOWAT = 256 << 10  # wake for a payload's rest once this much of it came (or all of it)
 _ESHUTDOWN = int(NbdErr.ESHUTDOWN)
 
 
@@ -95,6 +99,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.holds = Holdings(server.budget, look=self._buffered, stalled=self._stalled,
                               stall_timeout=server.stall_timeout)  # fmt: skip
         self.blocked = False  # over budget: not parsing until bytes are given back
+        self.tcp: socket.socket | None = None  # SO_RCVLOWAT while a payload arrives
+        self.lowat = 1
 
     # --- asyncio.BufferedProtocol ------------------------------------------------
 
@@ -109,6 +115,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # a socket object of our own on a duplicate of the descriptor (the
+                # transport's stand-in makes a new one per call): closed when lost
+                with contextlib.suppress(OSError):
+                    self.tcp = socket.socket(sock.family, sock.type, fileno=os.dup(sock.fileno()))
         self.hs_timer = self.loop.call_later(self.server.handshake_timeout, self._hs_timeout)
         assert self.neg is not None
         self.transport.write(self.neg.greeting())
@@ -127,6 +138,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             return
         self.lost = True
         self.server.leave(self)
+        if self.tcp is not None:
+            self.tcp.close()  # our duplicate only
+            self.tcp = None
         if self.hs_timer is not None:
             self.hs_timer.cancel()
         for task in self.tasks:
@@ -157,6 +171,8 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._pump()
                 if self.holds.pending or parser.pending:
                     self._payload_arriving(parser.pending)
+                if self.tcp is not None:
+                    self._wake_at(parser.payload_left)
             elif self.neg is not None:
                 self.neg.receive(bytes(self.scratch[:nbytes]))
         except ProtocolError as exc:
@@ -420,6 +436,15 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _buffered(self) -> int:
         t = self.transport
         return t.get_write_buffer_size() if t is not None and not self.lost else 0
+
+    def _wake_at(self, left: int) -> None:
+        """While a WRITE payload arrives over plain TCP, be woken only once a good part
+        of the rest is there (SO_RCVLOWAT; never more than is still to come)."""
+        want = min(left, LOWAT) if left and self.tls is None else 1
+        if want != self.lowat and self.tcp is not None:
+            self.lowat = want
+            with contextlib.suppress(OSError):
+                self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
 
     def _payload_arriving(self, pending: int) -> None:
         """Bytes of an incomplete WRITE payload came in: charge them; over budget, stop
