@@ -20,6 +20,10 @@ at once, otherwise a Task finishes it (:class:`~dst.aio.Continuation`) and the r
 goes out whenever it completes, out of order.  Replies produced while handling one
 receive (or one loop iteration of completions) are written with a single
 ``writelines``; READ replies are a small header followed by the device's buffer.
+A WRITE payload that arrives in pieces over plain TCP (a member behind a slow link)
+sets the socket's ``SO_RCVLOWAT`` to the smaller of :data:`LOWAT` and what is still to
+come, so the loop is woken per 256 KiB, not per segment; never to more than the client
+must send, so it cannot wait for bytes that will not come.
 
 Backpressure: at most ``max_inflight`` requests in flight per connection, at most the
 memory budget's bytes of payload (:mod:`dst.net.budget`: READ data until its reply left
