@@ -146,24 +146,22 @@ class ReplyParser:
             return 0
         _, error, handle = _unpack_simple(data, pos)
         p = self._pending.get(handle)
-        if isinstance(p, int):  # the common case: a WRITE's (or FLUSH's ...) answer
+        if p is None:
+            raise ProtocolError(f"reply for unknown handle 0x{handle:x}")
+        # nothing follows but for a successful READ (a WRITE's answer: ``p`` an int)
+        if isinstance(p, int) or p.cmd != _READ or error:
             del self._pending[handle]
             out.append(Reply(handle, error))
             return _SIMPLE_SIZE
-        p = self._lookup(handle)
-        pos += wire.SIMPLE_REPLY_SIZE
-        if p.cmd != _READ or error:
-            del self._pending[handle]
-            out.append(Reply(handle, error))
-            return wire.SIMPLE_REPLY_SIZE
+        pos += _SIMPLE_SIZE
         if len(data) - pos >= p.length:
             del self._pending[handle]
             out.append(Reply(handle, 0, "", bytes(mv[pos : pos + p.length])))
-            return wire.SIMPLE_REPLY_SIZE + p.length
+            return _SIMPLE_SIZE + p.length
         p.buf = bytearray(p.length)
         p.covered = p.length
         self._start_copy(p.buf, 0, p.length, handle, final=True)
-        return wire.SIMPLE_REPLY_SIZE
+        return _SIMPLE_SIZE
 
     def _start_copy(self, dst: bytearray, at: int, n: int, handle: int, *, final: bool) -> None:
         self._dst, self._dst_pos, self._left = dst, at, n
