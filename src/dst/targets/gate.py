@@ -43,6 +43,7 @@ import asyncio
 import collections
 import errno
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from time import perf_counter_ns
 from typing import Any, TypeVar
 
@@ -292,26 +293,36 @@ class GateDevice(BlockDevice):
         t = c.timing
         await self._through(lambda d: d.write(offset, data, fua=fua), t.write if t else None)
 
-    def _finisher(self, done: Done, h: Histogram | None) -> Done:
-        """The completion of a callback-face request: it leaves the gate, is timed into
-        ``h`` (None: not timed) and its error counted, then ``done`` runs."""
+    def _finisher(self, done: Done, h: Histogram) -> Done:
+        """The completion of a timed callback-face request: it leaves the gate, is timed
+        into ``h`` and its error counted, then ``done`` runs (untimed:
+        :meth:`_finished`, as a partial, no closure)."""
         g = self._gate
         counters = self.counters
-        t0 = perf_counter_ns() if h is not None else 0
+        t0 = perf_counter_ns()
 
         def fin(exc: BaseException | None, value: Any) -> None:
+            ns = perf_counter_ns() - t0
+            h.counts[ns.bit_length()] += 1
+            h.total_ns += ns
             g.inflight -= 1
             if not g.inflight:
                 g.leave_last()
-            if h is not None:
-                ns = perf_counter_ns() - t0
-                h.counts[ns.bit_length()] += 1
-                h.total_ns += ns
             if exc is not None and isinstance(exc, BlockError):
                 counters.failed(exc)
             done(exc, value)
 
         return fin
+
+    def _finished(self, done: Done, exc: BaseException | None, value: Any) -> None:
+        """An untimed callback-face request completed (:meth:`_finisher`)."""
+        g = self._gate
+        g.inflight -= 1
+        if not g.inflight:
+            g.leave_last()
+        if exc is not None and isinstance(exc, BlockError):
+            self.counters.failed(exc)
+        done(exc, value)
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         g = self._gate
@@ -320,7 +331,7 @@ class GateDevice(BlockDevice):
         g.inflight += 1
         counters = self.counters
         t = counters.timing
-        fin = self._finisher(done, t.read if t is not None else None)
+        fin = partial(self._finished, done) if t is None else self._finisher(done, t.read)
         cancel = self.inner.submit_read(offset, length, fin)
         if cancel is None:
             g.leave()
@@ -336,7 +347,7 @@ class GateDevice(BlockDevice):
         g.inflight += 1
         counters = self.counters
         t = counters.timing
-        fin = self._finisher(done, t.write if t is not None else None)
+        fin = partial(self._finished, done) if t is None else self._finisher(done, t.write)
         cancel = self.inner.submit_write(offset, data, fua, fin)
         if cancel is None:
             g.leave()
@@ -355,7 +366,7 @@ class GateDevice(BlockDevice):
         g.inflight += 1
         counters = self.counters
         t = counters.timing
-        fin = self._finisher(done, t.write if t is not None else None)
+        fin = partial(self._finished, done) if t is None else self._finisher(done, t.write)
         cancel = self.inner.submit_gather(offset, parts, fua, fin)
         if cancel is None:
             g.leave()

@@ -42,6 +42,8 @@ from dst.targets.mirror.fanout import Kind, submit_mutation
 from dst.targets.mirror.legs import LegState, call_leg
 from dst.targets.mirror.read import submit_read
 
+_WRITE = Kind.WRITE  # a global: an enum member lookup costs ~130 ns (Python 3.11)
+
 
 class MirrorDevice(CoreDevice):
     """``legs`` mirrored (2 or more).
@@ -105,7 +107,7 @@ class MirrorDevice(CoreDevice):
     # -- I/O: the callback face, and the coroutine face as the callback face plus a wait -
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel:
-        return submit_mutation(self.core, Kind.WRITE, offset, len(data), done, data=data, fua=fua)
+        return submit_mutation(self.core, _WRITE, offset, len(data), done, data=data, fua=fua)
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel:
         return submit_read(self.core, offset, length, done)

@@ -55,6 +55,10 @@ class Kind(enum.Enum):
     FLUSH = "flush"
 
 
+# the members as plain globals: ``Kind.WRITE`` costs ~130 ns per lookup (Python 3.11)
+_WRITE, _ZERO, _TRIM, _FLUSH = Kind.WRITE, Kind.ZERO, Kind.TRIM, Kind.FLUSH
+
+
 def submit_mutation(
     core: MirrorCore,
     kind: Kind,
@@ -72,7 +76,7 @@ def submit_mutation(
     device.  Returns the canceller.
     """
     core.io_ops += 1
-    if kind is Kind.FLUSH:
+    if kind is _FLUSH:
         return Mutation(core, kind, 0, 0, None, 0, done, data, fua, op).start()
     locks = core.locks
     hold = locks.register(offset, length)  # arrival order, before anything else
@@ -158,15 +162,20 @@ class Mutation:
     def start(self) -> Cancel:
         core = self.core
         attached = core.rh.attached  # the legs that get writes: what they miss is recorded
-        legs = self.legs = [leg for leg in core.legs if leg.index in attached]
+        legs: list[Leg] = []
+        calls: list[LegCall] = []
+        for leg in core.legs:  # (a loop, not two comprehensions: every write comes here)
+            if leg.index in attached:
+                calls.append(LegCall(self, leg, None, len(legs)))
+                legs.append(leg)
+        self.legs, self.calls = legs, calls
         n = self.left = len(legs)
         self.results = [_PENDING] * n
         if not n:
             self.settle()
             return self.cancel
         # One deadline for the fan-out: its legs start together (Deadlines).
-        calls = self.calls = [LegCall(self, leg, None, i) for i, leg in enumerate(legs)]
-        if self.kind is Kind.WRITE:
+        if self.kind is _WRITE:
             offset, data, fua = self.offset, self.data, self.fua
             for call in calls:
                 call.write(offset, data, fua)
@@ -201,19 +210,21 @@ class Mutation:
         rh = self.core.rh
         rs = rh.region_size
         regions = range(self.offset // rs, (self.offset + self.length - 1) // rs + 1)
-        return any(r is None and rh.holds(leg.index, regions)
-                   for leg, r in zip(self.legs, self.results, strict=True))  # fmt: skip
+        for leg, r in zip(self.legs, self.results, strict=True):  # (no generator: hot)
+            if r is None and rh.holds(leg.index, regions):
+                return True
+        return False
 
     def leg_done(self, call: LegCall, exc: BaseException | None, value: Any) -> None:
         if exc is None:
             c = call.leg.counters
             kind = self.kind
-            if kind is Kind.WRITE:
+            if kind is _WRITE:
                 c.writes += 1
                 c.write_bytes += self.length
-            elif kind is Kind.ZERO:
+            elif kind is _ZERO:
                 c.zeroes += 1
-            elif kind is Kind.TRIM:
+            elif kind is _TRIM:
                 c.trims += 1
             else:
                 c.flushes += 1
@@ -251,7 +262,7 @@ class Mutation:
         failed = [(leg, r) for leg, r in zip(self.legs, results, strict=True) if r is not None]
         missed = set()
         err: BlockError | None = None
-        if self.kind is Kind.ZERO and failed and all(_is_enotsup(e) for _, e in failed):
+        if self.kind is _ZERO and failed and all(_is_enotsup(e) for _, e in failed):
             if len(failed) < len(self.legs):  # some legs zeroed: the others must get it
                 missed.update(leg.index for leg, _ in failed)
                 core.resync_wanted.set()
