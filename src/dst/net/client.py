@@ -31,9 +31,9 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
+from dst.aio import bind
 from dst.device import Buffer, Cancel, Capabilities, Done, Extent
 from dst.errors import BlockError, ServerRefused
 from dst.nbd import client as hsc
@@ -214,7 +214,7 @@ class NbdClient:
             proto.send(header, *parts)
         else:
             proto.send(header, data)
-        return partial(proto.cancel, handle)
+        return bind(proto.cancel, handle)
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         """:meth:`read` with a callback: ``done(None, data)`` or ``done(error, None)``."""

@@ -47,10 +47,9 @@ import os
 import socket
 import ssl
 from collections.abc import Coroutine
-from functools import partial
 from typing import Any, cast
 
-from dst.aio import Continuation
+from dst.aio import Continuation, bind
 from dst.device import BlockDevice
 from dst.errors import BlockError, ProtocolError
 from dst.nbd import requests as rq
@@ -319,7 +318,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         if typ in (_WRITE, _READ):  # the callback fast path first (dst.device)
             self.inflight += 1
             self.holds.take(req.length)
-            done = partial(self._done, req)
+            done = bind(self._done, req)
             if typ == _WRITE:
                 assert req.data is not None
                 taken = device.submit_write(req.offset, req.data, bool(req.flags & _FUA), done)

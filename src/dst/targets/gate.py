@@ -43,10 +43,10 @@ import asyncio
 import collections
 import errno
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from time import perf_counter_ns
 from typing import Any, TypeVar
 
+from dst.aio import bind
 from dst.device import (
     BlockDevice,
     Buffer,
@@ -296,7 +296,7 @@ class GateDevice(BlockDevice):
     def _finisher(self, done: Done, h: Histogram) -> Done:
         """The completion of a timed callback-face request: it leaves the gate, is timed
         into ``h`` and its error counted, then ``done`` runs (untimed:
-        :meth:`_finished`, as a partial, no closure)."""
+        :meth:`_finished`, bound to ``done``: no closure)."""
         g = self._gate
         counters = self.counters
         t0 = perf_counter_ns()
@@ -331,7 +331,7 @@ class GateDevice(BlockDevice):
         g.inflight += 1
         counters = self.counters
         t = counters.timing
-        fin = partial(self._finished, done) if t is None else self._finisher(done, t.read)
+        fin = bind(self._finished, done) if t is None else self._finisher(done, t.read)
         cancel = self.inner.submit_read(offset, length, fin)
         if cancel is None:
             g.leave()
@@ -347,7 +347,7 @@ class GateDevice(BlockDevice):
         g.inflight += 1
         counters = self.counters
         t = counters.timing
-        fin = partial(self._finished, done) if t is None else self._finisher(done, t.write)
+        fin = bind(self._finished, done) if t is None else self._finisher(done, t.write)
         cancel = self.inner.submit_write(offset, data, fua, fin)
         if cancel is None:
             g.leave()
@@ -366,7 +366,7 @@ class GateDevice(BlockDevice):
         g.inflight += 1
         counters = self.counters
         t = counters.timing
-        fin = partial(self._finished, done) if t is None else self._finisher(done, t.write)
+        fin = bind(self._finished, done) if t is None else self._finisher(done, t.write)
         cancel = self.inner.submit_gather(offset, parts, fua, fin)
         if cancel is None:
             g.leave()

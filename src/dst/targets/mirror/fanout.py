@@ -210,8 +210,9 @@ class Mutation:
         rh = self.core.rh
         rs = rh.region_size
         regions = range(self.offset // rs, (self.offset + self.length - 1) // rs + 1)
-        for leg, r in zip(self.legs, self.results, strict=True):  # (no generator: hot)
-            if r is None and rh.holds(leg.index, regions):
+        results = self.results
+        for call in self.calls:  # (no generator, no zip: every write comes here)
+            if results[call.i] is None and rh.holds(call.leg.index, regions):
                 return True
         return False
 
