@@ -20,6 +20,10 @@ sockets:
   them (every write goes to both children and completes when both acknowledged it, as a
   dst mirror write; fifo reads one child, as a mirror reads one leg -- the default
   ``quorum`` pattern would read both and compare).
+* ``python-floor``: ``bench/mirror_floor.py`` over the same two nodes, a mirror that
+  does only what every mirror must per request (parse, send to both legs, collect both
+  replies, reply): what Python itself costs, so that ``dst-mirror`` minus it is what
+  dst's design costs (range lock, write-intent bitmap, gates, timeouts).
 * ``nbdkit`` and ``dst`` (from ``bench.py``): one server on one file, the single-node
   baselines (``dst`` is not in the default set, to keep a run short).
 * ``dst-mirror-base`` (only when ``DST_BASE`` names the ``src`` directory of another
@@ -47,6 +51,8 @@ from typing import Any
 
 from bench import TARGETS, WORKLOADS, Context, MiB, Target, cluster, fill_random, main
 from tests.support.cluster import Cluster, remote  # importable once bench is imported
+
+from dst.net.address import parse_address
 
 LEGS = 2
 LEG_SLACK = 1 * MiB  # room for a mirror's bitmap and superblocks at the end of a leg
@@ -111,6 +117,21 @@ def _bare_mirror(ctx: Context, mode: str) -> Iterator[str]:
         yield c.server(name, cmd, export="bench", python=True).uri
 
 
+@contextlib.contextmanager
+def _floor(ctx: Context) -> Iterator[str]:
+    """``bench/mirror_floor.py`` over two ``dst serve`` nodes: a mirror that does only
+    what every mirror must (no lock, bitmap, gates or timeouts): Python's floor."""
+    with cluster(ctx) as c:
+        legs = [f"{a.path}:{a.export}" for a in map(parse_address, _nodes(ctx, c))]
+        sock = c.sockets / "floor.sock"
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "mirror_floor.py"), str(sock)]
+        yield c.server("floor", [*cmd, *legs], sock=sock, python=True).uri
+
+
+def start_floor(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _floor(ctx)
+
+
 def start_mirror_memory(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _bare_mirror(ctx, "memory")
 
@@ -171,6 +192,13 @@ ARRAY_TARGETS: list[Target] = [
     Target("dst-linear", start_linear, (), f"dst daemon: linear of {_LEGS_NOTE}", prepare_legs),
     Target("dst-stripe", start_stripe, (), f"dst daemon: stripe of {_LEGS_NOTE}", prepare_legs),
     Target("dst-mirror", start_mirror, (), f"dst daemon: mirror of {_LEGS_NOTE}", prepare_legs),
+    Target(
+        "python-floor",
+        start_floor,
+        (),
+        f"bench/mirror_floor.py: the least a Python mirror does, over {_LEGS_NOTE}",
+        prepare_legs,
+    ),
     Target(
         "dst-mirror-metrics",
         start_mirror_metrics,
