@@ -67,7 +67,8 @@ class Leg(asyncio.BufferedProtocol):
         self.pending: dict[int, tuple[int, Reply]] = {}  # handle -> (READ length, reply)
         self.next = 0
         self.out: list[Any] = []
-        self.woken: asyncio.Future[None] | None = None  # the handshake waits for bytes
+        self.haggling = True  # in the handshake: bytes wait for take()
+        self.woken: asyncio.Future[None] | None = None  # take() waits for bytes
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,8 +79,8 @@ class Leg(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.n += nbytes
-        if self.woken is not None:
-            if not self.woken.done():
+        if self.haggling:
+            if self.woken is not None and not self.woken.done():
                 self.woken.set_result(None)
             return
         buf, n, pos, pending = self.buf, self.n, 0, self.pending
@@ -146,7 +147,7 @@ async def connect_leg(path: str, export: str) -> tuple[Leg, int]:
             break
         elif typ & (1 << 31):
             raise SystemExit(f"leg {path}: export {export!r} refused ({typ:#x})")
-    leg.woken = None
+    leg.haggling = False
     return leg, size
 
 
