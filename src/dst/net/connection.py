@@ -356,11 +356,14 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.holds.give(req.length)
 
     def _done(self, req: Request, exc: BaseException | None, value: Any) -> None:
-        """Completion of a request taken by the device's fast path."""
+        """Completion of a READ or WRITE taken by the device's fast path."""
         self.inflight -= 1
-        self._release(req)
+        self.holds.give(req.length)  # (_release, inline: every write ends here)
         if exc is None:
-            self._complete(req, value)
+            if req.type == _WRITE:  # its reply is the simple one (Binding.reply, inline)
+                self._queue(rq.simple_reply(req.handle))
+            else:
+                self._complete(req, value)
         elif isinstance(exc, Exception):
             self._failed(req, exc)
         else:  # cancelled below us (a device shutting down)

@@ -121,20 +121,24 @@ class RemoteDevice(BlockDevice):
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         link = self._link
         conn = link.conn
-        if conn is None or not conn.connected:
+        if conn is None:
             return None
         if not link.replays:  # the link learns of a loss from the connection itself
-            return conn.submit_read(offset, length, done)
+            return conn.submit_read(offset, length, done)  # (lost: None)
+        if not conn.connected:
+            return None
         req = Replayable(link, conn, done, lambda c: c.read(offset, length))
         return req.started(conn.submit_read(offset, length, req.finish))
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
         link = self._link
         conn = link.conn
-        if conn is None or not conn.connected:
+        if conn is None:
             return None
         if not link.replays:  # the link learns of a loss from the connection itself
-            return conn.submit_write(offset, data, fua, done)
+            return conn.submit_write(offset, data, fua, done)  # (lost: None)
+        if not conn.connected:
+            return None
         req = Replayable(link, conn, done, lambda c: c.write(offset, data, fua=fua))
         return req.started(conn.submit_write(offset, data, fua, req.finish))
 

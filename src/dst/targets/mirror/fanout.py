@@ -291,7 +291,7 @@ class Mutation:
     def _end(self, missed: set[int] | tuple[()]) -> None:
         core = self.core
         if self.wid:
-            core.regions.end_write(self.wid, missed)
+            core.rh.end_write(self.wid, missed)  # (rh: no property call)
         if self.hold is not None:
             core.locks.release(self.hold)
 
