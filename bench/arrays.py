@@ -81,7 +81,7 @@ def array_target(kind: str, uris: list[str], ctx: Context) -> dict[str, Any]:
 METRICS = ["--metrics", "127.0.0.1:0"]  # every process serves /metrics (nobody scrapes)
 
 
-def _nodes(ctx: Context, c: Cluster, *, metrics: bool = False) -> list[str]:
+def node_uris(ctx: Context, c: Cluster, *, metrics: bool = False) -> list[str]:
     """Start the two ``dst serve`` nodes on the leg files (serving metrics too, with
     ``metrics``); their URIs."""
     args = METRICS if metrics else []
@@ -98,7 +98,7 @@ def _dst_array(
     ``metrics``, the daemon and the nodes serve metrics (their I/O is timed)."""
     with cluster(ctx) as c:  # stops the daemon first, then the nodes
         name = f"bench-{kind}"
-        uris = _nodes(ctx, c, metrics=metrics)
+        uris = node_uris(ctx, c, metrics=metrics)
         spec = c.spec(name, array_target(kind, uris, ctx), export="bench")
         c.start_daemon(spec, env={"PYTHONPATH": base} if base is not None else None,
                        args=METRICS if metrics else ())  # fmt: skip
@@ -109,7 +109,7 @@ def _dst_array(
 def _bare_mirror(ctx: Context, mode: str) -> Iterator[str]:
     """``bench/mirror_serve.py --mode MODE`` over two ``dst serve`` nodes."""
     with cluster(ctx) as c:
-        uris = _nodes(ctx, c)
+        uris = node_uris(ctx, c)
         name = f"mirror-{mode}"
         here = Path(__file__).resolve().parent
         cmd = [sys.executable, str(here / "mirror_serve.py"), "--mode", mode]
@@ -122,7 +122,7 @@ def _floor(ctx: Context) -> Iterator[str]:
     """``bench/mirror_floor.py`` over two ``dst serve`` nodes: a mirror that does only
     what every mirror must (no lock, bitmap, gates or timeouts): Python's floor."""
     with cluster(ctx) as c:
-        legs = [f"{a.path}:{a.export}" for a in map(parse_address, _nodes(ctx, c))]
+        legs = [f"{a.path}:{a.export}" for a in map(parse_address, node_uris(ctx, c))]
         sock = c.sockets / "floor.sock"
         cmd = [sys.executable, str(Path(__file__).resolve().parent / "mirror_floor.py"), str(sock)]
         yield c.server("floor", [*cmd, *legs], sock=sock, python=True).uri

@@ -337,11 +337,13 @@ def start_daemon(
     options: Sequence[str] = (),
     args: Sequence[str] = (),
     timeout: float = START_TIMEOUT,
+    wrapper: Sequence[str] = (),
 ) -> Daemon:
     """Start ``dst OPTIONS daemon --control CONTROL ARGS SPECS`` (``env``: extra
-    environment, e.g. PYTHONPATH for another checkout's dst) and wait for its readiness
-    line."""
-    cmd = [*DST, *options, "daemon", "--control", str(control), *args, *map(str, specs)]
+    environment, e.g. PYTHONPATH for another checkout's dst; ``wrapper``: a command to
+    run it under, e.g. valgrind) and wait for its readiness line."""
+    cmd = [*wrapper, *DST, *options, "daemon", "--control", str(control), *args]
+    cmd += map(str, specs)
     daemon = Daemon(name, cmd, stderr_path, control, env)
     try:
         line = daemon.next_line(timeout)
