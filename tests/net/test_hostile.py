@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -222,6 +223,33 @@ async def test_a_payload_trickling_in_over_tcp_is_received_whole() -> None:
             assert await simple_reply(r) == (2, 0)
             assert await r.readexactly(n) == data
     finally:
+        await server.close(timeout=1)
+
+
+async def test_a_payload_stalled_over_tcp_is_dropped_while_others_are_served() -> None:
+    """A TCP client that announces a 1 MiB WRITE, sends 300 KiB of it and stops holds
+    its socket's wake-up threshold (SO_RCVLOWAT) above what came, but only its own: a
+    good client on another TCP connection keeps writing and verifying, and the stalled
+    one is dropped by the stall watchdog without a reply (nothing of it was written)."""
+    dev = MemoryDevice(16 << 20)
+    server = NbdServer(dev, stall_timeout=0.5)
+    (address,) = await server.start("127.0.0.1:0")
+    stop = asyncio.Event()
+    try:
+        async with raw(address) as (r, w):
+            await go(r, w)
+            w.write(request(Cmd.WRITE, 1, 0, 1 << 20) + b"\xaa" * (300 << 10))
+            await w.drain()
+            (conn,) = server.connections
+            await until(lambda: conn.lowat > 1, "SO_RCVLOWAT raised for the stalled payload")
+            good = asyncio.ensure_future(good_client(address, stop))
+            with contextlib.suppress(ConnectionResetError):  # aborted: a reset, or EOF
+                assert await asyncio.wait_for(r.read(1), 30) == b""  # dropped, no reply
+        stop.set()
+        assert await good >= 3
+        assert dev.data[: 1 << 20] == bytes(1 << 20)  # the stalled write never happened
+    finally:
+        stop.set()
         await server.close(timeout=1)
 
 
