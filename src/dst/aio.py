@@ -14,8 +14,9 @@ sets, timeouts.  One meaning per name:
 * :class:`TaskSet` -- background tasks owned by one object; :func:`timed` -- an awaitable
   bounded in time, failing with ``BlockError(ETIMEDOUT)``.
 * :data:`bind` -- ``bind(f, x)`` calls ``f(x, ...)``: a completion bound to its request
-  (``types.MethodType``: one small object; a ``functools.partial`` costs three times as
-  much to make and call on Python 3.11, and the hot paths make one per request).
+  (``types.MethodType``, so ``x`` must not be None: one small object; a
+  ``functools.partial`` costs three times as much to make and call on Python 3.11, and
+  the hot paths make one per request).
 
 Theory of eager stepping
 ------------------------
