@@ -294,28 +294,22 @@ class GateDevice(BlockDevice):
         await self._through(lambda d: d.write(offset, data, fua=fua), t.write if t else None)
 
     def _finisher(self, done: Done, h: Histogram) -> Done:
-        """The completion of a timed callback-face request: it leaves the gate, is timed
-        into ``h`` and its error counted, then ``done`` runs (untimed:
-        :meth:`_finished`, bound to ``done``: no closure)."""
-        g = self._gate
-        counters = self.counters
+        """The completion of a timed callback-face request: timed into ``h``, then
+        :meth:`_finished` (untimed requests bind that to ``done`` directly: no closure)."""
+        finished = self._finished
         t0 = perf_counter_ns()
 
         def fin(exc: BaseException | None, value: Any) -> None:
             ns = perf_counter_ns() - t0
             h.counts[ns.bit_length()] += 1
             h.total_ns += ns
-            g.inflight -= 1
-            if not g.inflight:
-                g.leave_last()
-            if exc is not None and isinstance(exc, BlockError):
-                counters.failed(exc)
-            done(exc, value)
+            finished(done, exc, value)
 
         return fin
 
     def _finished(self, done: Done, exc: BaseException | None, value: Any) -> None:
-        """An untimed callback-face request completed (:meth:`_finisher`)."""
+        """A callback-face request completed: it leaves the gate and its error is
+        counted, then ``done`` runs."""
         g = self._gate
         g.inflight -= 1
         if not g.inflight:
