@@ -42,6 +42,7 @@ from dst.aio import submit_coro, wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Done, IOCounters
 from dst.errors import BlockError
 from dst.meta.members import LegState
+from dst.targets.gate import GateDevice
 
 __all__ = ["Deadlines", "Leg", "LegCall", "LegState", "call_leg"]
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ class Leg:
     alive_at: float = 0.0  # loop time of the sweep that last saw ``answers`` move
     failures: int = 0  # times it failed (metrics: a leg that flaps)
     timeouts: int = 0  # requests that got no answer within leg_timeout
+    node: GateDevice | None = field(init=False, default=None)  # ``dev`` if a gated node
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dev, GateDevice):
+            self.node = self.dev
 
     @property
     def live(self) -> bool:
@@ -91,7 +97,7 @@ class Owner(Protocol):
 class LegCall:
     """One request on one leg (module docstring); ``owner.leg_done`` exactly once."""
 
-    __slots__ = ("cancel_", "deadlines", "i", "leg", "over", "owner")
+    __slots__ = ("cancel_", "deadlines", "i", "leg", "node", "over", "owner")
 
     def __init__(self, owner: Owner, leg: Leg, deadlines: Deadlines | None, i: int = 0) -> None:
         self.owner = owner
@@ -100,12 +106,28 @@ class LegCall:
         self.i = i  # the owner's index for it
         self.over = False
         self.cancel_: Cancel | None = None
+        self.node: GateDevice | None = None  # a node's gate this call entered inline
 
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
         leg = self.leg
         leg.inflight += 1
         dev = leg.dev
-        cancel = dev.submit_write(offset, data, fua, self.finish)
+        cancel = None
+        node = leg.node
+        if node is not None and not node.gate.closed and node.counters.timing is None:
+            # The node's gate, entered inline (dst.targets.gate): finish leaves it.
+            node.gate.inflight += 1
+            self.node = node
+            cancel = node.inner.submit_write(offset, data, fua, self.finish)
+            if cancel is None:
+                self.node = None
+                node.leave_inline(None)
+            else:
+                c = node.counters
+                c.writes += 1
+                c.write_bytes += len(data)
+        if cancel is None:
+            cancel = dev.submit_write(offset, data, fua, self.finish)
         if cancel is None:
             cancel = submit_coro(dev.write(offset, data, fua=fua), self.finish)
         if not self.over:  # (_started, inline: every mirrored write comes here twice)
@@ -148,6 +170,10 @@ class LegCall:
 
     def finish(self, exc: BaseException | None, value: Any) -> None:
         """The leg's answer (also: a timeout or a stop)."""
+        node = self.node
+        if node is not None:  # the answer from below: it leaves the node's gate
+            self.node = None
+            node.leave_inline(exc)
         if self.over:
             return  # timed out or stopped before: a late answer is dropped
         self.over = True
@@ -169,7 +195,9 @@ class LegCall:
         if self.over:
             return
         cancel = self.cancel_
+        node, self.node = self.node, None
         self.finish(exc, None)
+        self.node = node  # the request below holds the node's gate until it is answered
         if cancel is not None:
             cancel()
 
