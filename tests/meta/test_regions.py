@@ -155,8 +155,8 @@ def test_resync_excludes_writes() -> None:
     assert out.resyncs == []  # ... so the resync waits for it
     assert t.begin_write(2, 0, 1).writes == []  # new writes wait behind the resync
     assert t.begin_write(3, R, 1).writes == [3]  # other regions are not affected
-    out = t.end_write(1, now=0.0)
-    assert out.resyncs == [0] and out.writes == []
+    ended = t.end_write(1, now=0.0)
+    assert ended is not None and ended.resyncs == [0] and ended.writes == []
     out = t.end_resync(0, now=1.0, synced=[1])
     assert out.writes == [2]
 
@@ -224,13 +224,14 @@ def test_fast_path_only_on_durable_marks() -> None:
     assert t.persisted(meta(out).batch).writes == [1]
     assert t.try_begin_write(3, 0, 4096)  # marked and durable: proceeds, no batch
     assert not t.try_begin_write(4, R - 1, 2)  # region 1 is not marked
-    assert t.end_write(3, 1.0).writes == [] and t.end_write(1, 1.0).writes == []
+    assert t.end_write(3, 1.0) is None and t.end_write(1, 1.0) is None  # nothing released
     out = t.begin_resync(0)
     assert out.resyncs == [0] and not t.try_begin_write(5, 0, 4096)  # resync lock
     t.end_resync(0, 2.0)
     assert t.try_begin_write(6, 0, 4096)
     assert t.begin_resync(0).resyncs == []  # waits for write 6...
-    assert t.end_write(6, 3.0).resyncs == [0]  # ...which releases it on end
+    ended = t.end_write(6, 3.0)
+    assert ended is not None and ended.resyncs == [0]  # ...which releases it on end
 
 
 def test_fast_path_write_is_missed_by_a_failing_leg() -> None:
@@ -304,7 +305,9 @@ class TrackerMachine(RuleBasedStateMachine):
         self.t = RegionTracker(NREG * R, R, LEGS, clear_delay=3.0, page_bits=PAGE,
                                max_pages=max_pages)  # fmt: skip
 
-    def apply(self, out: Out) -> None:
+    def apply(self, out: Out | None) -> None:
+        if out is None:
+            return
         for wid in out.writes:
             self.active[wid] = self.waiting.pop(wid)
         for r in out.resyncs:

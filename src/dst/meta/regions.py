@@ -8,7 +8,8 @@ between legs — a write is or was recently in flight (write intent), or some le
 it (out of sync).  The tracker never does I/O; every call returns an :class:`Out`
 saying which writes and resyncs may now proceed and, at most one at a time, a
 :class:`MetaWrite` for the shell to persist on every live member before it calls
-:meth:`RegionTracker.persisted`.
+:meth:`RegionTracker.persisted` (:meth:`~RegionTracker.end_write` returns None when it
+releases nothing, the common case: no object per write).
 
 A region's life::
 
@@ -79,12 +80,6 @@ class Out:
     meta: MetaWrite | None = None
 
 
-@dataclass(slots=True)
-class _Write:
-    regions: range
-    active: bool = False
-
-
 class RegionTracker:
     """Region state of one array with ``legs`` legs.
 
@@ -120,8 +115,8 @@ class RegionTracker:
         self._page_marking: dict[int, int] = {}  # page went full -> batch persisting it
         self._next = 1  # id of the batch being gathered
         self._inflight: int | None = None
-        self._writes: dict[int, _Write] = {}
-        self._waiting: dict[int, None] = {}  # write ids in arrival order
+        self._writes: dict[int, range] = {}  # write id -> its regions
+        self._waiting: dict[int, None] = {}  # ids of writes not yet proceeding, in order
         self._active: dict[int, int] = {}  # region -> proceeding writes
         self._held: dict[int, int] = {}  # region -> waiting + proceeding writes
         self._resync: set[int] = set()
@@ -165,8 +160,8 @@ class RegionTracker:
     def begin_write(self, wid: int, offset: int, length: int) -> Out:
         """Register write ``wid``; it may proceed once its id is in some ``Out.writes``."""
         assert wid not in self._writes
-        w = self._writes[wid] = _Write(self.regions(offset, length))
-        for r in w.regions:
+        regions = self._writes[wid] = self.regions(offset, length)
+        for r in regions:
             self._held[r] = self._held.get(r, 0) + 1
             self._idle.pop(r, None)
             self._mark(r)
@@ -180,7 +175,8 @@ class RegionTracker:
         region's mark durable, none resynced or waiting to be -- register it as already
         proceeding and return True.  Otherwise register nothing and return False (call
         :meth:`begin_write`).  Nothing else can change: no bit is set, so no batch."""
-        regions = self.regions(offset, length)
+        rs = self.region_size  # (regions(), inline: every write comes here)
+        regions = range(offset // rs, (offset + length - 1) // rs + 1)
         resync, resync_wait = self._resync, self._resync_wait
         marking, page_marking = self._marking, self._page_marking
         bm = self.bitmap
@@ -199,7 +195,7 @@ class RegionTracker:
                 ):
                     return False
         assert wid not in self._writes
-        self._writes[wid] = _Write(regions, True)
+        self._writes[wid] = regions
         held, active, idle = self._held, self._active, self._idle
         for r in regions:
             held[r] = held.get(r, 0) + 1
@@ -210,16 +206,17 @@ class RegionTracker:
                 self.oos[leg].set(r)
         return True
 
-    def end_write(self, wid: int, now: float, *, missed: Iterable[int] = ()) -> Out:
-        """Write ``wid`` completed; ``missed`` are legs it did not reach."""
-        w = self._writes.pop(wid)
-        assert w.active, "end_write of a write that never proceeded"
-        missed = tuple(missed)
+    def end_write(self, wid: int, now: float, *, missed: Iterable[int] = ()) -> Out | None:
+        """Write ``wid`` completed; ``missed`` are legs it did not reach.  None: it
+        releases nothing (the common case)."""
+        regions = self._writes.pop(wid)
+        assert wid not in self._waiting, "end_write of a write that never proceeded"
+        if missed:
+            for leg in missed:
+                self.oos[leg].set_range(regions.start, regions.stop)
         held, active = self._held, self._active
         resync, resync_wait = self._resync, self._resync_wait
-        for r in w.regions:
-            for leg in missed:
-                self.oos[leg].set(r)
+        for r in regions:
             n = active[r] - 1
             if n:
                 active[r] = n
@@ -235,7 +232,7 @@ class RegionTracker:
         if not resync_wait:
             # Nothing to release: no bit or mark changed, and waiting writes wait on
             # marks and resyncs, not on other writes; only a resync waits for writes.
-            return Out()
+            return None
         return self._progress()
 
     # --- legs ----------------------------------------------------------------------
@@ -243,9 +240,8 @@ class RegionTracker:
     def leg_failed(self, leg: int) -> Out:
         """``leg`` gets no more writes; it misses everything in flight and to come."""
         self.down.add(leg)
-        for w in self._writes.values():
-            for r in w.regions:
-                self.oos[leg].set(r)
+        for regions in self._writes.values():
+            self.oos[leg].set_range(regions.start, regions.stop)
         return self._progress()
 
     def leg_attached(self, leg: int) -> None:
@@ -394,10 +390,10 @@ class RegionTracker:
         for p in pages:
             self._page_marking[p] = self._next
 
-    def _may_write(self, w: _Write) -> bool:
+    def _may_write(self, regions: range) -> bool:
         return all(
             r not in self._resync and r not in self._resync_wait and self.durable(r)
-            for r in w.regions
+            for r in regions
         )
 
     def _progress(self, new: int | None = None) -> Out:
@@ -420,11 +416,10 @@ class RegionTracker:
                     self._resync.add(r)
                     out.resyncs.append(r)
         for wid in list(self._waiting) if new is None else (new,):
-            w = self._writes[wid]
-            if self._may_write(w):
+            regions = self._writes[wid]
+            if self._may_write(regions):
                 del self._waiting[wid]
-                w.active = True
-                for r in w.regions:
+                for r in regions:
                     self._active[r] = self._active.get(r, 0) + 1
                 out.writes.append(wid)
         return out

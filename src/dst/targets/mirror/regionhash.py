@@ -3,7 +3,8 @@
 
 Theory of operation
 -------------------
-Every tracker call returns an :class:`~dst.meta.regions.Out`; :meth:`RegionHash._apply`
+Every tracker call returns an :class:`~dst.meta.regions.Out` (or None: nothing to do);
+:meth:`RegionHash._apply`
 wakes the writes and resyncs it releases and runs its
 :class:`~dst.meta.regions.MetaWrite`: one batch at a time, the bitmap pages written to
 every *attached* leg through the dirty log (:mod:`dst.targets.mirror.dirtylog`), then
@@ -138,7 +139,9 @@ class RegionHash:
 
     def end_write(self, wid: int, missed: Iterable[int] = ()) -> None:
         """Write ``wid`` completed; ``missed`` are the legs it did not reach."""
-        self._apply(self.tracker.end_write(wid, self._loop.time(), missed=missed))
+        out = self.tracker.end_write(wid, self._loop.time(), missed=missed)
+        if out is not None or self._late:  # (None, the common case: nothing released)
+            self._apply(out or Out())
 
     @asynccontextmanager
     async def resync_lock(self, region: int) -> AsyncIterator[list[int]]:
@@ -256,7 +259,7 @@ class RegionHash:
                 break
             kind, key = self._late.pop()
             if kind == "write":
-                out = self.tracker.end_write(key, self.now())
+                out = self.tracker.end_write(key, self.now()) or Out()
             else:
                 out = self.tracker.end_resync(key, self.now())
         if not self.tracker.busy():
