@@ -11,7 +11,9 @@ order.  Non-overlapping holders never wait for each other.
 
 The hot path (an uncontended range) allocates one small object and awaits nothing: no
 Event and no future exist until a later holder actually has to wait, and each waiter
-waits on a future of its own (so cancelling one waiter never disturbs another).
+waits on a future of its own (so cancelling one waiter never disturbs another).  A
+holder that is an object per request anyway (a mirror's mutation) can *be* its hold:
+a :class:`Hold` subclass, registered with :meth:`RangeLock.add`.
 
 Finding the earlier overlapping holds does not scan every holder: holds are indexed by
 :data:`GRAIN`-sized buckets of the byte space (a hold is in every bucket it touches),
@@ -35,17 +37,17 @@ WIDE = 64  # a range over more buckets than this is not indexed (compared with a
 
 
 class Hold:
-    """One registered range; ``earlier`` are the overlapping holds it must wait for."""
+    """One range ``[start, end)``; once registered, ``earlier`` are the overlapping
+    holds it must wait for.  (A subclass that sets these attributes in its own
+    ``__init__`` need not call this one.)"""
 
     __slots__ = ("earlier", "end", "first", "last", "released", "start", "waiters")
 
-    def __init__(
-        self, start: int, end: int, earlier: list[Hold] | None, first: int, last: int
-    ) -> None:
+    def __init__(self, start: int, end: int) -> None:
         self.start = start
         self.end = end
-        self.earlier = earlier
-        self.first, self.last = first, last  # the index buckets it is in (-1: not indexed)
+        self.earlier: list[Hold] | None = None
+        self.first = self.last = -1  # the index buckets it is in (-1: not indexed)
         self.waiters: list[asyncio.Future[None]] | None = None
         self.released = False
 
@@ -64,16 +66,24 @@ class RangeLock:
     def register(self, offset: int, length: int) -> Hold:
         """Register ``[offset, offset + length)`` now; :meth:`wait` before using it
         (needed only if ``hold.earlier``), :meth:`release` after (always)."""
-        end = offset + length
+        hold = Hold(offset, offset + length)
+        self.add(hold)
+        return hold
+
+    def add(self, hold: Hold) -> None:
+        """Register ``hold`` (new, its range set) now: :meth:`register` of a hold of
+        the caller's."""
+        offset, end = hold.start, hold.end
         first = offset >> GRAIN_SHIFT
-        last = (end - 1) >> GRAIN_SHIFT if length > 0 else first  # (empty: its point)
+        last = (end - 1) >> GRAIN_SHIFT if end > offset else first  # (empty: its point)
         index = self._index
+        self._held[hold] = None
         if last - first >= WIDE:
-            earlier = [h for h in self._held if h.start < end and offset < h.end] or None
-            hold = Hold(offset, end, earlier, -1, -1)
+            hold.earlier = [h for h in self._held if h is not hold and h.start < end
+                            and offset < h.end] or None  # fmt: skip
             self._wide.append(hold)
-            self._held[hold] = None
-            return hold
+            return
+        hold.first, hold.last = first, last
         wide = self._wide
         if first == last:  # the hot path: a range in one bucket (no duplicates)
             holds = index.get(first)
@@ -84,13 +94,12 @@ class RangeLock:
             for h in wide:
                 if h.start < end and offset < h.end:
                     earlier = [h] if earlier is None else [*earlier, h]
-            hold = Hold(offset, end, earlier, first, first)
+            hold.earlier = earlier
             if holds is None:
                 index[first] = [hold]
             else:
                 holds.append(hold)
-            self._held[hold] = None
-            return hold
+            return
         buckets = range(first, last + 1)
         found: dict[Hold, None] = {}  # (a hold in two of the buckets is found twice)
         for b in buckets:
@@ -100,11 +109,9 @@ class RangeLock:
         for h in wide:
             if h.start < end and offset < h.end:
                 found[h] = None
-        hold = Hold(offset, end, list(found) if found else None, first, last)
+        hold.earlier = list(found) if found else None
         for b in buckets:
             index.setdefault(b, []).append(hold)
-        self._held[hold] = None
-        return hold
 
     async def wait(self, hold: Hold) -> None:
         """Wait until every earlier overlapping hold is released."""

@@ -20,8 +20,9 @@ coroutine otherwise), collects every answer, and *settles* once, by one policy:
   the first misses the regions: the legs may differ now, the first one is the source.
 
 Admission: a mutation holds its byte range in the mirror's :class:`RangeLock` (arrival
-order, so overlapping mutations reach every leg in the same order) and its regions in
-the region hash (marked durably dirty first).  :func:`submit_mutation` -- the callback
+order, so overlapping mutations reach every leg in the same order; the mutation is its
+own :class:`~dst.targets.rangelock.Hold`) and its regions in the region hash (marked
+durably dirty first).  :func:`submit_mutation` -- the callback
 face of :mod:`dst.device` -- registers the range at once; when the range is free and the
 regions are marked already (the steady state) the mutation starts right there, with no
 coroutine, Task or future; otherwise a coroutine waits for the lock and the marks and
@@ -76,41 +77,34 @@ def submit_mutation(
     device.  Returns the canceller.
     """
     core.io_ops += 1
+    m = Mutation(core, kind, offset, length, done, data, fua, op)
     if kind is _FLUSH:
-        return Mutation(core, kind, 0, 0, None, 0, done, data, fua, op).start()
-    locks = core.locks
-    hold = locks.register(offset, length)  # arrival order, before anything else
-    wid = 0 if hold.earlier else core.rh.try_begin_write(offset, length)
-    if wid:
-        return Mutation(core, kind, offset, length, hold, wid, done, data, fua, op).start()
-    return submit_coro(_admit(core, kind, offset, length, hold, data, fua, op), done)
+        return m.go()
+    m.locked = True
+    core.locks.add(m)  # arrival order, before anything else
+    if not m.earlier:
+        m.wid = core.rh.try_begin_write(offset, length)
+        if m.wid:
+            return m.go()
+    return submit_coro(_admit(m), done)
 
 
-async def _admit(
-    core: MirrorCore,
-    kind: Kind,
-    offset: int,
-    length: int,
-    hold: Hold,
-    data: Buffer,
-    fua: bool,
-    op: LegOp | None,
-) -> None:
+async def _admit(m: Mutation) -> None:
     """Wait for the range lock and the regions' marks, then run the mutation."""
+    core = m.core
     try:
-        if hold.earlier:
-            await core.locks.wait(hold)
-        wid = await core.regions.begin_write(offset, length)
+        if m.earlier:
+            await core.locks.wait(m)
+        m.wid = await core.regions.begin_write(m.offset, m.length)
     except BaseException:
-        core.locks.release(hold)
+        core.locks.release(m)
         raise
-    await wait_done(
-        lambda done: Mutation(core, kind, offset, length, hold, wid, done, data, fua, op).start()
-    )
+    await wait_done(m.run)
 
 
-class Mutation:
-    """One mutation in flight on every live leg (module docstring)."""
+class Mutation(Hold):
+    """One mutation in flight on every live leg (module docstring), and its hold of
+    the range lock."""
 
     __slots__ = (
         "calls",
@@ -119,11 +113,11 @@ class Mutation:
         "data",
         "done",
         "fua",
-        "hold",
         "kind",
         "left",
         "legs",
         "length",
+        "locked",
         "offset",
         "op",
         "results",
@@ -136,19 +130,24 @@ class Mutation:
         kind: Kind,
         offset: int,
         length: int,
-        hold: Hold | None,
-        wid: int,
         done: Done,
         data: Buffer,
         fua: bool,
         op: LegOp | None,
     ) -> None:
+        # the Hold's attributes (Hold.__init__, inline: every write comes here)
+        self.start = offset
+        self.end = offset + length
+        self.earlier: list[Hold] | None = None
+        self.first = self.last = -1
+        self.waiters: list[asyncio.Future[None]] | None = None
+        self.released = False
+        self.locked = False  # registered in the range lock (a flush is not)
         self.core = core
         self.kind = kind
         self.offset = offset
         self.length = length
-        self.hold = hold
-        self.wid = wid
+        self.wid = 0  # its write id in the region hash (0: none)
         self.done = done
         self.data = data
         self.fua = fua
@@ -159,7 +158,12 @@ class Mutation:
         self.calls: list[LegCall] = []
         self.left = 0
 
-    def start(self) -> Cancel:
+    def run(self, done: Done) -> Cancel:
+        """Start it, admitted, with ``done`` as its completion."""
+        self.done = done
+        return self.go()
+
+    def go(self) -> Cancel:
         core = self.core
         attached = core.rh.attached  # the legs that get writes: what they miss is recorded
         legs: list[Leg] = []
@@ -292,8 +296,8 @@ class Mutation:
         core = self.core
         if self.wid:
             core.rh.end_write(self.wid, missed)  # (rh: no property call)
-        if self.hold is not None:
-            core.locks.release(self.hold)
+        if self.locked:
+            core.locks.release(self)
 
 
 def _is_enotsup(exc: BaseException) -> bool:
