@@ -360,17 +360,26 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.inflight -= 1
         self.holds.give(req.length)  # (_release, inline: every write ends here)
         if exc is None:
-            if req.type == _WRITE:  # its reply is the simple one (Binding.reply, inline)
-                self._queue(rq.simple_reply(req.handle))
+            if req.type == _WRITE:  # its reply is the simple one (Binding.reply, _queue)
+                head = rq.simple_reply(req.handle)
+                self.out.append(head)
+                self.out_bytes += len(head)
             else:
                 self._complete(req, value)
         elif isinstance(exc, Exception):
             self._failed(req, exc)
         else:  # cancelled below us (a device shutting down)
             self._error(req, errno_to_nbd(errno.EIO), "request cancelled")
-        self._completed()
+        if not self.in_receive:  # (_completed, inline)
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.loop.call_soon(self._flush)
+            if self.read_paused or self.closing or self.disconnected:
+                self._pump()
 
     def _completed(self) -> None:
+        """A request answered outside a receive: its reply leaves soon; reading may
+        resume.  (Inline in :meth:`_done`.)"""
         if not self.in_receive:
             self._schedule_flush()
             if self.read_paused or self.closing or self.disconnected:
