@@ -210,10 +210,15 @@ class NbdClient:
         assert proto.parser is not None
         handle, header = proto.parser.request(cmd, offset, length, flags)
         proto.calls[handle] = done
+        out = proto.out  # (proto.send, inline: every leg's part of a mirrored write)
+        out.append(header)
         if data is None:
-            proto.send(header, *parts)
+            out.extend(parts)
         else:
-            proto.send(header, data)
+            out.append(data)
+        if not proto.flush_scheduled:
+            proto.flush_scheduled = True
+            proto.loop.call_soon(proto.flush)
         return bind(proto.cancel, handle)
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
