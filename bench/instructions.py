@@ -20,7 +20,17 @@ Subjects (``--subject``, repeatable, run in turn on fresh nodes):
 * ``dst-mirror-base``: the same with another checkout's daemon (``DST_BASE`` names its
   ``src`` directory, as in ``arrays.py``);
 * ``python-floor``: ``bench/mirror_floor.py`` over the same nodes (what any mirror in
-  Python must do per request, nothing else).
+  Python must do per request, nothing else);
+* ``dst-serve``: one ``dst serve`` node under callgrind, written to directly (a node's
+  instructions per request);
+* ``nbdkit``: the same with nbdkit's file plugin (the peer of ``dst-serve``; every
+  thread's instructions counted);
+* ``qemu-quorum``: qemu-nbd's quorum (as in ``arrays.py``) under callgrind over two
+  native nbdkit nodes (the peer of ``dst-mirror``).
+
+The peers are compiled C and execute fewer instructions per unit of time than Python
+(their instructions also cost less each), so a ratio of counts against a peer is a
+bound, not a timing: matching the peer's count guarantees matching its CPU.
 
 Under callgrind the subject runs ~50x slower than natively, so batching differs from a
 timed run (more requests arrive per receive); compare counts with each other, not with
@@ -40,15 +50,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from arrays import array_target, node_uris, prepare_legs
+from arrays import array_target, leg_paths, node_uris, prepare_legs, quorum_opts
 from bench import Context, cluster
-from tests.support.cluster import Cluster, start_daemon, start_server
+from tests.support.cluster import Cluster, start_daemon, start_node, start_server
 
 from dst.net.address import parse_address
 
 HERE = Path(__file__).resolve().parent
 SLOW_START = 300.0  # seconds: a process under callgrind starts ~50x slower
-SUBJECTS = ("dst-mirror", "dst-mirror-base", "python-floor")
+SUBJECTS = ("dst-mirror", "dst-mirror-base", "python-floor", "dst-serve", "nbdkit",
+            "qemu-quorum")  # fmt: skip
 
 
 def callgrind(out: Path) -> list[str]:
@@ -56,16 +67,32 @@ def callgrind(out: Path) -> list[str]:
 
 
 def start_subject(c: Cluster, ctx: Context, subject: str, out: Path) -> tuple[int, str]:
-    """Start ``subject`` under callgrind over two fresh nodes: its pid and export URI."""
+    """Start ``subject`` under callgrind (over two fresh nodes, or as the one node for
+    ``dst-serve`` and ``nbdkit``): its pid and export URI."""
+    legs = leg_paths(ctx)
+    if subject == "dst-serve":
+        node = start_node(legs[0], listen=[f"unix:{c.sockets}/node.sock"],
+                          stderr_path=c.sockets / "node.stderr", timeout=SLOW_START,
+                          wrapper=callgrind(out))  # fmt: skip
+        c.processes.append(node)
+        return node.pid, node.uris[0]
+    if subject in ("nbdkit", "qemu-quorum"):
+        kits = [c.sockets / f"kit{i}.sock" for i in range(len(legs))]
+        for i, (sock, leg) in enumerate(zip(kits, legs, strict=True)):
+            kit = ["nbdkit", "--foreground", "-U", str(sock), "file", str(leg)]
+            if subject == "nbdkit":
+                return _slow(c, [*callgrind(out), *kit], sock, "nbdkit")
+            c.server(f"kit{i}", kit)
+        sock = c.sockets / "quorum.sock"
+        cmd = ["qemu-nbd", "-k", str(sock), "--cache=writeback", "-e", "8", "-t",
+               "--image-opts", quorum_opts([str(s) for s in kits])]  # fmt: skip
+        return _slow(c, [*callgrind(out), *cmd], sock, "quorum")
     uris = node_uris(ctx, c)
     if subject == "python-floor":
         sock = c.sockets / "floor.sock"
-        legs = [f"{a.path}:{a.export}" for a in map(parse_address, uris)]
-        cmd = [*callgrind(out), sys.executable, str(HERE / "mirror_floor.py"), str(sock), *legs]
-        server = start_server(cmd, sock, c.sockets / "floor.stderr", name="floor",
-                              python=True, check_exit=False, timeout=SLOW_START)  # fmt: skip
-        c.processes.append(server)  # stopped with the cluster
-        return server.pid, server.uri
+        nodes = [f"{a.path}:{a.export}" for a in map(parse_address, uris)]
+        cmd = [*callgrind(out), sys.executable, str(HERE / "mirror_floor.py"), str(sock), *nodes]
+        return _slow(c, cmd, sock, "floor", python=True)
     env = None
     if subject == "dst-mirror-base":
         env = {"PYTHONPATH": os.environ["DST_BASE"]}
@@ -74,6 +101,15 @@ def start_subject(c: Cluster, ctx: Context, subject: str, out: Path) -> tuple[in
                           env=env, timeout=SLOW_START, wrapper=callgrind(out))  # fmt: skip
     c.processes.append(daemon)
     return daemon.pid, c.uri("count", "bench")
+
+
+def _slow(c: Cluster, cmd: list[str], sock: Path, name: str, *, python: bool = False
+          ) -> tuple[int, str]:  # fmt: skip
+    """Start NBD server ``cmd`` (under callgrind) on ``sock``: its pid and URI."""
+    server = start_server(cmd, sock, c.sockets / f"{name}.stderr", name=name, python=python,
+                          check_exit=False, timeout=SLOW_START)  # fmt: skip
+    c.processes.append(server)  # stopped with the cluster
+    return server.pid, server.uri
 
 
 def fio(uri: str, *, writes: int, bs: int, depth: int, rw: str = "randwrite") -> None:

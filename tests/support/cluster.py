@@ -308,9 +308,11 @@ def start_node(
     stderr_path: Path,
     name: str | None = None,
     timeout: float = START_TIMEOUT,
+    wrapper: Sequence[str] = (),
 ) -> Node:
-    """Start ``dst serve PATH ARGS`` and wait for one ``listening on`` line per address."""
-    cmd = [*DST, "serve", str(path), *args]
+    """Start ``dst serve PATH ARGS`` (under the command ``wrapper``, e.g. valgrind) and
+    wait for one ``listening on`` line per address."""
+    cmd = [*wrapper, *DST, "serve", str(path), *args]
     for addr in listen:
         cmd += ["--listen", addr]
     node = Node(name or path.stem, cmd, stderr_path, path)
