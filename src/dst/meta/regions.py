@@ -117,8 +117,8 @@ class RegionTracker:
         self._inflight: int | None = None
         self._writes: dict[int, range] = {}  # write id -> its regions
         self._waiting: dict[int, None] = {}  # ids of writes not yet proceeding, in order
-        self._active: dict[int, int] = {}  # region -> proceeding writes
         self._held: dict[int, int] = {}  # region -> waiting + proceeding writes
+        self._queued: dict[int, int] = {}  # region -> waiting writes (proceeding: the rest)
         self._resync: set[int] = set()
         self._resync_wait: dict[int, None] = {}
         self.lazy = LazyClear(clear_delay)
@@ -163,6 +163,7 @@ class RegionTracker:
         regions = self._writes[wid] = self.regions(offset, length)
         for r in regions:
             self._held[r] = self._held.get(r, 0) + 1
+            self._queued[r] = self._queued.get(r, 0) + 1
             self._idle.pop(r, None)
             self._mark(r)
             for leg in self.down:
@@ -196,10 +197,9 @@ class RegionTracker:
                     return False
         assert wid not in self._writes
         self._writes[wid] = regions
-        held, active, idle = self._held, self._active, self._idle
+        held, idle = self._held, self._idle
         for r in regions:
             held[r] = held.get(r, 0) + 1
-            active[r] = active.get(r, 0) + 1
             if idle:
                 idle.pop(r, None)
             for leg in self.down:
@@ -214,14 +214,9 @@ class RegionTracker:
         if missed:
             for leg in missed:
                 self.oos[leg].set_range(regions.start, regions.stop)
-        held, active = self._held, self._active
+        held = self._held
         resync, resync_wait = self._resync, self._resync_wait
         for r in regions:
-            n = active[r] - 1
-            if n:
-                active[r] = n
-            else:
-                del active[r]
             n = held[r] - 1
             if n:
                 held[r] = n
@@ -410,8 +405,9 @@ class RegionTracker:
                 self._inflight, self._next = self._next, self._next + 1
                 out.meta = MetaWrite(self._inflight, pages)
         if new is None:
+            held, queued = self._held, self._queued
             for r in list(self._resync_wait):
-                if r not in self._active:
+                if held.get(r, 0) == queued.get(r, 0):  # no write proceeding there
                     del self._resync_wait[r]
                     self._resync.add(r)
                     out.resyncs.append(r)
@@ -419,8 +415,13 @@ class RegionTracker:
             regions = self._writes[wid]
             if self._may_write(regions):
                 del self._waiting[wid]
+                queued = self._queued
                 for r in regions:
-                    self._active[r] = self._active.get(r, 0) + 1
+                    n = queued[r] - 1
+                    if n:
+                        queued[r] = n
+                    else:
+                        del queued[r]
                 out.writes.append(wid)
         return out
 
