@@ -13,15 +13,17 @@ import asyncio
 import errno
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
-from dst.device import Buffer
+from dst.device import Buffer, Cancel, Done
 from dst.errors import BlockError, ConfigError
 from dst.targets.fault import FaultDevice
 from dst.targets.file import FileDevice
+from dst.targets.member import Member
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import LegState, MirrorDevice
 from tests.support.fastpath import Completion, Disk, Mode, disk_log, submit
@@ -578,3 +580,49 @@ async def test_a_held_event_loop_does_not_time_legs_out() -> None:
     ds[1].release()
     assert await c.result() is None
     assert m.health().state == "ok"
+
+
+class _LateCancel(Disk):
+    """A disk whose cancellers take effect only when the test runs them (a node that is
+    slow to answer a cancel)."""
+
+    def __init__(self, size: int, *, name: str) -> None:
+        super().__init__(size, name=name)
+        self.cancels: list[Callable[[], object]] = []
+
+    def _take(
+        self, kind: str, offset: int, length: int, payload: bytes | None, done: Done
+    ) -> Cancel | None:
+        cancel = super()._take(kind, offset, length, payload, done)
+        if cancel is None:
+            return None
+        return lambda: self.cancels.append(cancel)
+
+
+async def test_a_timed_out_leg_call_holds_its_nodes_gate_until_the_node_answers() -> None:
+    """Legs that are nodes: a leg call enters the node's gate inline and leaves it on
+    the answer from below -- not when it times out -- so suspending that node drains
+    what is really still in flight on it."""
+    ds = [_LateCancel(SIZE, name=f"d{i}") for i in range(2)]
+    nodes = [Member(d, name=f"n{i}", where="memory") for i, d in enumerate(ds)]
+    m = await mirror(nodes, leg_timeout=TIMEOUT)
+    await m.write(0, b"a" * 4096)
+    assert [n.counters.writes for n in nodes] == [1, 1]
+    assert [n.inflight for n in nodes] == [0, 0]
+    ds[1].hang = True
+    await m.write(0, b"b" * 4096)  # leg 1 times out: failed, the write succeeds on leg 0
+    assert m.legs[1].state is LegState.FAILED and "ETIMEDOUT" in m.legs[1].reason
+    assert ds[1].cancels and nodes[1].inflight == 1  # cancelled, not yet answered
+    suspend = asyncio.ensure_future(nodes[1].suspend())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not suspend.done()  # the node's request is still in flight
+    for cancel in ds[1].cancels:
+        cancel()  # the node answers (CancelledError)
+    await asyncio.wait_for(suspend, 5)
+    assert nodes[1].inflight == 0 and nodes[1].counters.errors == 0
+    nodes[1].resume()
+    assert [n.counters.writes for n in nodes] == [2, 2]  # each took both writes
+    assert ds[0].data[:4096] == b"b" * 4096 and ds[1].data[:4096] == b"a" * 4096
+    await m.write(R, b"c" * 4096)  # goes on with leg 0
+    assert ds[0].data[R : R + 4096] == b"c" * 4096
