@@ -317,8 +317,8 @@ class GateDevice(BlockDevice):
         return fin
 
     def leave_inline(self, exc: BaseException | None) -> None:
-        """A request taken inline (module docstring) was answered: it leaves the gate,
-        its error is counted."""
+        """A request taken inline (module docstring), or by the callback form, was
+        answered: it leaves the gate, its error is counted."""
         g = self.gate
         g.inflight -= 1
         if not g.inflight:
@@ -329,12 +329,7 @@ class GateDevice(BlockDevice):
     def _finished(self, done: Done, exc: BaseException | None, value: Any) -> None:
         """A callback-face request completed: it leaves the gate and its error is
         counted, then ``done`` runs."""
-        g = self.gate
-        g.inflight -= 1
-        if not g.inflight:
-            g.leave_last()
-        if exc is not None and isinstance(exc, BlockError):
-            self.counters.failed(exc)
+        self.leave_inline(exc)
         done(exc, value)
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
