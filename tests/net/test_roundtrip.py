@@ -251,3 +251,22 @@ def test_under_uvloop(sock_dir: Path) -> None:
             await server.close()
 
     assert run(main()) == b"".join(bytes([i]) * 4096 for i in range(64))
+
+
+def test_run_collects_the_young_generation_less_often() -> None:
+    """The process shell sets the young generation's threshold (dst.net.loop): a
+    request's short-lived objects are freed by reference counting, so a collection
+    every 700 allocations cost 3 % of a mirrored write for nothing."""
+    import gc
+
+    from dst.net.loop import GC_YOUNG, run
+
+    async def main() -> int:
+        return gc.get_threshold()[0]
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])  # Python's default
+    try:
+        assert run(main()) == GC_YOUNG
+    finally:
+        gc.set_threshold(*before)
