@@ -97,6 +97,7 @@ class ReplyParser:
         if self._pos < len(self._buf):
             data = self._buf[self._pos :] + data
         out: list[Reply] = []
+        pending = self._pending
         mv = memoryview(data)
         pos = 0
         end = len(data)
@@ -115,7 +116,14 @@ class ReplyParser:
                 if self._copy_final:
                     out.append(self._finish(self._copy_handle))
                 continue
-            if end - pos < 4:
+            if end - pos >= _SIMPLE_SIZE:  # a simple reply that ends there (the common
+                magic, error, handle = _unpack_simple(data, pos)  # case, inline: one unpack)
+                if magic == SIMPLE_REPLY_MAGIC and type(pending.get(handle)) is int:
+                    del pending[handle]
+                    out.append(Reply(handle, error))
+                    pos += _SIMPLE_SIZE
+                    continue
+            elif end - pos < 4:
                 break
             (magic,) = wire.U32.unpack_from(data, pos)
             if magic == SIMPLE_REPLY_MAGIC:
