@@ -30,6 +30,8 @@ Replies are built as small header ``bytes`` to be written followed by the payloa
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
+from functools import partial
 
 from dst.errors import ProtocolError
 from dst.nbd import wire
@@ -232,6 +234,11 @@ class RequestParser:
 def simple_reply(handle: int, error: int = 0) -> bytes:
     """A simple reply header (followed by the data for a successful simple READ)."""
     return _pack_simple(SIMPLE_REPLY_MAGIC, error, handle)
+
+
+simple_ok: Callable[[int], bytes] = partial(_pack_simple, SIMPLE_REPLY_MAGIC, 0)
+"""``simple_ok(handle)``: :func:`simple_reply` of a success, with no Python frame (every
+WRITE's reply is one)."""
 
 
 def data_chunk(handle: int, offset: int, length: int, *, done: bool = True) -> bytes:

@@ -167,21 +167,12 @@ class Holdings:
         if self.held < self.budget.per_connection:
             self.budget.wait(self.key, wake)
 
-    def take(self, n: int) -> None:
-        """A request holding ``n`` bytes was dispatched (every READ and WRITE: no
-        further call on this path)."""
+    def change(self, n: int) -> None:
+        """Requests dispatched (``n`` > 0) or completed (< 0) changed the payload bytes
+        in flight by ``n``; the connection sums its requests' bytes and tells this once
+        per batch, not per request."""
         self.inflight += n
-        b = self.budget
-        b.used += n
-        if b.used > b.peak:
-            b.peak = b.used
-
-    def give(self, n: int) -> None:
-        self.inflight -= n
-        b = self.budget
-        b.used -= n
-        if b.waiting:
-            b.wake()
+        self.budget.charge(n)
 
     def output(self, buffered: int) -> None:
         """The transport's buffer holds ``buffered`` reply bytes now."""

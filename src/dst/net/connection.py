@@ -28,10 +28,12 @@ must send, so it cannot wait for bytes that will not come.
 Backpressure: at most ``max_inflight`` requests in flight per connection, at most the
 memory budget's bytes of payload (:mod:`dst.net.budget`: READ data until its reply left
 the transport buffer, WRITE payload from its arrival until completion; per connection
-and per process), and nothing is parsed while the transport's write buffer is over its
-high-water mark; in each case reading from the socket pauses and unparsed bytes wait in
-the parser or the kernel.  A client that neither reads its replies nor finishes a
-payload for ``stall_timeout`` seconds is dropped.
+and per process; a request adds its bytes to :attr:`ServerConnection.delta` and the
+budget hears the sum once per batch, before anything reads it), and nothing is
+parsed while the transport's write buffer is over its high-water mark; in each case
+reading from the socket pauses and unparsed bytes wait in the parser or the kernel.
+A client that neither reads its replies nor finishes a payload for ``stall_timeout``
+seconds is dropped.
 
 Shutdown (:meth:`shutdown`): new requests get ESHUTDOWN, in-flight ones finish, then
 the transport closes.  Any error on one connection is logged and closes only it.
@@ -102,6 +104,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.holds = Holdings(server.budget, look=self._buffered, stalled=self._stalled,
                               stall_timeout=server.stall_timeout)  # fmt: skip
         self.blocked = False  # over budget: not parsing until bytes are given back
+        self.delta = 0  # payload bytes dispatched minus completed, not yet in ``holds``
         self.tcp: socket.socket | None = None  # SO_RCVLOWAT while a payload arrives
         self.lowat = 1
 
@@ -266,6 +269,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.in_receive = True
         self.blocked = False
         holds = self.holds
+        self._settle()
         try:
             limit = self.server.max_inflight
             while not self.disconnected and not self.write_paused and self.inflight < limit:
@@ -276,6 +280,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                     self._dispatch(req)
                     if self.disconnected:
                         break
+                self._settle()
                 if parser.blocked:  # over budget: wait for bytes to be given back
                     self.blocked = True
                     holds.short(self._pump)
@@ -317,7 +322,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         device = bound.device
         if typ in (_WRITE, _READ):  # the callback fast path first (dst.device)
             self.inflight += 1
-            self.holds.take(req.length)
+            self.delta += req.length
             done = bind(self._done, req)
             if typ == _WRITE:
                 assert req.data is not None
@@ -333,7 +338,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.disconnected = True
             return
         if typ in (_WRITE, _READ):
-            self.holds.take(req.length)
+            self.delta += req.length
         try:
             first = coro.send(None)
         except StopIteration as stop:
@@ -353,15 +358,15 @@ class ServerConnection(asyncio.BufferedProtocol):
         """Give back what a dispatched request held (its reply, if any, is charged
         again as it sits in the transport buffer)."""
         if req.type in (_WRITE, _READ):
-            self.holds.give(req.length)
+            self.delta -= req.length
 
     def _done(self, req: Request, exc: BaseException | None, value: Any) -> None:
         """Completion of a READ or WRITE taken by the device's fast path."""
         self.inflight -= 1
-        self.holds.give(req.length)  # (_release, inline: every write ends here)
+        self.delta -= req.length  # (_release, inline: every write ends here)
         if exc is None:
             if req.type == _WRITE:  # its reply is the simple one (Binding.reply, _queue)
-                head = rq.simple_reply(req.handle)
+                head = rq.simple_ok(req.handle)
                 self.out.append(head)
                 self.out_bytes += len(head)
             else:
@@ -435,8 +440,15 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def _settle(self) -> None:
+        """Tell the budget what the requests since the last time changed."""
+        if self.delta:
+            self.holds.change(self.delta)
+            self.delta = 0
+
     def _flush(self) -> None:
         self.flush_scheduled = False
+        self._settle()
         if not self.out:
             return
         t = self.transport
