@@ -120,6 +120,42 @@ def test_request_parser_random_bytes(data: bytes, step: int) -> None:
         pass
 
 
+_requests = st.lists(
+    st.tuples(st.sampled_from([Cmd.READ, Cmd.WRITE, Cmd.FLUSH]), st.integers(0, 300)),
+    min_size=1, max_size=12,
+)  # fmt: skip
+
+
+@SETTINGS
+@given(_requests, st.integers(1, 64), st.integers(1, 5), st.integers(0, 700))
+def test_request_parser_returns_all_it_can_or_says_why(
+    reqs: list[tuple[Cmd, int]], step: int, limit: int, budget: int
+) -> None:
+    """Every call returns ``limit`` requests, stops at the budget (``blocked``), or
+    returns every complete request buffered: the server's pump parses no second time
+    to find nothing (ServerConnection._pump)."""
+    stream = b""
+    for handle, (cmd, n) in enumerate(reqs):
+        length = n if cmd != Cmd.FLUSH else 0
+        stream += wire.REQUEST.pack(REQUEST_MAGIC, 0, cmd, handle, 0, length)
+        stream += bytes(length) if cmd == Cmd.WRITE else b""
+    parser = rq.RequestParser(max_payload=256, bufsize=64)
+    got: list[int] = []
+    for i in range(0, len(stream), step):
+        parser.feed(stream[i : i + step])
+        while True:
+            out = parser.requests(limit, budget, first_free=True)
+            got += [r.handle for r in out]
+            if parser.blocked:
+                break  # (the server waits for bytes to be given back; here: next feed)
+            if len(out) < limit:
+                assert parser.requests(limit, budget, first_free=True) == []
+                break
+    while out := parser.requests():  # what the budget held back
+        got += [r.handle for r in out]
+    assert got == list(range(len(reqs)))
+
+
 def _drive_client_replies(data: bytes, structured: bool, step: int) -> None:
     p = ReplyParser(structured=structured, context_id=1)
     p.request(Cmd.READ, 0, 16)

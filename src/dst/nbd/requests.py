@@ -22,6 +22,8 @@ framing; it raises :class:`dst.errors.ProtocolError`.
 or a complete WRITE whose payload (:func:`cost`) would exceed ``budget`` bytes, so the
 shell can apply backpressure in requests and in bytes; the rest stays buffered for the
 next call (:attr:`RequestParser.blocked` is the cost of the request it stopped at).
+Fewer than ``limit`` requests and not blocked: every complete request buffered was
+returned, so another call before more bytes arrive would find none.
 
 Replies are built as small header ``bytes`` to be written followed by the payload
 (``transport.writelines([header, data])``), never concatenated with it.
@@ -198,8 +200,8 @@ class RequestParser:
             if length <= self.max_payload and (
                 typ == _READ or (typ == _WRITE and pos + _REQ_SIZE + length <= end)
             ):  # a longer one holds nothing: it is refused (or drained) unserved
-                if length > budget and (out or not first_free):
-                    self.blocked = length
+                if length > budget and length and (out or not first_free):
+                    self.blocked = length  # (a request that holds nothing is never held)
                     break
                 budget -= length
             pos += _REQ_SIZE

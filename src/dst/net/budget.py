@@ -53,9 +53,10 @@ class Budget:
         """Bytes a connection holding ``held`` may take now (<= 0: none)."""
         return min(self.per_connection - held, self.limit - self.used)
 
-    def idle(self, held: int) -> bool:
-        """Nothing is held anywhere: one request may go, however large."""
-        return not held and not self.used
+    def room(self, held: int) -> tuple[int, bool]:
+        """:meth:`allowance`, and whether nothing is held anywhere (one request may then
+        go, however large): what a connection asks before each batch, in one call."""
+        return self.allowance(held), not held and not self.used
 
     def charge(self, delta: int) -> None:
         """Take (``delta`` > 0) or give back (< 0) bytes; giving back wakes waiters."""
@@ -158,8 +159,9 @@ class Holdings:
         """Bytes this connection may take now (<= 0: none; see :meth:`Budget.allowance`)."""
         return self.budget.allowance(self.held)
 
-    def idle(self) -> bool:
-        return self.budget.idle(self.held)
+    def room(self) -> tuple[int, bool]:
+        """:meth:`Budget.room` for this connection."""
+        return self.budget.room(self.inflight + self.out + self.pending)
 
     def short(self, wake: Callable[[], None]) -> None:
         """Over budget: if the process is short (not this connection), ``wake`` once

@@ -269,23 +269,25 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.in_receive = True
         self.blocked = False
         holds = self.holds
-        self._settle()
+        if self.delta:
+            self._settle()
         try:
             limit = self.server.max_inflight
             while not self.disconnected and not self.write_paused and self.inflight < limit:
-                reqs = parser.requests(
-                    limit - self.inflight, max(holds.allowance(), 0), first_free=holds.idle()
-                )
+                want = limit - self.inflight
+                allowance, idle = holds.room()
+                reqs = parser.requests(want, max(allowance, 0), first_free=idle)
                 for req in reqs:
                     self._dispatch(req)
                     if self.disconnected:
                         break
-                self._settle()
+                if self.delta:
+                    self._settle()
                 if parser.blocked:  # over budget: wait for bytes to be given back
                     self.blocked = True
                     holds.short(self._pump)
                     break
-                if not reqs:
+                if len(reqs) < want:  # all that was buffered (no parse that finds none)
                     break
                 if self.out_bytes > _OUT_HIGH:
                     self._flush()
@@ -442,13 +444,13 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _settle(self) -> None:
         """Tell the budget what the requests since the last time changed."""
-        if self.delta:
-            self.holds.change(self.delta)
-            self.delta = 0
+        self.holds.change(self.delta)
+        self.delta = 0
 
     def _flush(self) -> None:
         self.flush_scheduled = False
-        self._settle()
+        if self.delta:
+            self._settle()
         if not self.out:
             return
         t = self.transport
