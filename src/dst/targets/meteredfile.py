@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 ``dst serve --metrics`` serves a :class:`MeteredFile` instead of a plain
 :class:`~dst.targets.file.FileDevice`: the same device, whose every request goes
-through one of its three funnels (``_read``, ``_write``, ``_counted``), each counted
+through one of its three funnels (``_read``, ``_write``, ``_counted``; the plain file's
+callback-face WRITE does its ``pwrite`` inline, so this one routes it back), each counted
 here into :class:`~dst.device.IOCounters` -- requests, bytes, errors by errno -- and
 timed into its latency histograms (:mod:`dst.stats`).  The time is the device's own:
 the syscall of a READ or WRITE (which completes at once, so two clock reads around it
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Sequence
 from time import perf_counter_ns
 from typing import Any
 
-from dst.device import Buffer, Cancel, Done, IOCounters
+from dst.device import Buffer, Cancel, Done, IOCounters, no_cancel
 from dst.errors import BlockError
 from dst.targets.file import FileDevice
 
@@ -63,6 +64,18 @@ class MeteredFile(FileDevice):
             ns = perf_counter_ns() - t0
             t.write.counts[ns.bit_length()] += 1
             t.write.total_ns += ns
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        """Through the ``_write`` funnel (the plain file writes inline, unmetered)."""
+        if fua or self._read_only:
+            return None
+        try:
+            self._write(offset, data)
+        except BlockError as exc:
+            done(exc, None)
+        else:
+            done(None, None)
+        return no_cancel
 
     def submit_gather(
         self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
