@@ -56,12 +56,12 @@ class RangeLock:
     """Exclusive, FIFO-ordered locks on byte ranges."""
 
     def __init__(self) -> None:
-        self._held: dict[Hold, None] = {}  # registered, not yet released, in arrival order
+        self._count = 0  # registered, not yet released
         self._index: dict[int, list[Hold]] = {}  # bucket -> its holds, in arrival order
         self._wide: list[Hold] = []  # holds too wide to index
 
     def __len__(self) -> int:
-        return len(self._held)
+        return self._count
 
     def register(self, offset: int, length: int) -> Hold:
         """Register ``[offset, offset + length)`` now; :meth:`wait` before using it
@@ -77,9 +77,10 @@ class RangeLock:
         first = offset >> GRAIN_SHIFT
         last = (end - 1) >> GRAIN_SHIFT if end > offset else first  # (empty: its point)
         index = self._index
-        self._held[hold] = None
-        if last - first >= WIDE:
-            hold.earlier = [h for h in self._held if h is not hold and h.start < end
+        self._count += 1
+        if last - first >= WIDE:  # every hold: the indexed ones (once each) and the wide
+            every = {h: None for holds in index.values() for h in holds}
+            hold.earlier = [h for h in (*every, *self._wide) if h.start < end
                             and offset < h.end] or None  # fmt: skip
             self._wide.append(hold)
             return
@@ -134,7 +135,7 @@ class RangeLock:
         if hold.released:
             return
         hold.released = True
-        del self._held[hold]
+        self._count -= 1
         if hold.first < 0:
             self._wide.remove(hold)
         else:
