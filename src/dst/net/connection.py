@@ -458,7 +458,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             t.writelines(self.out)
         self.out = []
         self.out_bytes = 0
-        self.holds.output(self._buffered())
+        buffered = self._buffered()
+        if buffered or self.holds.out:  # (all sent, none was waiting: nothing to tell)
+            self.holds.output(buffered)
 
     # --- the budget of replies and payloads --------------------------------------------
 
