@@ -137,6 +137,15 @@ class Binding:
     def check(self, req: Request) -> tuple[int, str] | None:
         """(NBD error, message) when ``req`` may not reach the device, else None."""
         typ = req.type
+        if typ in (_WRITE, _READ):  # a valid READ or WRITE, the common case, at once
+            length = req.length
+            if (
+                0 < length <= self.max_block
+                and req.offset + length <= self.size
+                and not req.flags & ~self.allowed[typ]
+                and not (typ == _WRITE and self.read_only)
+            ):
+                return None
         allowed = self.allowed.get(typ)
         if allowed is None:
             return _EINVAL, f"unknown command {typ}"
