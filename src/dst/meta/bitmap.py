@@ -293,13 +293,8 @@ class Bitmap:
         """Every bit of ``[start, stop)`` set?  Reads only the bytes of the range (a
         write's regions: a few bits of one page, asked on every write)."""
         pb = self.page_bits
-        if stop - start == 1:  # one bit (a write within one region): test(), inline
-            p = start // pb
-            if p in self._full:
-                return True
-            page = self._pages.get(p)
-            off = start - p * pb
-            return page is not None and bool(page[off >> 3] >> (off & 7) & 1)
+        if stop - start == 1:  # one bit (a write within one region): no slicing
+            return self.test(start)
         while start < stop:
             p, off = divmod(start, pb)
             end = min(stop - p * pb, pb)  # the range's end within page p
