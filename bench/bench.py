@@ -123,12 +123,27 @@ def _qemu_nbd(ctx: Context) -> Iterator[str]:
         yield c.server("qemu-nbd", cmd).uri
 
 
+@contextlib.contextmanager
+def _serve_floor(ctx: Context) -> Iterator[str]:
+    """``bench/mirror_floor.py`` serving the file: parse, ``os.pwrite``/``os.pread``,
+    reply, nothing else -- the least a server in Python does (uvloop, batched replies)."""
+    with cluster(ctx) as c:
+        sock = c.sockets / "floor.sock"
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "mirror_floor.py"),
+               str(sock), f"file:{ctx.file}"]  # fmt: skip
+        yield c.server("floor", cmd, sock=sock, python=True).uri
+
+
 def start_dst(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _dst(ctx)
 
 
 def start_dst_metrics(ctx: Context) -> contextlib.AbstractContextManager[str]:
     return _dst(ctx, ["--metrics", "127.0.0.1:0"])  # its export counted and timed (nobody scrapes)
+
+
+def start_serve_floor(ctx: Context) -> contextlib.AbstractContextManager[str]:
+    return _serve_floor(ctx)
 
 
 def start_nbdkit(ctx: Context) -> contextlib.AbstractContextManager[str]:
@@ -143,6 +158,7 @@ TARGETS: list[Target] = [
     Target("dst", start_dst, (), "dst serve (uvloop)"),
     Target("dst-metrics", start_dst_metrics, (), "dst serve --metrics (its I/O timed)"),
     Target("nbdkit", start_nbdkit, ("nbdkit",), "nbdkit file plugin, default threads"),
+    Target("python-serve-floor", start_serve_floor, (), "mirror_floor.py file:FILE (the floor)"),
     Target("qemu-nbd", start_qemu_nbd, ("qemu-nbd",), "qemu-nbd cache=writeback aio=threads"),
 ]
 

@@ -23,6 +23,8 @@ Subjects (``--subject``, repeatable, run in turn on fresh nodes):
   Python must do per request, nothing else);
 * ``dst-serve``: one ``dst serve`` node under callgrind, written to directly (a node's
   instructions per request);
+* ``python-serve-floor``: ``bench/mirror_floor.py`` serving the node's file itself (the
+  least a server in Python does per request);
 * ``nbdkit``: the same with nbdkit's file plugin (the peer of ``dst-serve``; every
   thread's instructions counted);
 * ``qemu-quorum``: qemu-nbd's quorum (as in ``arrays.py``) under callgrind over two
@@ -60,8 +62,8 @@ from dst.net.address import parse_address
 
 HERE = Path(__file__).resolve().parent
 SLOW_START = 300.0  # seconds: a process under callgrind starts ~50x slower
-SUBJECTS = ("dst-mirror", "dst-mirror-base", "python-floor", "dst-serve", "nbdkit",
-            "qemu-quorum")  # fmt: skip
+SUBJECTS = ("dst-mirror", "dst-mirror-base", "python-floor", "dst-serve",
+            "python-serve-floor", "nbdkit", "qemu-quorum")  # fmt: skip
 
 
 def callgrind(out: Path) -> list[str]:
@@ -78,6 +80,11 @@ def start_subject(c: Cluster, ctx: Context, subject: str, out: Path) -> tuple[in
                           wrapper=callgrind(out))  # fmt: skip
         c.processes.append(node)
         return node.pid, node.uris[0]
+    if subject == "python-serve-floor":
+        sock = c.sockets / "floor.sock"
+        cmd = [*callgrind(out), sys.executable, str(HERE / "mirror_floor.py"), str(sock),
+               f"file:{legs[0]}"]  # fmt: skip
+        return _slow(c, cmd, sock, "floor", python=True)
     if subject in ("nbdkit", "qemu-quorum"):
         kits = [c.sockets / f"kit{i}.sock" for i in range(len(legs))]
         for i, (sock, leg) in enumerate(zip(kits, legs, strict=True)):

@@ -20,6 +20,10 @@ fio's nbd engine, nbdinfo and nbdcopy (fixed newstyle, ``NBD_OPT_GO``, simple re
 READ from the first leg, WRITE and FLUSH to every leg, FUA passed on).  Any other
 option is refused (``NBD_REP_ERR_UNSUP``), any other command fails with EINVAL.
 
+Given one ``file:PATH`` instead of legs it is the floor of one server (``dst serve``'s
+peer): the same front end, each request served at once with ``os.pwrite``/``os.pread``
+on the file (``bench/bench.py --targets python-serve-floor``).
+
 Run ``python bench/mirror_floor.py --help``.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import struct
 from collections.abc import Callable
@@ -128,6 +133,23 @@ class Leg(asyncio.BufferedProtocol):
         return data
 
 
+class FileLeg:
+    """The floor of one server: a file served at once, in the caller's turn."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+
+    def send(self, typ: int, flags: int, offset: int, length: int, data: Any,
+             reply: Reply) -> None:  # fmt: skip
+        if typ == _WRITE:
+            os.pwrite(self.fd, data, offset)
+            reply(0, None)
+        elif typ == _READ:
+            reply(0, os.pread(self.fd, length, offset))
+        else:  # FLUSH
+            reply(0, None)
+
+
 async def connect_leg(path: str, export: str) -> tuple[Leg, int]:
     """Connect to a leg's unix socket and negotiate ``export`` (NBD_OPT_GO); the leg and
     its size."""
@@ -154,8 +176,9 @@ async def connect_leg(path: str, export: str) -> tuple[Leg, int]:
 class Front(asyncio.BufferedProtocol):
     """One client of the mirror."""
 
-    def __init__(self, legs: list[Leg], size: int) -> None:
+    def __init__(self, legs: list[Any], size: int) -> None:
         self.legs, self.size = legs, size
+        self.one = legs[0] if len(legs) == 1 else None  # one leg: no fan-out
         self.buf = bytearray(1 << 24)
         self.n = 0
         self.greeted = False  # the client's flags came
@@ -180,9 +203,11 @@ class Front(asyncio.BufferedProtocol):
             if typ == _WRITE:
                 if n - pos - 28 < length:
                     break
-                self._all(
-                    cookie, _WRITE, flags, offset, length, bytes(buf[pos + 28 : pos + 28 + length])
-                )
+                data = bytes(buf[pos + 28 : pos + 28 + length])
+                if self.one is not None:
+                    self.one.send(_WRITE, flags, offset, length, data, partial(self._reply, cookie))
+                else:
+                    self._all(cookie, _WRITE, flags, offset, length, data)
                 pos += 28 + length
                 continue
             pos += 28
@@ -254,7 +279,13 @@ class Front(asyncio.BufferedProtocol):
 
 
 async def serve(listen: str, legs: list[str]) -> None:
-    conns = [await connect_leg(*spec.split(":", 1)) for spec in legs]
+    conns: list[tuple[Any, int]]
+    if len(legs) == 1 and legs[0].startswith("file:"):
+        path = legs[0].removeprefix("file:")
+        leg = FileLeg(path)
+        conns = [(leg, os.fstat(leg.fd).st_size)]
+    else:
+        conns = [await connect_leg(*spec.split(":", 1)) for spec in legs]
     size = min(s for _, s in conns)
     loop = asyncio.get_running_loop()
     server = await loop.create_unix_server(lambda: Front([c for c, _ in conns], size), listen)
@@ -268,7 +299,7 @@ async def serve(listen: str, legs: list[str]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("listen", help="the unix socket to serve on")
-    p.add_argument("legs", nargs="+", help="each leg as SOCKET:EXPORT")
+    p.add_argument("legs", nargs="+", help="each leg as SOCKET:EXPORT, or one file:PATH")
     args = p.parse_args()
     uvloop.run(serve(args.listen, args.legs))
     return 0
