@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
-from dst.device import Buffer, Extent
+from dst.device import Buffer, Cancel, Done, Extent, no_cancel
 from dst.errors import BlockError, ServerRefused
+from dst.nbd.constants import CmdFlags, TransmissionFlags
 from dst.net.address import Address
 from dst.net.client import ConnectionLost, NbdClient, list_exports
+from dst.net.edge import allowed_flags
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
 
@@ -55,6 +57,14 @@ class HoleyDevice(MemoryDevice):
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         half = length // 2
         return [Extent(half), Extent(1, hole=True), Extent(length, hole=True, zero=True)]
+
+
+class ShortDevice(MemoryDevice):
+    """Its fast-path reads deliver one byte fewer than asked (a broken device)."""
+
+    def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
+        done(None, bytes(self.data[offset : offset + length - 1]))
+        return no_cancel
 
 
 async def serve(sock_dir: Path, exports: dict[str, MemoryDevice], **kw: Any) -> NbdServer:
@@ -106,6 +116,32 @@ async def test_edge_validation(nbd_memory: tuple[NbdServer, Address, MemoryDevic
             await c.read(0, 33 << 20)
         assert info.value.errno == errno.EINVAL
         assert await c.read(0, 4) == bytes(4)  # still usable
+
+
+async def test_a_short_read_from_the_device_is_an_eio(sock_dir: Path) -> None:
+    server = await serve(sock_dir, {"": ShortDevice(1 << 20)})
+    (address,) = server.addresses
+    try:
+        async with await NbdClient.connect(address) as c:
+            for _ in range(2):  # the connection goes on
+                with pytest.raises(BlockError) as info:
+                    await c.read(0, 4096)
+                assert info.value.errno == errno.EIO
+            await c.write(0, b"x")
+    finally:
+        await server.close()
+
+
+def test_allowed_flags_are_plain_ints() -> None:
+    """Checked against every request: an IntFlag's operators would run Python code."""
+    every = int(TransmissionFlags.SEND_FUA | TransmissionFlags.SEND_DF
+                | TransmissionFlags.SEND_FAST_ZERO)  # fmt: skip
+    allowed = allowed_flags(every)
+    assert all(type(v) is int for v in allowed.values())
+    assert allowed[1] == int(CmdFlags.FUA)  # WRITE
+    assert allowed[0] == int(CmdFlags.FUA | CmdFlags.DF)  # READ
+    assert allowed[6] == int(CmdFlags.FUA | CmdFlags.NO_HOLE | CmdFlags.FAST_ZERO)
+    assert allowed_flags(0)[0] == 0
 
 
 async def test_read_only_and_exports(sock_dir: Path) -> None:

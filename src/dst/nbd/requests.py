@@ -50,6 +50,7 @@ from dst.nbd.events import Payload, Request
 _WRITE = int(Cmd.WRITE)
 _READ = int(Cmd.READ)
 _DONE = int(ReplyFlags.DONE)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 _REQ_SIZE = wire.REQUEST_SIZE
 _unpack_request = wire.REQUEST.unpack_from
 _pack_simple = wire.SIMPLE_REPLY.pack
@@ -246,9 +247,14 @@ WRITE's reply is one)."""
 def data_chunk(handle: int, offset: int, length: int, *, done: bool = True) -> bytes:
     """Header of an OFFSET_DATA chunk carrying ``length`` data bytes (written after it)."""
     flags = _DONE if done else 0
-    return _pack_data(
-        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, handle, 8 + length, offset
-    )
+    return _pack_data(STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, handle, 8 + length, offset)
+
+
+data_ok: Callable[[int, int, int], bytes] = partial(
+    _pack_data, STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA
+)
+"""``data_ok(handle, 8 + length, offset)``: :func:`data_chunk` of a whole READ's data, with
+no Python frame (a READ's reply when structured replies are on)."""
 
 
 def hole_chunk(handle: int, offset: int, length: int, *, done: bool = False) -> bytes:

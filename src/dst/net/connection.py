@@ -88,6 +88,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.lost = False
         self.parser: rq.RequestParser | None = None
         self.bound: Binding | None = None  # the export bound at GO
+        self.structured = False  # (the binding's, at hand)
         self.inflight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.out: list[Any] = []
@@ -221,6 +222,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     def bind(self, hs: ServerHandshake, device: BlockDevice, info: ExportInfo) -> None:
         """GO or EXPORT_NAME was accepted for ``device``."""
         self.bound = Binding.of(hs, device, info, max_payload=self.server.max_payload)
+        self.structured = self.bound.structured
         log.debug(
             "%s: export %r size %d flags 0x%x", self.peer, hs.export_name, info.size, info.flags
         )
@@ -371,6 +373,15 @@ class ServerConnection(asyncio.BufferedProtocol):
                 head = rq.simple_ok(req.handle)
                 self.out.append(head)
                 self.out_bytes += len(head)
+            elif len(value) == req.length:  # a READ served whole: the same, inline
+                if self.structured:
+                    head = rq.data_ok(req.handle, 8 + req.length, req.offset)
+                else:
+                    head = rq.simple_ok(req.handle)
+                out = self.out
+                out.append(head)
+                out.append(value)
+                self.out_bytes += len(head) + req.length
             else:
                 self._complete(req, value)
         elif isinstance(exc, Exception):

@@ -71,10 +71,11 @@ def transmission_flags(device: BlockDevice, *, structured: bool) -> int:
 
 
 def allowed_flags(flags: int) -> dict[int, int]:
-    """Command -> the command flags a client may send, given the transmission flags."""
+    """Command -> the command flags a client may send, given the transmission flags
+    (plain ints: an ``IntFlag``'s ``&`` and ``~`` run Python code, per request)."""
     fua = _FUA if flags & TransmissionFlags.SEND_FUA else 0
-    df = CmdFlags.DF if flags & TransmissionFlags.SEND_DF else 0
-    fast = CmdFlags.FAST_ZERO if flags & TransmissionFlags.SEND_FAST_ZERO else 0
+    df = int(CmdFlags.DF) if flags & TransmissionFlags.SEND_DF else 0
+    fast = int(CmdFlags.FAST_ZERO) if flags & TransmissionFlags.SEND_FAST_ZERO else 0
     return {
         _READ: fua | df,
         _WRITE: fua,
@@ -82,8 +83,8 @@ def allowed_flags(flags: int) -> dict[int, int]:
         _FLUSH: fua,
         _TRIM: fua,
         _CACHE: fua,
-        _ZERO: fua | CmdFlags.NO_HOLE | fast,
-        _BS: fua | CmdFlags.REQ_ONE,
+        _ZERO: fua | int(CmdFlags.NO_HOLE) | fast,
+        _BS: fua | int(CmdFlags.REQ_ONE),
     }
 
 
@@ -121,9 +122,9 @@ class Binding:
         if typ == _READ:
             if len(value) != req.length:
                 return None
-            if self.structured:
-                return rq.data_chunk(req.handle, req.offset, req.length), value
-            return rq.simple_reply(req.handle), value
+            if self.structured:  # (inline in ServerConnection._done)
+                return rq.data_ok(req.handle, 8 + req.length, req.offset), value
+            return rq.simple_ok(req.handle), value
         if typ == _BS:
             req_one = bool(req.flags & CmdFlags.REQ_ONE)
             extents = clip_extents(value, req.length, req_one=req_one)
