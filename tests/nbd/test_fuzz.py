@@ -165,7 +165,7 @@ def _drive_client_replies(data: bytes, structured: bool, step: int) -> None:
     p.request(Cmd.FLUSH)
     try:
         for i in range(0, len(data), step):
-            for r in p.feed(data[i : i + step]):
+            for r in p.replies(data[i : i + step]):
                 if r.data is not None and not r.error:
                     assert len(r.data) == 16
     except ProtocolError:

@@ -8,8 +8,11 @@ the shell).  :meth:`ReplyParser.feed` parses simple replies and structured chunk
 matches them to outstanding handles and returns one :class:`~dst.nbd.events.Reply` per
 request once it is complete: READ data reassembled from OFFSET_DATA/OFFSET_HOLE chunks
 into one buffer (a single chunk covering the whole request is sliced out directly),
-BLOCK_STATUS descriptors, or the first error chunk's errno and message.  Data chunks
-spanning received buffers are copied straight to their place in the read buffer.
+BLOCK_STATUS descriptors, or the first error chunk's errno and message.  The most
+common answer, a simple reply of success to a request with no data (every WRITE's), is
+returned as its handle alone, an ``int``: no object per reply
+(:meth:`ReplyParser.replies` gives objects throughout).  Data chunks spanning received
+buffers are copied straight to their place in the read buffer.
 
 The server is checked as it goes: unknown handles, bad magic, chunks outside the
 request, malformed payloads or a successful READ that did not cover its range raise
@@ -92,11 +95,12 @@ class ReplyParser:
             self._pending[handle] = cmd
         return handle, wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
 
-    def feed(self, data: bytes) -> list[Reply]:
-        """Parse received bytes; returns the requests completed by them."""
+    def feed(self, data: bytes) -> list[Reply | int]:
+        """Parse received bytes; returns the requests completed by them: a Reply, or the
+        handle alone for a simple success with no data (module docstring)."""
         if self._pos < len(self._buf):
             data = self._buf[self._pos :] + data
-        out: list[Reply] = []
+        out: list[Reply | int] = []
         pending = self._pending
         mv = memoryview(data)
         pos = 0
@@ -120,7 +124,7 @@ class ReplyParser:
                 magic, error, handle = _unpack_simple(data, pos)  # case, inline: one unpack)
                 if magic == SIMPLE_REPLY_MAGIC and type(pending.get(handle)) is int:
                     del pending[handle]
-                    out.append(Reply(handle, error))
+                    out.append(Reply(handle, error) if error else handle)
                     pos += _SIMPLE_SIZE
                     continue
             elif end - pos < 4:
@@ -149,7 +153,11 @@ class ReplyParser:
             p = self._pending[handle] = _Pending(p, 0, 0)
         return p
 
-    def _simple(self, data: bytes, mv: memoryview, pos: int, out: list[Reply]) -> int:
+    def replies(self, data: bytes) -> list[Reply]:
+        """:meth:`feed`, every answer a Reply."""
+        return [Reply(r) if isinstance(r, int) else r for r in self.feed(data)]
+
+    def _simple(self, data: bytes, mv: memoryview, pos: int, out: list[Reply | int]) -> int:
         if len(data) - pos < _SIMPLE_SIZE:
             return 0
         _, error, handle = _unpack_simple(data, pos)
@@ -159,7 +167,7 @@ class ReplyParser:
         # nothing follows but for a successful READ (a WRITE's answer: ``p`` an int)
         if isinstance(p, int) or p.cmd != _READ or error:
             del self._pending[handle]
-            out.append(Reply(handle, error))
+            out.append(handle if isinstance(p, int) and not error else Reply(handle, error))
             return _SIMPLE_SIZE
         pos += _SIMPLE_SIZE
         if len(data) - pos >= p.length:
@@ -175,7 +183,7 @@ class ReplyParser:
         self._dst, self._dst_pos, self._left = dst, at, n
         self._copy_handle, self._copy_final = handle, final
 
-    def _chunk(self, data: bytes, mv: memoryview, pos: int, out: list[Reply]) -> int:
+    def _chunk(self, data: bytes, mv: memoryview, pos: int, out: list[Reply | int]) -> int:
         avail = len(data) - pos
         if avail < wire.CHUNK_SIZE:
             return 0

@@ -134,22 +134,29 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.abort()
             return
         waiters, calls = self.waiters, self.calls
-        for reply in replies:
-            fut = waiters.pop(reply.handle, None)
-            if fut is not None:
-                if not fut.done():
-                    fut.set_result(reply)
-                continue
-            done = calls.pop(reply.handle, None)
+        for r in replies:
+            if isinstance(r, int):  # its handle: a success with no data (a WRITE's)
+                handle, reply = r, None
+            else:
+                handle, reply = r.handle, r
+            if waiters:
+                fut = waiters.pop(handle, None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(Reply(handle) if reply is None else reply)
+                    continue
+            done = calls.pop(handle, None)
             if done is None:
                 continue  # expired or cancelled: a late reply
             try:
-                if reply.error:
+                if reply is None:
+                    done(None, None)
+                elif reply.error:
                     done(BlockError(nbd_to_errno(reply.error), reply.message or ""), None)
                 else:
                     done(None, reply.data)
             except Exception:
-                log.exception("completion of NBD request %d failed", reply.handle)
+                log.exception("completion of NBD request %d failed", handle)
         if not calls and self.idle is not None and not self.idle.done():
             self.idle.set_result(None)
 
