@@ -7,6 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from dst.meta import regions
 from dst.meta.bitmap import Bitmap
 from dst.meta.regions import MetaWrite, Out, RegionTracker
 
@@ -245,6 +246,37 @@ def test_fast_path_write_is_missed_by_a_failing_leg() -> None:
     assert t.due_clears(100.0).meta is None and t.bitmap.test(0)  # never cleared
 
 
+def test_fast_path_after_a_clear_and_a_bulk_mark() -> None:
+    """What the fast path found ready does not outlive a cleared bit or a bulk mark."""
+    t = tracker()
+    t.persisted(meta(t.begin_write(1, 0, 4096)).batch)
+    t.end_write(1, 1.0)
+    assert t.try_begin_write(2, 0, 4096)  # found ready
+    t.end_write(2, 2.0)
+    t.persisted(meta(t.due_clears(100.0)).batch)  # region 0 cleared
+    assert not t.bitmap.test(0) and not t.try_begin_write(3, 0, 4096)
+    t.persisted(meta(t.begin_write(4, 0, 4096)).batch)
+    t.end_write(4, 101.0)
+    assert t.try_begin_write(5, 0, 4096)
+    t.end_write(5, 102.0)
+    out = t.leg_missed(1, range(0, 3))  # region 0's page persisted again: writes wait
+    assert out.meta is not None and not t.try_begin_write(6, 0, 4096)
+    t.persisted(out.meta.batch)
+    assert t.try_begin_write(7, 0, 4096)
+
+
+def test_regions_remembered_as_ready_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(regions, "READY_MAX", 4)
+    t = tracker()
+    out = t.leg_missed(1, range(0, 10))  # ten regions marked (leg 1 misses them)
+    t.persisted(meta(out).batch)
+    for wid in range(1, 11):
+        assert t.try_begin_write(wid, (wid - 1) * R, 4096)
+        assert len(t._ready) <= 4
+    for wid in range(11, 21):  # forgotten or not, every region is still admitted
+        assert t.try_begin_write(wid, (wid - 11) * R, 4096)
+
+
 def _write(t: RegionTracker, wid: int, region: int, now: float) -> None:
     out = t.begin_write(wid, region * R, 4096)
     if out.meta is not None:
@@ -365,6 +397,18 @@ class TrackerMachine(RuleBasedStateMachine):
         self.tr.leg_attached(leg)
 
     @precondition(lambda self: self.t is not None)
+    @rule(leg=st.integers(0, LEGS - 1), first=st.integers(0, NREG - 1), n=st.integers(1, 70))
+    def leg_missed(self, leg: int, first: int, n: int) -> None:
+        missed = range(first, min(first + n, NREG))
+        self.missed[leg].update(missed)
+        self.apply(self.tr.leg_missed(leg, missed))
+
+    @precondition(lambda self: self.t is not None)
+    @rule(first=st.integers(0, NREG - 1), n=st.integers(1, 3))
+    def mark_unsynced(self, first: int, n: int) -> None:
+        self.apply(self.tr.mark_unsynced(range(first, min(first + n, NREG))))
+
+    @precondition(lambda self: self.t is not None)
     @rule(r=st.integers(0, NREG - 1))
     def begin_resync(self, r: int) -> None:
         if r in self.rs_wait or r in self.rs_held:
@@ -398,6 +442,14 @@ class TrackerMachine(RuleBasedStateMachine):
         for rs in self.active.values():
             for r in rs:
                 assert self.disk.test(r), f"write proceeds on region {r} not marked on disk"
+
+    @invariant()
+    def ready_means_writable(self) -> None:
+        """What the fast path remembers as ready is: marked on disk, no resync."""
+        if self.t is not None:
+            for r in self.tr._ready:
+                assert self.disk.test(r) and self.tr.durable(r)
+                assert r not in self.rs_wait and r not in self.rs_held
 
     @invariant()
     def durable_means_on_disk(self) -> None:

@@ -61,6 +61,7 @@ from dst.meta.clearing import LazyClear
 from dst.meta.layout import DEFAULT_CLEAR_DELAY
 
 Regions = Iterable[int] | range | Bitmap  # a range or a Bitmap is handled in bulk
+READY_MAX = 1 << 16  # regions remembered as ready for writes (4 GiB at 64 KiB regions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,13 @@ class RegionTracker:
         self._queued: dict[int, int] = {}  # region -> waiting writes (proceeding: the rest)
         self._resync: set[int] = set()
         self._resync_wait: dict[int, None] = {}
+        # Regions a write may enter at once (mark durable, no resync): what
+        # try_begin_write's check found, kept until something may change it -- emptied
+        # where marks are made a page at a time or bits cleared, a region dropped when
+        # its resync is asked for (a region is marked only while its bit is clear, so
+        # never while in here); emptied too once READY_MAX (a 1 TiB array written all
+        # over would otherwise remember millions).
+        self._ready: set[int] = set()
         self.lazy = LazyClear(clear_delay)
         self._idle = self.lazy.regions  # region -> idle since (clear candidates)
         # Pages of ``bitmap`` changed since it was read (e.g. pages that went full in
@@ -178,23 +186,14 @@ class RegionTracker:
         :meth:`begin_write`).  Nothing else can change: no bit is set, so no batch."""
         rs = self.region_size  # (regions(), inline: every write comes here)
         regions = range(offset // rs, (offset + length - 1) // rs + 1)
-        resync, resync_wait = self._resync, self._resync_wait
-        marking, page_marking = self._marking, self._page_marking
-        bm = self.bitmap
-        if not (marking or resync or resync_wait or page_marking):  # steady state
-            if not bm.all_set(regions.start, regions.stop):
-                return False
-        else:
-            pb = bm.page_bits
-            for r in regions:
-                if (
-                    r in marking
-                    or r in resync
-                    or r in resync_wait
-                    or r // pb in page_marking
-                    or not bm.test(r)
-                ):
+        ready = self._ready
+        for r in regions:  # (a write within one region: one membership test)
+            if r not in ready:
+                if not self._writable(r):
                     return False
+                if len(ready) >= READY_MAX:
+                    ready.clear()
+                ready.add(r)
         assert wid not in self._writes
         self._writes[wid] = regions
         held, idle = self._held, self._idle
@@ -205,6 +204,10 @@ class RegionTracker:
             for leg in self.down:
                 self.oos[leg].set(r)
         return True
+
+    def _writable(self, r: int) -> bool:
+        """May a write enter region ``r`` at once (mark durable, no resync)?"""
+        return r not in self._resync and r not in self._resync_wait and self.durable(r)
 
     def end_write(self, wid: int, now: float, *, missed: Iterable[int] = ()) -> Out | None:
         """Write ``wid`` completed; ``missed`` are legs it did not reach.  None: it
@@ -326,6 +329,7 @@ class RegionTracker:
         """Ask for the resync lock of ``region``: granted when it is in ``Out.resyncs``."""
         assert region not in self._resync and region not in self._resync_wait
         self._resync_wait[region] = None
+        self._ready.discard(region)
         self._idle.pop(region, None)
         return self._progress()
 
@@ -364,6 +368,7 @@ class RegionTracker:
         holds."""
         busy = (*self._held, *self._resync, *self._resync_wait, *self._marking)
         self.lazy.clear(self.bitmap, (*self.oos, self.unsynced), busy, now)
+        self._ready.clear()  # (bits cleared: found again by the next writes)
         return self._progress()
 
     # --- internals -----------------------------------------------------------------
@@ -376,6 +381,7 @@ class RegionTracker:
         self.bitmap.set(r)
         if self.bitmap.is_full(page):
             self._page_marking[page] = self._next
+            self._ready.clear()
         else:
             self._marking[r] = self._next
 
@@ -384,12 +390,10 @@ class RegionTracker:
         to their regions wait for it."""
         for p in pages:
             self._page_marking[p] = self._next
+        self._ready.clear()
 
     def _may_write(self, regions: range) -> bool:
-        return all(
-            r not in self._resync and r not in self._resync_wait and self.durable(r)
-            for r in regions
-        )
+        return all(map(self._writable, regions))
 
     def _progress(self, new: int | None = None) -> Out:
         """Start a batch if none is in flight; hand out the resyncs and writes that may
