@@ -289,26 +289,6 @@ class Bitmap:
             pos = (p + 1) * pb
         return None
 
-    def all_set(self, start: int, stop: int) -> bool:
-        """Every bit of ``[start, stop)`` set?  Reads only the bytes of the range (a
-        write's regions: a few bits of one page, asked on every write)."""
-        pb = self.page_bits
-        if stop - start == 1:  # one bit (a write within one region): no slicing
-            return self.test(start)
-        while start < stop:
-            p, off = divmod(start, pb)
-            end = min(stop - p * pb, pb)  # the range's end within page p
-            if p not in self._full:
-                page = self._pages.get(p)
-                if page is None:
-                    return False
-                n = end - off
-                bits = int.from_bytes(page[off >> 3 : (end + 7) >> 3], "little") >> (off & 7)
-                if ~bits & ((1 << n) - 1):
-                    return False
-            start = p * pb + end
-        return True
-
     def next_clear(self, pos: int, stop: int | None = None) -> int:
         """The first clear bit in ``[pos, stop)``, or ``stop`` (default: nbits)."""
         stop = self.nbits if stop is None else min(stop, self.nbits)
