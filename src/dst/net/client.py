@@ -58,6 +58,7 @@ __all__ = ["MEMBER_KEEPALIVE", "ConnectionLost", "Keepalive", "NbdClient", "list
 
 _TF = TransmissionFlags
 _READ, _WRITE, _FUA = int(Cmd.READ), int(Cmd.WRITE), int(CmdFlags.FUA)
+_SEND_FUA = int(TransmissionFlags.SEND_FUA)
 
 
 class NbdClient:
@@ -195,20 +196,27 @@ class NbdClient:
             raise BlockError(nbd_to_errno(reply.error), reply.message or "")
         return reply
 
-    def _submit(
-        self, cmd: int, offset: int, length: int, flags: int, data: Buffer | None, done: Done,
+    def submit(
+        self, cmd: int, offset: int, length: int, fua: bool, data: Buffer | None, done: Done,
         parts: Sequence[Buffer] = (),
     ) -> Cancel | None:  # fmt: skip
-        """Queue a request whose reply calls ``done`` (None: not now, use the coroutine
-        form -- connection lost, or a per-request timeout to run); its payload is
-        ``data``, or else the buffers ``parts``.  A full send buffer does not refuse it:
-        the coroutine form would queue it all the same (its wait for the buffer to
-        drain cannot end the request sooner than its reply), and nothing is copied."""
+        """Queue a READ or WRITE of ``length`` bytes whose reply calls ``done``; a WRITE's
+        payload is ``data``, or else the buffers ``parts`` end to end.  None: not now,
+        use the coroutine form -- longer than the server takes, FUA it cannot do, the
+        connection lost, or a per-request timeout to run.  A full send buffer does not
+        refuse it: the coroutine form would queue it all the same (its wait for the
+        buffer to drain cannot end the request sooner than its reply), and nothing is
+        copied."""
         proto = self._proto
-        if proto.lost is not None or self.timeout is not None:
+        if (
+            proto.lost is not None
+            or self.timeout is not None
+            or length > self.max_block
+            or (fua and not self.flags & _SEND_FUA)
+        ):
             return None
         assert proto.parser is not None
-        handle, header = proto.parser.request(cmd, offset, length, flags)
+        handle, header = proto.parser.request(cmd, offset, length, _FUA if fua else 0)
         proto.calls[handle] = done
         out = proto.out  # (proto.send, inline: every leg's part of a mirrored write)
         out.append(header)
@@ -223,26 +231,19 @@ class NbdClient:
 
     def submit_read(self, offset: int, length: int, done: Done) -> Cancel | None:
         """:meth:`read` with a callback: ``done(None, data)`` or ``done(error, None)``."""
-        if length > self.max_block:
-            return None
-        return self._submit(_READ, offset, length, 0, None, done)
+        return self.submit(_READ, offset, length, False, None, done)
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
-        """:meth:`write` with a callback: ``done(None, None)`` or ``done(error, None)``."""
-        n = len(data)
-        if n > self.max_block or (fua and not self.flags & _TF.SEND_FUA):
-            return None
-        return self._submit(_WRITE, offset, n, _FUA if fua else 0, data, done)
+        """:meth:`write` with a callback: ``done(None, None)`` or ``done(error, None)``
+        (a remote device calls :meth:`submit`: one call less per write)."""
+        return self.submit(_WRITE, offset, len(data), fua, data, done)
 
     def submit_gather(
         self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
     ) -> Cancel | None:
         """:meth:`submit_write` of ``parts`` end to end: one request whose payload is
         sent from the buffers as they are."""
-        n = sum(map(len, parts))
-        if n > self.max_block or (fua and not self.flags & _TF.SEND_FUA):
-            return None
-        return self._submit(_WRITE, offset, n, _FUA if fua else 0, None, done, parts)
+        return self.submit(_WRITE, offset, sum(map(len, parts)), fua, None, done, parts)
 
     def _fua(self, fua: bool) -> int:
         return int(CmdFlags.FUA) if fua and self.flags & _TF.SEND_FUA else 0

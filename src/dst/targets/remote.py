@@ -23,9 +23,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
+from dst.nbd.constants import Cmd
 from dst.net.address import Address
 from dst.net.client import ConnectionLost
 from dst.targets.reconnect import Link, Listener, Replayable
+
+_WRITE = int(Cmd.WRITE)
 
 
 class RemoteDevice(BlockDevice):
@@ -136,11 +139,11 @@ class RemoteDevice(BlockDevice):
         if conn is None:
             return None
         if not link.replays:  # the link learns of a loss from the connection itself
-            return conn.submit_write(offset, data, fua, done)  # (lost: None)
+            return conn.submit(_WRITE, offset, len(data), fua, data, done)  # (lost: None)
         if not conn.connected:
             return None
         req = Replayable(link, conn, done, lambda c: c.write(offset, data, fua=fua))
-        return req.started(conn.submit_write(offset, data, fua, req.finish))
+        return req.started(conn.submit(_WRITE, offset, len(data), fua, data, req.finish))
 
     def submit_gather(
         self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done

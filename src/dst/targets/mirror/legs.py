@@ -173,7 +173,11 @@ class LegCall:
         node = self.node
         if node is not None:  # the answer from below: it leaves the node's gate
             self.node = None
-            node.leave_inline(exc)
+            g = node.gate
+            if exc is None and g.inflight > 1:
+                g.inflight -= 1  # (leave_inline's common case, inline: nothing to tell)
+            else:
+                node.leave_inline(exc)
         if self.over:
             return  # timed out or stopped before: a late answer is dropped
         self.over = True
