@@ -75,9 +75,20 @@ class RangeLock:
         the caller's."""
         offset, end = hold.start, hold.end
         first = offset >> GRAIN_SHIFT
-        last = (end - 1) >> GRAIN_SHIFT if end > offset else first  # (empty: its point)
         index = self._index
         self._count += 1
+        if end > offset and (end - 1) >> GRAIN_SHIFT == first and not self._wide:
+            # the hot path: a range in one bucket, no wide hold (a new hold's earlier
+            # is None already)
+            hold.first = hold.last = first
+            holds = index.get(first)
+            if holds is None:
+                index[first] = [hold]
+                return
+            hold.earlier = [h for h in holds if h.start < end and offset < h.end] or None
+            holds.append(hold)
+            return
+        last = (end - 1) >> GRAIN_SHIFT if end > offset else first  # (empty: its point)
         if last - first >= WIDE:  # every hold: the indexed ones (once each) and the wide
             every = {h: None for holds in index.values() for h in holds}
             hold.earlier = [h for h in (*every, *self._wide) if h.start < end
@@ -86,7 +97,7 @@ class RangeLock:
             return
         hold.first, hold.last = first, last
         wide = self._wide
-        if first == last:  # the hot path: a range in one bucket (no duplicates)
+        if first == last:  # a range in one bucket (no duplicates), with wide holds
             holds = index.get(first)
             earlier = None
             for h in holds or ():
@@ -136,11 +147,12 @@ class RangeLock:
             return
         hold.released = True
         self._count -= 1
-        if hold.first < 0:
+        first = hold.first
+        if first < 0:
             self._wide.remove(hold)
         else:
             index = self._index
-            for b in range(hold.first, hold.last + 1):
+            for b in range(first, hold.last + 1) if hold.last != first else (first,):
                 holds = index[b]
                 if len(holds) == 1:
                     del index[b]
