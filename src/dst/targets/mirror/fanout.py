@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from dst.aio import submit_coro, wait_done
@@ -155,7 +155,7 @@ class Mutation(Hold):
         self.cancelled = False
         self.legs: list[Leg] = []
         self.results: list[Any] = []
-        self.calls: list[LegCall] = []
+        self.calls: Sequence[LegCall] = ()
         self.left = 0
 
     def run(self, done: Done) -> Cancel:
@@ -293,6 +293,9 @@ class Mutation(Hold):
             raise err
 
     def _end(self, missed: set[int] | tuple[()]) -> None:
+        # Its calls refer back to it: let go of them, so that no cycle is left for the
+        # garbage collector (a pass over the young objects every few hundred writes).
+        self.calls = ()
         core = self.core
         if self.wid:
             core.rh.end_write(self.wid, missed)  # (rh: no property call)

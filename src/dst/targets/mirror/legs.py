@@ -186,6 +186,7 @@ class LegCall:
         leg.answers += 1
         if self.deadlines is not None and self.cancel_ is not None:
             self.deadlines.discard(self)
+        self.cancel_ = None  # answered: nothing to cancel (a canceller may refer to it)
         if exc is not None:
             if not isinstance(exc, BlockError | asyncio.CancelledError):
                 log.error("leg %d (%s): unexpected error", leg.index, leg.dev.name, exc_info=exc)

@@ -68,6 +68,7 @@ class MirrorRead:
         return self.cancel
 
     def leg_done(self, call: LegCall, exc: BaseException | None, value: Any) -> None:
+        self.call = None  # (it refers back to this read: no cycle for the collector)
         leg = call.leg
         if exc is None:
             leg.counters.reads += 1
