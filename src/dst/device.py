@@ -31,6 +31,11 @@ nothing, and the caller uses the coroutine method instead; so every fast path is
 optimisation of the common case, never a second set of semantics.  A taken request
 returns a canceller: calling it makes ``done`` come soon with an exception if it has
 not come yet (the request may still reach the device).
+
+A device whose WRITE is one system call on the page cache (a file) offers a third,
+inline form, :meth:`BlockDevice.write_now`: written when it returns True, with no
+completion at all; the server hands it a view of its receive buffer, valid only during
+the call.  False: not taken (use the other forms).
 """
 
 from __future__ import annotations
@@ -191,6 +196,12 @@ class BlockDevice:
         """Fast path of :meth:`write` (module docstring): ``done(None, None)`` later, or
         None when not taken now.  The default never takes a request."""
         return None
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        """A WRITE without FUA done inline (module docstring): True once written --
+        ``data`` is not kept --, False when not taken.  Raises BlockError.  The default
+        never takes one."""
+        return False
 
     def submit_gather(
         self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done

@@ -291,6 +291,27 @@ def test_request_parser_limit_and_oversized_write() -> None:
     assert [r.handle for r in parser.requests()] == [10]
 
 
+def test_request_parser_offers_writes_inline_until_one_is_returned() -> None:
+    parser = rq.RequestParser()
+    parser.feed(
+        req(Cmd.WRITE, 1, 0, 3) + b"one" + req(Cmd.WRITE, 2, 8, 3) + b"two"
+        + req(Cmd.WRITE, 3, 16, 5) + b"three" + req(Cmd.READ, 4, 0, 3)
+        + req(Cmd.WRITE, 5, 24, 4) + b"four" + req(Cmd.WRITE, 6, 32, 10) + b"part"
+    )  # fmt: skip
+    seen: list[tuple[int, int, int, int, bytes]] = []
+
+    def inline(flags: int, handle: int, offset: int, length: int, data: memoryview) -> bool:
+        seen.append((flags, handle, offset, length, bytes(data)))
+        return handle != 3  # declined: returned as a request, and nothing more inline
+
+    out = parser.requests(inline=inline)
+    assert seen == [(0, 1, 0, 3, b"one"), (0, 2, 8, 3, b"two"), (0, 3, 16, 5, b"three")]
+    assert [(r.handle, r.data) for r in out] == [(3, b"three"), (4, None), (5, b"four")]
+    parser.feed(b"ial!!!")  # the rest of write 6 (it came in two pieces: never inline)
+    (last,) = parser.requests(inline=inline)
+    assert last.handle == 6 and bytes(last.data or b"") == b"partial!!!" and len(seen) == 3
+
+
 def test_request_parser_bad_magic() -> None:
     parser = rq.RequestParser()
     parser.feed(req(Cmd.READ, 1, 0, 1) + b"\x00" * 28)

@@ -53,6 +53,22 @@ class GatedDevice(MemoryDevice):
         return await super().read(offset, length)
 
 
+class InlineDevice(GatedDevice):
+    """Writes inline (``BlockDevice.write_now``), counting them; one at ``bad`` fails."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.inline = 0
+        self.bad = -1
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        if offset == self.bad:
+            raise BlockError(errno.ENOSPC, "no room here")
+        self.data[offset : offset + len(data)] = data
+        self.inline += 1
+        return True
+
+
 class HoleyDevice(MemoryDevice):
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         half = length // 2
@@ -203,8 +219,40 @@ async def test_backpressure_bounds_inflight(sock_dir: Path) -> None:
         await server.close()
 
 
+async def test_inline_writes_keep_the_order_and_answer_errors(sock_dir: Path) -> None:
+    """A device that writes inline gets every plain WRITE that came whole (small ones
+    here: a request of a few hundred bytes is never split between receives)."""
+    device = InlineDevice(1 << 20)
+    device.gate.set()  # reads go at once
+    device.data[:512] = b"o" * 512
+    server = await serve(sock_dir, {"": device})
+    try:
+        async with await NbdClient.connect(server.addresses[0]) as c:
+            # sent together, a READ then a WRITE of the same block: served in that order
+            old, _ = await asyncio.gather(c.read(0, 512), c.write(0, b"n" * 512))
+            assert old == b"o" * 512 and device.data[:512] == b"n" * 512
+            _, new = await asyncio.gather(c.write(0, b"m" * 512), c.read(0, 512))
+            assert new == b"m" * 512
+            n = device.inline
+            await c.write(1024, b"i" * 512)
+            assert device.inline == n + 1 and device.data[1024:1536] == b"i" * 512
+            await c.write(2048, b"f" * 512, fua=True)  # FUA: the request path
+            assert device.inline == n + 1 and device.data[2048:2560] == b"f" * 512
+            device.bad = 4096
+            with pytest.raises(BlockError) as info:
+                await c.write(4096, b"x" * 512)
+            assert (info.value.errno, info.value.message) == (errno.ENOSPC, "no room here")
+            with pytest.raises(BlockError) as info:  # beyond the end: the edge's answer
+                await c.write(device.size - 1, b"zz")
+            assert info.value.errno == errno.ENOSPC and device.inline == n + 1
+            await c.write(0, b"y" * 10)  # the connection goes on
+            assert device.inline == n + 2 and device.data[:11] == b"y" * 10 + b"m"
+    finally:
+        await server.close()
+
+
 async def test_clean_shutdown(sock_dir: Path) -> None:
-    device = GatedDevice(1 << 20)
+    device = InlineDevice(1 << 20)
     device.data[:4] = b"abcd"
     server = await serve(sock_dir, {"": device})
     c = await NbdClient.connect(server.addresses[0])
@@ -216,6 +264,9 @@ async def test_clean_shutdown(sock_dir: Path) -> None:
     with pytest.raises(BlockError) as info:
         await c.read(0, 4)
     assert info.value.errno == errno.ESHUTDOWN
+    with pytest.raises(BlockError) as info:  # not written inline either
+        await c.write(0, b"x")
+    assert info.value.errno == errno.ESHUTDOWN and device.data[:4] == b"abcd"
     assert not closing.done()
     device.gate.set()
     assert await inflight == b"abcd"

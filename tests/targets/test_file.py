@@ -216,6 +216,15 @@ async def test_file_device_fast_path(tmp_path: Path) -> None:
     assert c.calls == [(None, data)]
     assert f.submit_write(0, data, True, Completion()) is None  # FUA: the coroutine
     assert path.read_bytes()[:4096] == bytes(4096)
+    assert f.write_now(8192, b"inline") and path.read_bytes()[8192:8198] == b"inline"
+    f._fd, fd = -1, f._fd  # a write that fails: its BlockError, by either form
+    with pytest.raises(BlockError) as e:
+        f.write_now(0, data)
+    assert e.value.errno == errno.EBADF
+    c = Completion()
+    assert f.submit_write(0, data, False, c) is not None
+    assert isinstance(c.calls[0][0], BlockError)
+    f._fd = fd
     os.truncate(path, 8192)  # shrunk under us: a short read is an error, not short data
     c = Completion()
     assert f.submit_read(4096, 8192, c) is not None
@@ -250,6 +259,7 @@ async def test_read_only_file_device_refuses_writes(tmp_path: Path) -> None:
     ro = FileDevice(path, read_only=True)
     await ro.open()
     assert ro.submit_write(0, b"n" * 4096, False, Completion()) is None
+    assert not ro.write_now(0, b"n" * 4096)  # not taken: the coroutine says why
     assert path.read_bytes() == data * 4
     with pytest.raises(BlockError) as e:  # the coroutine gives the error
         await ro.write(0, b"n" * 4096)

@@ -60,6 +60,9 @@ MAPPED_PAYLOAD = 1 << 20  # a partial payload this large is received into a mapp
 EAGER_PAYLOAD = 2 << 20  # ... unless it is at most this large and an eighth has arrived
 UNLIMITED = 1 << 62
 
+InlineWrite = Callable[[int, int, int, int, memoryview], bool]
+"""``inline(flags, handle, offset, length, payload)``: a WRITE served at once (True)."""
+
 
 def cost(typ: int, length: int) -> int:
     """The bytes a request holds while it is served: a READ's reply data, a WRITE's
@@ -175,11 +178,21 @@ class RequestParser:
             mv = mv[n:]
 
     def requests(
-        self, limit: int = 1 << 30, budget: int = UNLIMITED, *, first_free: bool = False
+        self,
+        limit: int = 1 << 30,
+        budget: int = UNLIMITED,
+        *,
+        first_free: bool = False,
+        inline: InlineWrite | None = None,
     ) -> list[Request]:
         """Parse up to ``limit`` complete requests holding at most ``budget`` bytes of
         payload (module docstring); with ``first_free`` the first one goes whatever it
-        holds.  Raises ProtocolError on bad magic."""
+        holds.  Raises ProtocolError on bad magic.
+
+        ``inline(flags, handle, offset, length, payload)`` is offered every WRITE whose
+        payload is in the buffer while no request was returned yet (so requests are
+        still served in the order they came): True, it was served -- ``payload``, a
+        view of the buffer, is not kept -- and is not returned."""
         out: list[Request] = []
         self.blocked = 0
         if self._ready is not None:  # its bytes came in, counted as they did
@@ -194,10 +207,19 @@ class RequestParser:
             n = min(self._skip, end - pos)
             self._skip -= n
             pos += n
+        view = None
         while pos + _REQ_SIZE <= end and len(out) < limit:
             magic, flags, typ, handle, offset, length = _unpack_request(rx, pos)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic 0x{magic:08x}")
+            if typ == _WRITE and inline is not None and not out:
+                start = pos + _REQ_SIZE
+                if start + length <= end:
+                    if view is None:
+                        view = memoryview(rx)
+                    if inline(flags, handle, offset, length, view[start : start + length]):
+                        pos = start + length
+                        continue
             if length <= self.max_payload and (
                 typ == _READ or (typ == _WRITE and pos + _REQ_SIZE + length <= end)
             ):  # a longer one holds nothing: it is refused (or drained) unserved

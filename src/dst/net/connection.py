@@ -48,11 +48,11 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from dst.aio import Continuation, bind
-from dst.device import BlockDevice
+from dst.device import BlockDevice, Buffer
 from dst.errors import BlockError, ProtocolError
 from dst.nbd import requests as rq
 from dst.nbd.constants import Cmd, CmdFlags, NbdErr, errno_to_nbd
@@ -73,6 +73,10 @@ LOWAT = 256 << 10  # wake for a payload's rest once this much of it came (or all
 _ESHUTDOWN = int(NbdErr.ESHUTDOWN)
 
 
+def _not_now(offset: int, data: Buffer) -> bool:
+    return False
+
+
 class ServerConnection(asyncio.BufferedProtocol):
     """Serves one client (see module docstring)."""
 
@@ -89,6 +93,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.parser: rq.RequestParser | None = None
         self.bound: Binding | None = None  # the export bound at GO
         self.structured = False  # (the binding's, at hand)
+        self.inline: rq.InlineWrite | None = None  # the bound device writes inline ...
+        self.write_now: Callable[[int, Buffer], bool] = _not_now  # ... so (its write_now)
         self.inflight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.out: list[Any] = []
@@ -223,6 +229,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         """GO or EXPORT_NAME was accepted for ``device``."""
         self.bound = Binding.of(hs, device, info, max_payload=self.server.max_payload)
         self.structured = self.bound.structured
+        if type(device).write_now is not BlockDevice.write_now and not self.bound.read_only:
+            self.inline = self._write_now
+            self.write_now = device.write_now
         log.debug(
             "%s: export %r size %d flags 0x%x", self.peer, hs.export_name, info.size, info.flags
         )
@@ -278,7 +287,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             while not self.disconnected and not self.write_paused and self.inflight < limit:
                 want = limit - self.inflight
                 allowance, idle = holds.room()
-                reqs = parser.requests(want, max(allowance, 0), first_free=idle)
+                reqs = parser.requests(want, max(allowance, 0), first_free=idle,
+                                       inline=self.inline)  # fmt: skip
                 for req in reqs:
                     self._dispatch(req)
                     if self.disconnected:
@@ -357,6 +367,29 @@ class ServerConnection(asyncio.BufferedProtocol):
         task = self.loop.create_task(self._finish(req, Continuation(coro, first)))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _write_now(self, flags: int, handle: int, offset: int, length: int, data: memoryview
+                   ) -> bool:  # fmt: skip
+        """A WRITE whose payload came with it, on a device that writes inline
+        (:meth:`BlockDevice.write_now`): written and answered at once, with no request
+        object.  False: not taken (anything but a valid plain WRITE, or shutting down):
+        the request path serves it."""
+        bound = self.bound
+        assert bound is not None
+        if flags or not length or offset + length > bound.size or length > bound.max_block:
+            return False
+        if self.closing:
+            return False
+        try:
+            if not self.write_now(offset, data):
+                return False
+        except BlockError as exc:
+            head = bound.error_to(handle, errno_to_nbd(exc.errno), exc.message)
+        else:
+            head = rq.simple_ok(handle)
+        self.out.append(head)
+        self.out_bytes += len(head)
+        return True
 
     def _release(self, req: Request) -> None:
         """Give back what a dispatched request held (its reply, if any, is charged

@@ -133,7 +133,11 @@ class Binding:
 
     def error(self, req: Request, code: int, message: str) -> bytes:
         """The error reply to ``req`` (NBD ``code``; the message when structured)."""
-        return rq.error_reply(req.handle, code, message, structured=self.structured)
+        return self.error_to(req.handle, code, message)
+
+    def error_to(self, handle: int, code: int, message: str) -> bytes:
+        """The error reply to request ``handle``."""
+        return rq.error_reply(handle, code, message, structured=self.structured)
 
     def check(self, req: Request) -> tuple[int, str] | None:
         """(NBD error, message) when ``req`` may not reach the device, else None."""

@@ -221,15 +221,25 @@ class FileDevice(BlockDevice):
             done(None, data)
         return no_cancel
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
-        if fua or self._read_only:
-            return None  # the coroutine: RWF_DSYNC in a thread, or the read-only error
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        if self._read_only:
+            return False  # the coroutine: the read-only error
         try:  # (_write, inline: a node's every write; a MeteredFile goes through _write)
             n = os.pwrite(self._fd, data, offset)
             if n != len(data):
                 self._write_rest(data, offset, n)
         except OSError as exc:
-            done(block_error(exc, "write"), None)
+            raise block_error(exc, "write") from None
+        return True
+
+    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+        if fua:
+            return None  # the coroutine: RWF_DSYNC in a thread
+        try:
+            if not self.write_now(offset, data):
+                return None
+        except BlockError as exc:
+            done(exc, None)
         else:
             done(None, None)
         return no_cancel

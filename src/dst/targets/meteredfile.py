@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Sequence
 from time import perf_counter_ns
 from typing import Any
 
-from dst.device import Buffer, Cancel, Done, IOCounters, no_cancel
+from dst.device import Buffer, Cancel, Done, IOCounters
 from dst.errors import BlockError
 from dst.targets.file import FileDevice
 
@@ -65,17 +65,12 @@ class MeteredFile(FileDevice):
             t.write.counts[ns.bit_length()] += 1
             t.write.total_ns += ns
 
-    def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
+    def write_now(self, offset: int, data: Buffer) -> bool:
         """Through the ``_write`` funnel (the plain file writes inline, unmetered)."""
-        if fua or self._read_only:
-            return None
-        try:
-            self._write(offset, data)
-        except BlockError as exc:
-            done(exc, None)
-        else:
-            done(None, None)
-        return no_cancel
+        if self._read_only:
+            return False
+        self._write(offset, data)
+        return True
 
     def submit_gather(
         self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done
