@@ -13,7 +13,7 @@ from hypothesis import settings
 from dst.net.address import Address
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
-from tests.support.fastpath import Disk
+from tests.support.fastpath import Disk, InlineMemory
 
 # No wall-clock deadline per example: CI machines are loaded and slow; what a property
 # checks is the result, and pytest-timeout bounds every test as a whole.
@@ -31,10 +31,13 @@ def sock_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-async def nbd_memory(sock_dir: Path) -> AsyncIterator[tuple[NbdServer, Address, MemoryDevice]]:
-    """An NbdServer serving a 16 MiB MemoryDevice as the default export, on a unix socket."""
-    device = MemoryDevice(16 << 20)
+@pytest.fixture(params=["callback", "inline"])
+async def nbd_memory(
+    sock_dir: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[NbdServer, Address, MemoryDevice]]:
+    """An NbdServer serving a 16 MiB MemoryDevice as the default export, on a unix
+    socket: served by its callback faces, or inline (as a file is)."""
+    device = (InlineMemory if request.param == "inline" else MemoryDevice)(16 << 20)
     server = NbdServer({"": device})
     (address,) = await server.start(f"unix:{sock_dir / 'nbd.sock'}")
     try:

@@ -32,10 +32,11 @@ optimisation of the common case, never a second set of semantics.  A taken reque
 returns a canceller: calling it makes ``done`` come soon with an exception if it has
 not come yet (the request may still reach the device).
 
-A device whose WRITE is one system call on the page cache (a file) offers a third,
-inline form, :meth:`BlockDevice.write_now`: written when it returns True, with no
-completion at all; the server hands it a view of its receive buffer, valid only during
-the call.  False: not taken (use the other forms).
+A device whose READ and WRITE are one system call on the page cache (a file) offers a
+third, inline form, :meth:`BlockDevice.read_now` and :meth:`BlockDevice.write_now`:
+served when they return, with no completion at all (a WRITE's data is a view of the
+server's receive buffer, valid only during the call); None or False: not taken (use
+the other forms).
 """
 
 from __future__ import annotations
@@ -195,6 +196,11 @@ class BlockDevice:
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
         """Fast path of :meth:`write` (module docstring): ``done(None, None)`` later, or
         None when not taken now.  The default never takes a request."""
+        return None
+
+    def read_now(self, offset: int, length: int) -> Buffer | None:
+        """A READ done inline (module docstring): the data, or None when not taken.
+        Raises BlockError.  The default never takes one."""
         return None
 
     def write_now(self, offset: int, data: Buffer) -> bool:

@@ -300,7 +300,9 @@ def test_request_parser_offers_writes_inline_until_one_is_returned() -> None:
     )  # fmt: skip
     seen: list[tuple[int, int, int, int, bytes]] = []
 
-    def inline(flags: int, handle: int, offset: int, length: int, data: memoryview) -> bool:
+    def inline(typ: int, flags: int, handle: int, offset: int, length: int,
+               data: memoryview | None) -> bool:  # fmt: skip
+        assert typ == Cmd.WRITE and data is not None
         seen.append((flags, handle, offset, length, bytes(data)))
         return handle != 3  # declined: returned as a request, and nothing more inline
 
@@ -310,6 +312,25 @@ def test_request_parser_offers_writes_inline_until_one_is_returned() -> None:
     parser.feed(b"ial!!!")  # the rest of write 6 (it came in two pieces: never inline)
     (last,) = parser.requests(inline=inline)
     assert last.handle == 6 and bytes(last.data or b"") == b"partial!!!" and len(seen) == 3
+
+
+def test_request_parser_offers_reads_inline_within_the_budget() -> None:
+    parser = rq.RequestParser()
+    parser.feed(b"".join(req(Cmd.READ, i, i * 100, 100) for i in range(4)))
+    seen: list[int] = []
+
+    def inline(typ: int, flags: int, handle: int, offset: int, length: int,
+               data: memoryview | None) -> bool:  # fmt: skip
+        assert typ == Cmd.READ and data is None
+        seen.append(handle)
+        return True
+
+    # the first goes free, but once one is served the others count against the budget
+    assert parser.requests(budget=50, first_free=True, inline=inline) == []
+    assert seen == [0] and parser.blocked == 100
+    assert parser.requests(budget=250, inline=inline) == []
+    assert seen == [0, 1, 2] and parser.blocked == 100
+    assert parser.requests(budget=1000, inline=inline) == [] and seen == [0, 1, 2, 3]
 
 
 def test_request_parser_bad_magic() -> None:

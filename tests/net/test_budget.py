@@ -17,7 +17,7 @@ from dst.net.budget import Budget
 from dst.net.client import NbdClient
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
-from tests.support.fastpath import until
+from tests.support.fastpath import InlineMemory, until
 from tests.support.rawnbd import closed, go, raw, request, simple_reply
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,11 +25,14 @@ MiB = 1 << 20
 SIZE = 64 * MiB
 
 
-@pytest.fixture
-async def served(sock_dir: Path) -> AsyncIterator[tuple[NbdServer, Address, Budget]]:
-    """A 64 MiB export with a small budget: 32 MiB in all, 8 MiB per connection."""
+@pytest.fixture(params=["callback", "inline"])
+async def served(
+    sock_dir: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[NbdServer, Address, Budget]]:
+    """A 64 MiB export with a small budget: 32 MiB in all, 8 MiB per connection; its
+    device served by its callback faces, or inline (as a file is)."""
     budget = Budget(32 * MiB, per_connection=8 * MiB)
-    dev = MemoryDevice(SIZE)
+    dev = (InlineMemory if request.param == "inline" else MemoryDevice)(SIZE)
     dev.data[:] = os.urandom(SIZE)
     server = NbdServer(dev, budget=budget, max_connections=6, stall_timeout=1.0)
     (address,) = await server.start(f"unix:{sock_dir / 'b.sock'}")

@@ -61,6 +61,14 @@ class InlineDevice(GatedDevice):
         self.inline = 0
         self.bad = -1
 
+    def read_now(self, offset: int, length: int) -> Buffer | None:
+        if offset == self.bad:
+            raise BlockError(errno.EIO, "cannot read here")
+        if not self.gate.is_set():
+            return None  # not now: the gated coroutine
+        self.inline += 1
+        return bytes(self.data[offset : offset + length])
+
     def write_now(self, offset: int, data: Buffer) -> bool:
         if offset == self.bad:
             raise BlockError(errno.ENOSPC, "no room here")
@@ -236,17 +244,21 @@ async def test_inline_writes_keep_the_order_and_answer_errors(sock_dir: Path) ->
             n = device.inline
             await c.write(1024, b"i" * 512)
             assert device.inline == n + 1 and device.data[1024:1536] == b"i" * 512
+            assert await c.read(1024, 512) == b"i" * 512 and device.inline == n + 2
             await c.write(2048, b"f" * 512, fua=True)  # FUA: the request path
-            assert device.inline == n + 1 and device.data[2048:2560] == b"f" * 512
+            assert device.inline == n + 2 and device.data[2048:2560] == b"f" * 512
             device.bad = 4096
             with pytest.raises(BlockError) as info:
                 await c.write(4096, b"x" * 512)
             assert (info.value.errno, info.value.message) == (errno.ENOSPC, "no room here")
+            with pytest.raises(BlockError) as info:
+                await c.read(4096, 512)
+            assert (info.value.errno, info.value.message) == (errno.EIO, "cannot read here")
             with pytest.raises(BlockError) as info:  # beyond the end: the edge's answer
                 await c.write(device.size - 1, b"zz")
-            assert info.value.errno == errno.ENOSPC and device.inline == n + 1
+            assert info.value.errno == errno.ENOSPC and device.inline == n + 2
             await c.write(0, b"y" * 10)  # the connection goes on
-            assert device.inline == n + 2 and device.data[:11] == b"y" * 10 + b"m"
+            assert device.inline == n + 3 and device.data[:11] == b"y" * 10 + b"m"
     finally:
         await server.close()
 

@@ -65,6 +65,20 @@ class Request:
         self.done(asyncio.CancelledError(), None)
 
 
+class InlineMemory(MemoryDevice):
+    """A MemoryDevice served inline (``BlockDevice.read_now``/``write_now``), as a
+    file is: the NBD server's inline path over memory."""
+
+    def read_now(self, offset: int, length: int) -> Buffer | None:
+        return bytes(self.data[offset : offset + length])
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        if self.caps.read_only:
+            return False
+        self.data[offset : offset + len(data)] = data
+        return True
+
+
 class Disk(MemoryDevice):
     """A MemoryDevice with a fast path (module docstring)."""
 

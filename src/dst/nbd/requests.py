@@ -60,8 +60,9 @@ MAPPED_PAYLOAD = 1 << 20  # a partial payload this large is received into a mapp
 EAGER_PAYLOAD = 2 << 20  # ... unless it is at most this large and an eighth has arrived
 UNLIMITED = 1 << 62
 
-InlineWrite = Callable[[int, int, int, int, memoryview], bool]
-"""``inline(flags, handle, offset, length, payload)``: a WRITE served at once (True)."""
+Inline = Callable[[int, int, int, int, int, memoryview | None], bool]
+"""``inline(type, flags, handle, offset, length, payload)``: a READ or WRITE served at
+once (True)."""
 
 
 def cost(typ: int, length: int) -> int:
@@ -183,16 +184,17 @@ class RequestParser:
         budget: int = UNLIMITED,
         *,
         first_free: bool = False,
-        inline: InlineWrite | None = None,
+        inline: Inline | None = None,
     ) -> list[Request]:
         """Parse up to ``limit`` complete requests holding at most ``budget`` bytes of
         payload (module docstring); with ``first_free`` the first one goes whatever it
         holds.  Raises ProtocolError on bad magic.
 
-        ``inline(flags, handle, offset, length, payload)`` is offered every WRITE whose
-        payload is in the buffer while no request was returned yet (so requests are
-        still served in the order they came): True, it was served -- ``payload``, a
-        view of the buffer, is not kept -- and is not returned."""
+        ``inline(type, flags, handle, offset, length, payload)`` is offered every WRITE
+        whose payload is in the buffer and every READ within the budget (it holds its
+        bytes as any READ does), while no request was returned yet (so requests are
+        still served in the order they came): True, it was served -- a WRITE's
+        ``payload``, a view of the buffer, is not kept -- and is not returned."""
         out: list[Request] = []
         self.blocked = 0
         if self._ready is not None:  # its bytes came in, counted as they did
@@ -217,7 +219,8 @@ class RequestParser:
                 if start + length <= end:
                     if view is None:
                         view = memoryview(rx)
-                    if inline(flags, handle, offset, length, view[start : start + length]):
+                    payload = view[start : start + length]
+                    if inline(_WRITE, flags, handle, offset, length, payload):
                         pos = start + length
                         continue
             if length <= self.max_payload and (
@@ -229,7 +232,15 @@ class RequestParser:
                 budget -= length
             pos += _REQ_SIZE
             if typ != _WRITE:
-                out.append(Request(flags, typ, handle, offset, length))
+                if (
+                    typ == _READ
+                    and inline is not None
+                    and not out
+                    and inline(_READ, flags, handle, offset, length, None)
+                ):
+                    first_free = False  # served, its bytes held: no other goes free
+                else:
+                    out.append(Request(flags, typ, handle, offset, length))
                 continue
             if length > self.max_payload:
                 out.append(Request(flags, typ, handle, offset, length, None))

@@ -73,8 +73,8 @@ LOWAT = 256 << 10  # wake for a payload's rest once this much of it came (or all
 _ESHUTDOWN = int(NbdErr.ESHUTDOWN)
 
 
-def _not_now(offset: int, data: Buffer) -> bool:
-    return False
+def _not_now(offset: int, what: Any) -> Any:
+    return None
 
 
 class ServerConnection(asyncio.BufferedProtocol):
@@ -93,8 +93,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.parser: rq.RequestParser | None = None
         self.bound: Binding | None = None  # the export bound at GO
         self.structured = False  # (the binding's, at hand)
-        self.inline: rq.InlineWrite | None = None  # the bound device writes inline ...
-        self.write_now: Callable[[int, Buffer], bool] = _not_now  # ... so (its write_now)
+        self.inline: rq.Inline | None = None  # the bound device serves inline ...
+        self.read_now: Callable[[int, int], Buffer | None] = _not_now  # ... so (its
+        self.write_now: Callable[[int, Buffer], bool] = _not_now  # read_now, write_now)
         self.inflight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.out: list[Any] = []
@@ -229,8 +230,10 @@ class ServerConnection(asyncio.BufferedProtocol):
         """GO or EXPORT_NAME was accepted for ``device``."""
         self.bound = Binding.of(hs, device, info, max_payload=self.server.max_payload)
         self.structured = self.bound.structured
-        if type(device).write_now is not BlockDevice.write_now and not self.bound.read_only:
-            self.inline = self._write_now
+        cls = type(device)
+        if cls.write_now is not BlockDevice.write_now or cls.read_now is not BlockDevice.read_now:
+            self.inline = self._inline
+            self.read_now = device.read_now
             self.write_now = device.write_now
         log.debug(
             "%s: export %r size %d flags 0x%x", self.peer, hs.export_name, info.size, info.flags
@@ -368,25 +371,39 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _write_now(self, flags: int, handle: int, offset: int, length: int, data: memoryview
-                   ) -> bool:  # fmt: skip
-        """A WRITE whose payload came with it, on a device that writes inline
-        (:meth:`BlockDevice.write_now`): written and answered at once, with no request
-        object.  False: not taken (anything but a valid plain WRITE, or shutting down):
-        the request path serves it."""
+    def _inline(self, typ: int, flags: int, handle: int, offset: int, length: int,
+                data: memoryview | None) -> bool:  # fmt: skip
+        """A READ, or a WRITE whose payload came with it, on a device that serves inline
+        (:meth:`BlockDevice.read_now`, :meth:`~BlockDevice.write_now`): served and
+        answered at once, with no request object.  False: not taken (anything but a
+        valid READ or plain WRITE, shutting down, a short read): the request path
+        serves it."""
         bound = self.bound
         assert bound is not None
-        if flags or not length or offset + length > bound.size or length > bound.max_block:
-            return False
-        if self.closing:
+        if (
+            not length
+            or offset + length > bound.size
+            or length > bound.max_block
+            or flags & ~bound.allowed[typ]
+            or self.closing
+        ):
             return False
         try:
-            if not self.write_now(offset, data):
-                return False
+            if typ != _WRITE:
+                value = self.read_now(offset, length)
+                if value is None or len(value) != length:
+                    return False
+                if self.structured:
+                    self._queue(rq.data_ok(handle, 8 + length, offset), value)
+                else:
+                    self._queue(rq.simple_ok(handle), value)
+                return True
+            if flags or data is None or not self.write_now(offset, data):
+                return False  # (FUA: the request path)
         except BlockError as exc:
-            head = bound.error_to(handle, errno_to_nbd(exc.errno), exc.message)
-        else:
-            head = rq.simple_ok(handle)
+            self._queue(bound.error_to(handle, errno_to_nbd(exc.errno), exc.message))
+            return True
+        head = rq.simple_ok(handle)  # (_queue, inline: every write comes here)
         self.out.append(head)
         self.out_bytes += len(head)
         return True

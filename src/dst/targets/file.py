@@ -221,6 +221,9 @@ class FileDevice(BlockDevice):
             done(None, data)
         return no_cancel
 
+    def read_now(self, offset: int, length: int) -> Buffer | None:
+        return self._read(offset, length)
+
     def write_now(self, offset: int, data: Buffer) -> bool:
         if self._read_only:
             return False  # the coroutine: the read-only error
