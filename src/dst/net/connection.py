@@ -92,7 +92,6 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.lost = False
         self.parser: rq.RequestParser | None = None
         self.bound: Binding | None = None  # the export bound at GO
-        self.structured = False  # (the binding's, at hand)
         self.inline: rq.Inline | None = None  # the bound device serves inline ...
         self.read_now: Callable[[int, int], Buffer | None] = _not_now  # ... so (its
         self.write_now: Callable[[int, Buffer], bool] = _not_now  # read_now, write_now)
@@ -229,7 +228,6 @@ class ServerConnection(asyncio.BufferedProtocol):
     def bind(self, hs: ServerHandshake, device: BlockDevice, info: ExportInfo) -> None:
         """GO or EXPORT_NAME was accepted for ``device``."""
         self.bound = Binding.of(hs, device, info, max_payload=self.server.max_payload)
-        self.structured = self.bound.structured
         cls = type(device)
         if cls.write_now is not BlockDevice.write_now or cls.read_now is not BlockDevice.read_now:
             self.inline = self._inline
@@ -393,10 +391,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                 value = self.read_now(offset, length)
                 if value is None or len(value) != length:
                     return False
-                if self.structured:
-                    self._queue(rq.data_ok(handle, 8 + length, offset), value)
-                else:
-                    self._queue(rq.simple_ok(handle), value)
+                self._queue(bound.read_head(handle, offset, length), value)
                 return True
             if flags or data is None or not self.write_now(offset, data):
                 return False  # (FUA: the request path)
@@ -423,15 +418,9 @@ class ServerConnection(asyncio.BufferedProtocol):
                 head = rq.simple_ok(req.handle)
                 self.out.append(head)
                 self.out_bytes += len(head)
-            elif len(value) == req.length:  # a READ served whole: the same, inline
-                if self.structured:
-                    head = rq.data_ok(req.handle, 8 + req.length, req.offset)
-                else:
-                    head = rq.simple_ok(req.handle)
-                out = self.out
-                out.append(head)
-                out.append(value)
-                self.out_bytes += len(head) + req.length
+            elif len(value) == req.length:  # a READ served whole (Binding.reply's)
+                assert self.bound is not None
+                self._queue(self.bound.read_head(req.handle, req.offset, req.length), value)
             else:
                 self._complete(req, value)
         elif isinstance(exc, Exception):

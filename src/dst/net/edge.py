@@ -122,14 +122,18 @@ class Binding:
         if typ == _READ:
             if len(value) != req.length:
                 return None
-            if self.structured:  # (inline in ServerConnection._done)
-                return rq.data_ok(req.handle, 8 + req.length, req.offset), value
-            return rq.simple_ok(req.handle), value
+            return self.read_head(req.handle, req.offset, req.length), value
         if typ == _BS:
             req_one = bool(req.flags & CmdFlags.REQ_ONE)
             extents = clip_extents(value, req.length, req_one=req_one)
             return rq.block_status_chunk(req.handle, self.context_id, extents), None
         return rq.simple_reply(req.handle), None
+
+    def read_head(self, handle: int, offset: int, length: int) -> bytes:
+        """The header before a whole READ's ``length`` bytes of data."""
+        if self.structured:
+            return rq.data_ok(handle, 8 + length, offset)
+        return rq.simple_ok(handle)
 
     def error(self, req: Request, code: int, message: str) -> bytes:
         """The error reply to ``req`` (NBD ``code``; the message when structured)."""
