@@ -12,8 +12,7 @@ from hypothesis import settings
 
 from dst.net.address import Address
 from dst.net.server import NbdServer
-from dst.targets.memory import MemoryDevice
-from tests.support.fastpath import Disk, InlineMemory
+from tests.support.fastpath import Disk, Memoryish, memoryish
 
 # No wall-clock deadline per example: CI machines are loaded and slow; what a property
 # checks is the result, and pytest-timeout bounds every test as a whole.
@@ -31,19 +30,21 @@ def sock_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(params=["callback", "inline"])
+@pytest.fixture(params=["callback", "inline", "compiled"])
 async def nbd_memory(
     sock_dir: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[tuple[NbdServer, Address, MemoryDevice]]:
-    """An NbdServer serving a 16 MiB MemoryDevice as the default export, on a unix
-    socket: served by its callback faces, or inline (as a file is)."""
-    device = (InlineMemory if request.param == "inline" else MemoryDevice)(16 << 20)
+) -> AsyncIterator[tuple[NbdServer, Address, Memoryish]]:
+    """An NbdServer serving a 16 MiB memory-like device as the default export, on a unix
+    socket: served by its callback faces, inline (as a file is) or by the compiled
+    inline runs (a file, :func:`tests.support.fastpath.memoryish`)."""
+    device = await memoryish(request.param, 16 << 20, sock_dir)
     server = NbdServer({"": device})
     (address,) = await server.start(f"unix:{sock_dir / 'nbd.sock'}")
     try:
         yield server, address, device
     finally:
         await server.close(timeout=5)
+        await device.close()
 
 
 @pytest.fixture

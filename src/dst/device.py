@@ -36,7 +36,10 @@ A device whose READ and WRITE are one system call on the page cache (a file) off
 third, inline form, :meth:`BlockDevice.read_now` and :meth:`BlockDevice.write_now`:
 served when they return, with no completion at all (a WRITE's data is a view of the
 server's receive buffer, valid only during the call); None or False: not taken (use
-the other forms).
+the other forms).  Such a device may also offer the inline form for a whole run of
+requests at once, compiled (:meth:`BlockDevice.inline_runs`, :mod:`dst._inline`): the
+server's parse, ``pwrite`` and reply loop in C, stopping at the first request it does
+not take, which the Python forms then serve as before.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ Done = Callable[[BaseException | None, Any], None]
 """Completion of a submitted request: ``done(None, value)`` or ``done(error, None)``."""
 Cancel = Callable[[], object]
 """Returned by a submit that took the request (see the module docstring)."""
+InlineRuns = Callable[[bytearray, int, int, int], tuple[int, int]]
+"""``runs(buffer, pos, end, budget) -> (pos, used)``: :meth:`BlockDevice.inline_runs`."""
 
 
 def no_cancel() -> None:
@@ -208,6 +213,17 @@ class BlockDevice:
         ``data`` is not kept --, False when not taken.  Raises BlockError.  The default
         never takes one."""
         return False
+
+    def inline_runs(
+        self, sink: Callable[[bytes], object], *, size: int, max_block: int, structured: bool,
+        writable: bool,
+    ) -> InlineRuns | None:  # fmt: skip
+        """The inline form compiled for whole runs of requests (:mod:`dst._inline`),
+        offered by a device whose :meth:`read_now` and :meth:`write_now` are one
+        ``pread``/``pwrite`` on a descriptor and nothing else; it sends the replies of
+        each run to ``sink`` and takes nothing once the device closed.  None: not
+        offered (the default; or dst was built without a C compiler)."""
+        return None
 
     def submit_gather(
         self, offset: int, parts: Sequence[Buffer], fua: bool, done: Done

@@ -17,7 +17,7 @@ from dst.net.budget import Budget
 from dst.net.client import NbdClient
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
-from tests.support.fastpath import InlineMemory, until
+from tests.support.fastpath import MappedFile, memoryish, until
 from tests.support.rawnbd import closed, go, raw, request, simple_reply
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,14 +25,15 @@ MiB = 1 << 20
 SIZE = 64 * MiB
 
 
-@pytest.fixture(params=["callback", "inline"])
+@pytest.fixture(params=["callback", "inline", "compiled"])
 async def served(
     sock_dir: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[NbdServer, Address, Budget]]:
     """A 64 MiB export with a small budget: 32 MiB in all, 8 MiB per connection; its
-    device served by its callback faces, or inline (as a file is)."""
+    device served by its callback faces, inline (as a file is) or by the compiled inline
+    runs (a file)."""
     budget = Budget(32 * MiB, per_connection=8 * MiB)
-    dev = (InlineMemory if request.param == "inline" else MemoryDevice)(SIZE)
+    dev = await memoryish(request.param, SIZE, sock_dir)
     dev.data[:] = os.urandom(SIZE)
     server = NbdServer(dev, budget=budget, max_connections=6, stall_timeout=1.0)
     (address,) = await server.start(f"unix:{sock_dir / 'b.sock'}")
@@ -40,6 +41,7 @@ async def served(
         yield server, address, budget
     finally:
         await server.close(timeout=5)
+        await dev.close()
 
 
 def rss() -> int:
@@ -86,7 +88,7 @@ async def test_greedy_clients_share_the_process_budget_with_a_modest_one(
 ) -> None:
     server, address, budget = served
     dev = server.exports[""]
-    assert isinstance(dev, MemoryDevice)
+    assert isinstance(dev, MemoryDevice | MappedFile)
     async with raw(address) as (r1, w1), raw(address) as (r2, w2), raw(address) as (r3, w3):
         for r, w in ((r1, w1), (r2, w2), (r3, w3)):
             await go(r, w)

@@ -24,7 +24,7 @@ from dst.net.address import Address
 from dst.net.client import NbdClient
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
-from tests.support.fastpath import until
+from tests.support.fastpath import Memoryish, until
 from tests.support.rawnbd import closed, go, greet, opt, option_reply, raw, request, simple_reply
 
 pytestmark = pytest.mark.timeout(60)
@@ -176,7 +176,7 @@ async def good_client(address: Address, stop: asyncio.Event) -> int:
 
 
 async def test_hostile_clients_cannot_hurt_the_server(
-    nbd_memory: tuple[NbdServer, Address, MemoryDevice], caplog: pytest.LogCaptureFixture
+    nbd_memory: tuple[NbdServer, Address, Memoryish], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, address, _ = nbd_memory
     caplog.set_level(logging.WARNING)

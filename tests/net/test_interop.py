@@ -16,6 +16,7 @@ from dst.net.address import Address
 from dst.net.client import NbdClient, list_exports
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
+from tests.support.fastpath import Memoryish
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,7 +38,7 @@ async def run(*argv: str) -> str:
     return out.decode()
 
 
-async def test_nbdinfo(nbd_memory: tuple[NbdServer, Address, MemoryDevice]) -> None:
+async def test_nbdinfo(nbd_memory: tuple[NbdServer, Address, Memoryish]) -> None:
     need("nbdinfo")
     server, address, device = nbd_memory
     server.set_export("second", MemoryDevice(1 << 20, name="the second"))
@@ -83,7 +84,7 @@ print("ok", h.get_structured_replies_negotiated(), h.can_multi_conn())
 """
 
 
-async def test_nbdsh(nbd_memory: tuple[NbdServer, Address, MemoryDevice]) -> None:
+async def test_nbdsh(nbd_memory: tuple[NbdServer, Address, Memoryish]) -> None:
     need("nbdsh")
     _, address, device = nbd_memory
     out = await run("nbdsh", "--base-allocation", "-u", address.uri(), "-c", NBDSH_SCRIPT)

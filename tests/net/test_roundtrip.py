@@ -20,6 +20,7 @@ from dst.net.client import ConnectionLost, NbdClient, list_exports
 from dst.net.edge import allowed_flags
 from dst.net.server import NbdServer
 from dst.targets.memory import MemoryDevice
+from tests.support.fastpath import Memoryish
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,7 +98,7 @@ async def serve(sock_dir: Path, exports: dict[str, MemoryDevice], **kw: Any) -> 
     return server
 
 
-async def test_every_command(nbd_memory: tuple[NbdServer, Address, MemoryDevice]) -> None:
+async def test_every_command(nbd_memory: tuple[NbdServer, Address, Memoryish]) -> None:
     _, address, device = nbd_memory
     async with await NbdClient.connect(address) as c:
         assert c.size == device.size and c.structured and c.context_id
@@ -120,7 +121,7 @@ async def test_every_command(nbd_memory: tuple[NbdServer, Address, MemoryDevice]
         assert await c.read(4096 + 8292, 40000) == bytes(data[8292 : 8292 + 40000])
 
 
-async def test_edge_validation(nbd_memory: tuple[NbdServer, Address, MemoryDevice]) -> None:
+async def test_edge_validation(nbd_memory: tuple[NbdServer, Address, Memoryish]) -> None:
     _, address, device = nbd_memory
     async with await NbdClient.connect(address) as c:
         cases = [

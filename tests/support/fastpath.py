@@ -11,13 +11,16 @@ errors (``fail_reads``/``fail_writes``, an errno) apply to both paths.  A write 
 from __future__ import annotations
 
 import asyncio
+import mmap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
-from dst.device import BlockDevice, Buffer, Cancel, Done
+from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent
 from dst.errors import BlockError
 from dst.net.client import NbdClient
+from dst.targets.file import FileDevice
 from dst.targets.memory import MemoryDevice
 from dst.targets.mirror import MirrorDevice
 from dst.targets.mirror.disklog import DiskLog
@@ -77,6 +80,43 @@ class InlineMemory(MemoryDevice):
             return False
         self.data[offset : offset + len(data)] = data
         return True
+
+
+class MappedFile(FileDevice):
+    """A file that looks like a MemoryDevice: its bytes are also ``data`` (a shared
+    mapping of it) and it declares memory's capabilities and reports everything
+    allocated, so the tests written against memory run over a file -- which the server
+    serves with the compiled inline runs (:mod:`dst._inline`)."""
+
+    data: mmap.mmap
+
+    async def open(self) -> None:
+        await super().open()
+        self.caps = Capabilities(trim=True, fast_zero=True, cache=True)
+        self.data = mmap.mmap(self._fd, self.size)
+
+    async def close(self) -> None:
+        if not self.data.closed:
+            self.data.close()
+        await super().close()
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        return await BlockDevice.block_status(self, offset, length)
+
+
+Memoryish = MemoryDevice | MappedFile
+"""What a test reads and writes through ``data``."""
+
+
+async def memoryish(kind: str, size: int, where: Path) -> Memoryish:
+    """A device of ``size`` bytes served by its callback faces (``callback``), inline
+    (``inline``, as a file is in Python) or by the compiled inline runs (``compiled``,
+    a file in ``where``)."""
+    if kind == "compiled":
+        device = MappedFile(where / "memoryish.img", size=size, create=True, name="memory")
+        await device.open()
+        return device
+    return (InlineMemory if kind == "inline" else MemoryDevice)(size)
 
 
 class Disk(MemoryDevice):

@@ -63,6 +63,10 @@ UNLIMITED = 1 << 62
 Inline = Callable[[int, int, int, int, int, memoryview | None], bool]
 """``inline(type, flags, handle, offset, length, payload)``: a READ or WRITE served at
 once (True)."""
+Runs = Callable[[bytearray, int, int, int], tuple[int, int]]
+"""``runs(buffer, pos, end, budget) -> (pos, used)``: the requests from ``pos`` on served at
+once, as many as it takes (``dst.device.BlockDevice.inline_runs``); where it stopped, and
+the bytes of READ data it served."""
 
 
 def cost(typ: int, length: int) -> int:
@@ -185,6 +189,7 @@ class RequestParser:
         *,
         first_free: bool = False,
         inline: Inline | None = None,
+        runs: Runs | None = None,
     ) -> list[Request]:
         """Parse up to ``limit`` complete requests holding at most ``budget`` bytes of
         payload (module docstring); with ``first_free`` the first one goes whatever it
@@ -194,7 +199,10 @@ class RequestParser:
         whose payload is in the buffer and every READ within the budget (it holds its
         bytes as any READ does), while no request was returned yet (so requests are
         still served in the order they came): True, it was served -- a WRITE's
-        ``payload``, a view of the buffer, is not kept -- and is not returned."""
+        ``payload``, a view of the buffer, is not kept -- and is not returned.  ``runs``
+        is offered the buffer from the next request on, on the same terms, before it is
+        parsed here: what it served is not returned, the READ data it served counts
+        against the budget."""
         out: list[Request] = []
         self.blocked = 0
         if self._ready is not None:  # its bytes came in, counted as they did
@@ -211,6 +219,13 @@ class RequestParser:
             pos += n
         view = None
         while pos + _REQ_SIZE <= end and len(out) < limit:
+            if runs is not None and not out:
+                pos, used = runs(rx, pos, end, budget)
+                if used:  # READs served, their bytes held: no other goes free
+                    budget -= used
+                    first_free = False
+                if pos + _REQ_SIZE > end:
+                    break
             magic, flags, typ, handle, offset, length = _unpack_request(rx, pos)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic 0x{magic:08x}")

@@ -95,6 +95,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.inline: rq.Inline | None = None  # the bound device serves inline ...
         self.read_now: Callable[[int, int], Buffer | None] = _not_now  # ... so (its
         self.write_now: Callable[[int, Buffer], bool] = _not_now  # read_now, write_now)
+        self.runs: rq.Runs | None = None  # ... and perhaps whole runs (inline_runs)
         self.inflight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.out: list[Any] = []
@@ -233,6 +234,11 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.inline = self._inline
             self.read_now = device.read_now
             self.write_now = device.write_now
+            b = self.bound
+            self.runs = device.inline_runs(
+                self._queue, size=b.size, max_block=b.max_block, structured=b.structured,
+                writable=not b.read_only,
+            )  # fmt: skip
         log.debug(
             "%s: export %r size %d flags 0x%x", self.peer, hs.export_name, info.size, info.flags
         )
@@ -283,13 +289,14 @@ class ServerConnection(asyncio.BufferedProtocol):
         holds = self.holds
         if self.delta:
             self._settle()
+        runs = None if self.closing else self.runs  # (shutting down: ESHUTDOWN to all)
         try:
             limit = self.server.max_inflight
             while not self.disconnected and not self.write_paused and self.inflight < limit:
                 want = limit - self.inflight
                 allowance, idle = holds.room()
                 reqs = parser.requests(want, max(allowance, 0), first_free=idle,
-                                       inline=self.inline)  # fmt: skip
+                                       inline=self.inline, runs=runs)  # fmt: skip
                 for req in reqs:
                     self._dispatch(req)
                     if self.disconnected:

@@ -32,10 +32,21 @@ import asyncio
 import errno
 import os
 import stat
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health, no_cancel
+from dst.device import (
+    BlockDevice,
+    Buffer,
+    Cancel,
+    Capabilities,
+    Done,
+    Extent,
+    Health,
+    InlineRuns,
+    no_cancel,
+)
 from dst.errors import BlockError, ConfigError
 from dst.targets.fileops import (
     BLKDISCARD,
@@ -50,6 +61,14 @@ from dst.targets.fileops import (
     fallocate,
     unsupported,
 )
+
+try:
+    from dst import _inline
+except ImportError:  # built without a C compiler: the pure-Python inline form serves
+    _inline = None  # type: ignore[assignment]
+
+COMPILED = _inline is not None and not os.environ.get("DST_PURE_PYTHON")
+"""Offer :meth:`FileDevice.inline_runs` (``DST_PURE_PYTHON=1`` in the environment: no)."""
 
 
 class FileDevice(BlockDevice):
@@ -83,6 +102,7 @@ class FileDevice(BlockDevice):
         self._read_only = read_only
         self._shrink = shrink
         self._fd = -1
+        self._runs: weakref.WeakSet[_inline.Inline] = weakref.WeakSet()  # inline_runs'
         self._is_blk = False
         self._zero_range = True  # cleared when FALLOC_FL_ZERO_RANGE proves unsupported
         self.caps = Capabilities(read_only=read_only)
@@ -110,6 +130,8 @@ class FileDevice(BlockDevice):
 
     async def close(self) -> None:
         fd, self._fd = self._fd, -1
+        for runs in list(self._runs):  # before the number can be reused
+            runs.close()
         if fd >= 0:
             os.close(fd)
 
@@ -234,6 +256,21 @@ class FileDevice(BlockDevice):
         except OSError as exc:
             raise block_error(exc, "write") from None
         return True
+
+    def inline_runs(
+        self, sink: Callable[[bytes], object], *, size: int, max_block: int, structured: bool,
+        writable: bool,
+    ) -> InlineRuns | None:  # fmt: skip
+        cls = type(self)  # a subclass that does more per request (MeteredFile) gets none
+        plain = (cls._read, cls._write, cls.read_now, cls.write_now) == (
+            FileDevice._read, FileDevice._write, FileDevice.read_now, FileDevice.write_now,
+        )  # fmt: skip
+        if not (COMPILED and plain and self._fd >= 0):
+            return None
+        writable = writable and not self._read_only
+        runs = _inline.Inline(self._fd, size, max_block, structured, writable, sink)
+        self._runs.add(runs)
+        return runs
 
     def submit_write(self, offset: int, data: Buffer, fua: bool, done: Done) -> Cancel | None:
         if fua:
