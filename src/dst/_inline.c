@@ -107,6 +107,7 @@ typedef struct {
     int writable;
     PyObject *sink;
     PyObject *weakrefs; /* its owner holds it weakly, to close it */
+    vectorcallfunc vectorcall;
 } Inline;
 
 /* A request this module takes (see the top): its length, else -1. */
@@ -124,15 +125,29 @@ static long long takes(const Inline *self, const unsigned char *h) {
     return -1;
 }
 
-static PyObject *Inline_call(PyObject *op, PyObject *args, PyObject *kwargs) {
+/* (pos, used) */
+static PyObject *result(Py_ssize_t pos, Py_ssize_t used) {
+    PyObject *p = PyLong_FromSsize_t(pos);
+    PyObject *u = p == NULL ? NULL : PyLong_FromSsize_t(used);
+    PyObject *r = u == NULL ? NULL : PyTuple_Pack(2, p, u);
+    Py_XDECREF(p);
+    Py_XDECREF(u);
+    return r;
+}
+
+/* Called per receive: vectorcall, no argument tuple. */
+static PyObject *Inline_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                   PyObject *kwnames) {
     Inline *self = (Inline *)op;
-    PyObject *bufobj;
-    Py_ssize_t pos, end, budget;
-    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
-        PyErr_SetString(PyExc_TypeError, "Inline takes no keyword arguments");
+    if (PyVectorcall_NARGS(nargsf) != 4 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "Inline takes (buffer, pos, end, budget)");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "Onnn", &bufobj, &pos, &end, &budget))
+    PyObject *bufobj = args[0];
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t end = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t budget = PyLong_AsSsize_t(args[3]);
+    if ((pos == -1 || end == -1 || budget == -1) && PyErr_Occurred())
         return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(bufobj, &view, PyBUF_SIMPLE) < 0)
@@ -144,7 +159,7 @@ static PyObject *Inline_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     }
     if (self->fd < 0) { /* closed */
         PyBuffer_Release(&view);
-        return Py_BuildValue("(nn)", pos, (Py_ssize_t)0);
+        return result(pos, 0);
     }
     const unsigned char *buf = view.buf;
     const size_t head = self->structured ? DATA_HEAD : SIMPLE_HEAD;
@@ -173,7 +188,7 @@ static PyObject *Inline_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     }
     if (!count) {
         PyBuffer_Release(&view);
-        return Py_BuildValue("(nn)", pos, (Py_ssize_t)0);
+        return result(pos, 0);
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, total);
     if (out == NULL) {
@@ -221,7 +236,7 @@ static PyObject *Inline_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     PyBuffer_Release(&view);
     if (filled == 0) {
         Py_DECREF(out);
-        return Py_BuildValue("(nn)", pos, (Py_ssize_t)0);
+        return result(pos, 0);
     }
     if (filled < total && _PyBytes_Resize(&out, filled) < 0)
         return NULL;
@@ -230,10 +245,11 @@ static PyObject *Inline_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     if (r == NULL)
         return NULL;
     Py_DECREF(r);
-    return Py_BuildValue("(nn)", p, used);
+    return result(p, used);
 }
 
 static PyObject *Inline_close(PyObject *op, PyObject *unused) {
+    (void)unused;
     ((Inline *)op)->fd = -1;
     Py_RETURN_NONE;
 }
@@ -262,6 +278,7 @@ static int Inline_init(PyObject *op, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_TypeError, "sink must be callable");
         return -1;
     }
+    self->vectorcall = Inline_vectorcall;
     self->fd = fd;
     self->size = size;
     self->max_block = max_block;
@@ -294,13 +311,14 @@ static PyTypeObject InlineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "dst._inline.Inline",
     .tp_basicsize = sizeof(Inline),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Inline, vectorcall),
     .tp_weaklistoffset = offsetof(Inline, weakrefs),
     .tp_doc = "Inline(fd, size, max_block, structured, writable, sink): serves runs of "
               "READs and plain WRITEs on a file (module docstring).",
     .tp_new = PyType_GenericNew,
     .tp_init = Inline_init,
-    .tp_call = Inline_call,
+    .tp_call = PyVectorcall_Call,
     .tp_methods = Inline_methods,
     .tp_traverse = Inline_traverse,
     .tp_clear = Inline_clear,

@@ -198,6 +198,10 @@ async def test_bad_arguments_are_refused(dev: FileDevice) -> None:
     runs = offer(dev, [])
     with pytest.raises(ValueError, match="within the buffer"):
         runs(bytearray(10), 0, 11, 0)
+    with pytest.raises(TypeError, match="buffer, pos, end, budget"):
+        runs(bytearray(10), 0, 10)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        runs("text", 0, 0, 0)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _inline.Inline(dev._fd, SIZE, MAX_BLOCK, False, True, None)  # type: ignore[arg-type]
 

@@ -281,6 +281,19 @@ class RequestParser:
         self._pos, self._end = pos, end
         return out
 
+    def serve(self, runs: Runs, budget: int) -> tuple[bool, int]:
+        """Offer ``runs`` every buffered request (as :meth:`requests` does, without
+        parsing any here): (all of them were served, bytes of READ data served)."""
+        if self._wbuf is not None or self._ready is not None or self._skip:
+            return False, 0
+        end = self._end
+        pos, used = runs(self._rx, self._pos, end, budget)
+        if pos == end:
+            self._pos = self._end = 0
+            return True, used
+        self._pos = pos
+        return False, used
+
 
 def simple_reply(handle: int, error: int = 0) -> bytes:
     """A simple reply header (followed by the data for a successful simple READ)."""
