@@ -297,7 +297,7 @@ async def test_verify_reports_and_repairs(metadata: bool) -> None:
         m, _, disks = await make(2 << 20)
     else:
         disks = [MemoryDevice(2 << 20), MemoryDevice(2 << 20)]
-        m = MirrorDevice(disks)
+        m = MirrorDevice(disks, region_size=R)
         await m.open()
     await m.write(0, b"v" * 8192)
     assert (await verify(m)).mismatched == []

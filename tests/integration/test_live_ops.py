@@ -61,6 +61,8 @@ class Live:
         target: dict[str, Any] = {"type": kind, "name": "t", "members": members}
         if kind == "stripe":
             target["chunk_size"] = CHUNK
+        if kind == "mirror":
+            target["region_size"] = 64 << 10  # (the regions counted below)
         return self.c.create("a", target)
 
     def fill(self, uri: str, size: int) -> bytearray:

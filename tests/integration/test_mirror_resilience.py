@@ -96,7 +96,7 @@ class Mirrors:
         return self.c.node(f"leg{i}", MEMBER)
 
     def spec(self, name: str, legs: list[dict[str, Any]], **extra: Any) -> Path:
-        target = {"type": "mirror", "name": "m", "members": legs, **extra}
+        target = {"type": "mirror", "name": "m", "members": legs, "region_size": REGION, **extra}
         return self.c.spec(name, target, listen=[f"unix:{self.sock}"])
 
     def create(self, name: str, legs: list[dict[str, Any]], **extra: Any) -> Path:

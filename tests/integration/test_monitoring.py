@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from dst.meta.layout import DEFAULT_REGION_SIZE
 from dst.net.client import NbdClient
 from tests.support.cluster import DST, Cluster, run, unix_uri
 
@@ -32,10 +33,10 @@ from .test_up import _start_up
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "monitoring"
 KiB, MiB = 1 << 10, 1 << 20
-REGION = 64 * KiB
+REGION = DEFAULT_REGION_SIZE  # (dst up's)
 WRITES, WSIZE = 48, 64 * KiB  # the known I/O: 3 MiB written ...
 READS, RSIZE = 20, 16 * KiB  # ... and 320 KiB read
-OUTAGE = 5  # regions written while node-b is down
+OUTAGE = 2  # regions written while node-b is down
 
 
 def pattern(i: int, size: int) -> bytes:

@@ -101,7 +101,8 @@ class Parity:
 
     def create(self, **extra: Any) -> None:
         members = [remote(f"n{i}", self.nodes[i].uri) for i in range(self.n)]
-        target = {"type": self.kind, "name": "p", "members": members, **extra}
+        target = {"type": self.kind, "name": "p", "members": members, "region_size": REGION,
+                  **extra}  # fmt: skip
         self.spec_path = self.c.spec("a", target, listen=[f"unix:{self.sock}"])
         self.daemon.dst("create", str(self.spec_path))
 

@@ -21,7 +21,7 @@ region_sizes = st.sampled_from([4096, 65536, 1 << 20])
 
 
 def test_small_member() -> None:
-    lay = layout_for(1 << 20)
+    lay = layout_for(1 << 20, 64 << 10)
     assert lay.data_size == (1 << 20) - 3 * BLOCK
     assert lay.nregions == 16
     assert lay.bitmap_offset == lay.data_size
@@ -30,8 +30,8 @@ def test_small_member() -> None:
 
 def test_one_tib_member() -> None:
     lay = layout_for(1 << 40, DEFAULT_REGION_SIZE)
-    assert lay.bitmap_size == 2 << 20  # 16 Mi regions, one bit each
-    assert lay.data_size == (1 << 40) - (2 << 20) - 2 * SB_SLOT
+    assert lay.bitmap_size == 128 << 10  # 1 Mi regions of 1 MiB, one bit each
+    assert lay.data_size == (1 << 40) - (128 << 10) - 2 * SB_SLOT
     assert lay.nregions == region_count(lay.data_size, DEFAULT_REGION_SIZE)
 
 
