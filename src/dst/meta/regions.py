@@ -185,16 +185,24 @@ class RegionTracker:
         proceeding and return True.  Otherwise register nothing and return False (call
         :meth:`begin_write`).  Nothing else can change: no bit is set, so no batch."""
         rs = self.region_size  # (regions(), inline: every write comes here)
-        regions = range(offset // rs, (offset + length - 1) // rs + 1)
+        first = offset // rs
+        last = (offset + length - 1) // rs
         ready = self._ready
-        for r in regions:  # (a write within one region: one membership test)
-            if r not in ready:
-                if not self._writable(r):
-                    return False
-                if len(ready) >= READY_MAX:
-                    ready.clear()
-                ready.add(r)
-        assert wid not in self._writes
+        if first == last:  # within one region, the common case: no loops
+            if first not in ready and not self._now_ready(first):
+                return False
+            self._writes[wid] = range(first, first + 1)
+            held = self._held
+            held[first] = held.get(first, 0) + 1
+            if self._idle:
+                self._idle.pop(first, None)
+            for leg in self.down:
+                self.oos[leg].set(first)
+            return True
+        regions = range(first, last + 1)
+        for r in regions:
+            if r not in ready and not self._now_ready(r):
+                return False
         self._writes[wid] = regions
         held, idle = self._held, self._idle
         for r in regions:
@@ -203,6 +211,16 @@ class RegionTracker:
                 idle.pop(r, None)
             for leg in self.down:
                 self.oos[leg].set(r)
+        return True
+
+    def _now_ready(self, r: int) -> bool:
+        """Is region ``r`` writable at once (:meth:`_writable`)?  Remembered if so."""
+        if not self._writable(r):
+            return False
+        ready = self._ready
+        if len(ready) >= READY_MAX:
+            ready.clear()
+        ready.add(r)
         return True
 
     def _writable(self, r: int) -> bool:
@@ -218,14 +236,14 @@ class RegionTracker:
             for leg in missed:
                 self.oos[leg].set_range(regions.start, regions.stop)
         held = self._held
-        resync, resync_wait = self._resync, self._resync_wait
+        resync_wait = self._resync_wait
         for r in regions:
             n = held[r] - 1
             if n:
                 held[r] = n
             else:
                 del held[r]
-                if r not in resync and r not in resync_wait:
+                if r not in self._resync and r not in resync_wait:
                     self._idle[r] = now
         if not resync_wait:
             # Nothing to release: no bit or mark changed, and waiting writes wait on

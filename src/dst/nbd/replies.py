@@ -41,6 +41,8 @@ _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _DISC = int(Cmd.DISC)
 _SIMPLE_SIZE = wire.SIMPLE_REPLY_SIZE
 _unpack_simple = wire.SIMPLE_REPLY.unpack_from
+_pack_request = wire.REQUEST.pack
+_LAST_HANDLE = 0xFFFF_FFFF_FFFF_FFFF
 _DONE = int(ReplyFlags.DONE)
 
 
@@ -88,12 +90,12 @@ class ReplyParser:
     ) -> tuple[int, bytes]:
         """Register a request; returns (handle, header).  DISC is not registered."""
         handle = self._next
-        self._next = handle + 1 if handle < 0xFFFF_FFFF_FFFF_FFFF else 1
+        self._next = handle + 1 if handle != _LAST_HANDLE else 1
         if cmd in (_READ, _BLOCK_STATUS):
             self._pending[handle] = _Pending(cmd, offset, length)
         elif cmd != _DISC:
             self._pending[handle] = cmd
-        return handle, wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
+        return handle, _pack_request(REQUEST_MAGIC, flags, cmd, handle, offset, length)
 
     def feed(self, data: bytes) -> list[Reply | int]:
         """Parse received bytes; returns the requests completed by them: a Reply, or the
@@ -120,14 +122,14 @@ class ReplyParser:
                 if self._copy_final:
                     out.append(self._finish(self._copy_handle))
                 continue
-            if end - pos >= _SIMPLE_SIZE:  # a simple reply that ends there (the common
-                magic, error, handle = _unpack_simple(data, pos)  # case, inline: one unpack)
-                if magic == SIMPLE_REPLY_MAGIC and type(pending.get(handle)) is int:
-                    del pending[handle]
-                    out.append(Reply(handle, error) if error else handle)
-                    pos += _SIMPLE_SIZE
-                    continue
-            elif end - pos < 4:
+            while end - pos >= _SIMPLE_SIZE:  # simple replies with no data (the common
+                magic, error, handle = _unpack_simple(data, pos)  # case: one unpack each)
+                if magic != SIMPLE_REPLY_MAGIC or type(pending.get(handle)) is not int:
+                    break
+                del pending[handle]
+                out.append(Reply(handle, error) if error else handle)
+                pos += _SIMPLE_SIZE
+            if end - pos < 4:
                 break
             (magic,) = wire.U32.unpack_from(data, pos)
             if magic == SIMPLE_REPLY_MAGIC:

@@ -218,6 +218,7 @@ class RequestParser:
             self._skip -= n
             pos += n
         view = None
+        max_payload = self.max_payload
         while pos + _REQ_SIZE <= end and len(out) < limit:
             if runs is not None and not out:
                 pos, used = runs(rx, pos, end, budget)
@@ -229,6 +230,23 @@ class RequestParser:
             magic, flags, typ, handle, offset, length = _unpack_request(rx, pos)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic 0x{magic:08x}")
+            if typ == _WRITE and length <= max_payload:
+                start = pos + _REQ_SIZE
+                stop = start + length
+                if stop <= end:  # a WRITE whose payload is here: the common case, at once
+                    if inline is not None and not out:
+                        if view is None:
+                            view = memoryview(rx)
+                        if inline(_WRITE, flags, handle, offset, length, view[start:stop]):
+                            pos = stop
+                            continue
+                    if length > budget and length and (out or not first_free):
+                        self.blocked = length  # (a request that holds nothing is never held)
+                        break
+                    budget -= length
+                    out.append(Request(flags, _WRITE, handle, offset, length, rx[start:stop]))
+                    pos = stop
+                    continue
             if typ == _WRITE and inline is not None and not out:
                 start = pos + _REQ_SIZE
                 if start + length <= end:

@@ -208,15 +208,20 @@ class NbdClient:
         buffer to drain cannot end the request sooner than its reply), and nothing is
         copied."""
         proto = self._proto
+        parser = proto.parser
         if (
             proto.lost is not None
+            or parser is None
             or self.timeout is not None
             or length > self.max_block
-            or (fua and not self.flags & _SEND_FUA)
         ):
             return None
-        assert proto.parser is not None
-        handle, header = proto.parser.request(cmd, offset, length, _FUA if fua else 0)
+        flags = 0
+        if fua:
+            if not self.flags & _SEND_FUA:
+                return None
+            flags = _FUA
+        handle, header = parser.request(cmd, offset, length, flags)
         proto.calls[handle] = done
         out = proto.out  # (proto.send, inline: every leg's part of a mirrored write)
         out.append(header)

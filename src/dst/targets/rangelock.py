@@ -148,11 +148,17 @@ class RangeLock:
         hold.released = True
         self._count -= 1
         first = hold.first
-        if first < 0:
+        index = self._index
+        if first == hold.last >= 0:  # in one bucket, the common case: no loop
+            holds = index[first]
+            if len(holds) == 1:
+                del index[first]
+            else:
+                holds.remove(hold)
+        elif first < 0:
             self._wide.remove(hold)
         else:
-            index = self._index
-            for b in range(first, hold.last + 1) if hold.last != first else (first,):
+            for b in range(first, hold.last + 1):
                 holds = index[b]
                 if len(holds) == 1:
                     del index[b]

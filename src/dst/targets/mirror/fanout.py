@@ -42,10 +42,9 @@ from dst.aio import submit_coro, wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Done
 from dst.errors import BlockError
 from dst.targets.mirror.core import MirrorCore
-from dst.targets.mirror.legs import Leg, LegCall, Silent
+from dst.targets.mirror.legs import LegCall, Silent
 from dst.targets.rangelock import Hold
 
-_PENDING: Any = object()  # a leg's outcome not known yet
 LegOp = Callable[[BlockDevice], Coroutine[Any, Any, Any]]
 
 
@@ -115,7 +114,6 @@ class Mutation(Hold):
         "fua",
         "kind",
         "left",
-        "legs",
         "length",
         "locked",
         "offset",
@@ -153,10 +151,11 @@ class Mutation(Hold):
         self.fua = fua
         self.op = op
         self.cancelled = False
-        self.legs: list[Leg] = []
-        self.results: list[Any] = []
-        self.calls: Sequence[LegCall] = ()
-        self.left = 0
+        # set when it starts (go): calls, results, left
+
+    calls: Sequence[LegCall]  # its call on each leg it goes to (none once settled)
+    results: list[BaseException | None] | None  # per call its error; None: no error
+    left: int  # calls not answered yet
 
     def run(self, done: Done) -> Cancel:
         """Start it, admitted, with ``done`` as its completion."""
@@ -166,26 +165,26 @@ class Mutation(Hold):
     def go(self) -> Cancel:
         core = self.core
         attached = core.rh.attached  # the legs that get writes: what they miss is recorded
-        legs: list[Leg] = []
         calls: list[LegCall] = []
-        for leg in core.legs:  # (a loop, not two comprehensions: every write comes here)
+        for leg in core.legs:  # (a loop, not a comprehension: every write comes here)
             if leg.index in attached:
-                calls.append(LegCall(self, leg, None, len(legs)))
-                legs.append(leg)
-        self.legs, self.calls = legs, calls
-        n = self.left = len(legs)
-        self.results = [_PENDING] * n
-        if not n:
+                calls.append(LegCall(self, leg, None, len(calls)))
+        self.calls = calls
+        self.results = None
+        if not calls:
+            self.left = 0
             self.settle()
             return self.cancel
         # One deadline for the fan-out: its legs start together (Deadlines).
         if self.kind is _WRITE:
             offset, data, fua = self.offset, self.data, self.fua
+            self.left = len(calls)
             for call in calls:
                 call.write(offset, data, fua)
         else:
             op = self.op
             assert op is not None
+            self.left = len(calls)
             for call in calls:
                 call.run(op(call.leg.dev))
         if self.left and core.deadlines is not None:
@@ -204,21 +203,24 @@ class Mutation(Hold):
         core = self.core
         if not self.wid:
             current = core.log.current
-            return [leg.index in current for leg in self.legs]
+            return [call.leg.index in current for call in self.calls]
         rh = core.rh
         regions = rh.regions(self.offset, self.length)
-        return [rh.holds(leg.index, regions) for leg in self.legs]
+        return [rh.holds(call.leg.index, regions) for call in self.calls]
 
     def _held(self) -> bool:
-        """A leg that acknowledged holds the regions: the common case checks one leg."""
-        rh = self.core.rh
-        rs = rh.region_size
-        regions = range(self.offset // rs, (self.offset + self.length - 1) // rs + 1)
-        results = self.results
-        for call in self.calls:  # (no generator, no zip: every write comes here)
-            if results[call.i] is None and rh.holds(call.leg.index, regions):
+        """A leg that acknowledged holds the regions: the common case checks one leg
+        (every leg acknowledged: ``settle`` asks only then), and one missing nothing
+        holds them."""
+        t = self.core.rh.tracker
+        down, oos = t.down, t.oos
+        for call in self.calls:  # (no generator: every write comes here)
+            i = call.leg.index
+            if i not in down and oos[i].empty():
                 return True
-        return False
+        rh = self.core.rh
+        regions = rh.regions(self.offset, self.length)
+        return any(rh.holds(call.leg.index, regions) for call in self.calls)
 
     def leg_done(self, call: LegCall, exc: BaseException | None, value: Any) -> None:
         if exc is None:
@@ -233,7 +235,10 @@ class Mutation(Hold):
                 c.trims += 1
             else:
                 c.flushes += 1
-        self.results[call.i] = exc
+        else:
+            if self.results is None:
+                self.results = [None] * len(self.calls)
+            self.results[call.i] = exc
         self.left -= 1
         if not self.left:
             self.settle()
@@ -248,7 +253,6 @@ class Mutation(Hold):
     def settle(self) -> None:
         """Every leg answered: the verdict, then ``done``."""
         core = self.core
-        results = self.results
         if self.calls and core.deadlines is not None:
             core.deadlines.discard(self)
         if self.cancelled:
@@ -259,16 +263,21 @@ class Mutation(Hold):
             self._end(missed)
             self.done(asyncio.CancelledError(), None)
             return
-        if self.wid and not any(results) and not core.log.unsettled and self._held():
-            self._end(())  # the common case: nothing to degrade or record
+        if self.wid and self.results is None and not core.log.unsettled and self._held():
+            # the common case: nothing to degrade or record (_end, inline)
+            self.calls = ()
+            core.rh.end_write(self.wid)
+            core.locks.release(self)
             self.done(None, None)
             return
+        calls = self.calls
+        results = self.results or [None] * len(calls)
         held = any(r is None and h for r, h in zip(results, self._holders(), strict=True))
-        failed = [(leg, r) for leg, r in zip(self.legs, results, strict=True) if r is not None]
+        failed = [(c.leg, r) for c, r in zip(calls, results, strict=True) if r is not None]
         missed = set()
         err: BlockError | None = None
         if self.kind is _ZERO and failed and all(_is_enotsup(e) for _, e in failed):
-            if len(failed) < len(self.legs):  # some legs zeroed: the others must get it
+            if len(failed) < len(calls):  # some legs zeroed: the others must get it
                 missed.update(leg.index for leg, _ in failed)
                 core.resync_wanted.set()
             err = BlockError(errno.ENOTSUP, "fast zero not supported")

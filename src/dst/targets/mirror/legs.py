@@ -111,29 +111,28 @@ class LegCall:
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
         leg = self.leg
         leg.inflight += 1
-        dev = leg.dev
-        cancel = None
         node = leg.node
         if node is not None and not node.gate.closed and node.counters.timing is None:
             # The node's gate, entered inline (dst.targets.gate): finish leaves it.
             node.gate.inflight += 1
             self.node = node
             cancel = node.inner.submit_write(offset, data, fua, self.finish)
-            if cancel is None:
-                self.node = None
-                node.leave_inline(None)
-            else:
+            if cancel is not None:  # (every mirrored write comes here twice)
                 c = node.counters
                 c.writes += 1
                 c.write_bytes += len(data)
-        if cancel is None:
-            cancel = dev.submit_write(offset, data, fua, self.finish)
+                if not self.over:  # (_started, inline)
+                    self.cancel_ = cancel
+                    if self.deadlines is not None:
+                        self.deadlines.add(self)
+                return
+            self.node = None
+            node.leave_inline(None)
+        dev = leg.dev
+        cancel = dev.submit_write(offset, data, fua, self.finish)
         if cancel is None:
             cancel = submit_coro(dev.write(offset, data, fua=fua), self.finish)
-        if not self.over:  # (_started, inline: every mirrored write comes here twice)
-            self.cancel_ = cancel
-            if self.deadlines is not None:
-                self.deadlines.add(self)
+        self._started(cancel)
 
     def gather(self, offset: int, parts: Sequence[Buffer], fua: bool) -> None:
         """A write of ``parts`` end to end: sent as they are where the leg can, else
