@@ -329,9 +329,11 @@ class GateDevice(BlockDevice):
     def _finished(self, done: Done, exc: BaseException | None, value: Any) -> None:
         """A callback-face request completed: it leaves the gate and its error is
         counted, then ``done`` runs."""
-        g = self.gate
-        if exc is None and g.inflight > 1:
-            g.inflight -= 1  # (leave_inline's common case, inline: nothing to tell)
+        if exc is None:  # (leave_inline, inline: no error to count)
+            g = self.gate
+            g.inflight -= 1
+            if not g.inflight:
+                g.leave_last()
         else:
             self.leave_inline(exc)
         done(exc, value)

@@ -172,9 +172,11 @@ class LegCall:
         node = self.node
         if node is not None:  # the answer from below: it leaves the node's gate
             self.node = None
-            g = node.gate
-            if exc is None and g.inflight > 1:
-                g.inflight -= 1  # (leave_inline's common case, inline: nothing to tell)
+            if exc is None:  # (leave_inline, inline: no error to count)
+                g = node.gate
+                g.inflight -= 1
+                if not g.inflight:
+                    g.leave_last()
             else:
                 node.leave_inline(exc)
         if self.over:
