@@ -40,6 +40,34 @@ async def test_client_submit_roundtrip(served: tuple[NbdServer, Address, Disk]) 
     await c.close()
 
 
+def _kernel_cap(name: str) -> int:
+    """``net.core.NAME``: the most a socket buffer may be set to."""
+    with open(f"/proc/sys/net/core/{name}") as f:
+        return int(f.read())
+
+
+async def test_client_sockets_hold_a_few_large_writes(
+    served: tuple[NbdServer, Address, Disk],
+) -> None:
+    """A client's socket asks for the server's buffer sizes: a mirror's 1 MiB write to
+    a leg goes to the kernel at once, not 208 KiB per wakeup (the kernel caps what is
+    asked at net.core.wmem_max/rmem_max and reports twice what it gave)."""
+    import socket
+
+    from dst.net.edge import SOCKET_BUFFER
+
+    _, address, _ = served
+    c = await NbdClient.connect(address)
+    sock = c._proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
+    for opt, cap in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
+        most = _kernel_cap(cap)
+        assert sock.getsockopt(socket.SOL_SOCKET, opt) >= 2 * min(SOCKET_BUFFER, most)
+    data = os.urandom(1 << 20)
+    await submit(c, "write", 0, data, False)
+    assert await submit(c, "read", 0, 1 << 20) == data
+    await c.close()
+
+
 async def test_client_gather_sends_the_parts_end_to_end(
     served: tuple[NbdServer, Address, Disk],
 ) -> None:

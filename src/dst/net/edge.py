@@ -232,7 +232,8 @@ def describe_peer(peername: object) -> str:
 
 
 def tune_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY, and socket buffers big enough for a few 1 MiB replies in flight."""
+    """TCP_NODELAY, and socket buffers big enough for a few 1 MiB requests or replies in
+    flight (a server's connections and a client's: a mirror's to its legs)."""
     with contextlib.suppress(OSError):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
