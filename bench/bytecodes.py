@@ -16,8 +16,8 @@ machine is; divided by the writes they are each function's share of a write.
 
 In CPython 3.11 a bytecode costs some tens of instructions on average, a Python call a
 few hundred more: the two lists together say which function to look at.  The tracer
-slows the daemon ~20x, so batching differs from a timed run (more requests arrive per
-receive), as under callgrind.  ``--lines`` counts per source line instead.
+slows the daemon many times over, so batching differs from a timed run (more requests
+arrive per receive), as under callgrind.  ``--lines`` counts per source line instead.
 
 Run ``python bench/bytecodes.py --help``.  This is not a test: it prints numbers.
 """
