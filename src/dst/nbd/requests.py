@@ -196,7 +196,8 @@ class RequestParser:
         holds.  Raises ProtocolError on bad magic.
 
         ``inline(type, flags, handle, offset, length, payload)`` is offered every WRITE
-        whose payload is in the buffer and every READ within the budget (it holds its
+        of at most ``max_payload`` bytes whose payload is in the buffer and every READ
+        within the budget (it holds its
         bytes as any READ does), while no request was returned yet (so requests are
         still served in the order they came): True, it was served -- a WRITE's
         ``payload``, a view of the buffer, is not kept -- and is not returned.  ``runs``
@@ -233,7 +234,7 @@ class RequestParser:
             if typ == _WRITE and length <= max_payload:
                 start = pos + _REQ_SIZE
                 stop = start + length
-                if stop <= end:  # a WRITE whose payload is here: the common case, at once
+                if stop <= end:  # a WRITE whose payload is here (the common case)
                     if inline is not None and not out:
                         if view is None:
                             view = memoryview(rx)
@@ -247,20 +248,9 @@ class RequestParser:
                     out.append(Request(flags, _WRITE, handle, offset, length, rx[start:stop]))
                     pos = stop
                     continue
-            if typ == _WRITE and inline is not None and not out:
-                start = pos + _REQ_SIZE
-                if start + length <= end:
-                    if view is None:
-                        view = memoryview(rx)
-                    payload = view[start : start + length]
-                    if inline(_WRITE, flags, handle, offset, length, payload):
-                        pos = start + length
-                        continue
-            if length <= self.max_payload and (
-                typ == _READ or (typ == _WRITE and pos + _REQ_SIZE + length <= end)
-            ):  # a longer one holds nothing: it is refused (or drained) unserved
+            if typ == _READ and length <= max_payload:  # (a longer one, refused, holds none)
                 if length > budget and length and (out or not first_free):
-                    self.blocked = length  # (a request that holds nothing is never held)
+                    self.blocked = length
                     break
                 budget -= length
             pos += _REQ_SIZE
@@ -275,7 +265,7 @@ class RequestParser:
                 else:
                     out.append(Request(flags, typ, handle, offset, length))
                 continue
-            if length > self.max_payload:
+            if length > max_payload:  # drained unserved
                 out.append(Request(flags, typ, handle, offset, length, None))
                 n = min(length, end - pos)
                 pos += n
@@ -283,11 +273,7 @@ class RequestParser:
                 if self._skip:
                     break
                 continue
-            if pos + length <= end:
-                out.append(Request(flags, typ, handle, offset, length, rx[pos : pos + length]))
-                pos += length
-                continue
-            n = end - pos
+            n = end - pos  # a WRITE whose payload is still arriving
             wbuf = payload_buffer(length, n)
             wbuf[:n] = memoryview(rx)[pos:end]
             pos = end

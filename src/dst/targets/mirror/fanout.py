@@ -171,20 +171,18 @@ class Mutation(Hold):
                 calls.append(LegCall(self, leg, None, len(calls)))
         self.calls = calls
         self.results = None
+        self.left = len(calls)
         if not calls:
-            self.left = 0
             self.settle()
             return self.cancel
         # One deadline for the fan-out: its legs start together (Deadlines).
         if self.kind is _WRITE:
             offset, data, fua = self.offset, self.data, self.fua
-            self.left = len(calls)
             for call in calls:
                 call.write(offset, data, fua)
         else:
             op = self.op
             assert op is not None
-            self.left = len(calls)
             for call in calls:
                 call.run(op(call.leg.dev))
         if self.left and core.deadlines is not None:
@@ -264,10 +262,7 @@ class Mutation(Hold):
             self.done(asyncio.CancelledError(), None)
             return
         if self.wid and self.results is None and not core.log.unsettled and self._held():
-            # the common case: nothing to degrade or record (_end, inline)
-            self.calls = ()
-            core.rh.end_write(self.wid)
-            core.locks.release(self)
+            self._end(())  # the common case: nothing to degrade or record
             self.done(None, None)
             return
         calls = self.calls
