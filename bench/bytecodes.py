@@ -119,7 +119,8 @@ def main() -> int:
     for file, line, name, ops, ncalls in sorted(rows, key=lambda r: -r[3])[: args.top]:
         where = f"{os.path.basename(file)}:{line}"
         if args.lines:
-            print(f"{ops / n:9.1f} {'':6}  {where} {linecache.getline(file, line).strip()[:80]}")
+            text = linecache.getline(file, line).strip() if line else "(no line: set-up)"
+            print(f"{ops / n:9.1f} {'':6}  {where} {text[:80]}")
         else:
             print(f"{ops / n:9.1f} {ncalls / n:6.2f}  {where} {name}")
     return 0

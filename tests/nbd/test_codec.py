@@ -399,6 +399,25 @@ def test_reply_parser_simple(mode: str) -> None:
     assert replies[1].data == b"x" * 700
 
 
+def test_reply_parser_one_reply_per_receive() -> None:
+    """Each reply alone in its receive (every answer at queue depth 1)."""
+    p = ReplyParser(structured=False)
+    w1, _ = p.request(Cmd.WRITE, 0, 10)
+    w2, _ = p.request(Cmd.WRITE, 0, 10)
+    r, _ = p.request(Cmd.READ, 0, 16)
+    assert p.feed(rq.simple_reply(w1)) == [w1]
+    [err] = p.feed(rq.simple_reply(w2, NbdErr.ENOSPC))
+    assert not isinstance(err, int)
+    assert (err.handle, err.error) == (w2, NbdErr.ENOSPC)
+    assert p.feed(rq.simple_reply(r)) == []  # a READ's header: its 16 bytes of data follow
+    [got] = p.feed(b"y" * 16)
+    assert not isinstance(got, int)
+    assert (got.handle, got.data) == (r, b"y" * 16)
+    assert p.outstanding == 0
+    with pytest.raises(ProtocolError):
+        p.feed(rq.simple_reply(w1))  # answered already
+
+
 @pytest.mark.parametrize(
     "reply",
     [

@@ -100,6 +100,13 @@ class ReplyParser:
     def feed(self, data: bytes) -> list[Reply | int]:
         """Parse received bytes; returns the requests completed by them: a Reply, or the
         handle alone for a simple success with no data (module docstring)."""
+        if len(data) == _SIMPLE_SIZE and self._pos == len(self._buf) and not self._left:
+            # one simple reply alone (a WRITE's answer at queue depth 1): no loop
+            magic, error, handle = _unpack_simple(data)
+            pending = self._pending
+            if magic == SIMPLE_REPLY_MAGIC and type(pending.get(handle)) is int:
+                del pending[handle]
+                return [Reply(handle, error) if error else handle]
         if self._pos < len(self._buf):
             data = self._buf[self._pos :] + data
         out: list[Reply | int] = []
