@@ -88,6 +88,7 @@ def test_the_graph_is_read() -> None:
     graph = _graph()
     assert "dst.net.connection" in graph["dst.net.server"]
     assert "dst.net.negotiate" in graph["dst.net.connection"]
+    assert "dst.net.transmission" in graph["dst.net.connection"]
 
 
 def test_no_import_cycle() -> None:

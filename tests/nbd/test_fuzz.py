@@ -133,7 +133,7 @@ def test_request_parser_returns_all_it_can_or_says_why(
 ) -> None:
     """Every call returns ``limit`` requests, stops at the budget (``blocked``), or
     returns every complete request buffered: the server's pump parses no second time
-    to find nothing (ServerConnection._pump)."""
+    to find nothing (Transmission._pump)."""
     stream = b""
     for handle, (cmd, n) in enumerate(reqs):
         length = n if cmd != Cmd.FLUSH else 0

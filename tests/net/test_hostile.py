@@ -211,14 +211,16 @@ async def test_a_payload_trickling_in_over_tcp_is_received_whole() -> None:
             w.write(request(Cmd.WRITE, 1, 4096, n))
             await w.drain()
             (conn,) = server.connections
+            tx = conn.tx
+            assert tx is not None
             for at in range(0, n, 37 << 10):
                 w.write(data[at : at + (37 << 10)])
                 await w.drain()
                 if at == 0:  # the header and a first piece came: woken for more
-                    await until(lambda: conn.lowat > 1, "SO_RCVLOWAT raised")
+                    await until(lambda: tx.lowat > 1, "SO_RCVLOWAT raised")
                 await asyncio.sleep(0.001)  # the trickle itself (not a wait for state)
             assert await simple_reply(r) == (1, 0)
-            assert conn.lowat == 1
+            assert tx.lowat == 1
             w.write(request(Cmd.READ, 2, 4096, n))
             assert await simple_reply(r) == (2, 0)
             assert await r.readexactly(n) == data
@@ -241,7 +243,9 @@ async def test_a_payload_stalled_over_tcp_is_dropped_while_others_are_served() -
             w.write(request(Cmd.WRITE, 1, 0, 1 << 20) + b"\xaa" * (300 << 10))
             await w.drain()
             (conn,) = server.connections
-            await until(lambda: conn.lowat > 1, "SO_RCVLOWAT raised for the stalled payload")
+            tx = conn.tx
+            assert tx is not None
+            await until(lambda: tx.lowat > 1, "SO_RCVLOWAT raised for the stalled payload")
             good = asyncio.ensure_future(good_client(address, stop))
             with contextlib.suppress(ConnectionResetError):  # aborted: a reset, or EOF
                 assert await asyncio.wait_for(r.read(1), 30) == b""  # dropped, no reply

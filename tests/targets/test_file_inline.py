@@ -52,7 +52,7 @@ class Side:
     def inline(self, typ: int, flags: int, handle: int, offset: int, length: int,
                data: memoryview | None) -> bool:  # fmt: skip
         """The pure-Python inline form, as the server's connection offers it a file
-        whose export allows no command flags (dst.net.connection)."""
+        whose export allows no command flags (dst.net.transmission)."""
         if not length or offset + length > SIZE or length > MAX_BLOCK or flags:
             return False
         if typ == Cmd.READ:
@@ -247,7 +247,7 @@ async def test_a_served_file_answers_by_its_runs_and_python_the_rest(
     try:
         async with await NbdClient.connect(address) as c:
             (conn,) = server.connections
-            assert conn.runs is not None and c.structured
+            assert conn.tx is not None and conn.tx.runs is not None and c.structured
             await asyncio.gather(*(c.write(i * 4096, b) for i, b in enumerate(blocks)))
             reads = await asyncio.gather(*(c.read(i * 4096, 4096) for i in range(64)))
             assert reads == blocks and path.read_bytes()[: 64 * 4096] == b"".join(blocks)

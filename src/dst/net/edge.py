@@ -2,7 +2,7 @@
 
 Pure functions of the bound export and one request (STYLE 6: validate at the edge,
 targets assume valid requests), used by :mod:`dst.net.negotiate` (the flags an export
-advertises) and :mod:`dst.net.connection` (everything after GO):
+advertises) and :mod:`dst.net.transmission` (everything after GO):
 
 * :func:`transmission_flags`: the flags advertised for a device;
 * :class:`Binding`: what GO bound -- the device, its size, the command flags allowed,
