@@ -125,7 +125,7 @@ def cmd_reload(control: str, array: str | None) -> int:
 
 
 def cmd_create(control: str, spec_file: str) -> int:
-    from dst.array.specdict import spec_to_dict
+    from dst.array.speccanon import spec_to_dict
     from dst.array.specfile import load_spec
 
     spec = load_spec(spec_file)
@@ -228,7 +228,8 @@ def cmd_assemble(
     the daemon (``degraded``: without the members not given; ``force``: a parity array
     may start dirty and degraded)."""
     from dst.array.assemble import assemble_spec, probe_all
-    from dst.array.specdict import spec_from_dict, spec_to_dict
+    from dst.array.speccanon import spec_to_dict
+    from dst.array.specdict import spec_from_dict
 
     async def probe() -> Any:
         return await probe_all(members)

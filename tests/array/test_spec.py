@@ -20,13 +20,8 @@ from dst.array.spec import (
     find_node,
     walk,
 )
-from dst.array.specdict import (
-    linear_part_from_dict,
-    spec_from_dict,
-    spec_to_dict,
-    target_from_dict,
-    target_to_dict,
-)
+from dst.array.speccanon import spec_to_dict, target_to_dict
+from dst.array.specdict import linear_part_from_dict, spec_from_dict, target_from_dict
 from dst.array.specfile import load_spec, spec_from_toml
 from dst.errors import ConfigError
 from dst.net.address import Address

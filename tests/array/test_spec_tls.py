@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dst.array.spec import SpecError
-from dst.array.specdict import spec_from_dict, spec_to_dict
+from dst.array.speccanon import spec_to_dict
+from dst.array.specdict import spec_from_dict
 from dst.array.specfile import load_spec
 from dst.nbd.server import TlsMode
 from dst.net.tls import PSK_SUPPORTED

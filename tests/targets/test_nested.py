@@ -96,7 +96,8 @@ async def test_stripe_of_files_mirrored_with_memory(tmp_path: Path) -> None:
 
 async def test_spec_is_an_array_spec_document(tmp_path: Path) -> None:
     """spec() speaks the array spec's document shape (dst.array.spec)."""
-    from dst.array.specdict import target_from_dict, target_to_dict
+    from dst.array.speccanon import target_to_dict
+    from dst.array.specdict import target_from_dict
 
     f = FileDevice(tmp_path / "f", size=8 * CHUNK, create=True, name="f")
     s = StripeDevice([mem(8 * CHUNK, "a"), mem(8 * CHUNK, "b")], chunk=CHUNK, name="s")

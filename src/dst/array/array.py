@@ -29,7 +29,8 @@ from dst.array.build import build, export_address, export_security, index, label
 from dst.array.keeper import MirrorKeeper, keepers
 from dst.array.replacing import ReplaceJob
 from dst.array.spec import ArraySpec, SpecError
-from dst.array.specdict import spec_to_dict, target_from_dict
+from dst.array.speccanon import spec_to_dict
+from dst.array.specdict import target_from_dict
 from dst.array.status import node_status, stopped_status
 from dst.device import BlockDevice
 from dst.errors import BlockError, ConfigError, ControlError

@@ -12,8 +12,9 @@ array; unnamed nodes get ``node<i>``, ``i`` being the node's position in pre-ord
 (the root is ``node0``), or the next free number if that is taken.
 
 The tree is validated from a TOML file (:mod:`dst.array.specfile`) or a plain dict of
-the same shape, and turned back into one, by :mod:`dst.array.specdict`; a running
-array reports its spec from its devices, so it says exactly what it runs.
+the same shape by :mod:`dst.array.specdict`, and turned back into one by
+:mod:`dst.array.speccanon`; a running array reports its spec from its devices, so it
+says exactly what it runs.
 
 Document shape::
 

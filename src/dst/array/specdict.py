@@ -1,4 +1,4 @@
-r"""Array specs as plain dicts: validation into the spec tree, and back (canonical).
+r"""Array specs from plain dicts: validation into the spec tree, defaults, node names.
 
 Theory of operation
 -------------------
@@ -6,16 +6,17 @@ Two sources, one validator: a TOML file (:mod:`dst.array.specfile`) and a plain 
 the same shape (this is how a spec travels as JSON over the control socket, and what
 every device reports of itself).  Unknown keys, wrong types and missing required keys
 are :class:`~dst.array.spec.SpecError`\ s naming the key path, e.g.
-``array.target.members[1].uri``.  :func:`spec_to_dict` gives the canonical dict --
-every field explicit, generated names included -- so ``spec_from_dict(spec_to_dict(s))
-== s``.  The document shape and the value grammars are described in
-:mod:`dst.array.spec` and ``docs/spec-reference.md``.
+``array.target.members[1].uri`` (the key-by-key reading is :mod:`dst.array.specreader`).
+Absent optional keys take their defaults, and unnamed nodes get generated names, so
+the tree returned is complete; :mod:`dst.array.speccanon` turns it back into the
+canonical dict, and ``spec_from_dict(spec_to_dict(s)) == s``.  The document shape and
+the value grammars are described in :mod:`dst.array.spec` and
+``docs/spec-reference.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,105 +45,25 @@ from dst.array.spec import (
     TargetSpec,
     children,
 )
+from dst.array.specreader import REQUIRED, Table, describe
 from dst.errors import ConfigError
 from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
 from dst.nbd.server import TlsMode
 from dst.net.address import Address, parse_address
 from dst.net.tls import ServerTlsConfig, check_exposure, parse_mode
-from dst.units import format_size, parse_duration, parse_size
-
-
-def _describe(value: object) -> str:
-    names = {bool: "boolean", int: "integer", float: "float", str: "string"}
-    if type(value) in names:
-        return f"{names[type(value)]} {value!r}"
-    return "an array" if isinstance(value, list | tuple) else "a table"
-
-
-_MISSING: Any = object()
-
-
-class _Table:
-    """A mapping being validated: typed getters and a check that no key is left over."""
-
-    def __init__(self, data: object, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise SpecError(path, f"expected a table, got {_describe(data)}")
-        self.data: Mapping[str, object] = data
-        self.path = path
-
-    def allow(self, *keys: str) -> None:
-        """Reject keys not in ``keys`` (first, so a typo is not reported as missing)."""
-        for k in self.data:
-            if k not in keys:
-                close = difflib.get_close_matches(str(k), keys, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise SpecError(self.key(str(k)), f"unknown key{hint}")
-
-    def key(self, k: str) -> str:
-        return f"{self.path}.{k}" if self.path else k
-
-    def raw(self, k: str, default: Any = _MISSING) -> Any:
-        value = self.data.get(k)
-        if value is None:
-            if default is _MISSING:
-                raise SpecError(self.key(k), "missing required key")
-            return default
-        return value
-
-    def text(self, k: str, default: Any = _MISSING) -> Any:
-        value = self.raw(k, default)
-        if value is not default and not isinstance(value, str):
-            raise SpecError(self.key(k), f"expected a string, got {_describe(value)}")
-        return value
-
-    def flag(self, k: str, default: bool) -> bool:
-        value = self.raw(k, default)
-        if not isinstance(value, bool):
-            raise SpecError(self.key(k), f"expected true or false, got {_describe(value)}")
-        return value
-
-    def size(self, k: str, default: Any = _MISSING) -> Any:
-        value = self.raw(k, default)
-        if value is default:
-            return value
-        try:
-            return parse_size(value)
-        except ConfigError as e:
-            raise SpecError(self.key(k), str(e)) from None
-
-    def duration(self, k: str, default: float) -> float:
-        value = self.raw(k, default)
-        try:
-            seconds = parse_duration(value)
-        except ConfigError as e:
-            raise SpecError(self.key(k), str(e)) from None
-        if seconds <= 0:
-            raise SpecError(self.key(k), "must be positive")
-        return seconds
-
-    def array(self, k: str) -> list[object]:
-        value = self.raw(k, [])
-        if not isinstance(value, list | tuple):
-            raise SpecError(self.key(k), f"expected an array, got {_describe(value)}")
-        return list(value)
-
-
-# ---------------------------------------------------------------------------
-# dict -> spec
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
     """Validate a document ``{"array": {...}}``; raises :class:`SpecError`."""
-    doc = _Table(data, "")
+    doc = Table(data, "")
     doc.allow("array")
-    t = _Table(doc.raw("array"), "array")
+    t = Table(doc.raw("array"), "array")
     t.allow("name", "listen", "export", "io_timeout", "target", "tls", "acl")
     name = _name(t, "name", required=True)
     listen = []
     for i, item in enumerate(t.array("listen")):
         if not isinstance(item, str):
-            raise SpecError(f"array.listen[{i}]", f"expected a string, got {_describe(item)}")
+            raise SpecError(f"array.listen[{i}]", f"expected a string, got {describe(item)}")
         try:
             listen.append(parse_address(item, form="listen"))
         except ConfigError as e:
@@ -153,7 +74,7 @@ def spec_from_dict(data: Mapping[str, Any]) -> ArraySpec:
     acl = t.text("acl", None)
     if acl == "":
         raise SpecError("array.acl", "empty path")
-    target = _target(_Table(t.raw("target"), "array.target"))
+    target = _target(Table(t.raw("target"), "array.target"))
     return ArraySpec(
         name=name,
         target=_assign_names(target, "array.target"),
@@ -174,7 +95,7 @@ def _tls(data: object, listen: list[Address]) -> ServerTlsConfig | None:
             except ConfigError as e:
                 raise SpecError(f"array.listen[{i}]", f"{e} (add [array.tls])") from None
         return None
-    t = _Table(data, "array.tls")
+    t = Table(data, "array.tls")
     t.allow("mode", "certificates", "verify_peer", "psk")
     certificates, psk = t.text("certificates", None), t.text("psk", None)
     mode_text = t.text("mode", None)
@@ -203,19 +124,19 @@ def target_from_dict(
     Names in ``taken`` (the array's existing nodes) must not be reused; generated
     names avoid them.  Raises :class:`SpecError` with keys under ``path``.
     """
-    return _assign_names(_target(_Table(data, path)), path, taken=taken)
+    return _assign_names(_target(Table(data, path)), path, taken=taken)
 
 
 def linear_part_from_dict(
     data: Mapping[str, Any], *, taken: Collection[str] = (), path: str = "spec"
 ) -> LinearPart:
     """Like :func:`target_from_dict` for a linear member (may carry ``start``/``length``)."""
-    part = _linear_part(_Table(data, path))
+    part = _linear_part(Table(data, path))
     return dataclasses.replace(part, target=_assign_names(part.target, path, taken=taken))
 
 
-def _name(t: _Table, k: str, *, required: bool = False) -> str:
-    value: str = t.text(k, _MISSING if required else "")
+def _name(t: Table, k: str, *, required: bool = False) -> str:
+    value: str = t.text(k, REQUIRED if required else "")
     if (value or required) and not NAME_RE.fullmatch(value):
         raise SpecError(t.key(k), f"bad name {value!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     return value
@@ -242,7 +163,7 @@ _PARITY_KEYS = (*_KEYS["mirror"], "chunk_size", "start_dirty_degraded")
 _KEYS["raid5"] = _KEYS["raid6"] = _PARITY_KEYS
 
 
-def _target(t: _Table, *extra: str) -> TargetSpec:
+def _target(t: Table, *extra: str) -> TargetSpec:
     kind = t.text("type")
     if kind not in KINDS:
         raise SpecError(t.key("type"), f"unknown type {kind!r}: use one of {', '.join(KINDS)}")
@@ -303,17 +224,17 @@ def _target(t: _Table, *extra: str) -> TargetSpec:
     return result
 
 
-def _members(t: _Table, minimum: int) -> list[_Table]:
+def _members(t: Table, minimum: int) -> list[Table]:
     items = t.array("members")
     if len(items) < minimum:
         kind = t.data["type"]
         raise SpecError(
             t.key("members"), f"{kind} needs at least {minimum} members, got {len(items)}"
         )
-    return [_Table(m, f"{t.key('members')}[{i}]") for i, m in enumerate(items)]
+    return [Table(m, f"{t.key('members')}[{i}]") for i, m in enumerate(items)]
 
 
-def _linear_part(m: _Table) -> LinearPart:
+def _linear_part(m: Table) -> LinearPart:
     start = m.size("start", 0)
     length = m.size("length", None)
     if length == 0:
@@ -321,7 +242,7 @@ def _linear_part(m: _Table) -> LinearPart:
     return LinearPart(target=_target(m, "start", "length"), start=start, length=length)
 
 
-def _grain(t: _Table, k: str, default: int) -> int:
+def _grain(t: Table, k: str, default: int) -> int:
     value: int = t.size(k, default)
     if value < MIN_CHUNK_SIZE or value & (value - 1):
         raise SpecError(t.key(k), f"must be a power of two >= 4KiB, got {value}")
@@ -362,79 +283,3 @@ def _rename(t: TargetSpec, path: str, names: Mapping[str, str]) -> TargetSpec:
     if isinstance(t, StripeSpec | MirrorSpec | ParitySpec):
         return dataclasses.replace(t, name=name, members=tuple(sub))
     return dataclasses.replace(t, name=name)
-
-
-# ---------------------------------------------------------------------------
-# spec -> dict
-
-
-def spec_to_dict(spec: ArraySpec, *, human: bool = False) -> dict[str, Any]:
-    """The canonical document ``{"array": {...}}`` (JSON- and TOML-able).
-
-    Sizes are ints, or with ``human`` strings like ``"64KiB"`` (both parse back).
-    """
-    array: dict[str, Any] = {"name": spec.name, "listen": [str(a) for a in spec.listen]}
-    if spec.export is not None:
-        array["export"] = spec.export
-    array["io_timeout"] = spec.io_timeout
-    if spec.tls is not None:
-        tls: dict[str, Any] = {"mode": spec.tls.mode.value, "verify_peer": spec.tls.verify_peer}
-        if spec.tls.certificates is not None:
-            tls["certificates"] = str(spec.tls.certificates)
-        if spec.tls.psk_file is not None:
-            tls["psk"] = str(spec.tls.psk_file)
-        array["tls"] = tls
-    if spec.acl is not None:
-        array["acl"] = spec.acl
-    array["target"] = target_to_dict(spec.target, human=human)
-    return {"array": array}
-
-
-def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
-    """One node (and its members) as a dict, as in :func:`spec_to_dict`."""
-    size = format_size if human else int
-    d: dict[str, Any] = {"type": t.KIND, "name": t.name}
-    if isinstance(t, FileSpec):
-        d["path"] = t.path
-        if t.size is not None:
-            d["size"] = size(t.size)
-        d["read_only"] = t.read_only
-    elif isinstance(t, MemorySpec):
-        d["size"] = size(t.size)
-    elif isinstance(t, RemoteSpec):
-        d["uri"] = t.uri.uri()
-    elif isinstance(t, MissingSpec):
-        pass
-    elif isinstance(t, LinearSpec):
-        d["members"] = [_part_to_dict(p, human=human) for p in t.members]
-    elif isinstance(t, StripeSpec):
-        d["chunk_size"] = size(t.chunk_size)
-        d["members"] = [target_to_dict(m, human=human) for m in t.members]
-    elif isinstance(t, ParitySpec):
-        d["chunk_size"] = size(t.chunk_size)
-        d["region_size"] = size(t.region_size)
-        d["metadata"] = t.metadata
-        d["leg_timeout"] = t.leg_timeout
-        d["resync_rate"] = size(t.resync_rate)
-        d["resync_min_rate"] = size(t.resync_min_rate)
-        d["clear_delay"] = t.clear_delay
-        d["start_dirty_degraded"] = t.start_dirty_degraded
-        d["members"] = [target_to_dict(m, human=human) for m in t.members]
-    else:
-        d["region_size"] = size(t.region_size)
-        d["metadata"] = t.metadata
-        d["leg_timeout"] = t.leg_timeout
-        d["resync_rate"] = size(t.resync_rate)
-        d["resync_min_rate"] = size(t.resync_min_rate)
-        d["clear_delay"] = t.clear_delay
-        d["members"] = [target_to_dict(m, human=human) for m in t.members]
-    return d
-
-
-def _part_to_dict(p: LinearPart, *, human: bool) -> dict[str, Any]:
-    d = target_to_dict(p.target, human=human)
-    if p.start:
-        d["start"] = format_size(p.start) if human else p.start
-    if p.length is not None:
-        d["length"] = format_size(p.length) if human else p.length
-    return d
