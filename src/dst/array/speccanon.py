@@ -71,23 +71,17 @@ def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
     elif isinstance(t, StripeSpec):
         d["chunk_size"] = size(t.chunk_size)
         d["members"] = [target_to_dict(m, human=human) for m in t.members]
-    elif isinstance(t, ParitySpec):
-        d["chunk_size"] = size(t.chunk_size)
+    else:  # a mirror, or a parity target (a mirror's keys and two of its own)
+        if isinstance(t, ParitySpec):
+            d["chunk_size"] = size(t.chunk_size)
         d["region_size"] = size(t.region_size)
         d["metadata"] = t.metadata
         d["leg_timeout"] = t.leg_timeout
         d["resync_rate"] = size(t.resync_rate)
         d["resync_min_rate"] = size(t.resync_min_rate)
         d["clear_delay"] = t.clear_delay
-        d["start_dirty_degraded"] = t.start_dirty_degraded
-        d["members"] = [target_to_dict(m, human=human) for m in t.members]
-    else:
-        d["region_size"] = size(t.region_size)
-        d["metadata"] = t.metadata
-        d["leg_timeout"] = t.leg_timeout
-        d["resync_rate"] = size(t.resync_rate)
-        d["resync_min_rate"] = size(t.resync_min_rate)
-        d["clear_delay"] = t.clear_delay
+        if isinstance(t, ParitySpec):
+            d["start_dirty_degraded"] = t.start_dirty_degraded
         d["members"] = [target_to_dict(m, human=human) for m in t.members]
     return d
 
