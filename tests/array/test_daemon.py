@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dst.array.daemon import Daemon
-from dst.control import messages as m
+from dst.control import operations as op
 from dst.control.client import ControlClient
 from dst.errors import ControlError
 from dst.meta.layout import layout_for
@@ -54,8 +54,8 @@ def walk(node: dict[str, Any]) -> list[dict[str, Any]]:
 async def test_status_tree_shape(tmp_path: Path, sock_dir: Path) -> None:
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(spec("lin", linear_of_files(tmp_path), sock_dir / "l.sock")))
-        await daemon.handle(m.Create(spec("mir", MIRROR)))
+        await daemon.handle(op.Create(spec("lin", linear_of_files(tmp_path), sock_dir / "l.sock")))
+        await daemon.handle(op.Create(spec("mir", MIRROR)))
         status = daemon.status()
         lin, mir = status["arrays"]
         assert (lin["name"], lin["state"], lin["algorithm"]) == ("lin", "running", "linear")
@@ -119,13 +119,13 @@ async def test_create_stop_start_keeps_data(tmp_path: Path, sock_dir: Path) -> N
 async def test_duplicate_name_and_bad_spec() -> None:
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(spec("a", MIRROR)))
+        await daemon.handle(op.Create(spec("a", MIRROR)))
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Create(spec("a", MIRROR)))
+            await daemon.handle(op.Create(spec("a", MIRROR)))
         assert exc.value.code == "exists"
         bad = {"type": "stripe", "chunk_size": 3000, "members": MIRROR["members"]}
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Create(spec("b", bad)))
+            await daemon.handle(op.Create(spec("b", bad)))
         assert (exc.value.code, exc.value.field) == ("bad-spec", "spec.array.target.chunk_size")
         assert [a["name"] for a in daemon.status()["arrays"]] == ["a"]
     finally:
@@ -136,19 +136,19 @@ async def test_live_add_and_remove_in_process(tmp_path: Path) -> None:
     daemon = Daemon()
     try:
         target = {"type": "linear", "members": [{"type": "memory", "name": "m0", "size": MiB}]}
-        await daemon.handle(m.Create(spec("g", target)))
+        await daemon.handle(op.Create(spec("g", target)))
         grown = await daemon.handle(
-            m.Add(array="g", spec={"type": "memory", "name": "m1", "size": "2M"})
+            op.Add(array="g", spec={"type": "memory", "name": "m1", "size": "2M"})
         )
         assert grown["size"] == 3 * MiB
         assert [(k["name"], k["start"]) for k in grown["root"]["members"]] == [
             ("m0", 0),
             ("m1", MiB),
         ]
-        shrunk = await daemon.handle(m.Remove(array="g", node="m1"))
+        shrunk = await daemon.handle(op.Remove(array="g", node="m1"))
         assert shrunk["size"] == MiB
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Remove(array="g", node="m0"))
+            await daemon.handle(op.Remove(array="g", node="m0"))
         assert exc.value.code == "cannot-remove" and "only node" in str(exc.value)
     finally:
         await daemon.close()

@@ -13,7 +13,7 @@ import pytest
 
 from dst.array.assemble import AssembleError, assemble_spec, probe_all
 from dst.array.daemon import Daemon
-from dst.control import messages as m
+from dst.control import operations as op
 from dst.errors import ControlError
 from dst.meta.layout import layout_for
 from dst.net.address import parse_address
@@ -66,11 +66,11 @@ async def test_fail_write_readd_copies_only_what_was_missed(tmp_path: Path) -> N
     sock = tmp_path / "a.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("a", tmp_path, sock)))
+        await daemon.handle(op.Create(mirror_spec("a", tmp_path, sock)))
         c = await connect(sock)
         await c.write(0, b"\x11" * c.size)
         await c.flush()
-        status = await daemon.handle(m.Fail(array="a", node="leg1"))
+        status = await daemon.handle(op.Fail(array="a", node="leg1"))
         legs = mirror_node(status)["members"]
         assert [x["state"] for x in legs] == ["in_sync", "failed"]
         # Three regions written while leg1 is out.
@@ -81,7 +81,7 @@ async def test_fail_write_readd_copies_only_what_was_missed(tmp_path: Path) -> N
         await asyncio.sleep(1.5)
         array = daemon.arrays["a"]
         assert array.status()["root"]["members"][1]["state"] == "failed"
-        plan = await daemon.handle(m.Readd(array="a", node="leg1"))
+        plan = await daemon.handle(op.Readd(array="a", node="leg1"))
         assert (plan["full"], plan["regions"]) == (False, 3)
         keeper = array.keepers["m"]
         await asyncio.wait_for(keeper.resyncer.wait_idle(), 20)
@@ -94,7 +94,7 @@ async def test_fail_write_readd_copies_only_what_was_missed(tmp_path: Path) -> N
             expect[r * REGION : (r + 1) * REGION] = bytes([r]) * REGION
         assert bytes(await c.read(0, c.size)) == expect
         await c.close()
-        await daemon.handle(m.Stop(array="a"))
+        await daemon.handle(op.Stop(array="a"))
         assert leg_data(tmp_path, 0) == expect == leg_data(tmp_path, 1)
     finally:
         await daemon.close()
@@ -103,26 +103,26 @@ async def test_fail_write_readd_copies_only_what_was_missed(tmp_path: Path) -> N
 async def test_maintenance_errors_name_the_problem(tmp_path: Path) -> None:
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("a", tmp_path, tmp_path / "a.sock")))
-        cases: list[tuple[m.Request, str, str]] = [
-            (m.Fail(array="a", node="nope"), "no-such-node", "node"),
-            (m.Readd(array="a", node="leg0"), "not-failed", "node"),
-            (m.ResyncRate(array="a", rate=-1), "bad-args", "rate"),
-            (m.ResyncRate(array="a", rate=10, min_rate=20), "bad-args", "min_rate"),
-            (m.Verify(array="a", mirror="x"), "no-such-node", "mirror"),
-            (m.Fail(array="zz", node="leg0"), "no-such-array", "array"),
+        await daemon.handle(op.Create(mirror_spec("a", tmp_path, tmp_path / "a.sock")))
+        cases: list[tuple[op.Request, str, str]] = [
+            (op.Fail(array="a", node="nope"), "no-such-node", "node"),
+            (op.Readd(array="a", node="leg0"), "not-failed", "node"),
+            (op.ResyncRate(array="a", rate=-1), "bad-args", "rate"),
+            (op.ResyncRate(array="a", rate=10, min_rate=20), "bad-args", "min_rate"),
+            (op.Verify(array="a", mirror="x"), "no-such-node", "mirror"),
+            (op.Fail(array="zz", node="leg0"), "no-such-array", "array"),
         ]
         for req, code, field in cases:
             with pytest.raises(ControlError) as exc:
                 await daemon.handle(req)
             assert (exc.value.code, exc.value.field) == (code, field), req
-        await daemon.handle(m.Fail(array="a", node="leg1"))
+        await daemon.handle(op.Fail(array="a", node="leg1"))
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Fail(array="a", node="leg0"))
+            await daemon.handle(op.Fail(array="a", node="leg0"))
         assert exc.value.code == "last-leg"
-        await daemon.handle(m.Stop(array="a"))
+        await daemon.handle(op.Stop(array="a"))
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Fail(array="a", node="leg0"))
+            await daemon.handle(op.Fail(array="a", node="leg0"))
         assert exc.value.code == "not-running"
     finally:
         await daemon.close()
@@ -132,20 +132,20 @@ async def test_verify_reports_then_repairs(tmp_path: Path) -> None:
     sock = tmp_path / "v.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("v", tmp_path, sock)))
+        await daemon.handle(op.Create(mirror_spec("v", tmp_path, sock)))
         c = await connect(sock)
         data = os.urandom(c.size)
         await c.write(0, data)
         await c.flush()
-        await daemon.handle(m.Stop(array="v"))
+        await daemon.handle(op.Stop(array="v"))
         rot(tmp_path / "leg1.img", [2, 7])
         await c.close()
-        await daemon.handle(m.Start(array="v"))
+        await daemon.handle(op.Start(array="v"))
         array = daemon.arrays["v"]
         keeper = array.keepers["m"]
 
         async def verify(**kw: Any) -> dict[str, Any]:
-            await daemon.handle(m.Verify(array="v", **kw))
+            await daemon.handle(op.Verify(array="v", **kw))
             job = keeper.verify_job
             assert job is not None
             await wait_for(lambda: job.state != "running", "verify")
@@ -158,10 +158,10 @@ async def test_verify_reports_then_repairs(tmp_path: Path) -> None:
         assert (fixed["mismatched"], fixed["repaired_count"]) == ([2, 7], 2)
         clean = await verify()
         assert clean["mismatched"] == []
-        await daemon.handle(m.ResyncRate(array="v", rate=50 * MiB, min_rate=MiB))
+        await daemon.handle(op.ResyncRate(array="v", rate=50 * MiB, min_rate=MiB))
         limit = array.status()["root"]["detail"]["keeper"]["resync_limit"]
         assert limit == {"max_rate": 50 * MiB, "min_rate": MiB}
-        await daemon.handle(m.Stop(array="v"))
+        await daemon.handle(op.Stop(array="v"))
         assert leg_data(tmp_path, 0) == leg_data(tmp_path, 1)
         assert leg_data(tmp_path, 0)[: len(data)] == data
     finally:
@@ -172,12 +172,12 @@ async def test_assemble_from_members_alone(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("orig", tmp_path, sock, legs=3)))
+        await daemon.handle(op.Create(mirror_spec("orig", tmp_path, sock, legs=3)))
         c = await connect(sock)
         data = os.urandom(c.size)
         await c.write(0, data)
         await c.close()
-        await daemon.handle(m.Stop(array="orig"))
+        await daemon.handle(op.Stop(array="orig"))
         # Members given in any order come back in their roles, with their names.
         paths = [str(tmp_path / f"leg{i}.img") for i in (2, 0, 1)]
         doc = assemble_spec(await probe_all(paths), name="back", listen=[f"unix:{sock}"])
@@ -185,7 +185,7 @@ async def test_assemble_from_members_alone(tmp_path: Path) -> None:
         assert [x["name"] for x in target["members"]] == ["leg0", "leg1", "leg2"]
         assert [x["path"] for x in target["members"]] == sorted(paths)
         assert (target["name"], target["region_size"]) == ("m", REGION)
-        await daemon.handle(m.Create(doc))
+        await daemon.handle(op.Create(doc))
         c = await connect(sock)
         assert bytes(await c.read(0, c.size)) == data
         await c.close()
@@ -201,10 +201,10 @@ async def test_assemble_refuses_what_does_not_belong_together(tmp_path: Path) ->
     a.mkdir()
     b.mkdir()
     try:
-        await daemon.handle(m.Create(mirror_spec("one", a, a / "s.sock")))
-        await daemon.handle(m.Create(mirror_spec("two", b, b / "s.sock")))
-        await daemon.handle(m.Stop(array="one"))
-        await daemon.handle(m.Stop(array="two"))
+        await daemon.handle(op.Create(mirror_spec("one", a, a / "s.sock")))
+        await daemon.handle(op.Create(mirror_spec("two", b, b / "s.sock")))
+        await daemon.handle(op.Stop(array="one"))
+        await daemon.handle(op.Stop(array="two"))
     finally:
         await daemon.close()
     (tmp_path / "plain.img").write_bytes(b"\0" * MiB)
@@ -233,7 +233,7 @@ async def test_assemble_brings_the_array_back_under_its_own_name_and_addresses(
     spec["array"]["target"]["type"] = kind
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(spec))
+        await daemon.handle(op.Create(spec))
         c = await connect(sock)
         await c.write(0, b"n" * 4096)  # the first write records the label
         await c.close()
@@ -245,7 +245,7 @@ async def test_assemble_brings_the_array_back_under_its_own_name_and_addresses(
     assert array["target"]["type"] == kind
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create({"array": array}))
+        await daemon.handle(op.Create({"array": array}))
         c = await connect(sock)
         assert bytes(await c.read(0, 4096)) == b"n" * 4096
         await c.close()
@@ -262,7 +262,7 @@ async def test_degraded_assembly_from_one_member_then_a_new_leg_in_the_missing_r
     sock = tmp_path / "s.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("d", tmp_path, sock)))
+        await daemon.handle(op.Create(mirror_spec("d", tmp_path, sock)))
         c = await connect(sock)
         data = os.urandom(c.size)
         await c.write(0, data)
@@ -277,7 +277,7 @@ async def test_degraded_assembly_from_one_member_then_a_new_leg_in_the_missing_r
         doc = assemble_spec(found, degraded=True)
         members = doc["array"]["target"]["members"]
         assert members[1] == {"type": "missing", "name": "leg1"}
-        await daemon.handle(m.Create(doc))
+        await daemon.handle(op.Create(doc))
         st = daemon.arrays["d"].status()
         legs = st["root"]["members"]
         assert [x["state"] for x in legs] == ["in_sync", "failed"]
@@ -287,7 +287,7 @@ async def test_degraded_assembly_from_one_member_then_a_new_leg_in_the_missing_r
         await c.write(0, b"after" * 100)
         data = b"after" * 100 + data[500:]
         new = {"type": "file", "name": "leg9", "path": str(tmp_path / "leg9.img"), "size": 4 * MiB}
-        await daemon.handle(m.Replace(array="d", node="leg1", spec=new))
+        await daemon.handle(op.Replace(array="d", node="leg1", spec=new))
         array = daemon.arrays["d"]
         await wait_for(lambda: array.status()["replace"]["state"] == "finished", "the rebuild")
         legs = array.status()["root"]["members"]
@@ -314,28 +314,28 @@ async def test_suspend_resume_a_mirror_leg_resyncs_what_it_missed(tmp_path: Path
     sock = tmp_path / "s.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("s", tmp_path, sock)))
+        await daemon.handle(op.Create(mirror_spec("s", tmp_path, sock)))
         c = await connect(sock)
         await c.write(0, b"\x22" * c.size)
-        status = await daemon.handle(m.Suspend(array="s", node="leg0"))
+        status = await daemon.handle(op.Suspend(array="s", node="leg0"))
         assert [x["state"] for x in status["root"]["members"]] == ["suspended", "in_sync"]
         assert status["root"]["detail"]["keeper"]["suspended"] == [0]
         await c.write(3 * REGION, b"\x33" * 2 * REGION)  # regions 3 and 4, leg0 away
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Suspend(array="s", node="leg1"))  # the last leg in sync
+            await daemon.handle(op.Suspend(array="s", node="leg1"))  # the last leg in sync
         assert exc.value.code == "busy"
-        await daemon.handle(m.Resume(array="s", node="leg0"))
+        await daemon.handle(op.Resume(array="s", node="leg0"))
         keeper = daemon.arrays["s"].keepers["m"]
         await asyncio.wait_for(keeper.resyncer.wait_idle(), 20)
         assert keeper.resyncer.last is not None and keeper.resyncer.last.bytes == 2 * REGION
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Resume(array="s", node="leg0"))
+            await daemon.handle(op.Resume(array="s", node="leg0"))
         assert exc.value.code == "not-suspended"
         expect = bytearray(b"\x22" * c.size)
         expect[3 * REGION : 5 * REGION] = b"\x33" * 2 * REGION
         assert bytes(await c.read(0, c.size)) == expect
         await c.close()
-        await daemon.handle(m.Stop(array="s"))
+        await daemon.handle(op.Stop(array="s"))
         assert leg_data(tmp_path, 0) == expect == leg_data(tmp_path, 1)
     finally:
         await daemon.close()
@@ -354,9 +354,9 @@ async def test_suspend_one_node_of_a_linear_array(tmp_path: Path) -> None:
     sock = tmp_path / "l.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(linear_spec("l", tmp_path, sock)))
+        await daemon.handle(op.Create(linear_spec("l", tmp_path, sock)))
         c = await connect(sock)
-        status = await daemon.handle(m.Suspend(array="l", node="n1"))
+        status = await daemon.handle(op.Suspend(array="l", node="n1"))
         assert [x["state"] for x in status["root"]["members"]] == ["connected", "suspended"]
         held = [asyncio.ensure_future(c.write(MiB + i * 4096, bytes([i + 1]) * 4096))
                 for i in range(3)]  # fmt: skip
@@ -370,28 +370,28 @@ async def test_suspend_one_node_of_a_linear_array(tmp_path: Path) -> None:
         assert loop.time() - t0 < 1.0
         assert not any(f.done() for f in held)
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Suspend(array="l", node="n1"))
+            await daemon.handle(op.Suspend(array="l", node="n1"))
         assert exc.value.code == "busy"
         # What would suspend the whole array waits for no held node: refused.
         extra = {"type": "file", "name": "n2", "path": str(tmp_path / "n2.img"), "size": MiB}
-        for req in (m.Suspend(array="l"), m.Add(array="l", spec=extra)):
+        for req in (op.Suspend(array="l"), op.Add(array="l", spec=extra)):
             with pytest.raises(ControlError) as exc:
                 await daemon.handle(req)
             assert exc.value.code == "busy" and "n1" in str(exc.value), req
-        await daemon.handle(m.Resume(array="l", node="n1"))
+        await daemon.handle(op.Resume(array="l", node="n1"))
         await asyncio.wait_for(asyncio.gather(*held), 5)
         data = bytes(await c.read(0, 2 * MiB))
         assert data[: 20 * 4096] == b"\x7f" * 20 * 4096
         assert data[MiB : MiB + 3 * 4096] == b"\x01" * 4096 + b"\x02" * 4096 + b"\x03" * 4096
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Resume(array="l", node="n1"))
+            await daemon.handle(op.Resume(array="l", node="n1"))
         assert exc.value.code == "not-suspended"
         # The whole array: everything waits until resume.
-        await daemon.handle(m.Suspend(array="l"))
+        await daemon.handle(op.Suspend(array="l"))
         pending = asyncio.ensure_future(c.write(0, b"\x01" * 4096))
         await asyncio.sleep(0.2)
         assert not pending.done() and daemon.arrays["l"].status()["held"] == 1
-        await daemon.handle(m.Resume(array="l"))
+        await daemon.handle(op.Resume(array="l"))
         await asyncio.wait_for(pending, 5)
         await c.close()
     finally:
@@ -408,13 +408,13 @@ async def test_grow_a_stripe_array_by_a_linear_segment(tmp_path: Path) -> None:
     daemon = Daemon()
     try:
         await daemon.handle(
-            m.Create({"array": {"name": "g", "listen": [f"unix:{sock}"], "target": target}})
+            op.Create({"array": {"name": "g", "listen": [f"unix:{sock}"], "target": target}})
         )
         c = await connect(sock)
         old = os.urandom(2 * MiB)
         await c.write(0, old)
         new_node = {"type": "file", "name": "s2", "path": str(tmp_path / "s2.img"), "size": MiB}
-        status = await daemon.handle(m.Add(array="g", spec=new_node))
+        status = await daemon.handle(op.Add(array="g", spec=new_node))
         assert (status["algorithm"], status["size"]) == ("linear", 3 * MiB)
         root = status["root"]
         assert [(k["name"], k["type"], k["start"]) for k in root["members"]] == [
@@ -429,8 +429,8 @@ async def test_grow_a_stripe_array_by_a_linear_segment(tmp_path: Path) -> None:
         assert bytes(await c.read(0, 3 * MiB)) == old + tail
         await c.close()
         # The grown spec is what runs: stop and start rebuild it with the data in place.
-        await daemon.handle(m.Stop(array="g"))
-        await daemon.handle(m.Start(array="g"))
+        await daemon.handle(op.Stop(array="g"))
+        await daemon.handle(op.Start(array="g"))
         c = await connect(sock)
         assert bytes(await c.read(0, 3 * MiB)) == old + tail
         await c.close()
@@ -457,14 +457,14 @@ async def test_replace_a_linear_node_under_a_writer(tmp_path: Path) -> None:
     sock = tmp_path / "r.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(linear_spec("r", tmp_path, sock)))
+        await daemon.handle(op.Create(linear_spec("r", tmp_path, sock)))
         c = await connect(sock)
         expect = bytearray(os.urandom(2 * MiB))
         await c.write(0, bytes(expect))
         stop = asyncio.Event()
         w = asyncio.ensure_future(writer(c, 2 * MiB, expect, stop))
         new = {"type": "file", "name": "n9", "path": str(tmp_path / "n9.img"), "size": 2 * MiB}
-        status = await daemon.handle(m.Replace(array="r", node="n1", spec=new))
+        status = await daemon.handle(op.Replace(array="r", node="n1", spec=new))
         assert status["replace"]["state"] in ("copying", "finished")
         array = daemon.arrays["r"]
         await wait_for(lambda: array.status()["replace"]["state"] == "finished", "replace")
@@ -477,9 +477,9 @@ async def test_replace_a_linear_node_under_a_writer(tmp_path: Path) -> None:
         assert st["replace"]["regions_done"] == st["replace"]["regions_total"] == 1
         assert [p["name"] for p in st["spec"]["array"]["target"]["members"]] == ["n0", "n9"]
         await c.close()
-        await daemon.handle(m.Stop(array="r"))
+        await daemon.handle(op.Stop(array="r"))
         assert (tmp_path / "n9.img").read_bytes()[:MiB] == expect[MiB:]
-        await daemon.handle(m.Start(array="r"))  # the spec names n9 now
+        await daemon.handle(op.Start(array="r"))  # the spec names n9 now
         c = await connect(sock)
         assert bytes(await c.read(0, 2 * MiB)) == expect
         await c.close()
@@ -492,23 +492,23 @@ async def test_cancel_a_replace_leaves_the_array_as_before(tmp_path: Path) -> No
     daemon = Daemon()
     size = 8 * MiB  # 8 copy regions
     try:
-        await daemon.handle(m.Create(linear_spec("c", tmp_path, sock, size)))
+        await daemon.handle(op.Create(linear_spec("c", tmp_path, sock, size)))
         c = await connect(sock)
         expect = bytearray(os.urandom(2 * size))
         await c.write(0, bytes(expect))
         new = {"type": "file", "name": "n9", "path": str(tmp_path / "n9.img"), "size": size}
-        await daemon.handle(m.Replace(array="c", node="n0", spec=new))
+        await daemon.handle(op.Replace(array="c", node="n0", spec=new))
         # resync-rate applies to a running replace: 64 KiB/s makes the copy take minutes
-        await daemon.handle(m.ResyncRate(array="c", rate=64 << 10))
+        await daemon.handle(op.ResyncRate(array="c", rate=64 << 10))
         array = daemon.arrays["c"]
         stop = asyncio.Event()
         w = asyncio.ensure_future(writer(c, 2 * size, expect, stop))
         await asyncio.sleep(0.3)
         assert array.status()["replace"]["state"] == "copying"
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Replace(array="c", node="n1", spec=new))
+            await daemon.handle(op.Replace(array="c", node="n1", spec=new))
         assert exc.value.code == "busy"
-        await daemon.handle(m.CancelReplace(array="c"))
+        await daemon.handle(op.CancelReplace(array="c"))
         await wait_for(lambda: array.status()["replace"]["state"] == "cancelled", "cancel")
         await asyncio.sleep(0.1)
         stop.set()
@@ -517,10 +517,10 @@ async def test_cancel_a_replace_leaves_the_array_as_before(tmp_path: Path) -> No
         st = array.status()
         assert [k["name"] for k in st["root"]["members"]] == ["n0", "n1"]
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.CancelReplace(array="c"))
+            await daemon.handle(op.CancelReplace(array="c"))
         assert exc.value.code == "not-replacing"
         await c.close()
-        await daemon.handle(m.Stop(array="c"))
+        await daemon.handle(op.Stop(array="c"))
         assert (tmp_path / "n0.img").read_bytes() == expect[:size]
     finally:
         await daemon.close()
@@ -531,16 +531,16 @@ async def test_replace_a_mirror_leg_under_a_writer(tmp_path: Path, dead: bool) -
     sock = tmp_path / "m.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("mr", tmp_path, sock)))
+        await daemon.handle(op.Create(mirror_spec("mr", tmp_path, sock)))
         c = await connect(sock)
         expect = bytearray(os.urandom(c.size))
         await c.write(0, bytes(expect))
         if dead:  # OLD is gone: NEW is rebuilt from the other leg
-            await daemon.handle(m.Fail(array="mr", node="leg1"))
+            await daemon.handle(op.Fail(array="mr", node="leg1"))
         stop = asyncio.Event()
         w = asyncio.ensure_future(writer(c, c.size, expect, stop))
         new = {"type": "file", "name": "leg9", "path": str(tmp_path / "leg9.img"), "size": 4 * MiB}
-        await daemon.handle(m.Replace(array="mr", node="leg1", spec=new))
+        await daemon.handle(op.Replace(array="mr", node="leg1", spec=new))
         array = daemon.arrays["mr"]
         await wait_for(lambda: array.status()["replace"]["state"] == "finished", "replace")
         stop.set()
@@ -552,7 +552,7 @@ async def test_replace_a_mirror_leg_under_a_writer(tmp_path: Path, dead: bool) -
             ("leg9", "in_sync"),
         ]
         await c.close()
-        await daemon.handle(m.Stop(array="mr"))
+        await daemon.handle(op.Stop(array="mr"))
         size = layout_for(4 * MiB, REGION).data_size
         legs = [(tmp_path / f"leg{i}.img").read_bytes()[:size] for i in (0, 9)]
         assert legs[0] == legs[1] == expect
@@ -568,14 +568,14 @@ async def test_grow_a_mirror_to_three_legs_and_back(tmp_path: Path) -> None:
     sock = tmp_path / "g.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("g", tmp_path, sock)))
+        await daemon.handle(op.Create(mirror_spec("g", tmp_path, sock)))
         c = await connect(sock)
         expect = bytearray(os.urandom(c.size))
         await c.write(0, bytes(expect))
         stop = asyncio.Event()
         w = asyncio.ensure_future(writer(c, c.size, expect, stop))
         leg2 = {"type": "file", "name": "leg2", "path": str(tmp_path / "leg2.img"), "size": 4 * MiB}
-        status = await daemon.handle(m.Add(array="g", spec=leg2))
+        status = await daemon.handle(op.Add(array="g", spec=leg2))
         assert [k["name"] for k in status["root"]["members"]] == ["leg0", "leg1", "leg2"]
         array = daemon.arrays["g"]
 
@@ -587,17 +587,17 @@ async def test_grow_a_mirror_to_three_legs_and_back(tmp_path: Path) -> None:
         await w
         assert bytes(await c.read(0, c.size)) == expect
         # Shrink back: leg0 leaves; two legs stay, and fewer is refused.
-        status = await daemon.handle(m.Remove(array="g", node="leg0"))
+        status = await daemon.handle(op.Remove(array="g", node="leg0"))
         assert [k["name"] for k in status["root"]["members"]] == ["leg1", "leg2"]
         with pytest.raises(ControlError) as exc:
-            await daemon.handle(m.Remove(array="g", node="leg1"))
+            await daemon.handle(op.Remove(array="g", node="leg1"))
         assert exc.value.code == "cannot-remove"
         assert bytes(await c.read(0, c.size)) == expect
         await c.close()
-        await daemon.handle(m.Stop(array="g"))
+        await daemon.handle(op.Stop(array="g"))
         for i in (1, 2):
             assert leg_data(tmp_path, i) == expect
-        await daemon.handle(m.Start(array="g"))  # the spec has leg1 and leg2 now
+        await daemon.handle(op.Start(array="g"))  # the spec has leg1 and leg2 now
         st = array.status()
         assert [(k["name"], k["state"]) for k in st["root"]["members"]] == [
             ("leg1", "in_sync"),
@@ -616,7 +616,7 @@ async def test_replace_rate_paces_only_the_new_leg(tmp_path: Path, end: str) -> 
     sock = tmp_path / "rr.sock"
     daemon = Daemon()
     try:
-        await daemon.handle(m.Create(mirror_spec("rr", tmp_path, sock)))
+        await daemon.handle(op.Create(mirror_spec("rr", tmp_path, sock)))
         c = await connect(sock)
         expect = os.urandom(c.size)
         await c.write(0, expect)
@@ -630,23 +630,23 @@ async def test_replace_rate_paces_only_the_new_leg(tmp_path: Path, end: str) -> 
             st: dict[str, Any] = array.status()["replace"]
             return st
 
-        await daemon.handle(m.ResyncRate(array="rr", rate=8 * MiB, mirror="m"))
+        await daemon.handle(op.ResyncRate(array="rr", rate=8 * MiB, mirror="m"))
         new = {"type": "file", "name": "leg9", "path": str(tmp_path / "leg9.img"), "size": 4 * MiB}
-        await daemon.handle(m.Replace(array="rr", node="leg1", spec=new, rate=REGION))
+        await daemon.handle(op.Replace(array="rr", node="leg1", spec=new, rate=REGION))
         assert keeper()["leg_limits"] == {"leg9": {"max_rate": REGION, "min_rate": None}}
         await asyncio.sleep(0.5)  # at REGION bytes/s: the first span, not yet a second
         assert job()["state"] == "copying" and job()["regions_done"] <= 16, job()
-        await daemon.handle(m.ResyncRate(array="rr", rate=16 * MiB, mirror="m"))
+        await daemon.handle(op.ResyncRate(array="rr", rate=16 * MiB, mirror="m"))
         st = keeper()
         assert st["resync_limit"] == {"max_rate": 16 * MiB, "min_rate": None}
         assert st["leg_limits"]["leg9"]["max_rate"] == REGION  # only the mirror's changed
         if end == "cancel":
-            await daemon.handle(m.CancelReplace(array="rr"))
+            await daemon.handle(op.CancelReplace(array="rr"))
             await wait_for(lambda: job()["state"] == "cancelled", "cancel")
             legs = ["leg0", "leg1"]
             limit = {"max_rate": 16 * MiB, "min_rate": None}
         else:  # the whole array's resync-rate changes the running replace too
-            await daemon.handle(m.ResyncRate(array="rr", rate=0))
+            await daemon.handle(op.ResyncRate(array="rr", rate=0))
             await wait_for(lambda: job()["state"] == "finished", "replace")
             legs = ["leg0", "leg9"]
             limit = {"max_rate": None, "min_rate": None}

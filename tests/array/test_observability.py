@@ -12,7 +12,7 @@ import pytest
 
 from dst import stats
 from dst.array.daemon import Daemon
-from dst.control import messages as m
+from dst.control import operations as op
 from dst.control.client import ControlClient
 from dst.net.client import NbdClient
 from dst.net.metricsserver import MetricsOptions
@@ -35,7 +35,7 @@ async def daemon(sock_dir: Path) -> AsyncIterator[Daemon]:
     d = Daemon(str(sock_dir / "control.sock"), metrics=MetricsOptions.from_strings("0"))
     await d.start()
     try:
-        await d.handle(m.Create(mirror_spec(sock_dir / "demo.sock")))
+        await d.handle(op.Create(mirror_spec(sock_dir / "demo.sock")))
         yield d
     finally:
         await d.close()
@@ -75,7 +75,7 @@ async def test_metrics_follow_io_and_leg_state(daemon: Daemon, sock_dir: Path) -
         assert value(s, "dst_mirror_dirty_regions", array="demo", target="mir") == 4
         assert value(s, "dst_mirror_region_size_bytes", array="demo", target="mir") == REGION
 
-        await daemon.handle(m.Fail(array="demo", node="b"))
+        await daemon.handle(op.Fail(array="demo", node="b"))
         await client.write(0, b"x" * (3 * REGION))  # regions 0-2: b misses them
         s = await scrape(url)
         b = {"array": "demo", "target": "mir", "node": "b"}
@@ -86,7 +86,7 @@ async def test_metrics_follow_io_and_leg_state(daemon: Daemon, sock_dir: Path) -
         assert value(s, "dst_array_degraded", **arr) == 1
         assert value(s, "dst_mirror_legs", state="failed", array="demo", target="mir") == 1
 
-        await daemon.handle(m.Readd(array="demo", node="b"))
+        await daemon.handle(op.Readd(array="demo", node="b"))
         keeper = daemon.arrays["demo"].keepers["mir"]
         await asyncio.wait_for(keeper.resyncer.wait_idle(), 30)
         s = await scrape(url)
@@ -114,7 +114,7 @@ async def test_events_tell_failure_readd_and_resync_in_order(
     daemon: Daemon, sock_dir: Path
 ) -> None:
     control = await ControlClient.connect(sock_dir / "control.sock")
-    items = control.stream(m.Events(now=True))
+    items = control.stream(op.Events(now=True))
     try:
         now = [await items.__anext__() for _ in range(5)]
         assert [(e["event"], e["object"], e.get("node")) for e in now] == [
@@ -128,7 +128,7 @@ async def test_events_tell_failure_readd_and_resync_in_order(
             "b": "in_sync",
         }
 
-        await daemon.handle(m.Fail(array="demo", node="b"))
+        await daemon.handle(op.Fail(array="demo", node="b"))
         failed = await next_item(items, object="node", node="b")
         assert (failed["event"], failed["state"], failed["old"]["state"]) == (
             "change", "failed", "in_sync"
@@ -139,7 +139,7 @@ async def test_events_tell_failure_readd_and_resync_in_order(
         async with await NbdClient.connect(uri) as client:
             await client.write(0, bytes(2 * REGION))  # b misses two regions
 
-        await daemon.handle(m.Readd(array="demo", node="b"))
+        await daemon.handle(op.Readd(array="demo", node="b"))
         readded = await next_item(items, object="node", node="b")
         assert (readded["state"], readded["old"]["state"]) == ("resyncing", "failed")
         started = await next_item(items, object="resync", state="running")

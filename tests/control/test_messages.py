@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from dst.control import messages as m
+from dst.control import operations as op
 from dst.errors import ControlError
 
 
@@ -15,41 +16,41 @@ def line(**msg: Any) -> bytes:
     return json.dumps(msg).encode() + b"\n"
 
 
-EXAMPLES: list[m.Request] = [
-    m.Create(spec={"array": {"name": "demo"}}),
-    m.Start(array="demo"),
-    m.Stop(array="demo"),
-    m.Add(array="demo", spec={"type": "memory", "size": "1MiB"}),
-    m.Remove(array="demo", node="node3"),
-    m.Status(),
-    m.Status(array="demo"),
-    m.Fail(array="demo", node="a"),
-    m.Readd(array="demo", node="a"),
-    m.Readd(array="demo", node="a", full=True),
-    m.Suspend(array="demo"),
-    m.Suspend(array="demo", node="a"),
-    m.Resume(array="demo", node="a"),
-    m.Replace(array="demo", node="a", spec={"type": "remote", "uri": "nbd://h/"}),
-    m.CancelReplace(array="demo"),
-    m.Verify(array="demo", repair=True),
-    m.Verify(array="demo", repair=True, source="a", mirror="m"),
-    m.ResyncRate(array="demo", rate=10 << 20),
-    m.ResyncRate(array="demo", rate=10 << 20, min_rate=1 << 20, mirror="m"),
-    m.Reload(),
-    m.Reload(array="demo"),
-    m.Shutdown(),
-    m.Events(),
-    m.Events(now=True),
+EXAMPLES: list[op.Request] = [
+    op.Create(spec={"array": {"name": "demo"}}),
+    op.Start(array="demo"),
+    op.Stop(array="demo"),
+    op.Add(array="demo", spec={"type": "memory", "size": "1MiB"}),
+    op.Remove(array="demo", node="node3"),
+    op.Status(),
+    op.Status(array="demo"),
+    op.Fail(array="demo", node="a"),
+    op.Readd(array="demo", node="a"),
+    op.Readd(array="demo", node="a", full=True),
+    op.Suspend(array="demo"),
+    op.Suspend(array="demo", node="a"),
+    op.Resume(array="demo", node="a"),
+    op.Replace(array="demo", node="a", spec={"type": "remote", "uri": "nbd://h/"}),
+    op.CancelReplace(array="demo"),
+    op.Verify(array="demo", repair=True),
+    op.Verify(array="demo", repair=True, source="a", mirror="m"),
+    op.ResyncRate(array="demo", rate=10 << 20),
+    op.ResyncRate(array="demo", rate=10 << 20, min_rate=1 << 20, mirror="m"),
+    op.Reload(),
+    op.Reload(array="demo"),
+    op.Shutdown(),
+    op.Events(),
+    op.Events(now=True),
 ]
 
 
 def test_every_op_has_an_example() -> None:
-    assert {type(r) for r in EXAMPLES} == set(m.REQUESTS.values())
-    assert set(m.REQUESTS) >= {"create", "start", "stop", "add", "remove", "status", "resync-rate"}
+    assert {type(r) for r in EXAMPLES} == set(op.REQUESTS.values())
+    assert set(op.REQUESTS) >= {"create", "start", "stop", "add", "remove", "status", "resync-rate"}
 
 
 @pytest.mark.parametrize("req", EXAMPLES, ids=lambda r: f"{r.OP}")
-def test_request_round_trip(req: m.Request) -> None:
+def test_request_round_trip(req: op.Request) -> None:
     data = m.encode_request(42, req)
     assert data.endswith(b"\n") and data.count(b"\n") == 1
     assert m.decode_request(data) == (42, req)
@@ -58,18 +59,18 @@ def test_request_round_trip(req: m.Request) -> None:
 
 
 def test_wire_format() -> None:
-    assert json.loads(m.encode_request(7, m.Stop(array="demo"))) == {
+    assert json.loads(m.encode_request(7, op.Stop(array="demo"))) == {
         "v": 1,
         "id": 7,
         "op": "stop",
         "args": {"array": "demo"},
     }
-    assert json.loads(m.encode_request(1, m.Status()))["args"] == {}
+    assert json.loads(m.encode_request(1, op.Status()))["args"] == {}
 
 
 def test_args_may_be_omitted() -> None:
-    assert m.decode_request(line(v=1, id=1, op="status")) == (1, m.Status())
-    assert m.decode_request(line(v=1, id=1, op="status", args={"array": None})) == (1, m.Status())
+    assert m.decode_request(line(v=1, id=1, op="status")) == (1, op.Status())
+    assert m.decode_request(line(v=1, id=1, op="status", args={"array": None})) == (1, op.Status())
 
 
 def bad(data: bytes | str) -> m.BadRequest:

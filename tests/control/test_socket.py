@@ -14,6 +14,7 @@ import pytest
 
 from dst.control import ControlClient, ControlServer, call
 from dst.control import messages as m
+from dst.control import operations as op
 from dst.errors import ControlError
 
 pytestmark = pytest.mark.timeout(30)
@@ -23,24 +24,24 @@ class Daemon:
     """A toy handler: records requests; a few ops misbehave on purpose."""
 
     def __init__(self) -> None:
-        self.seen: list[m.Request] = []
+        self.seen: list[op.Request] = []
         self.release = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def handle(self, req: m.Request) -> Any:
+    async def handle(self, req: op.Request) -> Any:
         self.seen.append(req)
         match req:
-            case m.Status(array=None):
+            case op.Status(array=None):
                 return {"arrays": ["demo"]}
-            case m.Status(array="demo"):
+            case op.Status(array="demo"):
                 return {"name": "demo", "state": "ok"}
-            case m.Status(array=name):
+            case op.Status(array=name):
                 raise ControlError("no-such-array", f"no array {name!r}", field="array")
-            case m.Start(array="boom"):
+            case op.Start(array="boom"):
                 raise RuntimeError("secret traceback detail")
-            case m.Start(array="weird"):
+            case op.Start(array="weird"):
                 return {"x": object()}
-            case m.Stop(array="slow"):
+            case op.Stop(array="slow"):
                 self.entered.set()
                 await self.release.wait()
                 return "released"
@@ -77,9 +78,9 @@ async def ask(
 async def test_round_trip(daemon: Daemon, sock_path: Path) -> None:
     async with await ControlClient.connect(sock_path) as c:
         assert await c.call("status") == {"arrays": ["demo"]}
-        assert await c.request(m.Status(array="demo")) == {"name": "demo", "state": "ok"}
+        assert await c.request(op.Status(array="demo")) == {"name": "demo", "state": "ok"}
         assert await c.call("create", {"spec": {"array": {"name": "d"}}}) is None
-    assert daemon.seen == [m.Status(), m.Status("demo"), m.Create({"array": {"name": "d"}})]
+    assert daemon.seen == [op.Status(), op.Status("demo"), op.Create({"array": {"name": "d"}})]
 
 
 async def test_sync_call(daemon: Daemon, sock_path: Path) -> None:
@@ -152,7 +153,7 @@ async def test_bad_request_keeps_connection(
 
 async def test_blank_lines_are_ignored(daemon: Daemon, sock_path: Path) -> None:
     r, w = await raw(sock_path)
-    reply = await ask(r, w, b"\n  \n" + m.encode_request(1, m.Status()))
+    reply = await ask(r, w, b"\n  \n" + m.encode_request(1, op.Status()))
     assert reply["ok"] is True
     w.close()
 
@@ -168,8 +169,8 @@ async def test_oversize_line(daemon: Daemon, sock_path: Path) -> None:
     # the server still serves others, and a line of exactly MAX_LINE bytes is fine
     async with await ControlClient.connect(sock_path) as c:
         assert await c.call("status") == {"arrays": ["demo"]}
-    pad = m.MAX_LINE - len(m.encode_request(2, m.Create({"p": ""})))
-    big = m.Create({"p": "x" * (pad + 1)})
+    pad = m.MAX_LINE - len(m.encode_request(2, op.Create({"p": ""})))
+    big = op.Create({"p": "x" * (pad + 1)})
     assert len(m.encode_request(2, big)) == m.MAX_LINE + 1
     r, w = await raw(sock_path)
     assert (await ask(r, w, m.encode_request(2, big)))["ok"] is True

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The :class:`Daemon` holds the arrays (:class:`~dst.array.array.Array`) of one process and
-answers control requests (:mod:`dst.control.messages`) through one table, :data:`HANDLERS`:
+answers control requests (:mod:`dst.control.operations`) through one table, :data:`HANDLERS`:
 request type -> the function that answers it.  Every failure is a :class:`ControlError`
 with a stable code: ``no-such-array``, ``exists``, ``bad-spec``, ``bad-args``,
 ``cannot-grow``, ``cannot-remove``, ``not-running``, ``node-unreachable``, ``refused``,
@@ -38,7 +38,7 @@ from dst.array.array import Array, bad_spec
 from dst.array.events import EventHub
 from dst.array.spec import ArraySpec
 from dst.array.specdict import spec_from_dict
-from dst.control import messages as m
+from dst.control import operations as op
 from dst.control.server import ControlServer
 from dst.errors import ConfigError, ControlError, DstError
 from dst.net.metricsserver import MetricsOptions, MetricsServer
@@ -120,7 +120,7 @@ class Daemon:
                     raise ControlError("bad-acl", f"{array.name}: {exc}") from None
         return done
 
-    async def handle(self, req: m.Request) -> Any:
+    async def handle(self, req: op.Request) -> Any:
         """Answer one control request.  Raises ControlError."""
         handler = HANDLERS.get(type(req))
         if handler is None:
@@ -141,11 +141,11 @@ class Daemon:
 Handler = Callable[[Daemon, Any], Awaitable[Any]]
 
 
-async def _status(d: Daemon, req: m.Status) -> Any:
+async def _status(d: Daemon, req: op.Status) -> Any:
     return d.status(req.array)
 
 
-async def _create(d: Daemon, req: m.Create) -> Any:
+async def _create(d: Daemon, req: op.Create) -> Any:
     try:
         spec = spec_from_dict(req.spec)
     except ConfigError as exc:
@@ -153,15 +153,15 @@ async def _create(d: Daemon, req: m.Create) -> Any:
     return (await d.create(spec)).status()
 
 
-async def _reload(d: Daemon, req: m.Reload) -> Any:
+async def _reload(d: Daemon, req: op.Reload) -> Any:
     return d.reload(req.array)
 
 
-async def _events(d: Daemon, req: m.Events) -> Any:
+async def _events(d: Daemon, req: op.Events) -> Any:
     return d.events.subscribe(now=req.now)
 
 
-async def _shutdown(d: Daemon, req: m.Shutdown) -> Any:
+async def _shutdown(d: Daemon, req: op.Shutdown) -> Any:
     d.stopping.set()
     return {}
 
@@ -180,30 +180,30 @@ def _on_array(act: Callable[[Array, Any], Awaitable[Any] | None]) -> Handler:
     return handler
 
 
-async def _readd(d: Daemon, req: m.Readd) -> Any:
+async def _readd(d: Daemon, req: op.Readd) -> Any:
     return await ops.readd(d.array(req.array), req.node, full=req.full)
 
 
-HANDLERS: dict[type[m.Request], Handler] = {
-    m.Status: _status,
-    m.Create: _create,
-    m.Shutdown: _shutdown,
-    m.Reload: _reload,
-    m.Events: _events,
-    m.Readd: _readd,
-    m.Start: _on_array(lambda a, r: a.start()),
-    m.Stop: _on_array(lambda a, r: a.stop()),
-    m.Add: _on_array(lambda a, r: reshape.add(a, r.spec)),
-    m.Remove: _on_array(lambda a, r: reshape.remove(a, r.node)),
-    m.Replace: _on_array(lambda a, r: reshape.replace(a, r.node, r.spec, rate=r.rate)),
-    m.CancelReplace: _on_array(lambda a, r: reshape.cancel_replace(a)),
-    m.Fail: _on_array(lambda a, r: ops.fail(a, r.node)),
-    m.Suspend: _on_array(lambda a, r: ops.suspend(a, r.node)),
-    m.Resume: _on_array(lambda a, r: ops.resume(a, r.node)),
-    m.Verify: _on_array(
+HANDLERS: dict[type[op.Request], Handler] = {
+    op.Status: _status,
+    op.Create: _create,
+    op.Shutdown: _shutdown,
+    op.Reload: _reload,
+    op.Events: _events,
+    op.Readd: _readd,
+    op.Start: _on_array(lambda a, r: a.start()),
+    op.Stop: _on_array(lambda a, r: a.stop()),
+    op.Add: _on_array(lambda a, r: reshape.add(a, r.spec)),
+    op.Remove: _on_array(lambda a, r: reshape.remove(a, r.node)),
+    op.Replace: _on_array(lambda a, r: reshape.replace(a, r.node, r.spec, rate=r.rate)),
+    op.CancelReplace: _on_array(lambda a, r: reshape.cancel_replace(a)),
+    op.Fail: _on_array(lambda a, r: ops.fail(a, r.node)),
+    op.Suspend: _on_array(lambda a, r: ops.suspend(a, r.node)),
+    op.Resume: _on_array(lambda a, r: ops.resume(a, r.node)),
+    op.Verify: _on_array(
         lambda a, r: ops.verify(a, repair=r.repair, source=r.source, mirror=r.mirror)
     ),
-    m.ResyncRate: _on_array(lambda a, r: ops.resync_rate(a, r.rate, r.min_rate, r.mirror)),
+    op.ResyncRate: _on_array(lambda a, r: ops.resync_rate(a, r.rate, r.min_rate, r.mirror)),
 }
 
 

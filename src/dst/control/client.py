@@ -5,7 +5,7 @@ Both send one request at a time and return the ``result`` of the response, or ra
 side failures have their own codes: ``unreachable`` (no daemon at the socket),
 ``timeout`` and ``bad-response``.  ``call(path, op, args)`` sends ``op`` and
 ``args`` as given -- the daemon checks them; :meth:`ControlClient.request` takes a
-typed :class:`~dst.control.messages.Request`.  A streamed request (``events``) is read
+typed :class:`~dst.control.operations.Request`.  A streamed request (``events``) is read
 with :meth:`ControlClient.stream` or, blocking, :func:`stream`: its items one by one.
 """
 
@@ -25,11 +25,11 @@ from dst.control.messages import (
     TIMEOUT,
     UNREACHABLE,
     VERSION,
-    Request,
     Response,
     decode_response,
     encode_request,
 )
+from dst.control.operations import Request
 from dst.errors import ControlError
 
 MAX_RESPONSE = 64 << 20  # status of a big daemon can be large; still bounded

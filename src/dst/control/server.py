@@ -45,12 +45,12 @@ from dst.control.messages import (
     TOO_BIG,
     VERSION,
     BadRequest,
-    Request,
     Response,
     decode_request,
     encode_response,
     error_response,
 )
+from dst.control.operations import Request
 from dst.control.stream import Stream
 from dst.errors import ControlError
 
