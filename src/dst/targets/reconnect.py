@@ -25,11 +25,11 @@ connection.  Every NBD command is idempotent at the block level, so replaying re
 writes, flush, trim, zeroes, cache and block status is safe.  With ``io_timeout``
 None or 0 the request fails at once with EIO (a mirror degrades the leg instead of
 stalling).  An error *reply* from the server is a real answer and is never
-replayed, nor is a per-request timeout (the connection is still there).  Waiting
-uses a future and a timer, not ``asyncio.timeout``, because the NBD server runs the
-first step of a request outside any task.  A request on a connection's callback fast
-path that meets the loss goes on as the same replay in a Task (:class:`Replayable`).
-``close()`` stops the loop and fails waiting requests with ESHUTDOWN.
+replayed, nor is a per-request timeout (the connection is still there).  The
+waiting requests are :mod:`dst.targets.replay`'s :class:`~dst.targets.replay.Held`,
+and a request on a connection's callback fast path that meets the loss goes on as the
+same replay in a Task (:class:`~dst.targets.replay.Replayable`).  ``close()`` stops
+the loop and fails waiting requests with ESHUTDOWN.
 
 A loss is noticed as soon as the connection is gone, idle or not: TCP connections
 carry keepalive (:class:`~dst.net.client.Keepalive`: a peer cut off by the network is
@@ -54,11 +54,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from dst import changes
-from dst.aio import submit_coro
-from dst.device import Cancel, Capabilities, Done, Health
+from dst.device import Capabilities, Health
 from dst.errors import BlockError, ConfigError, ProtocolError, ServerRefused
 from dst.net.address import Address
 from dst.net.client import MEMBER_KEEPALIVE, ConnectionLost, Keepalive, NbdClient
+from dst.targets.replay import Held
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ def backoff_delay(attempt: int, *, low: float, high: float, rng: random.Random) 
     """Seconds to wait after failed attempt number ``attempt`` (0-based): full jitter."""
     bound = min(high, low * 2.0 ** min(attempt, 60))
     return rng.uniform(0.0, bound)
-
-
-def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
-    if not waiter.done():
-        waiter.set_result(value)
 
 
 class Link:
@@ -112,7 +107,7 @@ class Link:
         self.replays = bool(reconnect and io_timeout)  # a request caught by a loss waits
         self._backoff = (backoff_min, backoff_max)
         self._rng = rng or random.Random()
-        self._waiters: set[asyncio.Future[bool]] = set()  # requests waiting for a reconnect
+        self._held = Held()  # requests waiting for a reconnect
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Listener] = []
         self._attempts = 0
@@ -170,7 +165,7 @@ class Link:
     async def close(self) -> None:
         """Stop reconnecting, fail waiting requests (ESHUTDOWN), disconnect.  Idempotent."""
         self.closed = True
-        self._wake()  # waiters see closed
+        self._held.release()  # waiters see closed
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -192,10 +187,6 @@ class Link:
                 self._listeners.remove(callback)
 
         return unsubscribe
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            _settle(waiter, True)
 
     def _notify(self, up: bool) -> None:
         changes.changed()
@@ -243,7 +234,7 @@ class Link:
         self._use(conn)
         self._refused = ""
         self.reconnects += 1
-        self._wake()
+        self._held.release()
         self._notify(True)
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
@@ -299,29 +290,13 @@ class Link:
             if not self._reconnect or not self._io_timeout:
                 why = " (reconnecting)" if self._reconnect else ""
                 raise BlockError(errno.EIO, f"{self.name}: not connected to {self.uri}{why}")
-            if not await self._wait_up(started + self._io_timeout):
+            if not await self._held.wait(started + self._io_timeout):
                 waited = asyncio.get_running_loop().time() - started
                 raise BlockError(
                     errno.ETIMEDOUT,
                     f"{self.name}: {self.uri} did not come back: waited {waited:.1f}s "
                     f"for a reconnect (io_timeout {self._io_timeout:g}s; {self._last_error})",
                 ) from None
-
-    async def _wait_up(self, deadline: float) -> bool:
-        """Wait for a reconnect (or close) until loop time ``deadline``; False: expired.
-
-        A bare future and a timer, not ``asyncio.timeout``: the NBD server runs the
-        first step of a request eagerly, outside any task.
-        """
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiters.add(waiter)
-        timer = loop.call_at(deadline, _settle, waiter, False)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self._waiters.discard(waiter)
 
     async def run(self, op: Callable[[NbdClient], Awaitable[T]]) -> T:
         """Run ``op`` on the live connection; replay it when the connection is lost."""
@@ -356,48 +331,8 @@ class Link:
             "attempts": self._attempts,
             "last_error": self._last_error,
             "down_since": round(time.monotonic() - self._down_since, 3),
-            "waiting": len(self._waiters),
+            "waiting": len(self._held),
         }
         if self._refused:
             detail["refused"] = self._refused
         return Health("reconnecting", detail)
-
-
-class Replayable:
-    """A request on a connection's fast path that goes on as a replay in a Task
-    (:meth:`Link.run`) if the connection is lost; the canceller handed out reaches
-    whichever of the two is running."""
-
-    __slots__ = ("conn", "done", "link", "op", "running")
-
-    def __init__(
-        self,
-        link: Link,
-        conn: NbdClient,
-        done: Done,
-        op: Callable[[NbdClient], Awaitable[Any]],
-    ) -> None:
-        self.link = link
-        self.conn = conn
-        self.done = done
-        self.op = op
-        self.running: Cancel | None = None
-
-    def finish(self, exc: BaseException | None, value: Any) -> None:
-        if exc is not None and isinstance(exc, ConnectionLost):
-            self.link.lost(self.conn, exc)
-            self.running = submit_coro(self.link.run(self.op), self.done)
-        else:
-            self.done(exc, value)
-
-    def started(self, cancel: Cancel | None) -> Cancel | None:
-        """What the submit returns, given the connection's canceller (None: refused)."""
-        if cancel is None:
-            return None
-        if self.running is None:  # not replaying already
-            self.running = cancel
-        return self.cancel
-
-    def cancel(self) -> None:
-        if self.running is not None:
-            self.running()

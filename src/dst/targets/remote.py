@@ -7,8 +7,8 @@ the connection to the node kept up across outages: its first connect, the reconn
 loop, and the requests that wait for a reconnect and are replayed
 (:mod:`dst.targets.reconnect` says how).  READ and WRITE go to the live connection
 directly, the callback fast path too; whatever meets a lost connection goes on
-through the link's replay.  What the export cannot do is emulated or skipped as the
-base class does.
+through the link's replay (:mod:`dst.targets.replay`).  What the export cannot do is
+emulated or skipped as the base class does.
 
 Durability: a write acknowledged before the loss but not yet flushed may be lost if
 the server itself went down.  Replaying the writes that were in flight, and the
@@ -26,7 +26,8 @@ from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, 
 from dst.nbd.constants import Cmd
 from dst.net.address import Address
 from dst.net.client import ConnectionLost
-from dst.targets.reconnect import Link, Listener, Replayable
+from dst.targets.reconnect import Link, Listener
+from dst.targets.replay import Replayable
 
 _WRITE = int(Cmd.WRITE)
 
