@@ -98,6 +98,23 @@ def test_defaults() -> None:
     assert isinstance(spec.target, StripeSpec) and spec.target.chunk_size == 64 << 10
 
 
+@pytest.mark.parametrize("kind", ["mirror", "raid5"])
+def test_a_region_size_not_given_is_the_members_own(kind: str) -> None:
+    """Left out, the region size stays unset (the members' own when they have
+    metadata, the default for new ones) and the canonical form leaves it out too, so a
+    spec written back and read again still asks for nothing."""
+    members = [{"type": "memory", "size": 1 << 20} for _ in range(3)]
+    spec = spec_from_dict({"array": {"name": "d", "target": {"type": kind, "members": members}}})
+    assert spec.target.region_size is None  # type: ignore[union-attr]
+    doc = spec_to_dict(spec)
+    assert "region_size" not in doc["array"]["target"]
+    assert spec_from_dict(doc) == spec
+    given = {"type": kind, "members": members, "region_size": "64KiB"}
+    again = spec_from_dict({"array": {"name": "d", "target": given}})
+    assert again.target.region_size == 64 << 10  # type: ignore[union-attr]
+    assert spec_to_dict(again)["array"]["target"]["region_size"] == 64 << 10
+
+
 def test_generated_names_avoid_explicit_ones() -> None:
     spec = spec_from_dict(
         {

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
 from dst.errors import ConfigError
-from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
+from dst.meta.layout import DEFAULT_CLEAR_DELAY
 from dst.net.address import Address
 from dst.net.tls import ServerTlsConfig
 
@@ -139,9 +139,10 @@ class StripeSpec:
 class MirrorSpec:
     """Every member holds the same data (RAID 1).
 
-    ``region_size`` is the write-intent bitmap's grain; with ``metadata`` (the
-    default) a superblock and the bitmap live at the end of every member, so the
-    array survives crashes and is assembled from its members.  ``leg_timeout``: a leg
+    ``region_size`` is the write-intent bitmap's grain (None: the members' own, fixed
+    when they were formatted; 1 MiB for new ones); with ``metadata`` (the default) a
+    superblock and the bitmap live at the end of every member, so the array survives
+    crashes and is assembled from its members.  ``leg_timeout``: a leg
     that does not answer within it is failed.  ``resync_rate``/``resync_min_rate``
     (bytes/s, 0: unlimited/none) bound the background resync.  ``clear_delay``: how
     long a region stays idle before its write-intent bit is cleared.
@@ -150,7 +151,7 @@ class MirrorSpec:
     KIND: ClassVar[str] = "mirror"
     name: str
     members: tuple[TargetSpec, ...]
-    region_size: int = DEFAULT_REGION_SIZE
+    region_size: int | None = None
     metadata: bool = True
     leg_timeout: float = DEFAULT_LEG_TIMEOUT
     resync_rate: int = 0
@@ -175,7 +176,7 @@ class ParitySpec:
     name: str
     members: tuple[TargetSpec, ...]
     chunk_size: int = DEFAULT_PARITY_CHUNK
-    region_size: int = DEFAULT_REGION_SIZE
+    region_size: int | None = None
     metadata: bool = True
     leg_timeout: float = DEFAULT_LEG_TIMEOUT
     resync_rate: int = 0

@@ -74,7 +74,8 @@ def target_to_dict(t: TargetSpec, *, human: bool = False) -> dict[str, Any]:
     else:  # a mirror, or a parity target (a mirror's keys and two of its own)
         if isinstance(t, ParitySpec):
             d["chunk_size"] = size(t.chunk_size)
-        d["region_size"] = size(t.region_size)
+        if t.region_size is not None:  # (None: the members' own)
+            d["region_size"] = size(t.region_size)
         d["metadata"] = t.metadata
         d["leg_timeout"] = t.leg_timeout
         d["resync_rate"] = size(t.resync_rate)

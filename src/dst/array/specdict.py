@@ -47,7 +47,7 @@ from dst.array.spec import (
 )
 from dst.array.specreader import REQUIRED, Table, describe
 from dst.errors import ConfigError
-from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
+from dst.meta.layout import DEFAULT_CLEAR_DELAY
 from dst.nbd.server import TlsMode
 from dst.net.address import Address, parse_address
 from dst.net.tls import ServerTlsConfig, check_exposure, parse_mode
@@ -202,7 +202,7 @@ def _target(t: Table, *extra: str) -> TargetSpec:
             name=name,
             members=tuple(_target(m) for m in _members(t, cls.PARITY + 2)),
             chunk_size=_grain(t, "chunk_size", DEFAULT_PARITY_CHUNK),
-            region_size=_grain(t, "region_size", DEFAULT_REGION_SIZE),
+            region_size=_region_size(t),
             metadata=t.flag("metadata", True),
             leg_timeout=t.duration("leg_timeout", DEFAULT_LEG_TIMEOUT),
             resync_rate=t.size("resync_rate", 0),
@@ -214,7 +214,7 @@ def _target(t: Table, *extra: str) -> TargetSpec:
         result = MirrorSpec(
             name=name,
             members=tuple(_target(m) for m in _members(t, 2)),
-            region_size=_grain(t, "region_size", DEFAULT_REGION_SIZE),
+            region_size=_region_size(t),
             metadata=t.flag("metadata", True),
             leg_timeout=t.duration("leg_timeout", DEFAULT_LEG_TIMEOUT),
             resync_rate=t.size("resync_rate", 0),
@@ -240,6 +240,11 @@ def _linear_part(m: Table) -> LinearPart:
     if length == 0:
         raise SpecError(m.key("length"), "length must be > 0")
     return LinearPart(target=_target(m, "start", "length"), start=start, length=length)
+
+
+def _region_size(t: Table) -> int | None:
+    """The region size asked for, or None: the members' own (the default for new ones)."""
+    return None if t.raw("region_size", None) is None else _grain(t, "region_size", 0)
 
 
 def _grain(t: Table, k: str, default: int) -> int:

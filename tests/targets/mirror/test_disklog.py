@@ -14,7 +14,7 @@ import pytest
 from dst.array.resync import Resync
 from dst.device import Buffer
 from dst.errors import BlockError
-from dst.meta.layout import BLOCK, layout_for
+from dst.meta.layout import BLOCK, DEFAULT_REGION_SIZE, layout_for
 from dst.meta.store import MetaStore
 from dst.meta.superblock import MetadataError, State
 from dst.targets.fault import FaultDevice
@@ -415,18 +415,28 @@ async def test_file_legs_failure_crash_and_delta_resync(tmp_path: Path) -> None:
     assert a == b
 
 
-async def test_members_region_size_wins_over_the_spec_with_a_warning(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("asked", [4 * R, None])
+async def test_members_region_size_wins_over_the_spec(
+    caplog: pytest.LogCaptureFixture, asked: int | None
 ) -> None:
+    """Members formatted with 64 KiB regions keep them: a spec that asks for another
+    size is told so at every start; one that asks for none (the default changed since
+    they were formatted) is not, and new members of a spec that asks for none get the
+    default."""
     disks = [Disk(), Disk()]
     m, _ = await process(disks)
     await m.write(0, b"\x5a" * BLOCK)
     await m.close()
     legs = [FaultDevice(d, name=f"leg{i}") for i, d in enumerate(disks)]
-    again = MirrorDevice(legs, region_size=4 * R, metadata=True, name="vol")
+    again = MirrorDevice(legs, region_size=asked, metadata=True, name="vol")
     with caplog.at_level("WARNING"):
         await again.open()
     assert again.regions.region_size == R
-    assert "formatted with 65536-byte regions" in caplog.text
+    warned = "formatted with 65536-byte regions" in caplog.text
+    assert warned == (asked is not None)
     assert bytes(await again.read(0, BLOCK)) == b"\x5a" * BLOCK
     await again.close()
+    fresh = MirrorDevice([Disk(), Disk()], region_size=None, metadata=True, name="new")
+    await fresh.open()
+    assert fresh.regions.region_size == DEFAULT_REGION_SIZE
+    await fresh.close()

@@ -46,7 +46,7 @@ class MirrorCore:
         devices: Sequence[BlockDevice],
         *,
         name: str,
-        region_size: int,
+        region_size: int | None,
         metadata: bool,
         clear_delay: float,
         leg_timeout: float | None,
@@ -61,7 +61,8 @@ class MirrorCore:
         if leg_timeout is not None and leg_timeout <= 0:
             raise ConfigError("must be positive", where="leg_timeout")
         try:
-            check_region_size(region_size)
+            if region_size is not None:
+                check_region_size(region_size)
         except ValueError as e:
             raise ConfigError(str(e), where="region_size") from e
         self.name = name

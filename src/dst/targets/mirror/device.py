@@ -33,7 +33,7 @@ from typing import Any
 from dst.aio import wait_done
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
-from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
+from dst.meta.layout import DEFAULT_CLEAR_DELAY
 from dst.targets.copyplan import Moved, Span
 from dst.targets.mirror import membership, recovery, spans
 from dst.targets.mirror.core import MirrorCore
@@ -51,12 +51,13 @@ class MirrorDevice(CoreDevice):
     The size is the smallest leg's; with ``metadata`` the smallest leg's data size
     (a superblock and the bitmap sit at the end of each leg, and the array survives
     restarts); without, region state lives in memory.  ``region_size`` is the
-    write-intent grain; ``clear_delay`` how long a region stays idle before its bit is
-    cleared; ``leg_timeout`` bounds every leg request (a leg that does not answer in
-    time is failed); ``array_uuid`` the array the members must belong to;
-    ``resync_rate``/``resync_min_rate`` how fast the array's keeper may copy to it;
-    ``label`` what the superblocks record of the array it is the top of (its name and
-    export addresses, for ``dst assemble``).
+    write-intent grain (None: the members' own, or 1 MiB for new ones; a size asked for
+    that differs from the members' is logged, and theirs kept); ``clear_delay`` how
+    long a region stays idle before its bit is cleared; ``leg_timeout`` bounds every
+    leg request (a leg that does not answer in time is failed); ``array_uuid`` the
+    array the members must belong to; ``resync_rate``/``resync_min_rate`` how fast the
+    array's keeper may copy to it; ``label`` what the superblocks record of the array
+    it is the top of (its name and export addresses, for ``dst assemble``).
     """
 
     kind = "mirror"
@@ -67,7 +68,7 @@ class MirrorDevice(CoreDevice):
         legs: Sequence[BlockDevice],
         *,
         name: str = "mirror",
-        region_size: int = DEFAULT_REGION_SIZE,
+        region_size: int | None = None,
         metadata: bool = False,
         clear_delay: float = DEFAULT_CLEAR_DELAY,
         leg_timeout: float | None = None,
@@ -209,11 +210,12 @@ class MirrorDevice(CoreDevice):
             "name": self.name,
             "members": [leg.dev.spec() for leg in core.legs],
             "metadata": core.log.persistent,
-            "region_size": core.regions.region_size if core.ready else core.log.region_size,
             "clear_delay": core.clear_delay,
             "resync_rate": self.resync_rate,
             "resync_min_rate": self.resync_min_rate,
         }
+        if core.log.asked is not None:  # (not asked: the members' own, in the status)
+            out["region_size"] = core.log.asked
         if core.leg_timeout is not None:
             out["leg_timeout"] = core.leg_timeout
         return out

@@ -38,6 +38,7 @@ from typing import Any
 from dst.device import BlockDevice
 from dst.errors import BlockError
 from dst.meta.bitmap import Bitmap
+from dst.meta.layout import DEFAULT_REGION_SIZE
 from dst.meta.members import LegState
 from dst.meta.regions import Regions
 from dst.meta.store import MetaStore
@@ -84,7 +85,7 @@ class DirtyLog:
         self,
         devices: Sequence[BlockDevice],
         *,
-        region_size: int,
+        region_size: int | None,
         name: str = "mirror",
         array_uuid: uuid.UUID | None = None,
         leg_timeout: float | None = None,
@@ -96,7 +97,8 @@ class DirtyLog:
         # written when a member is formatted, checked when the array is opened.
         self.layout: dict[str, Any] = dict(layout or {"type": "mirror"})
         self.on_fail: FailHook = on_fail or (lambda leg, exc: self.leg_down(leg))
-        self.region_size = region_size
+        self.asked = region_size  # (None: the members' own, the default for new ones)
+        self.region_size = region_size or DEFAULT_REGION_SIZE
         self.name = name
         self.array_uuid = array_uuid
         self.leg_timeout = leg_timeout

@@ -81,7 +81,7 @@ class DiskLog(DirtyLog):
             opened,
             name=self.name,
             array_uuid=self.array_uuid,
-            region_size=self.region_size,
+            region_size=self.asked,
             label=self.label,
         )
         _check_layout(self.name, got.ref, self.layout)

@@ -27,7 +27,8 @@ from (:class:`Opened`):
   neither an assembly nor an open may take it for a member in sync.  If the reference
   itself is inconsistent, no member holds the array's data in full: refused.
 
-The region size is the one the members were formatted with, whatever was asked.
+The region size is the one the members were formatted with, whatever was asked (a
+size asked for that differs is logged; none asked: the default for new members).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 from dst.device import BlockDevice
 from dst.errors import BlockError
 from dst.meta.bitmap import PAGE_BITS, Bitmap
-from dst.meta.layout import BLOCK
+from dst.meta.layout import BLOCK, DEFAULT_REGION_SIZE
 from dst.meta.members import LegState, identify, reference, verdict
 from dst.meta.superblock import MetadataError, State, Superblock
 from dst.targets.mirror.dirtylog import Opening
@@ -72,7 +73,7 @@ async def open_members(
     *,
     name: str,
     array_uuid: uuid.UUID | None,
-    region_size: int,
+    region_size: int | None,
     label: Mapping[str, Any] | None = None,
 ) -> Opened:
     """Load or format the metadata of the legs that ``opened`` (module docstring);
@@ -96,12 +97,12 @@ async def open_members(
         except BlockError as e:
             states[i] = (LegState.FAILED, f"metadata unreadable: {e!r}")
     if not sbs:
-        return await _create(stores, devices, blank, states, name, array_uuid, region_size,
-                             label)  # fmt: skip
+        return await _create(stores, devices, blank, states, name, array_uuid,
+                             region_size or DEFAULT_REGION_SIZE, label)  # fmt: skip
     names = [d.name for d in devices]
     array_uuid = identify(sbs, expected=array_uuid, names=names, array=name)
     on_disk = next(iter(sbs.values())).region_size
-    if on_disk != region_size:
+    if region_size is not None and on_disk != region_size:
         log.warning("%s: the members were formatted with %d-byte regions; using that, "
                     "not the %d asked for (a member's region size is fixed when it is "
                     "formatted)", name, on_disk, region_size)  # fmt: skip

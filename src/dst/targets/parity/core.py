@@ -62,7 +62,7 @@ class ParityCore(MirrorCore):
         parity: int,
         chunk: int,
         name: str,
-        region_size: int,
+        region_size: int | None,
         metadata: bool,
         clear_delay: float,
         leg_timeout: float | None,

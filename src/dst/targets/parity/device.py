@@ -38,7 +38,7 @@ from typing import Any
 from dst.aio import submit_coro
 from dst.device import BlockDevice, Buffer, Cancel, Capabilities, Done, Extent, Health
 from dst.errors import BlockError, ConfigError
-from dst.meta.layout import DEFAULT_CLEAR_DELAY, DEFAULT_REGION_SIZE
+from dst.meta.layout import DEFAULT_CLEAR_DELAY
 from dst.targets.copyplan import Moved, Span
 from dst.targets.mirror import membership
 from dst.targets.mirror.coredevice import CoreDevice
@@ -71,7 +71,7 @@ class ParityDevice(CoreDevice):
         parity: int = 1,
         chunk: int = DEFAULT_PARITY_CHUNK,
         name: str = "raid",
-        region_size: int = DEFAULT_REGION_SIZE,
+        region_size: int | None = None,
         metadata: bool = False,
         clear_delay: float = DEFAULT_CLEAR_DELAY,
         leg_timeout: float | None = None,
@@ -185,12 +185,13 @@ class ParityDevice(CoreDevice):
             "members": [leg.dev.spec() for leg in core.legs],
             "chunk_size": core.chunk,
             "metadata": core.log.persistent,
-            "region_size": core.regions.region_size if core.ready else core.log.region_size,
             "clear_delay": core.clear_delay,
             "resync_rate": self.resync_rate,
             "resync_min_rate": self.resync_min_rate,
             "start_dirty_degraded": False,  # a one-shot: consumed by the start it allowed
         }
+        if core.log.asked is not None:  # (not asked: the members' own, in the status)
+            out["region_size"] = core.log.asked
         if core.leg_timeout is not None:
             out["leg_timeout"] = core.leg_timeout
         return out
