@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -266,3 +267,84 @@ async def test_idle_handshake_is_dropped(sock_dir: Path) -> None:
             assert await closed(r)  # never sent client flags
     finally:
         await server.close()
+
+
+async def _requests_sent_with_go(sock_dir: Path) -> None:
+    """Send GO and two requests in one write, before GO's reply: the bytes after GO
+    arrive in the handshake's receive and cross to the transmission, which becomes the
+    transport's protocol in the middle of that receive; both are served."""
+    server = NbdServer(MemoryDevice(1 << 20))
+    (address,) = await server.start(f"unix:{sock_dir / 'go.sock'}")
+    data = os.urandom(4096)
+    try:
+        async with raw(address) as (r, w):
+            await greet(r, w)
+            w.write(opt(Opt.GO, encode_go("")) + request(Cmd.WRITE, 1, 8192, 4096) + data
+                    + request(Cmd.READ, 2, 8192, 4096))  # fmt: skip
+            while (await option_reply(r))[1] != Rep.ACK:
+                pass
+            assert await simple_reply(r) == (1, 0)
+            assert await simple_reply(r) == (2, 0)
+            assert await r.readexactly(4096) == data
+            w.write(request(Cmd.READ, 3, 0, 4096))  # and the connection goes on
+            assert await simple_reply(r) == (3, 0)
+            assert await r.readexactly(4096) == bytes(4096)
+    finally:
+        await server.close(timeout=1)
+
+
+async def test_requests_sent_with_go_are_served(sock_dir: Path) -> None:
+    await _requests_sent_with_go(sock_dir)
+
+
+def test_requests_sent_with_go_are_served_under_uvloop(sock_dir: Path) -> None:
+    from dst.net.loop import run
+
+    run(_requests_sent_with_go(sock_dir))
+
+
+async def _go_while_replies_pile_up(sock_dir: Path) -> None:
+    """Many LISTs and GO in one write, no reply read: the LIST answers (4 KiB each) fill
+    the socket and the transport's buffer while that receive is handled, so the
+    connection is paused for writing when GO hands it to the transmission, which must
+    start paused too (not read on); once the client reads, all is served."""
+    long = "x" * 4000
+    server = NbdServer({"": MemoryDevice(1 << 20), long: MemoryDevice(4096)})
+    (address,) = await server.start(f"unix:{sock_dir / 'pile.sock'}")
+    data = os.urandom(4096)
+    try:
+        async with raw(address) as (r, w):
+            await greet(r, w)
+            (conn,) = server.connections  # its socket holds little (kernels differ)
+            assert conn.transport is not None
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+            )
+            lists = 240  # with GO in the server's first 4 KiB receive; ~1 MiB of answers
+            w.write(opt(Opt.LIST) * lists + opt(Opt.GO, encode_go("")))
+            w.write(request(Cmd.WRITE, 1, 0, 4096) + data + request(Cmd.READ, 2, 0, 4096))
+            await w.drain()
+            await until(lambda: conn.tx is not None, "GO handled")
+            tx = conn.tx
+            assert tx is not None and tx.write_paused and tx.read_paused
+            assert tx.inflight == 0  # nothing read past GO while the client reads nothing
+            for _ in range(lists):
+                while (await option_reply(r))[1] != Rep.ACK:
+                    pass
+            while (await option_reply(r))[1] != Rep.ACK:  # GO's
+                pass
+            assert await simple_reply(r) == (1, 0)
+            assert await simple_reply(r) == (2, 0)
+            assert await r.readexactly(4096) == data
+    finally:
+        await server.close(timeout=1)
+
+
+async def test_go_while_replies_pile_up(sock_dir: Path) -> None:
+    await _go_while_replies_pile_up(sock_dir)
+
+
+def test_go_while_replies_pile_up_under_uvloop(sock_dir: Path) -> None:
+    from dst.net.loop import run
+
+    run(_go_while_replies_pile_up(sock_dir))

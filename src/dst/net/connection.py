@@ -191,9 +191,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             tcp=self.tcp if tls is None else None,
         )  # fmt: skip
         self.transport.set_protocol(tx)
-        if self.read_paused:  # (the transmission reads as its budget allows)
-            self.read_paused = False
-            self.transport.resume_reading()
+        if self.read_paused:  # the client has not read the handshake's answers: the
+            tx.write_paused = tx.read_paused = True  # transport stays paused for it
         tx.start()
 
     async def start_tls(self, context: ssl.SSLContext) -> bool:
@@ -207,6 +206,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         if transport is None:
             return False
         self.transport = transport
+        self.read_paused = False  # (a pause of the plain transport is TLS's now)
         return True
 
     def status(self) -> dict[str, Any]:
