@@ -7,8 +7,9 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -293,14 +294,19 @@ async def _requests_sent_with_go(sock_dir: Path) -> None:
         await server.close(timeout=1)
 
 
-async def test_requests_sent_with_go_are_served(sock_dir: Path) -> None:
-    await _requests_sent_with_go(sock_dir)
+def in_loop(loop: str, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` under asyncio's own loop or uvloop (what ``dst`` runs on)."""
+    if loop == "uvloop":
+        from dst.net.loop import run
+
+        run(coro)
+    else:
+        asyncio.run(coro)
 
 
-def test_requests_sent_with_go_are_served_under_uvloop(sock_dir: Path) -> None:
-    from dst.net.loop import run
-
-    run(_requests_sent_with_go(sock_dir))
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_requests_sent_with_go_are_served(sock_dir: Path, loop: str) -> None:
+    in_loop(loop, _requests_sent_with_go(sock_dir))
 
 
 async def _go_while_replies_pile_up(sock_dir: Path) -> None:
@@ -340,11 +346,6 @@ async def _go_while_replies_pile_up(sock_dir: Path) -> None:
         await server.close(timeout=1)
 
 
-async def test_go_while_replies_pile_up(sock_dir: Path) -> None:
-    await _go_while_replies_pile_up(sock_dir)
-
-
-def test_go_while_replies_pile_up_under_uvloop(sock_dir: Path) -> None:
-    from dst.net.loop import run
-
-    run(_go_while_replies_pile_up(sock_dir))
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_go_while_replies_pile_up(sock_dir: Path, loop: str) -> None:
+    in_loop(loop, _go_while_replies_pile_up(sock_dir))

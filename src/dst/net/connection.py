@@ -36,14 +36,13 @@ from collections.abc import Coroutine
 from typing import Any, cast
 
 from dst.device import BlockDevice
-from dst.errors import ProtocolError
 from dst.nbd.events import ExportInfo
 from dst.nbd.server import ServerHandshake
 from dst.net.counters import TIMEOUT
 from dst.net.edge import Binding, describe_peer, tune_socket
 from dst.net.negotiate import Negotiator, Server
 from dst.net.tls import TlsInfo
-from dst.net.transmission import Transmission
+from dst.net.transmission import Transmission, receive_failed
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +138,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         try:
             if self.neg is not None:
                 self.neg.receive(bytes(self.scratch[:nbytes]))
-        except ProtocolError as exc:
-            log.warning("%s: protocol error: %s; closing", self.peer, exc)
-            self.abort()
-        except Exception:
-            log.exception("%s: unexpected error; closing", self.peer)
-            self.abort()
+        except Exception as exc:
+            receive_failed(self.peer, exc, self.abort)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

@@ -70,6 +70,16 @@ def _not_now(offset: int, what: Any) -> Any:
     return None
 
 
+def receive_failed(peer: str, exc: Exception, abort: Callable[[], None]) -> None:
+    """Handling a receive raised ``exc``: log it (a client's protocol error in one line,
+    anything else with its traceback) and ``abort`` that connection only."""
+    if isinstance(exc, ProtocolError):
+        log.warning("%s: protocol error: %s; closing", peer, exc)
+    else:
+        log.error("%s: unexpected error; closing", peer, exc_info=exc)
+    abort()
+
+
 class Owner(Protocol):
     """What a transmission needs of its connection: to hear that it was lost."""
 
@@ -162,12 +172,8 @@ class Transmission(asyncio.BufferedProtocol):
                 self._payload_arriving(parser.pending)
             if self.tcp is not None:
                 self._wake_at(parser.payload_left)
-        except ProtocolError as exc:
-            log.warning("%s: protocol error: %s; closing", self.peer, exc)
-            self.abort()
-        except Exception:
-            log.exception("%s: unexpected error; closing", self.peer)
-            self.abort()
+        except Exception as exc:
+            receive_failed(self.peer, exc, self.abort)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; in-flight replies are dropped by the peer
